@@ -1,0 +1,33 @@
+"""EfficientVLM model library: configs, models, processor and pipeline (also shipped as Hub remote code)."""
+
+from .configuration_efficientvlm import (
+    EfficientVLMConfig,
+    EfficientVLMFusionConfig,
+    EfficientVLMTextConfig,
+    EfficientVLMVisionConfig,
+)
+from .modeling_efficientvlm import (
+    EfficientVLMEncoderOutput,
+    EfficientVLMForImageTextRetrieval,
+    EfficientVLMForPreTraining,
+    EfficientVLMModel,
+    EfficientVLMOutput,
+    EfficientVLMPreTrainedModel,
+    EncoderPruningMasks,
+    PruningMasks,
+)
+
+__all__ = [
+    "EfficientVLMConfig",
+    "EfficientVLMEncoderOutput",
+    "EfficientVLMForImageTextRetrieval",
+    "EfficientVLMForPreTraining",
+    "EfficientVLMFusionConfig",
+    "EfficientVLMModel",
+    "EfficientVLMOutput",
+    "EfficientVLMPreTrainedModel",
+    "EfficientVLMTextConfig",
+    "EfficientVLMVisionConfig",
+    "EncoderPruningMasks",
+    "PruningMasks",
+]
