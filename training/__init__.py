@@ -1,0 +1,1 @@
+"""EfficientVLM training layer."""

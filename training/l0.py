@@ -1,0 +1,205 @@
+"""Modal-adaptive L0 pruning: hard-concrete gates on heads and FFN neurons of all three encoders + a Lagrangian.
+
+One global (λ1, λ2) pair holds the *expected total* sparsity at the target, so how much each modality loses is
+learned (modal-adaptive). Per-modality targets (each with its own multipliers) and TinyCLIP's one-sided form are
+options.
+
+Sparsity ŝ = 1 − expected prunable parameters / prunable parameters, where a unit's expected contribution is
+P(z > 0)·params(unit) (see `training.structure`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
+
+from .gates import HardConcreteGate
+from .structure import MODALITIES, UnitGroup, count_parameters, unit_groups
+
+HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
+FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
+
+
+class ModalL0Module(nn.Module):
+    """Gates for every prunable group of an EfficientVLM config, plus the Lagrange multipliers.
+
+    Args:
+        config: the (student) EfficientVLMConfig whose per-layer sizes define the gates.
+        target_sparsity: global target in [0, 1) (ignored for modalities with their own target).
+        modality_targets: optional {"vision": t_v, "text": t_t, "fusion": t_f}: each listed modality is held to its
+            own target by its own multipliers; unlisted ones follow the global target (if any remain).
+        one_sided: use λ1·max(t − ŝ, 0) + λ2·max(t − ŝ, 0)² (never pushes sparsity above the target).
+        warmup_steps: the target ramps linearly from 0 over this many optimizer steps, then stays.
+    """
+
+    def __init__(
+        self,
+        config,
+        target_sparsity: float = 0.25,
+        modality_targets: dict[str, float] | None = None,
+        one_sided: bool = False,
+        warmup_steps: int = 0,
+    ):
+        super().__init__()
+        _check_target("target_sparsity", target_sparsity)
+        modality_targets = dict(modality_targets or {})
+        for modality, target in modality_targets.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"modality_targets has unknown encoder {modality!r}; allowed: {list(MODALITIES)}")
+            _check_target(f"modality_targets[{modality!r}]", target)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.groups = [g for g in unit_groups(config) if g.size > 0]
+        self.gates = nn.ModuleDict()
+        for group in self.groups:
+            init = HEAD_INIT_LOG_ALPHA if group.kind != "ffn" else None
+            drop = FFN_DROP_RATE if group.kind == "ffn" else None
+            self.gates[group.name.replace(".", "_")] = HardConcreteGate((group.size,), init_mean=init, drop_rate=drop)
+        self.target_sparsity = target_sparsity
+        self.modality_targets = modality_targets
+        self.one_sided = one_sided
+        self.warmup_steps = warmup_steps
+        self.num_layers = {m: getattr(config, k).num_hidden_layers for m, k in _CONFIG_KEYS.items()}
+        self.prunable_total = sum(g.size * g.unit_params for g in self.groups)
+        self.prunable_by_modality = {
+            m: sum(g.size * g.unit_params for g in self.groups if g.modality == m) for m in MODALITIES
+        }
+        # one (λ1, λ2) pair per constraint: "global" and/or each modality with its own target
+        names = list(modality_targets)
+        if set(MODALITIES) - set(modality_targets):
+            names.insert(0, "global")
+        self.constraints = names
+        self.lambdas = nn.ParameterDict({name: nn.Parameter(torch.zeros(2)) for name in names})
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def gate(self, group: UnitGroup) -> HardConcreteGate:
+        return self.gates[group.name.replace(".", "_")]
+
+    # ---------------------------------------------------------------------------------------------------- masks
+    def _masks(self, values: dict[str, torch.Tensor]) -> PruningMasks:
+        encoders = {m: EncoderPruningMasks() for m in MODALITIES}
+        for modality in MODALITIES:
+            for kind in ("head", "cross_head", "ffn"):
+                if modality != "fusion" and kind == "cross_head":
+                    continue
+                setattr(encoders[modality], kind, [None] * self.num_layers[modality])
+        for group in self.groups:  # a sub-layer of size 0 in the config has no gate: its entry stays None
+            getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
+        return PruningMasks(**encoders)
+
+    def sample_masks(self, generator: torch.Generator | None = None) -> PruningMasks:
+        """One hard-concrete sample per gate (shared by the batch); differentiable w.r.t. log α."""
+        if bool(self.frozen):
+            return self.deterministic_masks()
+        return self._masks({g.name: self.gate(g).sample(generator) for g in self.groups})
+
+    def deterministic_masks(self) -> PruningMasks:
+        """Exact 0/1 masks: per layer keep the round(Σ P(z>0)) gates with the highest scores."""
+        return self._masks({g.name: self.gate(g).deterministic().detach() for g in self.groups})
+
+    def freeze(self) -> None:
+        """Stops pruning: from now on forwards use the deterministic masks (training continues on the weights)."""
+        self.frozen.fill_(True)
+
+    # ------------------------------------------------------------------------------------------------ size model
+    def expected_parameters(self) -> dict[str, torch.Tensor]:
+        """Expected kept prunable parameters Σ P(z>0)·params(unit), per modality and "total" (differentiable)."""
+        out = {m: torch.zeros(()) for m in MODALITIES}
+        for group in self.groups:
+            kept = self.gate(group).keep_probability().sum() * group.unit_params
+            out[group.modality] = out[group.modality].to(kept.device) + kept
+        out["total"] = sum(out[m] for m in MODALITIES)
+        return out
+
+    def expected_sparsity(self) -> dict[str, torch.Tensor]:
+        """ŝ overall ("total") and per modality (each against its own prunable parameters)."""
+        expected = self.expected_parameters()
+        out = {"total": 1 - expected["total"] / self.prunable_total}
+        for m in MODALITIES:
+            denominator = self.prunable_by_modality[m]
+            out[m] = 1 - expected[m] / denominator if denominator else torch.zeros(())
+        return out
+
+    def current_target(self, step: int) -> float:
+        """Global target at optimizer step `step` (linear warm-up carried across epochs by the global step)."""
+        return _ramp(self.target_sparsity, step, self.warmup_steps)
+
+    def lagrangian(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Σ over constraints of λ1·(ŝ − t) + λ2·(ŝ − t)² (or the one-sided form). Minimised by the gates and
+        maximised by the λs (their optimizer group has `maximize=True`)."""
+        sparsity = self.expected_sparsity()
+        expected = self.expected_parameters()
+        loss = torch.zeros((), device=self.lambdas[self.constraints[0]].device)
+        logs = {}
+        for name in self.constraints:
+            if name == "global":
+                free = [m for m in MODALITIES if m not in self.modality_targets]
+                kept = sum(expected[m] for m in free)
+                total = sum(self.prunable_by_modality[m] for m in free)
+                s_hat, target = 1 - kept / total, self.current_target(step)
+            else:
+                s_hat = sparsity[name]
+                target = _ramp(self.modality_targets[name], step, self.warmup_steps)
+            gap = (target - s_hat).clamp(min=0) if self.one_sided else s_hat - target
+            lam = self.lambdas[name]
+            loss = loss + lam[0] * gap + lam[1] * gap**2
+            logs[f"target_{name}"] = target
+            logs[f"lambda1_{name}"] = lam[0].item()
+            logs[f"lambda2_{name}"] = lam[1].item()
+        for key, value in sparsity.items():
+            logs[f"expected_sparsity_{key}"] = value.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamps every log α to [log 0.01, log 100] (after each optimizer step)."""
+        for gate in self.gates.values():
+            gate.clamp_()
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [gate.log_alpha for gate in self.gates.values()]
+
+    def lambda_parameters(self) -> list[nn.Parameter]:
+        return list(self.lambdas.values())
+
+    # ------------------------------------------------------------------------------------------------ reporting
+    def predicted_parameters(self, config, heads: tuple[str, ...] = ("itm",)) -> int:
+        """Exact parameter count of the model materialized with `deterministic_masks()` from `config`."""
+        return count_parameters(pruned_config(config, self.deterministic_masks()), heads)["total"]
+
+
+_CONFIG_KEYS = {"vision": "vision_config", "text": "text_config", "fusion": "fusion_encoder_config"}
+
+
+def pruned_config(config, masks: PruningMasks):
+    """The config a materialization with `masks` produces (kept units per layer), without touching weights."""
+    config = copy.deepcopy(config)
+    fields = {"head": "num_attention_heads", "cross_head": "num_cross_attention_heads", "ffn": "intermediate_size"}
+    for modality, key in _CONFIG_KEYS.items():
+        sub = getattr(config, key)
+        encoder_masks = getattr(masks, modality)
+        for kind, field in fields.items():
+            if field not in sub.per_layer_fields or encoder_masks is None or getattr(encoder_masks, kind) is None:
+                continue
+            sizes = list(getattr(sub, field))
+            for layer, mask in enumerate(getattr(encoder_masks, kind)):
+                if mask is not None and sizes[layer]:
+                    sizes[layer] = int((mask != 0).sum())
+            setattr(sub, field, sizes)
+        sub.validate()
+    return config
+
+
+def _ramp(target: float, step: int, warmup_steps: int) -> float:
+    if warmup_steps <= 0:
+        return target
+    return target * min(1.0, step / warmup_steps)
+
+
+def _check_target(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")

@@ -1,0 +1,143 @@
+"""Materialize: turn pruning masks into a physically smaller dense model (a new object; the input is untouched).
+
+binarize masks → fold the kept units' mask values into the weights → kept indices per layer → config with per-layer
+sizes (0 = removed sub-layer) → fresh model → copy sliced weights → verify masked forward ≈ materialized forward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
+
+from .structure import ENCODER_CONFIG_KEYS, MODALITIES
+from .student import ENCODER_MODULES
+
+# mask field of EncoderPruningMasks → (config field, module attribute in the layer)
+_KINDS = {
+    "head": ("num_attention_heads", "self_attn"),
+    "cross_head": ("num_cross_attention_heads", "cross_attn"),
+    "ffn": ("intermediate_size", "mlp"),
+}
+
+
+def _kept(mask: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept indices and their scales (mask values) for one sub-layer; None = keep all with scale 1."""
+    if mask is None:
+        return torch.arange(size), torch.ones(size)
+    mask = mask.detach().float().cpu()
+    if mask.shape != (size,):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the sub-layer's {size} units")
+    keep = torch.nonzero(mask != 0).flatten()
+    return keep, mask[keep]
+
+
+def _slice_attention(state: dict, prefix: str, keep: torch.Tensor, scale: torch.Tensor, head_dim: int) -> None:
+    """Keeps heads `keep` of the attention at `prefix`; folds each head's scale into its out_proj columns."""
+    rows = (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()  # (kept * head_dim,)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        state[f"{prefix}.{proj}.weight"] = state[f"{prefix}.{proj}.weight"][rows]
+        state[f"{prefix}.{proj}.bias"] = state[f"{prefix}.{proj}.bias"][rows]
+    out = state[f"{prefix}.out_proj.weight"][:, rows]
+    state[f"{prefix}.out_proj.weight"] = out * scale.repeat_interleave(head_dim).to(out.dtype)
+
+
+def _slice_mlp(state: dict, prefix: str, keep: torch.Tensor, scale: torch.Tensor) -> None:
+    """Keeps FFN neurons `keep`; folds each neuron's scale into its fc2 column."""
+    state[f"{prefix}.fc1.weight"] = state[f"{prefix}.fc1.weight"][keep]
+    state[f"{prefix}.fc1.bias"] = state[f"{prefix}.fc1.bias"][keep]
+    fc2 = state[f"{prefix}.fc2.weight"][:, keep]
+    state[f"{prefix}.fc2.weight"] = fc2 * scale.to(fc2.dtype)
+
+
+def _drop_prefix(state: dict, prefixes: tuple[str, ...]) -> None:
+    for name in [n for n in state if n.startswith(prefixes)]:
+        del state[name]
+
+
+def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMasks | None) -> None:
+    """Slices one encoder's layers in `state` and writes the kept sizes into `config`."""
+    sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
+    module = ENCODER_MODULES[modality]
+    norms = {"head": "layer_norm1", "cross_head": "layer_norm_cross", "ffn": "layer_norm2"}
+    for kind, (field, attr) in _KINDS.items():
+        if field not in sub.per_layer_fields:
+            continue
+        sizes = list(getattr(sub, field))
+        layer_masks = getattr(masks, kind) if masks is not None else None
+        for layer, size in enumerate(sizes):
+            if size == 0:
+                continue
+            keep, scale = _kept(None if layer_masks is None else layer_masks[layer], size)
+            prefix = f"{module}.layers.{layer}.{attr}"
+            if len(keep) == 0:  # removed sub-layer: no parameters at all, not even its LayerNorm
+                _drop_prefix(state, (prefix + ".", f"{module}.layers.{layer}.{norms[kind]}."))
+            elif kind == "ffn":
+                _slice_mlp(state, prefix, keep, scale)
+            else:
+                _slice_attention(state, prefix, keep, scale, sub.head_dim)
+            sizes[layer] = len(keep)
+        setattr(sub, field, sizes)
+    sub.validate()
+
+
+@torch.no_grad()
+def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1e-4) -> torch.nn.Module:
+    """Returns a new, physically smaller model equivalent to `model` run with `masks`.
+
+    Args:
+        model: an EfficientVLM model (any head class); left unchanged.
+        masks: the pruning masks (binary, or with scales for kept units that get folded into the weights).
+        verify: run masked and materialized forwards on random inputs and raise if they differ by more than `atol`.
+        atol: tolerance of the verification (float32: differences are ~1e-6).
+
+    Returns:
+        A fresh model of the same class whose config lists the kept sizes per layer (0 = removed sub-layer).
+    """
+    config = copy.deepcopy(model.config)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for modality in MODALITIES:
+        _prune_encoder(state, config, modality, getattr(masks, modality))
+    pruned = type(model)._from_config(config, attn_implementation=model.config._attn_implementation or "sdpa")
+    pruned = pruned.to(dtype=next(model.parameters()).dtype, device=next(model.parameters()).device)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    tied = set(getattr(pruned, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"materialize produced mismatched weights: missing={missing}, unexpected={unexpected}")
+    if hasattr(pruned, "tie_weights"):
+        pruned.tie_weights()
+    pruned.eval()
+    if verify:
+        error = materialization_error(model, pruned, masks)
+        if error > atol:
+            raise RuntimeError(f"materialized model differs from the masked model by {error:.3g} (> atol {atol})")
+    return pruned
+
+
+@torch.no_grad()
+def materialization_error(model, pruned, masks: PruningMasks, batch: int = 2, length: int = 9, seed: int = 0) -> float:
+    """Max |masked − materialized| over image tokens, text tokens and fused tokens on random inputs."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    vision = model.config.vision_config
+    device = next(model.parameters()).device
+    pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=g).to(device)
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(0, vocab, (batch, length), generator=g).to(device)
+    attention = torch.ones_like(ids)
+    attention[0, -3:] = 0
+    errors = []
+    outs = []
+    for net, net_masks in ((model, masks), (pruned, None)):
+        image = net.encode_image(pixels, net_masks).last_hidden_state
+        text = net.encode_text(ids, attention, net_masks).last_hidden_state
+        fused = net.fuse(text, attention, image, net_masks).last_hidden_state
+        outs.append((image, text, fused))
+    for a, b in zip(*outs):
+        errors.append((a - b).abs().max().item())
+    model.train(was_training)
+    return max(errors)
