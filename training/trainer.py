@@ -161,7 +161,7 @@ def distillation_losses(
     ITM hard negatives are sampled ONCE, from the student's ITC similarity (that is what the student must learn to
     reject), and the teacher is scored on exactly those (image, text) pairs.
     """
-    use_attn, use_hidden = args.alpha_attn > 0, args.beta_hidden > 0
+    use_attn, use_hidden = teacher is not None and args.alpha_attn > 0, teacher is not None and args.beta_hidden > 0
     use_mlm = args.use_mlm and "mlm_input_ids" in inputs and hasattr(student, "mlm_head")
     batch = inputs["input_ids"].shape[0]
     # student ITC first: its similarities choose the negatives
@@ -172,16 +172,21 @@ def distillation_losses(
     image_idx, text_idx, itm_labels = L.build_itm_pairs(neg_text, neg_image, batch)
     pairs = (image_idx.to(sim.device), text_idx.to(sim.device))
     cross = args.cross_attention_kd
+    if teacher is None:  # teacher pre-training: VLP losses only
+        use_attn = use_hidden = cross = False
     s = _forward_all(student, inputs, masks, pairs, use_attn, use_hidden, cross, use_mlm, s_image, s_text)
-    with torch.no_grad():
-        t = _forward_all(teacher, inputs, None, pairs, use_attn, use_hidden, cross, use_mlm)
     vlp = {
         "itc": L.itc_loss(s["image_feat"], s["text_feat"], student.temperature),
         "itm": L.itm_loss(s["itm_logits"], itm_labels.to(sim.device)),
     }
-    kd_logits = L.logit_kd_loss(s["itm_logits"], t["itm_logits"], args.kd_temperature)
     if use_mlm:
         vlp["mlm"] = L.mlm_loss(s["mlm_logits"], inputs["mlm_labels"])
+    if teacher is None:
+        return L.combine_losses(vlp, {}, 1.0, 0.0, 0.0, 0.0)
+    with torch.no_grad():
+        t = _forward_all(teacher, inputs, None, pairs, use_attn, use_hidden, cross, use_mlm)
+    kd_logits = L.logit_kd_loss(s["itm_logits"], t["itm_logits"], args.kd_temperature)
+    if use_mlm:
         masked = inputs["mlm_labels"] != -100
         kd_logits = kd_logits + L.logit_kd_loss(s["mlm_logits"][masked], t["mlm_logits"][masked], args.kd_temperature)
     if args.distill_itc:
@@ -203,15 +208,18 @@ class EfficientVLMDistillationTrainer(Trainer):
         *args, **kwargs: as `transformers.Trainer`; `args` must be a `DistillationArguments`.
     """
 
-    def __init__(self, *args, teacher_model: nn.Module, **kwargs):
+    def __init__(self, *args, teacher_model: nn.Module | None, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DistillationArguments):
             raise TypeError("EfficientVLMDistillationTrainer needs DistillationArguments (or PruningArguments)")
-        self.teacher = teacher_model.to(self.args.device).eval()
-        self.teacher.requires_grad_(False)
+        self.teacher = teacher_model
+        self.maps = None
+        if teacher_model is not None:  # None: teacher pre-training with the VLP losses only
+            self.teacher = teacher_model.to(self.args.device).eval()
+            self.teacher.requires_grad_(False)
+            _check_compatible(self.student.config, self.teacher.config, self.args.beta_hidden > 0)
+            self.maps = layer_maps(self.student.config, self.teacher.config)
         self.model_accepts_loss_kwargs = False  # our loss is a mean per batch; let the Trainer scale for accumulation
-        self.maps = layer_maps(self.student.config, self.teacher.config)
-        _check_compatible(self.student.config, self.teacher.config)
         self.noise_generator = torch.Generator().manual_seed(self.args.seed)
         self._loss_sums: dict[str, float] = defaultdict(float)
         self._loss_count = 0
@@ -224,7 +232,8 @@ class EfficientVLMDistillationTrainer(Trainer):
         return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         student = self.accelerator.unwrap_model(model)
         student = getattr(student, "student", student)
         total, parts = distillation_losses(
@@ -254,7 +263,7 @@ class EfficientVLMDistillationTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _check_compatible(student_config, teacher_config) -> None:
+def _check_compatible(student_config, teacher_config, hidden_kd: bool) -> None:
     """KD compares tokens and logits position by position: vocabularies and widths must agree."""
     s_text, t_text = student_config.text_config, teacher_config.text_config
     if s_text.vocab_size != t_text.vocab_size:
@@ -262,7 +271,7 @@ def _check_compatible(student_config, teacher_config) -> None:
             f"student vocab_size ({s_text.vocab_size}) != teacher vocab_size ({t_text.vocab_size}): MLM/ITM KD needs one "
             "tokenizer"
         )
-    for key in ENCODER_CONFIG_KEYS.values():
+    for key in ENCODER_CONFIG_KEYS.values() if hidden_kd else ():
         s, t = getattr(student_config, key).hidden_size, getattr(teacher_config, key).hidden_size
         if s != t:
             raise ValueError(

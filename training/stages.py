@@ -1,0 +1,255 @@
+"""The pipeline stages behind the CLI: teacher, distill, prune, evaluate. Each is a Trainer run configured by
+dataclasses that `HfArgumentParser` reads from flags or a JSON/YAML file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
+from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
+
+from .benchmark import PRESETS
+from .student import init_student_from_teacher
+from .trainer import (
+    DistillationArguments,
+    EfficientVLMDistillationTrainer,
+    EfficientVLMPruningTrainer,
+    PruningArguments,
+    make_gated_model,
+)
+
+METRICS_FILE = "eval_results.json"
+
+
+@dataclass
+class DataArguments:
+    """Where the image-text pairs come from."""
+
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (built-in rendered scenes) or an ALBEF/X-VLM JSON file of image-caption pairs."},
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder the JSON's relative image paths start from."})
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Retrieval test JSON (ALBEF format); default: a held-out synthetic set."}
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer dir (BERT WordPiece); default: the synthetic-caption vocabulary."}
+    )
+    image_size: int = field(default=64, metadata={"help": "Image size in pixels."})
+    max_length: int = field(default=40, metadata={"help": "Maximum caption length in tokens."})
+    mlm_probability: float = field(default=0.25, metadata={"help": "MLM masking probability (0 disables MLM)."})
+    max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per caption."})
+    eval_images: int = field(default=100, metadata={"help": "Size of the held-out synthetic retrieval set."})
+    eval_seed: int = field(default=10_000, metadata={"help": "Seed of the held-out synthetic set (disjoint stream)."})
+    itm_k: int = field(default=16, metadata={"help": "ITM re-ranking candidates per query in evaluation (0 = ITC)."})
+
+    def __post_init__(self):
+        if self.dataset != "synthetic" and not os.path.isfile(self.dataset):
+            raise ValueError(f"--dataset must be 'synthetic' or an existing JSON file, got {self.dataset!r}")
+        if self.dataset != "synthetic" and not self.tokenizer:
+            raise ValueError("--tokenizer is required with a JSON dataset (the synthetic vocabulary only covers scenes)")
+        if not 0.0 <= self.mlm_probability < 1.0:
+            raise ValueError(f"--mlm_probability must lie in [0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class TeacherArguments:
+    """How the teacher is built."""
+
+    preset: str = field(default="demo", metadata={"help": f"Config preset: one of {sorted(PRESETS)}."})
+    config: str | None = field(default=None, metadata={"help": "A config.json to build the teacher from instead."})
+    init_from: str | None = field(default=None, metadata={"help": "Continue from this EfficientVLM checkpoint dir."})
+    vision_model: str | None = field(default=None, metadata={"help": "Init the vision tower from a CLIP/ViT dir."})
+    text_model: str | None = field(default=None, metadata={"help": "Init text+fusion from a BERT dir."})
+    num_text_layers: int | None = field(default=None, metadata={"help": "BERT layers for the text encoder."})
+
+
+@dataclass
+class StudentArguments:
+    """Which teacher to distil and how deep the student is."""
+
+    teacher: str = field(default="", metadata={"help": "Teacher checkpoint dir (required)."})
+    vision_layers: int | None = field(default=None, metadata={"help": "Student vision depth (default: half)."})
+    text_layers: int | None = field(default=None, metadata={"help": "Student text depth (default: half)."})
+    fusion_layers: int | None = field(default=None, metadata={"help": "Student fusion depth (default: half)."})
+    layer_map: str | None = field(
+        default=None,
+        metadata={"help": "Teacher layer per student layer, e.g. 'vision=1,3,5,7,9,11;text=1,3,5;fusion=1,3,5'."},
+    )
+
+    def __post_init__(self):
+        if not self.teacher or not os.path.isdir(self.teacher):
+            raise ValueError(f"--teacher must be an existing checkpoint dir, got {self.teacher!r}")
+
+    def depths(self) -> dict[str, int]:
+        values = {"vision": self.vision_layers, "text": self.text_layers, "fusion": self.fusion_layers}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def parsed_layer_map(self) -> dict[str, list[int]]:
+        if not self.layer_map:
+            return {}
+        out = {}
+        for part in self.layer_map.split(";"):
+            name, _, values = part.partition("=")
+            try:
+                out[name.strip()] = [int(v) for v in values.split(",") if v.strip()]
+            except ValueError as error:
+                raise ValueError(f"--layer_map entry {part!r} must look like vision=1,3,5") from error
+        return out
+
+
+@dataclass
+class PruneArguments:
+    """The student to prune and its task teacher."""
+
+    student: str = field(default="", metadata={"help": "Distilled student checkpoint dir (required)."})
+    teacher: str = field(default="", metadata={"help": "Task-tuned teacher checkpoint dir for task KD (required)."})
+
+    def __post_init__(self):
+        for name in ("student", "teacher"):
+            path = getattr(self, name)
+            if not path or not os.path.isdir(path):
+                raise ValueError(f"--{name} must be an existing checkpoint dir, got {path!r}")
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def load_processor(data: DataArguments, path: str | None = None) -> EfficientVLMProcessor:
+    """The processor saved with a checkpoint, else one from --tokenizer, else the synthetic vocabulary."""
+    if path and os.path.isfile(os.path.join(path, "processor_config.json")):
+        return EfficientVLMProcessor.from_pretrained(path)
+    if data.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    else:
+        from .tokenization import synthetic_tokenizer
+
+        tokenizer = synthetic_tokenizer()
+    return EfficientVLMProcessor(build_image_processor(data.image_size), tokenizer, max_length=data.max_length)
+
+
+def build_datasets(data: DataArguments, processor, seed: int, mlm: bool):
+    """(train dataset, collator) for the configured data source."""
+    from .collators import RetrievalCollator
+
+    collator = RetrievalCollator(
+        processor, max_length=data.max_length, mlm_probability=data.mlm_probability if mlm else 0.0,
+        max_masks=data.max_masks,
+    )
+    if data.dataset == "synthetic":
+        from .data import SyntheticRetrievalDataset
+
+        return SyntheticRetrievalDataset(seed=seed, image_size=data.image_size), collator
+    from .datasets_io import load_albef_json
+
+    return load_albef_json(data.dataset, data.image_root, split_captions=True), collator
+
+
+def eval_set(data: DataArguments) -> dict:
+    """The held-out retrieval set: images, captions, img2txt, txt2img."""
+    if data.eval_dataset:
+        from .datasets_io import load_retrieval_eval_set
+
+        return load_retrieval_eval_set(data.eval_dataset, data.image_root)
+    from .data import make_retrieval_eval_set
+
+    return make_retrieval_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
+
+
+def evaluate_model(
+    model, processor, data: DataArguments, eval_data: dict | None = None, show_progress=True, pruning_masks=None
+) -> dict:
+    """Retrieval R@1/5/10 (TR/IR) and r_mean on the held-out set (with masks: the gated model at export masks)."""
+    from .evaluation import evaluate_retrieval
+
+    eval_data = eval_data or eval_set(data)
+    return evaluate_retrieval(
+        model, eval_data["images"], eval_data["captions"], eval_data["img2txt"], eval_data["txt2img"], processor,
+        k=data.itm_k, show_progress=show_progress, pruning_masks=pruning_masks,
+    )
+
+
+def save_metrics(path: str, metrics: dict) -> None:
+    with open(os.path.join(path, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def teacher_config(teacher: TeacherArguments, data: DataArguments, vocab_size: int) -> EfficientVLMConfig:
+    if teacher.config:
+        return EfficientVLMConfig.from_pretrained(teacher.config)
+    if teacher.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {teacher.preset!r}")
+    if teacher.preset == "demo":
+        return PRESETS["demo"](image_size=data.image_size, vocab_size=vocab_size)
+    return PRESETS[teacher.preset]()
+
+
+# -------------------------------------------------------------------------------------------------------- stages
+def run_teacher(teacher: TeacherArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
+    """Pre-trains (or fine-tunes) a teacher with the VLP losses: ITC + ITM with hard negatives + MLM."""
+    processor = load_processor(data, teacher.init_from)
+    if teacher.init_from:
+        model = EfficientVLMForPreTraining.from_pretrained(teacher.init_from)
+    elif teacher.vision_model or teacher.text_model:
+        from .convert import from_vision_text_pretrained
+
+        model = from_vision_text_pretrained(teacher.vision_model, teacher.text_model, teacher.num_text_layers)
+    else:
+        torch.manual_seed(args.seed)
+        model = EfficientVLMForPreTraining(teacher_config(teacher, data, len(processor.tokenizer)))
+    train, collator = build_datasets(data, processor, args.seed, mlm=args.use_mlm)
+    trainer = EfficientVLMDistillationTrainer(
+        model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
+        teacher_model=None,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    return _finish(trainer, model, processor, data, eval_data)
+
+
+def run_distill(student_args: StudentArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
+    """General distillation: half-depth student initialised from the teacher, VLP + KD."""
+    teacher = EfficientVLMForPreTraining.from_pretrained(student_args.teacher)
+    processor = load_processor(data, student_args.teacher)
+    student = init_student_from_teacher(teacher, student_args.depths(), student_args.parsed_layer_map())
+    train, collator = build_datasets(data, processor, args.seed + 1, mlm=args.use_mlm)
+    trainer = EfficientVLMDistillationTrainer(
+        model=student, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
+        teacher_model=teacher,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    return _finish(trainer, student, processor, data, eval_data)
+
+
+def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments, eval_data=None):
+    """Retrieval fine-tuning with task KD + modal-adaptive L0 pruning; saves the student and its gates."""
+    teacher = EfficientVLMForImageTextRetrieval.from_pretrained(prune.teacher)
+    processor = load_processor(data, prune.student)
+    student = EfficientVLMForImageTextRetrieval.from_pretrained(prune.student)
+    gated = make_gated_model(student, args)
+    train, collator = build_datasets(data, processor, args.seed + 2, mlm=False)
+    trainer = EfficientVLMPruningTrainer(
+        model=gated, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
+        teacher_model=teacher,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    gated.eval()
+    masks = gated.l0.deterministic_masks()
+    metrics = evaluate_model(student, processor, data, eval_data, pruning_masks=masks) if eval_data is not False else {}
+    if metrics and args.should_save:
+        save_metrics(args.output_dir, metrics)
+    return gated, metrics
+
+
+def _finish(trainer, model, processor, data, eval_data):
+    trainer.save_model(trainer.args.output_dir)
+    model.eval()
+    metrics = evaluate_model(model, processor, data, eval_data) if eval_data is not False else {}
+    if metrics and trainer.args.should_save:
+        save_metrics(trainer.args.output_dir, metrics)
+    return model, metrics
