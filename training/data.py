@@ -24,7 +24,6 @@ Swaps keep the bag of words, so bag-of-words models cannot separate captions fro
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, replace
 from typing import Iterator, Union
@@ -400,3 +399,252 @@ def make_statement(rng: random.Random, scene: Scene, kind: str | None = None) ->
         relation = rng.choice([r for r in RELATIONS if _holds(r, a, b)])
         return Relation(_partial_ref(rng, a), relation, _partial_ref(rng, b))
     raise ValueError(f"unknown statement kind {kind!r}; expected 'exists', 'count' or 'relation'")
+
+
+# ------------------------------------------------------------------------------------------------ hard negatives
+def _swap_attribute(a: ObjectRef, b: ObjectRef, field: str) -> tuple[ObjectRef, ObjectRef]:
+    return replace(a, **{field: getattr(b, field)}), replace(b, **{field: getattr(a, field)})
+
+
+def _edit_relation(rng: random.Random, rel: Relation) -> Relation:
+    edit = rng.choice(("swap_objects", "flip", "swap_color", "swap_shape"))
+    if edit == "swap_objects":
+        return Relation(rel.target, rel.relation, rel.subject)
+    if edit == "flip":
+        return replace(rel, relation=OPPOSITE[rel.relation])
+    subject, target = _swap_attribute(rel.subject, rel.target, "color" if edit == "swap_color" else "shape")
+    return Relation(subject, rel.relation, target)
+
+
+def _edit_description(rng: random.Random, desc: Description) -> Description:
+    relation_idx = [i for i, c in enumerate(desc.clauses) if isinstance(c, Relation)]
+    if rng.random() < 0.5:  # edit inside one relation clause (swap objects, flip, swap attributes)
+        i = rng.choice(relation_idx)
+        clauses = list(desc.clauses)
+        clauses[i] = _edit_relation(rng, clauses[i])  # type: ignore[arg-type]
+        return Description(tuple(clauses))
+    # swap an attribute between two objects mentioned anywhere in the description
+    refs: list[ObjectRef] = []
+    for c in desc.clauses:
+        refs.extend((c,) if isinstance(c, ObjectRef) else (c.subject, c.target))
+    i, j = rng.sample(range(len(refs)), 2)
+    refs[i], refs[j] = _swap_attribute(refs[i], refs[j], rng.choice(("color", "shape", "size")))
+    clauses, k = [], 0
+    for c in desc.clauses:
+        if isinstance(c, ObjectRef):
+            clauses.append(refs[k])
+            k += 1
+        else:
+            clauses.append(Relation(refs[k], c.relation, refs[k + 1]))
+            k += 2
+    return Description(tuple(clauses))
+
+
+def _edit(rng: random.Random, statement: Statement) -> Statement:
+    if isinstance(statement, Description):
+        return _edit_description(rng, statement)
+    if isinstance(statement, Relation):
+        return _edit_relation(rng, statement)
+    if isinstance(statement, Count):
+        n = statement.n + rng.choice((-1, 1))
+        return replace(statement, n=n if 1 <= n <= MAX_OBJECTS else statement.n - (n - statement.n))
+    if isinstance(statement, Exists):
+        field = rng.choice(("color", "shape", "size"))
+        values = {"color": COLORS, "shape": SHAPES, "size": SIZES}[field]
+        current = getattr(statement.ref, field)
+        return Exists(replace(statement.ref, **{field: rng.choice([v for v in values if v != current])}))
+    if isinstance(statement, PairStatement):
+        return replace(statement, statement=_edit(rng, statement.statement))  # type: ignore[arg-type]
+    raise TypeError(f"not a statement structure: {statement!r}")
+
+
+def hard_negative(rng: random.Random, scene: Scene | tuple[Scene, Scene], statement: Statement,
+                  max_tries: int = 20) -> Statement | None:
+    """A minimal edit of `statement` that the checker finds false on `scene`, or None if none was found."""
+    for _ in range(max_tries):
+        candidate = _edit(rng, statement)
+        if not statement_is_true(scene, candidate):
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- retrieval
+def _distinguishing_description(rng: random.Random, scene: Scene, others: list[Scene],
+                                tries: int = 20) -> Description | None:
+    """A description true of `scene` and false of every scene in `others` (None if none found in `tries`)."""
+    for _ in range(tries):
+        desc = describe_scene(rng, scene)
+        if not any(statement_is_true(o, desc) for o in others):
+            return desc
+    return None
+
+
+def make_retrieval_item(rng: random.Random, image_size: int = 64,
+                        return_scene: bool = False) -> dict:
+    """One training item: {"image", "caption", "negative_caption"} (+ "scene" if asked)."""
+    while True:
+        scene = random_scene(rng)
+        desc = describe_scene(rng, scene)
+        negative = hard_negative(rng, scene, desc)
+        if negative is not None:  # swapping a relation's objects always works, so this rarely loops
+            break
+    item = {"image": render_scene(scene, image_size), "caption": statement_text(desc),
+            "negative_caption": statement_text(negative)}
+    if return_scene:
+        item["scene"] = scene
+    return item
+
+
+def _worker_rng(seed: int, epoch: int) -> tuple[random.Random, int, int]:
+    """A generator per DataLoader worker, so workers never yield the same stream; returns (rng, worker, workers)."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return random.Random(f"efficientvlm-synthetic-{seed}-{epoch}-{worker}"), worker, workers
+
+
+class _SyntheticIterable(torch.utils.data.IterableDataset):
+    """Shared machinery: fresh items per step, deterministic per (seed, epoch, worker)."""
+
+    def __init__(self, image_size: int = 64, seed: int = 0, num_samples: int | None = None,
+                 return_scene: bool = False):
+        super().__init__()
+        self.image_size, self.seed, self.num_samples, self.return_scene = image_size, seed, num_samples, return_scene
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the stream for the next pass (called by Trainer/accelerate between epochs)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError(f"{type(self).__name__} is infinite; pass num_samples to give it a length")
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[dict]:
+        rng, worker, workers = _worker_rng(self.seed, self.epoch)
+        # with num_samples, workers split the total; without, each worker streams forever
+        count = None if self.num_samples is None else len(range(worker, self.num_samples, workers))
+        produced = 0
+        while count is None or produced < count:
+            yield self._item(rng)
+            produced += 1
+
+    def _item(self, rng: random.Random) -> dict:
+        raise NotImplementedError
+
+
+class SyntheticRetrievalDataset(_SyntheticIterable):
+    """Fresh synthetic scenes for image-text training: {"image": PIL RGB, "caption", "negative_caption"}.
+
+    Args:
+        image_size: rendered image side in pixels.
+        seed: base seed; the stream is deterministic per (seed, epoch, DataLoader worker).
+        num_samples: total items per pass (split across workers); None streams forever (use max_steps).
+        return_scene: also yield the `Scene` under "scene" (for checks; not collatable).
+    """
+
+    def _item(self, rng: random.Random) -> dict:
+        return make_retrieval_item(rng, self.image_size, self.return_scene)
+
+
+def make_retrieval_eval_set(n_images: int, seed: int = 0, image_size: int = 64, twin_fraction: float = 0.5,
+                            return_scenes: bool = False) -> dict:
+    """A fixed held-out retrieval set with one unique caption per image.
+
+    Scenes have pairwise distinct object sets except "twins": with probability `twin_fraction` a scene comes with a
+    rearrangement of the same objects, and each twin's caption is checked false on the other, so only relations
+    separate them. Every caption is therefore true of exactly its own image.
+
+    Args:
+        n_images: number of images (= captions).
+        seed: seed; the set is a pure function of (n_images, seed, image_size, twin_fraction).
+        image_size: image side in pixels.
+        twin_fraction: probability that a scene gets a rearranged twin.
+        return_scenes: also return the scenes under "scenes".
+
+    Returns:
+        dict(images=list[PIL], captions=list[str], img2txt=list[list[int]], txt2img=list[int]).
+    """
+    rng = random.Random(f"efficientvlm-retrieval-eval-{seed}")
+    scenes: list[Scene] = []
+    captions: list[str] = []
+    seen_object_sets: set[tuple] = set()
+    while len(scenes) < n_images:
+        base = random_scene(rng)
+        key = tuple(sorted(o.kind for o in base.objects))
+        if key in seen_object_sets:
+            continue  # a description fixes the object set, so distinct sets keep captions unambiguous
+        group = [base]
+        if len(scenes) + 1 < n_images and rng.random() < twin_fraction:
+            group.append(rearrange_scene(rng, base))
+        descs = [_distinguishing_description(rng, s, [o for o in group if o is not s]) for s in group]
+        if any(d is None for d in descs):
+            group, descs = [base], [describe_scene(rng, base)]  # the twin's layout was indistinguishable
+        seen_object_sets.add(key)
+        scenes.extend(group)
+        captions.extend(statement_text(d) for d in descs)  # type: ignore[arg-type]
+    if len(set(captions)) != len(captions):
+        raise RuntimeError("internal error: duplicate captions in the synthetic retrieval set")
+    result = {"images": [render_scene(s, image_size) for s in scenes], "captions": captions,
+              "img2txt": [[i] for i in range(n_images)], "txt2img": list(range(n_images))}
+    if return_scenes:
+        result["scenes"] = scenes
+    return result
+
+
+# -------------------------------------------------------------------------------------------------------- NLVR2
+def _nlvr2_example(rng: random.Random, label: int) -> tuple[Scene, Scene, PairStatement]:
+    """Two scenes and a pair statement whose truth equals `label` (checked)."""
+    while True:
+        left = random_scene(rng)
+        # twins make "both"/"exactly one" hinge on relations rather than on which objects are present
+        right = rearrange_scene(rng, left) if rng.random() < 0.3 else random_scene(rng)
+        source = left if rng.random() < 0.5 else right
+        inner = make_statement(rng, source)
+        if rng.random() < 0.5:
+            inner = hard_negative(rng, source, inner) or inner  # type: ignore[assignment]
+        options = [q for q in QUANTIFIERS
+                   if statement_is_true((left, right), PairStatement(q, inner)) == bool(label)]
+        if options:
+            return left, right, PairStatement(rng.choice(options), inner)
+
+
+def make_nlvr2_item(rng: random.Random, label: int, image_size: int = 64, return_scenes: bool = False) -> dict:
+    """One NLVR2-style item: {"images": [left, right], "sentence", "label"} (+ "scenes" if asked)."""
+    left, right, statement = _nlvr2_example(rng, label)
+    item = {"images": [render_scene(left, image_size), render_scene(right, image_size)],
+            "sentence": statement_text(statement), "label": int(label)}
+    if return_scenes:
+        item["scenes"] = (left, right)
+    return item
+
+
+class SyntheticNLVR2Dataset(_SyntheticIterable):
+    """Fresh NLVR2-style pairs: {"images": [PIL, PIL], "sentence", "label"}; labels are fair coin flips.
+
+    Args: as `SyntheticRetrievalDataset` (`return_scene` yields "scenes").
+    """
+
+    def _item(self, rng: random.Random) -> dict:
+        return make_nlvr2_item(rng, int(rng.random() < 0.5), self.image_size, self.return_scene)
+
+
+def make_nlvr2_eval_set(n: int, seed: int = 0, image_size: int = 64, return_scenes: bool = False) -> list[dict]:
+    """A fixed NLVR2-style set of `n` items with exactly balanced labels (n // 2 true, in shuffled order).
+
+    Returns:
+        list of {"images": [PIL, PIL], "sentence": str, "label": int} (+ "scenes" if asked).
+    """
+    rng = random.Random(f"efficientvlm-nlvr2-eval-{seed}")
+    labels = [i % 2 for i in range(n)]
+    rng.shuffle(labels)
+    return [make_nlvr2_item(rng, label, image_size, return_scenes) for label in labels]
+
+
+__all__ = [
+    "COLORS", "Count", "Description", "Exists", "ObjectRef", "PairStatement", "QUANTIFIERS", "RELATIONS", "Relation",
+    "SHAPES", "SIZES", "SYNTHETIC_WORDS", "Scene", "SceneObject", "SyntheticNLVR2Dataset",
+    "SyntheticRetrievalDataset", "describe_scene", "hard_negative", "make_nlvr2_eval_set", "make_nlvr2_item",
+    "make_retrieval_eval_set", "make_retrieval_item", "make_statement", "parse_statement", "random_scene",
+    "rearrange_scene", "render_scene", "statement_is_true", "statement_text",
+]

@@ -183,7 +183,7 @@ def _report(models, metrics, latency, expected, args, profile, timings) -> dict:
         "latency": (
             f"CPU ({platform.machine()}), {torch.get_num_threads()} threads, float32, sdpa; retrieval path on "
             f"{latency['teacher']['batch_images']} held-out images × {latency['teacher']['batch_texts']} captions "
-            f"(40 tokens): encode all, ITC all pairs, ITM on top-{profile["itm_k"]} per query; median of "
+            f"(40 tokens): encode all, ITC all pairs, ITM on top-{profile['itm_k']} per query; median of "
             f"{profile['latency_repeats']} runs after 1 warm-up, all models in one process"
         ),
         "evaluation": f"{profile['eval_images']} held-out synthetic scenes, one unique caption each; ITM re-ranks "

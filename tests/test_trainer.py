@@ -1,0 +1,155 @@
+"""Distillation and pruning Trainers on tiny models (CPU, a few steps each)."""
+
+import copy
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
+from tests.conftest import tiny_config
+from training import (
+    DistillationArguments,
+    EfficientVLMDistillationTrainer,
+    EfficientVLMPruningTrainer,
+    PruningArguments,
+    init_student_from_teacher,
+    make_gated_model,
+    materialize,
+)
+from training.trainer import GATES_FILE, distillation_losses, layer_maps
+
+
+def _batches(n=8, batch=4, seed=0, vocab=99):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n * batch):
+        ids = torch.randint(5, vocab, (7,), generator=g)
+        labels = torch.full((7,), -100)
+        mlm_ids = ids.clone()
+        labels[2], mlm_ids[2] = ids[2], 4
+        items.append({"pixel_values": torch.randn(3, 32, 32, generator=g), "input_ids": ids,
+                      "attention_mask": torch.ones(7, dtype=torch.long), "mlm_input_ids": mlm_ids, "mlm_labels": labels})
+    return items
+
+
+def _collate(items):
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _args(cls, tmp_path, **kw):
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+                    save_strategy="no", logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True,
+                    dataloader_num_workers=0)
+    defaults.update(kw)
+    return cls(**defaults)
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return EfficientVLMForPreTraining._from_config(tiny_config(), attn_implementation="sdpa")
+
+
+def test_kd_is_exactly_zero_when_student_equals_teacher_and_pairs_are_shared(tmp_path):
+    """Identical student and teacher: every KD term is 0 — which also proves both scored the same ITM pairs."""
+    teacher = _teacher().eval()
+    student = copy.deepcopy(teacher)
+    args = _args(DistillationArguments, tmp_path)
+    batch = _collate(_batches(1)[:4])
+    total, parts = distillation_losses(student, teacher, batch, args, layer_maps(student.config, teacher.config),
+                                       generator=torch.Generator().manual_seed(0))
+    for name in ("attn", "hidden", "logits"):
+        assert float(parts[name]) == pytest.approx(0.0, abs=1e-10), name
+    assert float(parts["itm"]) > 0 and float(parts["mlm"]) > 0
+
+
+def test_negative_pairs_are_shared(tmp_path, monkeypatch):
+    """The teacher's ITM inputs are exactly the same (image, text) pairs the student was scored on."""
+    teacher = _teacher().eval()
+    student = init_student_from_teacher(teacher)
+    seen = {}
+
+    def spy(name, model):
+        original = model.itm_logits
+
+        def wrapped(text_tokens, attention_mask, image_tokens, *a, **k):
+            seen[name] = (text_tokens.detach(), image_tokens.detach())
+            return original(text_tokens, attention_mask, image_tokens, *a, **k)
+
+        monkeypatch.setattr(model, "itm_logits", wrapped)
+
+    spy("student", student)
+    spy("teacher", teacher)
+    batch = _collate(_batches(1)[:4])
+    distillation_losses(student, teacher, batch, _args(DistillationArguments, tmp_path),
+                        layer_maps(student.config, teacher.config), generator=torch.Generator().manual_seed(3))
+    # map fused rows back to batch rows through the text tokens of each model's own text encoder
+    s_text = student.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    t_text = teacher.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    s_rows = [int((s_text - row).abs().flatten(1).sum(1).argmin()) for row in seen["student"][0]]
+    t_rows = [int((t_text - row).abs().flatten(1).sum(1).argmin()) for row in seen["teacher"][0]]
+    assert s_rows == t_rows and len(s_rows) == 12  # 3B pairs: B positives, B negative texts, B negative images
+
+
+def test_distillation_decreases_losses_and_leaves_teacher_unchanged(tmp_path):
+    teacher = _teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = init_student_from_teacher(teacher)
+    with torch.no_grad():  # perturb so that KD has something to do
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    data = _batches(1)[:4] * 30  # one fixed batch, repeated
+    args = _args(DistillationArguments, tmp_path, max_steps=30, lambda_vlp=0.5)
+    trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=data, data_collator=_collate,
+                                              teacher_model=teacher)
+    batch = _collate(data[:4])
+    maps = layer_maps(student.config, teacher.config)
+    _, first = distillation_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
+    trainer.train()
+    student.eval()
+    _, last = distillation_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
+    for name in ("total", "attn", "hidden", "logits"):
+        assert float(last[name]) < float(first[name]), name
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not teacher.training
+    logged = [entry for entry in trainer.state.log_history if "loss_itc" in entry]
+    assert logged and {"loss_attn", "loss_hidden", "loss_logits", "loss_mlm"} <= set(logged[0])
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = EfficientVLMForPreTraining.from_pretrained(tmp_path / "final")
+    assert torch.equal(reloaded.state_dict()["vision_model.layers.0.mlp.fc1.weight"],
+                       student.state_dict()["vision_model.layers.0.mlp.fc1.weight"])
+
+
+def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path):
+    teacher = _teacher()
+    student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
+    student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
+    args = _args(PruningArguments, tmp_path, max_steps=120, target_sparsity=0.5, reg_learning_rate=0.1,
+                 sparsity_warmup_steps=20, save_strategy="steps", save_steps=60, learning_rate=5e-4)
+    gated = make_gated_model(student, args)
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(30), data_collator=_collate,
+                                         teacher_model=teacher)
+    trainer.train()
+    sparsity = gated.l0.expected_sparsity()
+    assert float(sparsity["total"]) == pytest.approx(0.5, abs=0.03)
+    groups = trainer.optimizer.param_groups
+    assert groups[3]["maximize"] and groups[2]["weight_decay"] == 0 and groups[2]["lr"] == pytest.approx(0.1)
+    assert {id(p) for p in gated.l0.lambda_parameters()} == {id(p) for p in groups[3]["params"]}
+    logged = [e for e in trainer.state.log_history if "expected_sparsity_vision" in e]
+    assert logged and {"lambda1_global", "lambda2_global", "target_global"} <= set(logged[-1])
+    pruned = materialize(student.eval(), gated.l0.deterministic_masks())
+    assert pruned.num_parameters() == gated.l0.predicted_parameters(student.config)
+    checkpoint = tmp_path / "checkpoint-60"
+    assert (checkpoint / GATES_FILE).exists() and (checkpoint / "model.safetensors").exists()
+    gates = load_file(checkpoint / GATES_FILE)
+    assert any(k.startswith("lambdas.") for k in gates)
+
+
+def test_out_of_range_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="target_sparsity must lie in \\[0, 1\\)"):
+        _args(PruningArguments, tmp_path, target_sparsity=1.0)
+    with pytest.raises(ValueError, match="kd_temperature must be > 0"):
+        _args(DistillationArguments, tmp_path, kd_temperature=-1.0)
+    with pytest.raises(ValueError, match="lambda_vlp must lie in \\[0, 1\\]"):
+        _args(DistillationArguments, tmp_path, lambda_vlp=1.5)

@@ -1,0 +1,164 @@
+"""Batch collators: items (dicts with images and texts) -> model-ready tensors via an EfficientVLM processor.
+
+The processor is anything with `.tokenizer` (a BERT tokenizer) and `__call__(images=None, text=None, **kwargs)`
+returning a mapping with "pixel_values" (for images) and "input_ids"/"attention_mask" (for text); extra keyword
+arguments (padding, truncation, max_length, return_tensors) go to the tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from training.datasets_io import load_image
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Any, probability: float,
+                max_masks: int, generator: torch.Generator | None = None,
+                min_masks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking for MLM: pick tokens, then 80% [MASK], 10% a random word, 10% unchanged.
+
+    Only real tokens are candidates (attention_mask == 1 and not a special token such as [CLS]/[SEP]/[PAD]).
+    Each row masks the candidates that draw below `probability`, capped at `max_masks`; and at least
+    `min(min_masks, number of candidates)` so every caption contributes to the loss (short captions at a low
+    probability would otherwise often give none). Which candidates are kept is uniformly random.
+
+    Args:
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding.
+        tokenizer: provides `all_special_ids`, `mask_token_id` and `len(tokenizer)`.
+        probability: per-token masking probability (ALBEF/X-VLM: 0.25 or 0.15).
+        max_masks: at most this many masked tokens per row.
+        generator: random source (None: torch's global RNG, which DataLoader seeds per worker).
+        min_masks: at least this many masked tokens per row that has that many candidates.
+
+    Returns:
+        (masked_ids, labels): both (B, T); labels are the original ids at masked positions and -100 elsewhere.
+    """
+    if not 0.0 <= probability <= 1.0 or max_masks < 0 or min_masks < 0:
+        raise ValueError(f"need 0 <= probability <= 1 and non-negative mask counts, got {probability}, "
+                         f"max_masks={max_masks}, min_masks={min_masks}")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=input_ids.dtype)
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special)  # (B, T)
+    noise = torch.rand(input_ids.shape, generator=generator).masked_fill(~candidates, 2.0)
+    n_candidates = candidates.sum(1)
+    # the k lowest-noise candidates are exactly those under `probability` when k = their count
+    k = (noise < probability).sum(1).clamp(max=max_masks)
+    k = torch.maximum(k, n_candidates.clamp(max=min(min_masks, max_masks)))
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (B, T) rank of each position's noise within its row
+    chosen = candidates & (rank < k[:, None])
+
+    labels = input_ids.masked_fill(~chosen, -100)
+    action = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (action < 0.8)] = tokenizer.mask_token_id
+    # random replacements are drawn from ordinary words so a masked slot never turns into [PAD]/[CLS]/[SEP]
+    words = torch.tensor([i for i in range(len(tokenizer)) if i not in set(special.tolist())], dtype=input_ids.dtype)
+    replace = chosen & (action >= 0.8) & (action < 0.9)
+    picks = torch.randint(len(words), input_ids.shape, generator=generator)
+    masked[replace] = words[picks][replace]
+    return masked, labels
+
+
+def _texts(items: list[dict], key: str) -> list[str]:
+    texts = []
+    for index, item in enumerate(items):
+        if key not in item:
+            raise ValueError(f"batch item {index} has no {key!r} (keys: {sorted(item)})")
+        if not isinstance(item[key], str) or not item[key].strip():
+            raise ValueError(f"batch item {index} field {key!r} is an empty or non-string text")
+        texts.append(item[key])
+    return texts
+
+
+def _images(items: list[dict], key: str) -> list:
+    try:
+        return [item[key] for item in items]
+    except KeyError as error:
+        index = next(i for i, item in enumerate(items) if key not in item)
+        raise ValueError(f"batch item {index} has no {key!r} (keys: {sorted(items[index])})") from error
+
+
+class RetrievalCollator:
+    """Collates image-text items for ITC/ITM/MLM training and retrieval.
+
+    Items: {"image": PIL image | path | datasets.Image dict, "caption": str} and optionally
+    "negative_caption" (str; all items or none) and "image_id" (int; all items or none).
+
+    Returns dict: pixel_values (B, C, H, W), input_ids / attention_mask (B, T); with mlm_probability > 0 also
+    mlm_input_ids / mlm_labels (B, T); with negative captions negative_input_ids / negative_attention_mask (B, T');
+    with image ids image_ids (B,) (for ITC targets when an image has several captions).
+
+    Args:
+        processor: an `EfficientVLMProcessor` (or anything with its call interface and `.tokenizer`).
+        max_length: maximum caption length in tokens (X-VLM: 40).
+        mlm_probability: masking probability; 0 disables the MLM outputs.
+        max_masks: maximum masked tokens per caption.
+        generator: random source for masking (None: torch's global RNG).
+    """
+
+    def __init__(self, processor: Any, max_length: int = 40, mlm_probability: float = 0.0, max_masks: int = 8,
+                 generator: torch.Generator | None = None):
+        self.processor, self.max_length = processor, max_length
+        self.mlm_probability, self.max_masks, self.generator = mlm_probability, max_masks, generator
+
+    def _encode(self, texts: list[str], images: list | None = None) -> Any:
+        return self.processor(images=images, text=texts, padding="longest", truncation=True,
+                              max_length=self.max_length, return_tensors="pt")
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        images = [load_image(image) for image in _images(items, "image")]
+        encoded = self._encode(_texts(items, "caption"), images)
+        batch = {key: encoded[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+        if self.mlm_probability > 0:
+            batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+                batch["input_ids"], batch["attention_mask"], self.processor.tokenizer, self.mlm_probability,
+                self.max_masks, self.generator)
+        for key, build in (("negative_caption", self._negatives), ("image_id", self._image_ids)):
+            present = sum(key in item for item in items)
+            if 0 < present < len(items):
+                raise ValueError(f"{present} of {len(items)} batch items have {key!r}: give it to all or none")
+            if present:
+                batch.update(build(items))
+        return batch
+
+    def _negatives(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = self._encode(_texts(items, "negative_caption"))
+        return {"negative_input_ids": encoded["input_ids"], "negative_attention_mask": encoded["attention_mask"]}
+
+    @staticmethod
+    def _image_ids(items: list[dict]) -> dict[str, torch.Tensor]:
+        return {"image_ids": torch.tensor([int(item["image_id"]) for item in items], dtype=torch.long)}
+
+
+class NLVR2Collator:
+    """Collates NLVR2 items {"images": [left, right], "sentence": str, "label": int}.
+
+    Returns dict: pixel_values (B, 2, C, H, W) (index 0 = left image), input_ids / attention_mask (B, T),
+    labels (B,) long.
+    """
+
+    def __init__(self, processor: Any, max_length: int = 40):
+        self.processor, self.max_length = processor, max_length
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        images = []
+        for index, pair in enumerate(_images(items, "images")):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"batch item {index} field 'images' must hold exactly two images")
+            images.extend(load_image(image) for image in pair)
+        labels = []
+        for index, item in enumerate(items):
+            if "label" not in item:
+                raise ValueError(f"batch item {index} has no 'label' (keys: {sorted(item)})")
+            labels.append(int(item["label"]))
+        encoded = self.processor(images=images, text=_texts(items, "sentence"), padding="longest", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        pixel_values = encoded["pixel_values"]  # (2B, C, H, W), pairs adjacent
+        return {"pixel_values": pixel_values.view(len(items), 2, *pixel_values.shape[1:]),
+                "input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+__all__ = ["NLVR2Collator", "RetrievalCollator", "mask_tokens"]
