@@ -454,6 +454,8 @@ HUB_AUTO_MAP = {
     "AutoConfig": "configuration_efficientvlm.EfficientVLMConfig",
     "AutoModel": "modeling_efficientvlm.EfficientVLMForImageTextRetrieval",
     "AutoModelForPreTraining": "modeling_efficientvlm.EfficientVLMForPreTraining",
+    # the built-in zero-shot-image-classification pipeline only tries this class; it reads logits_per_image
+    "AutoModelForZeroShotImageClassification": "modeling_efficientvlm.EfficientVLMForImageTextRetrieval",
 }
 
 

@@ -179,3 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"efficientvlm {command}: error: {error}\n")
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
+from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 from .l0 import ModalL0Module
@@ -22,8 +23,6 @@ from .trainer import GATES_FILE
 
 CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards",
                              "efficientvlm_template.md")
-PIPELINE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling_efficientvlm",
-                             "pipeline_efficientvlm.py")
 STRUCTURE_FILE = "structure.json"
 
 
@@ -206,7 +205,7 @@ def save_hub_ready(
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
-        add_pipeline_files(tmp)
+        save_pipeline_files(tmp)
         report = sparsity_report(model.config, reference_config)
         report["eval"] = metrics or {}
         report.update({k: v for k, v in extra.items() if k in ("speedup", "expected_sparsity")})
@@ -221,26 +220,6 @@ def save_hub_ready(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
-
-
-def add_pipeline_files(folder: str) -> None:
-    """Copies the retrieval pipeline (remote code) and registers it in config.json's `custom_pipelines`."""
-    if not os.path.isfile(PIPELINE_FILE):
-        return
-    shutil.copy(PIPELINE_FILE, os.path.join(folder, os.path.basename(PIPELINE_FILE)))
-    config_path = os.path.join(folder, "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config["custom_pipelines"] = {
-        "image-text-retrieval": {
-            "impl": "pipeline_efficientvlm.ImageTextRetrievalPipeline",
-            "pt": ["AutoModel"],
-            "tf": [],
-            "type": "multimodal",
-        }
-    }
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def run_export(args: ExportArguments, extra: dict | None = None) -> dict:

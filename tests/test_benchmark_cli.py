@@ -1,0 +1,73 @@
+"""Benchmark arithmetic and the CLI surface (no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from training.benchmark import (
+    BenchArguments,
+    parse_split,
+    run_benchmark,
+    uniformly_pruned_config,
+    xvlm_clip_config,
+)
+from training.cli import COMMANDS, main
+from training.structure import count_parameters, prunable_parameters
+from training.student import student_config
+
+
+def test_xvlm_clip_preset_matches_the_paper_sizes():
+    teacher = xvlm_clip_config(224)
+    student = student_config(teacher)
+    assert count_parameters(teacher)["total"] / 1e6 == pytest.approx(210.5, abs=0.1)
+    assert count_parameters(student)["total"] / 1e6 == pytest.approx(118.3, abs=0.1)
+    prunable = prunable_parameters(student)
+    assert prunable["total"] / 1e6 == pytest.approx(92.1, abs=0.5)
+    shares = {m: prunable[m] / prunable["total"] for m in ("vision", "text", "fusion")}
+    assert shares == pytest.approx({"vision": 0.46, "text": 0.23, "fusion": 0.31}, abs=0.01)
+
+
+def test_uniform_pruning_hits_the_requested_split():
+    student = student_config(xvlm_clip_config(224))
+    pruned = uniformly_pruned_config(student, parse_split("vision=0.25,text=0.5,fusion=0.25", 0.25))
+    before, after = prunable_parameters(student), prunable_parameters(pruned)
+    assert 1 - after["text"] / before["text"] == pytest.approx(0.5, abs=0.01)
+    assert 1 - after["vision"] / before["vision"] == pytest.approx(0.25, abs=0.01)
+    with pytest.raises(ValueError, match="entries must look like vision=0.2"):
+        parse_split("eyes=0.3", 0.25)
+
+
+def test_tiny_benchmark_reports_protocol_and_ratios(tmp_path):
+    result = run_benchmark(BenchArguments(preset="tiny", repeats=2, warmup=1, num_images=2, num_texts=2, k=1))
+    protocol = result["protocol"]
+    for key in ("device", "dtype", "threads", "num_images", "text_length", "k", "repeats", "weights", "image_size"):
+        assert key in protocol
+    teacher, pruned = result["models"]["teacher"], result["models"]["pruned"]
+    assert teacher["speedup"] == 1.0 and teacher["speedup_over_flops_ratio"] == 1.0
+    assert pruned["gflops"] < result["models"]["student"]["gflops"] < teacher["gflops"]
+    assert pruned["speedup_over_flops_ratio"] == pytest.approx(pruned["speedup"] / pruned["flops_speedup"])
+
+
+def test_bench_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--num_images", "2",
+                 "--num_texts", "2", "--k", "1", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert set(data["models"]) == {"teacher", "student", "pruned"}
+    for entry in data["models"].values():
+        assert {"params", "gflops", "latency_ms", "speedup", "speedup_over_flops_ratio"} <= set(entry)
+    assert "Protocol:" in capsys.readouterr().out
+
+
+def test_cli_help_and_errors(capsys):
+    assert main([]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in COMMANDS)
+    assert main(["nope"]) == 2
+    assert main(["bench", "--preset", "huge"]) == 2
+    assert "--preset must be one of" in capsys.readouterr().err
+    result = subprocess.run([sys.executable, "-m", "training.cli", "prune", "--help"], capture_output=True, text=True)
+    assert "--target_sparsity" in result.stdout and "Global target sparsity" in result.stdout
