@@ -20,8 +20,6 @@ class EfficientVLMProcessor(ProcessorMixin):
         max_length: default maximum text length in tokens.
     """
 
-    image_processor_class = "CLIPImageProcessorPil"
-    tokenizer_class = "BertTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, max_length: int = 40, **kwargs):
         self.max_length = max_length
