@@ -8,7 +8,6 @@ from importlib import import_module
 _EXPORTS = {
     "ModalL0Module": ".l0",
     "HardConcreteGate": ".gates",
-    "materialize": ".materialize",
     "init_student_from_teacher": ".student",
     "count_parameters": ".structure",
     "EfficientVLMDistillationTrainer": ".trainer",
@@ -23,7 +22,11 @@ _EXPORTS = {
     "retrieval_metrics": ".evaluation",
 }
 
-__all__ = sorted(_EXPORTS)
+# `materialize` names both a submodule and its function: bind the function eagerly so the submodule import (which
+# sets the package attribute) cannot shadow it later.
+from .materialize import materialize  # noqa: E402
+
+__all__ = sorted([*_EXPORTS, "materialize"])
 
 
 def __getattr__(name: str):

@@ -39,6 +39,10 @@ class DistillationArguments(TrainingArguments):
     )
     distill_itc: bool = field(default=False, metadata={"help": "Also distil the ITC similarity matrix (both ways)."})
     cross_attention_kd: bool = field(default=False, metadata={"help": "Also distil fusion cross-attention maps."})
+    attention_key_length_scale: bool = field(
+        default=True, metadata={"help": "Scale attention MSE by the key length (official code), so maps of any "
+                                        "length weigh alike."}
+    )
     use_mlm: bool = field(default=True, metadata={"help": "Use MLM (loss and KD) when the batch has masked text."})
 
     def __post_init__(self):
@@ -128,7 +132,9 @@ def _forward_all(
     return out
 
 
-def _attention_kd(student: dict, teacher: dict, maps: dict, inputs: dict, pairs, cross: bool) -> torch.Tensor:
+def _attention_kd(
+    student: dict, teacher: dict, maps: dict, inputs: dict, pairs, cross: bool, scale: bool = True
+) -> torch.Tensor:
     terms = []
     for modality, key in (("vision", "image"), ("text", "text"), ("fusion", "fusion")):
         s_attn, t_attn = student[key].attentions, teacher[key].attentions
@@ -136,12 +142,12 @@ def _attention_kd(student: dict, teacher: dict, maps: dict, inputs: dict, pairs,
         if not pairs_map:
             continue
         query_mask = None if modality == "vision" else inputs["attention_mask"][pairs[1]] if key == "fusion" else inputs["attention_mask"]
-        terms.append(L.attention_kd_loss(list(s_attn), list(t_attn), pairs_map, query_mask=query_mask))
+        terms.append(L.attention_kd_loss(list(s_attn), list(t_attn), pairs_map, query_mask, scale))
         if cross and modality == "fusion":
             s_cross, t_cross = student[key].cross_attentions, teacher[key].cross_attentions
             cross_map = [(i, j) for i, j in maps[modality]["attn"] if s_cross[i] is not None and t_cross[j] is not None]
             if cross_map:
-                terms.append(L.attention_kd_loss(list(s_cross), list(t_cross), cross_map, query_mask=query_mask))
+                terms.append(L.attention_kd_loss(list(s_cross), list(t_cross), cross_map, query_mask, scale))
     return sum(terms) / len(terms) if terms else torch.zeros(())
 
 
@@ -193,7 +199,9 @@ def distillation_losses(
         kd_logits = kd_logits + L.itc_kd_loss(s["sim_i2t"], t["sim_i2t"], args.kd_temperature)
     kd = {"logits": kd_logits}
     if use_attn:
-        kd["attn"] = _attention_kd(s, t, maps, inputs, pairs, args.cross_attention_kd).to(sim.device)
+        kd["attn"] = _attention_kd(
+            s, t, maps, inputs, pairs, args.cross_attention_kd, args.attention_key_length_scale
+        ).to(sim.device)
     if use_hidden:
         kd["hidden"] = _hidden_kd(s, t, maps, args.image_hidden_weight).to(sim.device)
     return L.combine_losses(vlp, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
