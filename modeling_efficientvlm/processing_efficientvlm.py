@@ -40,6 +40,12 @@ class EfficientVLMProcessor(ProcessorMixin):
             features.update(self.image_processor(images, return_tensors=return_tensors))
         return BatchFeature(features, tensor_type=return_tensors)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Loads the saved image processor and tokenizer (standard transformers classes: no remote code needed)."""
+        kwargs.setdefault("trust_remote_code", False)  # the sub-processors are built-in classes; never prompt
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "input_ids", "attention_mask"]

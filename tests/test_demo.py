@@ -1,0 +1,66 @@
+"""`efficientvlm demo --quick` end to end, then the outputs used as a Hub user would (clean interpreter)."""
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import run_clean_python
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    return out
+
+
+def test_report_has_every_model_and_field(demo_dir):
+    report = json.loads((demo_dir / "report.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "student", "pruned"}
+    for entry in models.values():
+        for key in ("params", "r_mean", "latency_ms", "speedup", "txt_r1", "img_r1", "sparsity_vs_teacher"):
+            assert key in entry
+        assert 0 <= entry["r_mean"] <= 100
+    assert models["teacher"]["speedup"] == 1.0
+    assert models["pruned"]["params"] < models["student"]["params"] < models["teacher"]["params"]
+    assert set(models["pruned"]["sparsity_vs_student"]) == {"vision", "text", "fusion", "total"}
+    assert "threads" in report["protocol"]["latency"]
+    for name in ("teacher", "student", "pruned"):
+        folder = demo_dir / name
+        for file in ("model.safetensors", "config.json", "README.md", "structure.png", "processor_config.json",
+                     "modeling_efficientvlm.py", "pipeline_efficientvlm.py"):
+            assert (folder / file).exists(), f"{name}/{file}"
+
+
+def test_pruned_folder_loads_and_ranks_without_our_package(demo_dir):
+    out = run_clean_python(
+        f"""
+        import json
+        from transformers import AutoModel, AutoProcessor, pipeline
+        from PIL import Image
+        path = {str(demo_dir / "pruned")!r}
+        model = AutoModel.from_pretrained(path, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        pipe = pipeline("image-text-retrieval", model=path, trust_remote_code=True)
+        gallery = [Image.new("RGB", (48, 48), c) for c in ("red", "green", "blue")]
+        ranked = pipe("a big red circle", gallery, top_k=3, rerank_k=2)
+        print(json.dumps({{"n": len(ranked), "indices": sorted(r["index"] for r in ranked),
+                          "heads": model.config.vision_config.num_attention_heads}}))
+        """
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["n"] == 3 and result["indices"] == [0, 1, 2]
+    config = json.loads((demo_dir / "pruned" / "config.json").read_text())
+    assert result["heads"] == config["vision_config"]["num_attention_heads"]
+
+
+def test_model_card_usage_snippets_run(demo_dir):
+    card = (demo_dir / "pruned" / "README.md").read_text()
+    assert "model-index" in card and "image-text-retrieval" in card
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        run_clean_python(block.replace("path/to/this/folder", str(demo_dir / "pruned")))
