@@ -1,0 +1,60 @@
+"""The CLI stages chained on tiny models: teacher → distill → prune → export → evaluate (a few steps each)."""
+
+import json
+
+import pytest
+
+from training.cli import main
+
+COMMON = ["--image_size", "32", "--eval_images", "8", "--itm_k", "2", "--per_device_train_batch_size", "4",
+          "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    assert main(["teacher", "--preset", "tiny", "--output_dir", str(root / "teacher"), "--max_steps", "2", *COMMON]) == 0
+    assert main(["distill", "--teacher", str(root / "teacher"), "--output_dir", str(root / "student"),
+                 "--max_steps", "2", *COMMON]) == 0
+    assert main(["prune", "--student", str(root / "student"), "--teacher", str(root / "teacher"),
+                 "--output_dir", str(root / "pruned"), "--max_steps", "3", "--target_sparsity", "0.3",
+                 "--reg_learning_rate", "0.5", *COMMON]) == 0
+    return root
+
+
+def test_each_stage_writes_a_loadable_checkpoint_with_metrics(chain):
+    for name in ("teacher", "student", "pruned"):
+        metrics = json.loads((chain / name / "eval_results.json").read_text())
+        assert 0 <= metrics["r_mean"] <= 100
+    assert (chain / "pruned" / "l0_gates.safetensors").exists()
+    student = json.loads((chain / "student" / "config.json").read_text())
+    assert student["vision_config"]["num_hidden_layers"] == 2  # half of the tiny preset's 4
+
+
+def test_export_materializes_and_evaluate_reads_it(chain, capsys):
+    out = chain / "export"
+    assert main(["export", "--checkpoint", str(chain / "pruned"), "--output_dir", str(out),
+                 "--reference", str(chain / "teacher")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"] < report["reference_params"]
+    structure = json.loads((out / "structure.json").read_text())
+    assert set(structure["sparsity"]) == {"vision", "text", "fusion", "total"}
+    assert (out / "README.md").read_text().count("```python") == 2
+    assert main(["evaluate", "--model", str(out), "--image_size", "32", "--eval_images", "8", "--itm_k", "2"]) == 0
+    assert "r_mean" in json.loads(capsys.readouterr().out)
+
+
+def test_export_refuses_existing_output_without_overwrite(chain, capsys):
+    out = chain / "export2"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["export", "--checkpoint", str(chain / "pruned"), "--output_dir", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+
+
+def test_stage_argument_errors_name_the_cause(capsys, tmp_path):
+    assert main(["distill", "--teacher", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "s")]) == 2
+    assert "--teacher must be an existing checkpoint dir" in capsys.readouterr().err
+    assert main(["prune", "--student", str(tmp_path), "--teacher", str(tmp_path), "--output_dir", str(tmp_path),
+                 "--target_sparsity", "1.2"]) == 2
+    assert "target_sparsity must lie in [0, 1)" in capsys.readouterr().err
