@@ -155,3 +155,34 @@ def test_out_of_range_arguments_are_refused(tmp_path):
         _args(DistillationArguments, tmp_path, kd_temperature=-1.0)
     with pytest.raises(ValueError, match="lambda_vlp must lie in \\[0, 1\\]"):
         _args(DistillationArguments, tmp_path, lambda_vlp=1.5)
+
+
+@pytest.mark.parametrize("pruning", [False, True])
+def test_resume_from_checkpoint_is_exact(tmp_path, pruning):
+    """k steps + checkpoint + resume == an uninterrupted run: weights, gate log α and λ (noise RNG checkpointed)."""
+    data = _batches(6)
+
+    def run(out, resume=None):
+        teacher = _teacher()
+        student = init_student_from_teacher(teacher)
+        if pruning:
+            cls, kw = PruningArguments, dict(target_sparsity=0.5, reg_learning_rate=0.1)
+            student = EfficientVLMForImageTextRetrieval(student.config)
+            student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
+        else:
+            cls, kw = DistillationArguments, {}
+        args = _args(cls, out, max_steps=6, save_strategy="steps", save_steps=3, **kw)
+        model = make_gated_model(student, args) if pruning else student
+        trainer_cls = EfficientVLMPruningTrainer if pruning else EfficientVLMDistillationTrainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=_collate,
+                              teacher_model=teacher)
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    straight = run(tmp_path / "a")  # 6 steps, writing checkpoint-3 on the way
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    if pruning:
+        assert any(k.startswith("l0.lambdas") for k in straight)

@@ -22,6 +22,7 @@ from .l0 import ModalL0Module
 from .structure import ENCODER_CONFIG_KEYS, MODALITIES
 
 GATES_FILE = "l0_gates.safetensors"
+NOISE_RNG_FILE = "noise_rng.safetensors"  # hard-concrete noise + ITM negative sampling generator
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -260,6 +261,18 @@ class EfficientVLMDistillationTrainer(Trainer):
 
     def _add_regularisers(self, model, total, parts):
         return total
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Also checkpoints our noise generator (gate samples, ITM negatives), so a resumed run is exact."""
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            save_file({"state": self.noise_generator.get_state()}, os.path.join(output_dir, NOISE_RNG_FILE))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint, NOISE_RNG_FILE) if checkpoint else ""
+        if path and os.path.isfile(path):
+            self.noise_generator.set_state(load_file(path)["state"])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean of every loss term since the last log, by name."""
