@@ -456,6 +456,7 @@ HUB_AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_efficientvlm.EfficientVLMForPreTraining",
     # the built-in zero-shot-image-classification pipeline only tries this class; it reads logits_per_image
     "AutoModelForZeroShotImageClassification": "modeling_efficientvlm.EfficientVLMForImageTextRetrieval",
+    "AutoModelForSequenceClassification": "modeling_efficientvlm.EfficientVLMForVisualReasoning",
 }
 
 
@@ -805,16 +806,109 @@ class EfficientVLMForPreTraining(EfficientVLMForImageTextRetrieval):
         return output
 
 
+@dataclass
+class EfficientVLMVisualReasoningOutput(ModelOutput):
+    """Output of `EfficientVLMForVisualReasoning` (NLVR2).
+
+    Args:
+        loss: cross-entropy of `logits` against `labels`, when labels are given.
+        logits: (B, 2) statement false / true (index 1 = true).
+        vision_model_output: vision encoder output for the 2B images, pair-adjacent (row 2b = left, 2b + 1 = right
+            image of item b).
+        text_model_output: text encoder output for the B statements.
+        fusion_model_output: fusion encoder output for the 2B (statement, image) pairs, in the vision order (row 2b
+            fuses statement b with the left image, 2b + 1 with the right one).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    vision_model_output: EfficientVLMEncoderOutput | None = None
+    text_model_output: EfficientVLMEncoderOutput | None = None
+    fusion_model_output: EfficientVLMEncoderOutput | None = None
+
+
+class EfficientVLMForVisualReasoning(EfficientVLMModel):
+    """NLVR2: two images + a statement → true / false (X-VLM's NLVR2 head on the pre-training fusion encoder).
+
+    The statement is fused with each image by the SAME fusion encoder (one weight set, two passes batched as 2B rows),
+    and `nlvr_head` (Linear(2d, 2d) → LayerNorm → GELU → Linear(2d, 2), d = text width) classifies the concatenated
+    fusion [CLS] states [left; right]. Weight names are shared with the other EfficientVLM classes, so retrieval /
+    pre-training checkpoints load (the ITM / MLM heads are dropped, `nlvr_head` is initialised).
+    """
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(config)
+        width = 2 * self.config.text_config.hidden_size  # concatenated [CLS] of the two fusion passes
+        self.nlvr_head = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, 2))
+        if type(self) is EfficientVLMForVisualReasoning:
+            self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> EfficientVLMVisualReasoningOutput:
+        """Classifies (left image, right image, statement) triples.
+
+        Args:
+            pixel_values: (B, 2, C, H, W), index 0 = left image.
+            input_ids: (B, T) statements.
+            attention_mask: (B, T) 1 = token / 0 = padding.
+            labels: (B,) 0 = false / 1 = true; adds the cross-entropy `loss`.
+            pruning_masks: applied to every encoder (both fusion passes share the fusion masks).
+            output_attentions / output_hidden_states: per-encoder probabilities / states (for KD).
+            interpolate_pos_encoding: allow image sizes other than the config's.
+
+        Returns:
+            `EfficientVLMVisualReasoningOutput` with logits (B, 2); the fusion output covers 2B rows.
+        """
+        if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
+            raise ValueError(
+                f"pixel_values must be (B, 2, C, H, W) (left, right image), got {tuple(pixel_values.shape)}"
+            )
+        batch = pixel_values.shape[0]
+        # one vision pass over the 2B images; flatten keeps each item's pair adjacent (2b = left, 2b + 1 = right)
+        vision = self.encode_image(
+            pixel_values.flatten(0, 1), pruning_masks, output_attentions, output_hidden_states, interpolate_pos_encoding
+        )
+        text = self.encode_text(input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states)
+        # one fusion pass over 2B rows: each statement repeated for its two images, in the same pair-adjacent order
+        pair_mask = None if attention_mask is None else attention_mask.repeat_interleave(2, dim=0)
+        fused = self.fuse(
+            text.last_hidden_state.repeat_interleave(2, dim=0),
+            pair_mask,
+            vision.last_hidden_state,
+            pruning_masks,
+            output_attentions,
+            output_hidden_states,
+        )
+        pair_cls = fused.last_hidden_state[:, 0].reshape(batch, -1)  # (B, 2d) = [CLS_left ; CLS_right]
+        logits = self.nlvr_head(pair_cls)
+        loss = None if labels is None else F.cross_entropy(logits, labels.to(logits.device).long())
+        return EfficientVLMVisualReasoningOutput(
+            loss=loss, logits=logits, vision_model_output=vision, text_model_output=text, fusion_model_output=fused
+        )
+
+
 __all__ = [
     "EfficientVLMAttention",
     "EfficientVLMEncoderOutput",
     "EfficientVLMForImageTextRetrieval",
     "EfficientVLMForPreTraining",
+    "EfficientVLMForVisualReasoning",
     "EfficientVLMLayer",
     "EfficientVLMMLP",
     "EfficientVLMModel",
     "EfficientVLMOutput",
     "EfficientVLMPreTrainedModel",
+    "EfficientVLMVisualReasoningOutput",
     "EncoderPruningMasks",
     "PruningMasks",
 ]
@@ -824,3 +918,4 @@ __all__ = [
 EfficientVLMConfig.register_for_auto_class()
 EfficientVLMForImageTextRetrieval.register_for_auto_class("AutoModel")
 EfficientVLMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")

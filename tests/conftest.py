@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from modeling_efficientvlm import EfficientVLMConfig
+from tests.conftest_hub import local_hub, local_hub_server  # noqa: F401  (fixtures)
 
 
 

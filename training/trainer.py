@@ -245,7 +245,10 @@ class EfficientVLMDistillationTrainer(Trainer):
             self.teacher.eval()
         student = self.accelerator.unwrap_model(model)
         student = getattr(student, "student", student)
-        total, parts = distillation_losses(
+        losses_fn = distillation_losses
+        if inputs["pixel_values"].dim() == 5:  # (B, 2, C, H, W): NLVR2-style pairs of images with labels
+            from .nlvr2 import nlvr2_losses as losses_fn
+        total, parts = losses_fn(
             student, self.teacher, inputs, self.args, self.maps, self._masks(model), self.noise_generator
         )
         total = self._add_regularisers(model, total, parts)

@@ -1,0 +1,213 @@
+"""NLVR2 model (two images + statement → true/false) and its task / KD losses, on tiny models (CPU)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, PruningMasks
+from modeling_efficientvlm.modeling_efficientvlm import (
+    EfficientVLMForVisualReasoning,
+    EfficientVLMVisualReasoningOutput,
+    EncoderPruningMasks,
+)
+from tests.conftest import run_clean_python, tiny_config
+from tests.test_remote_code import tiny_processor
+from training.collators import NLVR2Collator
+from training.data import make_nlvr2_eval_set
+from training.evaluation import evaluate_nlvr2
+from training.nlvr2 import NLVR2_LAMBDA, fusion_pairs, nlvr2_losses
+from training.trainer import DistillationArguments, layer_maps
+
+BATCH, LENGTH = 3, 7
+
+
+def _model(seed: int = 0, **overrides) -> EfficientVLMForVisualReasoning:
+    torch.manual_seed(seed)
+    return EfficientVLMForVisualReasoning(tiny_config(**overrides)).eval()
+
+
+def _batch(batch: int = BATCH, length: int = LENGTH, seed: int = 0) -> dict:
+    """An NLVR2Collator-shaped batch: pixel_values (B, 2, 3, 32, 32), one padded statement, balanced-ish labels."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length - 2 :] = 0
+    return {
+        "pixel_values": torch.randn(batch, 2, 3, 32, 32, generator=g),
+        "input_ids": torch.randint(5, 99, (batch, length), generator=g),
+        "attention_mask": mask,
+        "labels": torch.arange(batch) % 2,
+    }
+
+
+def _args(tmp_path, **kw) -> DistillationArguments:
+    defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, lambda_vlp=NLVR2_LAMBDA,
+                    cross_attention_kd=True)
+    defaults.update(kw)
+    return DistillationArguments(**defaults)
+
+
+def _forward(model, batch, **kw) -> EfficientVLMVisualReasoningOutput:
+    with torch.no_grad():
+        return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"], **kw)
+
+
+# ------------------------------------------------------------------------------------------------------ the model
+def test_shapes_and_loss():
+    model, batch = _model(), _batch()
+    out = _forward(model, batch, labels=batch["labels"], output_attentions=True, output_hidden_states=True)
+    assert out.logits.shape == (BATCH, 2)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, batch["labels"]))
+    assert out.vision_model_output.last_hidden_state.shape == (2 * BATCH, 17, 32)  # one pass over the 2B images
+    assert out.text_model_output.last_hidden_state.shape == (BATCH, LENGTH, 24)
+    fusion = out.fusion_model_output
+    assert fusion.last_hidden_state.shape == (2 * BATCH, LENGTH, 24)  # one fusion pass over 2B pairs
+    assert fusion.attentions[0].shape == (2 * BATCH, 4, LENGTH, LENGTH)
+    assert fusion.cross_attentions[0].shape == (2 * BATCH, 4, LENGTH, 17)
+    assert len(fusion.hidden_states) == 3
+    assert model.nlvr_head[0].in_features == 48 and model.nlvr_head[-1].out_features == 2
+    assert _forward(model, batch).loss is None
+    with pytest.raises(ValueError, match=r"\(B, 2, C, H, W\)"):
+        _forward(model, {**batch, "pixel_values": batch["pixel_values"][:, 0]})
+
+
+def test_both_images_use_the_same_fusion_weights_and_concat_order():
+    """Recompute by hand: each image fused separately by the one fusion encoder, head on [CLS_left ; CLS_right]."""
+    model, batch = _model(), _batch()
+    left, right = batch["pixel_values"][:, 0], batch["pixel_values"][:, 1]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        text = model.encode_text(ids, mask).last_hidden_state
+        cls_left = model.fuse(text, mask, model.encode_image(left).last_hidden_state).last_hidden_state[:, 0]
+        cls_right = model.fuse(text, mask, model.encode_image(right).last_hidden_state).last_hidden_state[:, 0]
+        expected = model.nlvr_head(torch.cat([cls_left, cls_right], dim=-1))
+        expected_swapped = model.nlvr_head(torch.cat([cls_right, cls_left], dim=-1))
+    swapped = {**batch, "pixel_values": batch["pixel_values"].flip(1)}
+    torch.testing.assert_close(_forward(model, batch).logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_forward(model, swapped).logits, expected_swapped, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, expected_swapped, atol=1e-4)  # the head does see the order
+
+
+def test_retrieval_checkpoint_loads(tmp_path):
+    torch.manual_seed(0)
+    retrieval = EfficientVLMForImageTextRetrieval(tiny_config()).eval()
+    retrieval.save_pretrained(tmp_path)
+    model, info = EfficientVLMForVisualReasoning.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] and all(k.startswith("nlvr_head.") for k in info["missing_keys"])
+    assert info["unexpected_keys"] and all(k.startswith("itm_head.") for k in info["unexpected_keys"])
+    source = retrieval.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("nlvr_head."):
+            torch.testing.assert_close(tensor, source[name], atol=0, rtol=0, msg=name)
+    assert torch.isfinite(_forward(model.eval(), _batch()).logits).all()
+
+
+def test_all_ones_pruning_masks_equal_no_masks():
+    model, batch = _model(), _batch()
+
+    def ones(cfg, cross: bool) -> EncoderPruningMasks:
+        return EncoderPruningMasks(
+            head=[torch.ones(h) for h in cfg.num_attention_heads],
+            cross_head=[torch.ones(h) for h in cfg.num_cross_attention_heads] if cross else None,
+            ffn=[torch.ones(i) for i in cfg.intermediate_size],
+        )
+
+    c = model.config
+    masks = PruningMasks(ones(c.vision_config, False), ones(c.text_config, False), ones(c.fusion_encoder_config, True))
+    torch.testing.assert_close(_forward(model, batch, pruning_masks=masks).logits, _forward(model, batch).logits)
+
+
+def test_remote_code_round_trip_as_sequence_classification(tmp_path):
+    model, batch = _model(), _batch()
+    model.save_pretrained(tmp_path)
+    inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    expected = _forward(model, batch).logits
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForSequenceClassification"].endswith("EfficientVLMForVisualReasoning")
+
+    out = run_clean_python(
+        f"""
+        import json, torch
+        from transformers import AutoModelForSequenceClassification
+        path = {str(tmp_path)!r}
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(model).__name__ == "EfficientVLMForVisualReasoning"
+        with torch.no_grad():
+            logits = model(**torch.load(path + "/inputs.pt", weights_only=True)).logits
+        print(json.dumps(logits.tolist()))
+        """
+    )
+    torch.testing.assert_close(torch.tensor(json.loads(out.strip().splitlines()[-1])), expected, atol=0, rtol=0)
+
+
+def test_collated_synthetic_batch_and_evaluate_nlvr2(tmp_path):
+    """The data path end to end: synthetic items → NLVR2Collator → model / nlvr2_losses / evaluate_nlvr2."""
+    model, processor = _model(), tiny_processor()
+    items = make_nlvr2_eval_set(4, seed=0)
+    batch = NLVR2Collator(processor)(items)
+    assert batch["pixel_values"].shape == (4, 2, 3, 32, 32)
+    maps = layer_maps(model.config, model.config)
+    total, parts = nlvr2_losses(model, copy.deepcopy(model), batch, _args(tmp_path), maps)
+    assert torch.isfinite(total) and parts["logits"].item() == 0.0
+    accuracy = evaluate_nlvr2(model, items, processor, batch_size=3, show_progress=False)["accuracy"]
+    predicted = _forward(model, batch).logits.argmax(-1)
+    assert accuracy == 100.0 * (predicted == batch["labels"]).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------- the losses
+def test_fusion_pairs():
+    image_idx, text_idx = fusion_pairs(3)
+    assert image_idx.tolist() == [0, 1, 2, 3, 4, 5] and text_idx.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_kd_is_exactly_zero_when_student_equals_teacher(tmp_path):
+    teacher = _model()
+    student = copy.deepcopy(teacher)
+    args = _args(tmp_path)
+    total, parts = nlvr2_losses(student, teacher, _batch(), args, layer_maps(student.config, teacher.config))
+    assert set(parts) == {"task", "logits", "attn", "hidden", "total"}
+    for name in ("logits", "attn", "hidden"):
+        assert parts[name].item() == 0.0, name
+    torch.testing.assert_close(total, NLVR2_LAMBDA * parts["task"])
+    assert parts["task"] > 0
+
+
+def test_kd_terms_and_weighting_with_a_different_student(tmp_path):
+    teacher, student = _model(0), _model(1)
+    args = _args(tmp_path, alpha_attn=0.5, beta_hidden=2.0, gamma_logits=3.0)
+    total, parts = nlvr2_losses(student, teacher, _batch(), args, layer_maps(student.config, teacher.config))
+    for name in ("logits", "attn", "hidden"):
+        assert parts[name].item() > 0, name
+    kd = 0.5 * parts["attn"] + 2.0 * parts["hidden"] + 3.0 * parts["logits"]
+    torch.testing.assert_close(total, 0.8 * parts["task"] + 0.2 * kd)
+    total.backward()
+    assert student.nlvr_head[0].weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_without_teacher_only_the_task_loss(tmp_path):
+    student = _model()
+    total, parts = nlvr2_losses(student, None, _batch(), _args(tmp_path), None)
+    assert set(parts) == {"task", "total"}
+    torch.testing.assert_close(total, parts["task"])
+    with pytest.raises(KeyError, match="labels"):
+        nlvr2_losses(student, None, {k: v for k, v in _batch().items() if k != "labels"}, _args(tmp_path), None)
+
+
+def test_student_fits_a_fixed_batch(tmp_path):
+    teacher, student = _model(0), _model(1).train()
+    args, batch = _args(tmp_path), _batch(batch=4)
+    maps = layer_maps(student.config, teacher.config)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    history = []
+    for _ in range(15):
+        total, parts = nlvr2_losses(student, teacher, batch, args, maps)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(parts["task"].item())
+    assert history[-1] < 0.5 * history[0], history
