@@ -55,7 +55,7 @@ class DemoArguments:
 PROFILES = {
     # 32-px scenes, 4-px patches (65 image tokens), width 64: cheap enough for ~1000 teacher steps on 2 CPU cores;
     # ITM only leaves its prior after ~250 steps, so the teacher needs the long run.
-    "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=1000, distill_steps=400, prune_steps=500,
+    "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=900, distill_steps=300, prune_steps=400,
                     batch=32, eval_images=200, lr=1e-3, itm_k=8, latency_repeats=5),
     "quick": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=120, distill_steps=50, prune_steps=80,
                   batch=32, eval_images=64, lr=1e-3, itm_k=4, latency_repeats=3),

@@ -18,6 +18,7 @@ from .trainer import (
     DistillationArguments,
     EfficientVLMDistillationTrainer,
     EfficientVLMPruningTrainer,
+    GatedModel,
     PruningArguments,
     make_gated_model,
 )
@@ -202,13 +203,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     else:
         torch.manual_seed(args.seed)
         model = EfficientVLMForPreTraining(teacher_config(teacher, data, len(processor.tokenizer)))
-    train, collator = build_datasets(data, processor, args.seed, mlm=args.use_mlm)
-    trainer = EfficientVLMDistillationTrainer(
-        model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
-        teacher_model=None,
-    )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    return _finish(trainer, model, processor, data, eval_data)
+    return _train_and_evaluate(EfficientVLMDistillationTrainer, model, None, processor, data, args, 0, eval_data)
 
 
 def run_distill(student_args: StudentArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
@@ -216,40 +211,37 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
     teacher = EfficientVLMForPreTraining.from_pretrained(student_args.teacher)
     processor = load_processor(data, student_args.teacher)
     student = init_student_from_teacher(teacher, student_args.depths(), student_args.parsed_layer_map())
-    train, collator = build_datasets(data, processor, args.seed + 1, mlm=args.use_mlm)
-    trainer = EfficientVLMDistillationTrainer(
-        model=student, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
-        teacher_model=teacher,
-    )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    return _finish(trainer, student, processor, data, eval_data)
+    return _train_and_evaluate(EfficientVLMDistillationTrainer, student, teacher, processor, data, args, 1, eval_data)
 
 
 def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments, eval_data=None):
-    """Retrieval fine-tuning with task KD + modal-adaptive L0 pruning; saves the student and its gates."""
+    """Retrieval fine-tuning with task KD + modal-adaptive L0 pruning; saves the student and its gates.
+
+    Evaluation (when asked) runs the gated student at its deterministic (export) masks.
+    """
     teacher = EfficientVLMForImageTextRetrieval.from_pretrained(prune.teacher)
     processor = load_processor(data, prune.student)
     student = EfficientVLMForImageTextRetrieval.from_pretrained(prune.student)
     gated = make_gated_model(student, args)
-    train, collator = build_datasets(data, processor, args.seed + 2, mlm=False)
-    trainer = EfficientVLMPruningTrainer(
-        model=gated, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
+    _, metrics = _train_and_evaluate(EfficientVLMPruningTrainer, gated, teacher, processor, data, args, 2, eval_data)
+    return gated, metrics
+
+
+def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed_offset: int, eval_data):
+    """Trains with `trainer_cls`, saves the final model, evaluates retrieval on the held-out set (unless False)."""
+    mlm = args.use_mlm and not isinstance(model, GatedModel)
+    train, collator = build_datasets(data, processor, args.seed + seed_offset, mlm=mlm)
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
         teacher_model=teacher,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
-    gated.eval()
-    masks = gated.l0.deterministic_masks()
-    metrics = evaluate_model(student, processor, data, eval_data, pruning_masks=masks) if eval_data is not False else {}
-    if metrics and args.should_save:
-        save_metrics(args.output_dir, metrics)
-    return gated, metrics
-
-
-def _finish(trainer, model, processor, data, eval_data):
-    trainer.save_model(trainer.args.output_dir)
     model.eval()
-    metrics = evaluate_model(model, processor, data, eval_data) if eval_data is not False else {}
-    if metrics and trainer.args.should_save:
-        save_metrics(trainer.args.output_dir, metrics)
+    metrics = {}
+    if eval_data is not False:
+        student, masks = (model.student, model.l0.deterministic_masks()) if isinstance(model, GatedModel) else (model, None)
+        metrics = evaluate_model(student, processor, data, eval_data, pruning_masks=masks)
+        if args.should_save:
+            save_metrics(args.output_dir, metrics)
     return model, metrics
