@@ -81,6 +81,7 @@ class EfficientVLMVisionConfig(_EncoderConfig):
         layer_norm_eps: LayerNorm epsilon.
         attention_dropout: dropout on attention probabilities.
         initializer_range: std of the normal init.
+        use_pre_layernorm: CLIP's LayerNorm before the first layer (False for ViT-style towers, which have none).
     """
 
     model_type = "efficientvlm_vision_model"
@@ -100,6 +101,7 @@ class EfficientVLMVisionConfig(_EncoderConfig):
         layer_norm_eps: float = 1e-5,
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
+        use_pre_layernorm: bool = True,
         **kwargs,
     ):
         self.image_size = image_size
@@ -114,6 +116,7 @@ class EfficientVLMVisionConfig(_EncoderConfig):
         self.layer_norm_eps = layer_norm_eps
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
+        self.use_pre_layernorm = use_pre_layernorm
         super().__init__(**kwargs)
         self.validate()
 

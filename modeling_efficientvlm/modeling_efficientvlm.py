@@ -339,7 +339,9 @@ class EfficientVLMVisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = EfficientVLMVisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # CLIP normalises the embeddings before the first layer; ViT-style towers don't
+        use_pre = getattr(config, "use_pre_layernorm", True)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_pre else nn.Identity()
         self.layers = nn.ModuleList(
             EfficientVLMLayer(config, i, pre_norm=True) for i in range(config.num_hidden_layers)
         )

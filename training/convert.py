@@ -48,6 +48,7 @@ __all__ = [
     "interpolate_position_table",
     "load_xvlm_state_dict",
     "run_convert_xvlm",
+    "save_converted",
     "xvlm_config_from_state_dict",
 ]
 
@@ -278,7 +279,9 @@ def _xvlm_text_prefix(state: StateDict) -> tuple[str, str]:
         return "text_encoder.bert.", "pretrain"
     if any(k.startswith("text_encoder.encoder.layer.") for k in state):
         return "text_encoder.", "retrieval"
-    raise ValueError("not an X-VLM checkpoint: no `text_encoder.bert.encoder.layer.*` or `text_encoder.encoder.layer.*`")
+    raise ValueError(
+        "not an X-VLM checkpoint: no `text_encoder.bert.encoder.layer.*` nor `text_encoder.encoder.layer.*` keys"
+    )
 
 
 def _require(state: StateDict, key: str) -> torch.Tensor:
@@ -588,16 +591,17 @@ def run_convert_xvlm(args: ConvertXVLMArguments) -> dict[str, Any]:
 
 def _auto_load(path: str | os.PathLike, role: str) -> nn.Module:
     """Loads a local transformers model directory for the `vision` or `text` role (no downloads)."""
-    from transformers import AutoConfig, BertForMaskedLM, BertModel, CLIPVisionModel, ViTModel
+    from transformers import AutoConfig, BertForMaskedLM, BertModel, CLIPModel, CLIPVisionModel, ViTModel
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{role}_model {path} is not a local model directory")
     config = AutoConfig.from_pretrained(path)
     kind = config.model_type
     if role == "vision" and kind in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(path)
+        # a full CLIP directory loads as CLIPModel (its vision tower is taken), so no weights are reported unused
+        return (CLIPModel if kind == "clip" else CLIPVisionModel).from_pretrained(path)
     if role == "vision" and kind == "vit":
-        return ViTModel.from_pretrained(path, add_pooling_layer=False)
+        return ViTModel.from_pretrained(path)  # the pooler, if any, is skipped by the mapping
     if role == "text" and kind == "bert":
         mlm = any(a in ("BertForMaskedLM", "BertForPreTraining") for a in (config.architectures or []))
         return (BertForMaskedLM if mlm else BertModel).from_pretrained(path)
@@ -764,15 +768,15 @@ def from_vision_text_pretrained(
         text model has none) freshly initialised.
 
     Raises:
-        ValueError: unsupported model types, unknown / missing keys or shape mismatches.
-        NotImplementedError: a ViT was given but the config has no `vision_config.use_pre_layernorm` field.
+        ValueError: unsupported model types, unknown / missing keys, shape mismatches, or a ViT while the config has
+            no `vision_config.use_pre_layernorm` field.
     """
     vision_model = _auto_load(vision_model, "vision") if isinstance(vision_model, (str, os.PathLike)) else vision_model
     text_model = _auto_load(text_model, "text") if isinstance(text_model, (str, os.PathLike)) else text_model
     vision_state, vision_hf, kind = _vision_parts(vision_model)
     encoder_state, head_state, text_hf = _text_parts(text_model)
     if kind == "vit" and not _vit_supported():
-        raise NotImplementedError(
+        raise ValueError(
             "ViT has no pre-LayerNorm, but EfficientVLMVisionConfig has no `use_pre_layernorm` field to disable it; "
             "use a CLIP vision tower, or an EfficientVLM version with that field"
         )

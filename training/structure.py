@@ -73,7 +73,8 @@ def _fixed_parameters(config, heads: tuple[str, ...]) -> int:
     """Parameters outside the prunable sub-layers: embeddings, encoder LayerNorms, ITC/ITM/MLM heads."""
     v, t = config.vision_config, config.text_config
     dv, dt = v.hidden_size, t.hidden_size
-    vision = dv + v.num_channels * v.patch_size**2 * dv + (v.num_patches + 1) * dv + 4 * dv  # cls, conv, pos, 2 LN
+    norms = 4 * dv if getattr(v, "use_pre_layernorm", True) else 2 * dv  # pre- and post-LayerNorm
+    vision = dv + v.num_channels * v.patch_size**2 * dv + (v.num_patches + 1) * dv + norms  # cls, conv, pos
     text = (t.vocab_size + t.max_position_embeddings + t.type_vocab_size) * dt + 2 * dt
     itc = (dv + 1) * config.embed_dim + (dt + 1) * config.embed_dim + 1  # projections + temperature
     total = vision + text + itc
