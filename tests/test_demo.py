@@ -64,3 +64,10 @@ def test_model_card_usage_snippets_run(demo_dir):
     assert len(blocks) == 2
     for block in blocks:
         run_clean_python(block.replace("path/to/this/folder", str(demo_dir / "pruned")))
+
+
+def test_readme_usage_snippet_runs_on_the_demo_output(demo_dir):
+    readme = (__import__("pathlib").Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## Usage.*?```python\n(.*?)```", readme, flags=re.S).group(1)
+    assert "demo_output/pruned" in block
+    run_clean_python(block.replace("demo_output/pruned", str(demo_dir / "pruned")))

@@ -1,4 +1,3 @@
-import subprocess  # noqa: F401  (clean-process check goes through run_clean_python)
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Distillation and pruning Trainers on tiny models (CPU, a few steps each)."""
 
 import copy
-import os
 
 import pytest
 import torch

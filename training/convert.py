@@ -22,8 +22,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +35,8 @@ from modeling_efficientvlm import (
     EfficientVLMVisionConfig,
 )
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMVisionEmbeddings
+
+from .atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -544,19 +544,10 @@ def save_converted(
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
         image_processor = build_image_processor(model.config.vision_config.image_size)
         processor = EfficientVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with atomic_directory(output_dir, prefix=".convert-") as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @dataclass
