@@ -65,7 +65,7 @@ def _prune(argv: list[str]) -> None:
 
     prune, data, args = _parse("prune", (PruneArguments, DataArguments, PruningArguments), argv)
     gated, metrics = run_prune(prune, data, args)
-    sparsity = {k: round(float(v), 4) for k, v in gated.l0.expected_sparsity().items()}
+    sparsity = {k: round(float(v.detach()), 4) for k, v in gated.l0.expected_sparsity().items()}
     _write(json.dumps({"expected_sparsity": sparsity, "eval": metrics}, indent=2))
 
 

@@ -58,7 +58,7 @@ def load_pruned(checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
     l0 = ModalL0Module(model.config)
     l0.load_state_dict(load_file(gates_path))
     pruned = materialize(model, l0.deterministic_masks())
-    return pruned, {k: float(v) for k, v in l0.expected_sparsity().items()}
+    return pruned, {k: float(v.detach()) for k, v in l0.expected_sparsity().items()}
 
 
 def sparsity_report(model_config, reference_config=None) -> dict:

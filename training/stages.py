@@ -69,6 +69,10 @@ class TeacherArguments:
     text_model: str | None = field(default=None, metadata={"help": "Init text+fusion from a BERT dir."})
     num_text_layers: int | None = field(default=None, metadata={"help": "BERT layers for the text encoder."})
 
+    def __post_init__(self):
+        if bool(self.vision_model) != bool(self.text_model):
+            raise ValueError("--vision_model and --text_model go together (X-VLM init needs both towers)")
+
 
 @dataclass
 class StudentArguments:
@@ -193,13 +197,18 @@ def teacher_config(teacher: TeacherArguments, data: DataArguments, vocab_size: i
 # -------------------------------------------------------------------------------------------------------- stages
 def run_teacher(teacher: TeacherArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
     """Pre-trains (or fine-tunes) a teacher with the VLP losses: ITC + ITM with hard negatives + MLM."""
+    if teacher.text_model and not data.tokenizer:  # the BERT's own vocabulary, not the synthetic one
+        data.tokenizer = teacher.text_model
     processor = load_processor(data, teacher.init_from)
     if teacher.init_from:
         model = EfficientVLMForPreTraining.from_pretrained(teacher.init_from)
     elif teacher.vision_model or teacher.text_model:
         from .convert import from_vision_text_pretrained
 
-        model = from_vision_text_pretrained(teacher.vision_model, teacher.text_model, teacher.num_text_layers)
+        model = from_vision_text_pretrained(
+            teacher.vision_model, teacher.text_model, teacher.num_text_layers,
+            vision_config={"image_size": data.image_size},
+        )
     else:
         torch.manual_seed(args.seed)
         model = EfficientVLMForPreTraining(teacher_config(teacher, data, len(processor.tokenizer)))
