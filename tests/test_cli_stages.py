@@ -44,6 +44,12 @@ def test_export_materializes_and_evaluate_reads_it(chain, capsys):
     assert "r_mean" in json.loads(capsys.readouterr().out)
 
 
+def test_evaluate_nlvr2_accuracy_on_synthetic_pairs(chain, capsys):
+    assert main(["evaluate", "--model", str(chain / "teacher"), "--task", "nlvr2", "--image_size", "32",
+                 "--eval_images", "8"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 100
+
+
 def test_export_refuses_existing_output_without_overwrite(chain, capsys):
     out = chain / "export2"
     out.mkdir()

@@ -18,7 +18,7 @@ DESCRIPTIONS = {
     "distill": "General distillation into a half-depth student (VLP losses + attention/hidden/logit KD).",
     "prune": "Retrieval fine-tuning with task KD and modal-adaptive L0 pruning to a target sparsity.",
     "export": "Materialize a pruned checkpoint into a smaller dense model; write a Hub-ready folder + model card.",
-    "evaluate": "Retrieval R@1/5/10 (TR/IR) and r_mean on the synthetic held-out set or a JSON test set.",
+    "evaluate": "Retrieval R@1/5/10 (TR/IR) and r_mean, or NLVR2 accuracy, on built-in synthetic or JSON data.",
     "bench": "Parameters, FLOPs and latency of teacher vs student vs pruned student (stated protocol).",
     "push": "Upload a Hub-ready folder to a Hugging Face Hub repo.",
     "demo": "Run the whole chain on built-in synthetic data and write report.json + Hub-ready folders.",
@@ -80,18 +80,40 @@ def _export(argv: list[str]) -> None:
 def _evaluate(argv: list[str]) -> None:
     from dataclasses import dataclass, field
 
-    from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-
     from .stages import DataArguments, evaluate_model, load_processor
 
     @dataclass
     class EvaluateArguments:
         model: str = field(default="", metadata={"help": "Checkpoint dir to evaluate."})
+        task: str = field(default="retrieval", metadata={"help": "'retrieval' (R@K, r_mean) or 'nlvr2' (accuracy)."})
+        nlvr2_json: str | None = field(default=None, metadata={"help": "X-VLM NLVR2 JSON (default: synthetic pairs)."})
+
+        def __post_init__(self):
+            if self.task not in ("retrieval", "nlvr2"):
+                raise ValueError(f"--task must be 'retrieval' or 'nlvr2', got {self.task!r}")
 
     model_args, data = _parse("evaluate", (EvaluateArguments, DataArguments), argv)
-    model = EfficientVLMForImageTextRetrieval.from_pretrained(model_args.model).eval()
-    metrics = evaluate_model(model, load_processor(data, model_args.model), data)
-    _write(json.dumps(metrics, indent=2))
+    processor = load_processor(data, model_args.model)
+    if model_args.task == "retrieval":
+        from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
+
+        model = EfficientVLMForImageTextRetrieval.from_pretrained(model_args.model).eval()
+        _write(json.dumps(evaluate_model(model, processor, data), indent=2))
+        return
+    from modeling_efficientvlm import EfficientVLMForVisualReasoning
+
+    from .evaluation import evaluate_nlvr2
+
+    model = EfficientVLMForVisualReasoning.from_pretrained(model_args.model).eval()
+    if model_args.nlvr2_json:
+        from .datasets_io import load_nlvr2_json
+
+        items = list(load_nlvr2_json(model_args.nlvr2_json, data.image_root))
+    else:
+        from .data import make_nlvr2_eval_set
+
+        items = make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
+    _write(json.dumps(evaluate_nlvr2(model, items, processor), indent=2))
 
 
 def _bench(argv: list[str]) -> None:
