@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +14,7 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
+from .atomic import atomic_directory
 from .l0 import ModalL0Module
 from .materialize import materialize
 from .structure import MODALITIES, count_parameters, prunable_parameters, structure_table
@@ -198,10 +197,7 @@ def save_hub_ready(
     extra = dict(extra or {})
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with atomic_directory(output_dir, prefix=".export-") as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
@@ -213,12 +209,6 @@ def save_hub_ready(
             json.dump(report, f, indent=2)
         plot_structure(model.config, os.path.join(tmp, "structure.png"), reference_config)
         render_card(tmp, model_name, report, metrics, extra)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
