@@ -55,6 +55,8 @@ class DistillationArguments(TrainingArguments):
         if not self.kd_temperature > 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         self.remove_unused_columns = False  # image batches: keep pixel_values
+        if self.ddp_find_unused_parameters is None:  # a step may skip sub-layers (all-zero masks) or heads (no MLM)
+            self.ddp_find_unused_parameters = True
         super().__post_init__()
 
 
@@ -217,8 +219,10 @@ class EfficientVLMDistillationTrainer(Trainer):
         *args, **kwargs: as `transformers.Trainer`; `args` must be a `DistillationArguments`.
     """
 
-    def __init__(self, *args, teacher_model: nn.Module | None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module | None = None, *args, teacher_model: nn.Module | None, **kwargs):
+        if model is not None and not isinstance(model, GatedModel):
+            model = GatedModel(model)  # the step runs inside the wrapped forward (DDP), see GatedModel
+        super().__init__(model, *args, **kwargs)
         if not isinstance(self.args, DistillationArguments):
             raise TypeError("EfficientVLMDistillationTrainer needs DistillationArguments (or PruningArguments)")
         self.teacher = teacher_model
@@ -235,23 +239,25 @@ class EfficientVLMDistillationTrainer(Trainer):
 
     @property
     def student(self) -> nn.Module:
-        return self.model
+        return self.model.student
 
-    def _masks(self, model):
+    def _masks(self, gated: GatedModel):
         return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is not None:
             self.teacher.eval()
-        student = self.accelerator.unwrap_model(model)
-        student = getattr(student, "student", student)
         losses_fn = distillation_losses
         if inputs["pixel_values"].dim() == 5:  # (B, 2, C, H, W): NLVR2-style pairs of images with labels
             from .nlvr2 import nlvr2_losses as losses_fn
-        total, parts = losses_fn(
-            student, self.teacher, inputs, self.args, self.maps, self._masks(model), self.noise_generator
-        )
-        total = self._add_regularisers(model, total, parts)
+
+        def step(gated: GatedModel):
+            total, parts = losses_fn(
+                gated.student, self.teacher, inputs, self.args, self.maps, self._masks(gated), self.noise_generator
+            )
+            return self._add_regularisers(gated, total, parts), parts
+
+        total, parts = model(step=step)
         for name, value in parts.items():
             self._loss_sums[name] += float(value.detach())
         self._loss_count += 1
@@ -262,8 +268,30 @@ class EfficientVLMDistillationTrainer(Trainer):
             )
         return (total, parts) if return_outputs else total
 
-    def _add_regularisers(self, model, total, parts):
+    def _add_regularisers(self, gated: GatedModel, total, parts):
         return total
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the student Hub-ready (save_pretrained, processor) and, when pruning, the gates + multipliers as
+        safetensors beside it."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        gated = self.model
+        gated.student.save_pretrained(output_dir)
+        if gated.l0 is not None:
+            l0_state = {k: v.detach().cpu().contiguous() for k, v in gated.l0.state_dict().items()}
+            save_file(l0_state, os.path.join(output_dir, GATES_FILE), metadata={"format": "pt"})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        gated = self.model
+        loaded = type(gated.student).from_pretrained(resume_from_checkpoint)
+        gated.student.load_state_dict(loaded.state_dict())
+        if gated.l0 is not None:
+            gated.l0.load_state_dict(load_file(os.path.join(resume_from_checkpoint, GATES_FILE)))
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Also checkpoints our noise generator (gate samples, ITM negatives), so a resumed run is exact."""
@@ -305,16 +333,24 @@ def _check_compatible(student_config, teacher_config, hidden_kd: bool) -> None:
 
 
 class GatedModel(nn.Module):
-    """The module the pruning Trainer wraps: the student plus its L0 gates and multipliers (so DDP syncs them and
-    checkpoints carry them)."""
+    """The module the Trainer wraps: the student plus (when pruning) its L0 gates and multipliers.
 
-    def __init__(self, student: nn.Module, l0: ModalL0Module):
+    Gates live here so DDP syncs them and checkpoints carry them. `forward(step=fn)` runs a whole training step
+    (`fn(self)`) inside the wrapped module's forward: DDP only all-reduces gradients of a backward that follows a
+    forward through its wrapper, and the step touches the student, the gates and the Lagrangian.
+    """
+
+    def __init__(self, student: nn.Module, l0: ModalL0Module | None = None):
         super().__init__()
         self.student = student
         self.l0 = l0
 
-    def forward(self, **inputs):
-        masks = self.l0.sample_masks() if self.training else self.l0.deterministic_masks()
+    def forward(self, step=None, **inputs):
+        if step is not None:
+            return step(self)
+        masks = None
+        if self.l0 is not None:
+            masks = self.l0.sample_masks() if self.training else self.l0.deterministic_masks()
         return self.student(**inputs, pruning_masks=masks)
 
 
@@ -346,25 +382,19 @@ class EfficientVLMPruningTrainer(EfficientVLMDistillationTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.model, GatedModel):
-            raise TypeError("EfficientVLMPruningTrainer needs a GatedModel (student + ModalL0Module)")
+        if self.model.l0 is None:
+            raise TypeError("EfficientVLMPruningTrainer needs a GatedModel with a ModalL0Module (make_gated_model)")
         if not isinstance(self.args, PruningArguments):
             raise TypeError("EfficientVLMPruningTrainer needs PruningArguments")
         self.add_callback(L0Callback())
         self._l0_logs: dict[str, float] = {}
 
-    @property
-    def student(self) -> nn.Module:
-        return self.model.student
-
-    def _masks(self, model):
-        gated = _find_gated(model)
+    def _masks(self, gated: GatedModel):
         if gated.training and not bool(gated.l0.frozen):
             return gated.l0.sample_masks(self.noise_generator)
         return gated.l0.deterministic_masks()
 
-    def _add_regularisers(self, model, total, parts):
-        gated = _find_gated(model)
+    def _add_regularisers(self, gated: GatedModel, total, parts):
         lagrangian, self._l0_logs = gated.l0.lagrangian(self.state.global_step)
         parts["lagrangian"] = lagrangian
         return total + lagrangian.to(total.device)
@@ -400,26 +430,6 @@ class EfficientVLMPruningTrainer(EfficientVLMDistillationTrainer):
         if hasattr(scheduler, "lr_lambdas") and len(scheduler.lr_lambdas) == 4:
             scheduler.lr_lambdas[2] = scheduler.lr_lambdas[3] = _constant
         return scheduler
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Saves the student Hub-ready (save_pretrained) and the gates + multipliers as safetensors beside it."""
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        gated = _find_gated(self.model)
-        gated.student.save_pretrained(output_dir)
-        l0_state = {k: v.detach().cpu().contiguous() for k, v in gated.l0.state_dict().items()}
-        save_file(l0_state, os.path.join(output_dir, GATES_FILE), metadata={"format": "pt"})
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        gated = _find_gated(model or self.model)
-        student_cls = type(gated.student)
-        loaded = student_cls.from_pretrained(resume_from_checkpoint)
-        gated.student.load_state_dict(loaded.state_dict())
-        gated.l0.load_state_dict(load_file(os.path.join(resume_from_checkpoint, GATES_FILE)))
 
 
 def _constant(_step: int) -> float:
