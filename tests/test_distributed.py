@@ -34,3 +34,41 @@ def test_two_process_pruning_keeps_ranks_identical(tmp_path):
     # expected sparsity after 4 steps (observed ~0.001), λ within 0.05 (observed ~0.01).
     assert abs(rank0["expected_sparsity"] - single["expected_sparsity"]) < 0.02
     assert (torch.tensor(rank0["lambdas.global"]) - torch.tensor(single["lambdas.global"])).abs().max() < 0.05
+
+
+def _itc_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from training.trainer import _itc
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=-1)
+    local_image = image[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    local_text = text[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    loss = _itc(local_image, local_text, 0.1, global_batch=True)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "image_grad": local_image.grad, "text_grad": local_text.grad},
+               os.path.join(out_dir, f"itc_{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_global_batch_itc_matches_one_process_loss_and_gradients(tmp_path):
+    """Gathered ITC: the mean of the per-rank losses and the (DDP-averaged) gradients equal one process's ITC over
+    the global batch."""
+    import torch.multiprocessing as mp
+
+    from training import losses as L
+
+    mp.spawn(_itc_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"itc_{r}.pt", weights_only=True) for r in range(2)]
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=-1).requires_grad_(True)
+    text = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=-1).requires_grad_(True)
+    loss = L.itc_loss(image, text, 0.1)
+    loss.backward()
+    torch.testing.assert_close((parts[0]["loss"] + parts[1]["loss"]) / 2, loss.detach())
+    # DDP divides summed gradients by the world size: per-rank feature gradients / 2 == one-process gradients
+    torch.testing.assert_close(torch.cat([p["image_grad"] for p in parts]) / 2, image.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([p["text_grad"] for p in parts]) / 2, text.grad, atol=1e-6, rtol=1e-5)

@@ -81,3 +81,29 @@ def test_foreign_pth_is_loaded_without_pickle_execution(tmp_path):
     with pytest.raises(Exception):
         convert_xvlm_checkpoint(str(tmp_path / "evil.pth"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_interrupted_checkpoint_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
+    """A save that dies half-way (here: in the RNG-state step) leaves neither checkpoint-N nor its staging dir."""
+    teacher = _teacher()
+    args = _args(DistillationArguments, tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = EfficientVLMDistillationTrainer(model=init_student_from_teacher(teacher), args=args,
+                                              train_dataset=_batches(2), data_collator=_collate, teacher_model=teacher)
+
+    def die(output_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer, "_save_rng_state", die)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_checkpoints_are_renamed_into_place_and_rotated(tmp_path):
+    teacher = _teacher()
+    args = _args(DistillationArguments, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=1,
+                 save_total_limit=2)
+    EfficientVLMDistillationTrainer(model=init_student_from_teacher(teacher), args=args, train_dataset=_batches(3),
+                                    data_collator=_collate, teacher_model=teacher).train()
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").exists()

@@ -74,6 +74,28 @@ def _draw_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch
     return torch.multinomial(weights.to(device), 1, generator=generator).flatten().to(positives.device)
 
 
+
+def itc_loss_global(
+    image_feat: torch.Tensor, text_feat: torch.Tensor, all_image_feat: torch.Tensor, all_text_feat: torch.Tensor,
+    temperature: torch.Tensor | float, offset: int,
+) -> torch.Tensor:
+    """ITC of a local batch against gathered features of the global batch (multi-process X-VLM).
+
+    Args:
+        image_feat / text_feat: (B, E) local normalised embeddings.
+        all_image_feat / all_text_feat: (W·B, E) embeddings of every rank, this rank's at rows offset..offset+B−1.
+        temperature: τ.
+        offset: index of this rank's first pair in the global batch.
+
+    Returns:
+        ½[CE(img · all_txtᵀ / τ, offset + i) + CE(txt · all_imgᵀ / τ, offset + i)], the mean over local rows.
+    """
+    labels = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
+    i2t = image_feat @ all_text_feat.t() / temperature
+    t2i = text_feat @ all_image_feat.t() / temperature
+    return (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
+
+
 @torch.no_grad()
 def sample_itm_negatives(
     sim_i2t: torch.Tensor,

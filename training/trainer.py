@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import losses as L
 from .l0 import ModalL0Module
@@ -23,6 +25,7 @@ from .structure import ENCODER_CONFIG_KEYS, MODALITIES
 
 GATES_FILE = "l0_gates.safetensors"
 NOISE_RNG_FILE = "noise_rng.safetensors"  # hard-concrete noise + ITM negative sampling generator
+STAGING_DIR = ".checkpoint-staging"
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -45,6 +48,10 @@ class DistillationArguments(TrainingArguments):
                                         "length weigh alike."}
     )
     use_mlm: bool = field(default=True, metadata={"help": "Use MLM (loss and KD) when the batch has masked text."})
+    itc_global_batch: bool = field(
+        default=False,
+        metadata={"help": "Multi-process: contrast each rank's pairs against the features of all ranks (X-VLM)."},
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.lambda_vlp <= 1.0:
@@ -185,7 +192,7 @@ def distillation_losses(
         use_attn = use_hidden = cross = False
     s = _forward_all(student, inputs, masks, pairs, use_attn, use_hidden, cross, use_mlm, s_image, s_text)
     vlp = {
-        "itc": L.itc_loss(s["image_feat"], s["text_feat"], student.temperature),
+        "itc": _itc(s["image_feat"], s["text_feat"], student.temperature, args.itc_global_batch),
         "itm": L.itm_loss(s["itm_logits"], itm_labels.to(sim.device)),
     }
     if use_mlm:
@@ -208,6 +215,23 @@ def distillation_losses(
     if use_hidden:
         kd["hidden"] = _hidden_kd(s, t, maps, args.image_hidden_weight).to(sim.device)
     return L.combine_losses(vlp, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
+
+
+def _itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_batch: bool) -> torch.Tensor:
+    """ITC on the local batch, or (multi-process, `global_batch`) against the features gathered from every rank.
+
+    `torch.distributed.nn.all_gather` is differentiable, and DDP averages the gradients of the per-rank means, so
+    the update equals that of one process computing the loss over the global batch.
+    """
+    import torch.distributed as dist
+
+    if not (global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return L.itc_loss(image_feat, text_feat, temperature)
+    from torch.distributed.nn.functional import all_gather
+
+    all_image, all_text = torch.cat(all_gather(image_feat)), torch.cat(all_gather(text_feat))
+    offset = dist.get_rank() * image_feat.shape[0]
+    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature, offset)
 
 
 # ------------------------------------------------------------------------------------------------------ trainers
@@ -270,6 +294,37 @@ class EfficientVLMDistillationTrainer(Trainer):
 
     def _add_regularisers(self, gated: GatedModel, total, parts):
         return total
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Writes checkpoint-N under a staging dir and renames it into place once complete (all ranks done), so an
+        interrupted save never leaves a checkpoint that looks valid; then rotates old checkpoints."""
+        run_dir = super()._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        self._checkpoint_run_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self._checkpoint_run_dir = None
+        if not self.args.should_save:
+            return
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(os.path.join(staging, name), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(self.state.best_model_checkpoint))
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _get_output_dir(self, trial) -> str:
+        return getattr(self, "_checkpoint_run_dir", None) or super()._get_output_dir(trial=trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Saves the student Hub-ready (save_pretrained, processor) and, when pruning, the gates + multipliers as
