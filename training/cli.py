@@ -24,6 +24,7 @@ DESCRIPTIONS = {
     "demo": "Run the whole chain on built-in synthetic data and write report.json + Hub-ready folders.",
     "convert-xvlm": "Convert an X-VLM / EfficientVLM .pth checkpoint into a Hub-ready folder.",
     "build-tuxpaint": "Build an ALBEF-format JSON from the Debian tuxpaint-stamps-default package.",
+    "analyze-modules": "Module sensitivity: prune one encoder at increasing ratios (no retraining), table + plot.",
 }
 
 
@@ -163,6 +164,51 @@ def _tuxpaint(argv: list[str]) -> None:
     _write(f"wrote {args.output_json}")
 
 
+def _analyze(argv: list[str]) -> None:
+    import os
+
+    from safetensors.torch import load_file
+
+    from .analysis import AnalyzeArguments, analyze_modules, unit_importance, write_analysis
+    from .evaluation import evaluate_nlvr2
+    from .l0 import ModalL0Module
+    from .stages import DataArguments, eval_set, evaluate_model, load_processor
+    from .trainer import GATES_FILE
+
+    args, data = _parse("analyze-modules", (AnalyzeArguments, DataArguments), argv)
+    ratios = args.parsed_ratios()
+    processor = load_processor(data, args.model)
+    if args.task == "nlvr2":
+        from modeling_efficientvlm import EfficientVLMForVisualReasoning
+
+        from .data import make_nlvr2_eval_set
+
+        model = EfficientVLMForVisualReasoning.from_pretrained(args.model).eval()
+        items = make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
+        metric = "accuracy"
+
+        def evaluate(masks):
+            return evaluate_nlvr2(model, items, processor, show_progress=False, pruning_masks=masks)["accuracy"]
+    elif args.task == "retrieval":
+        from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
+
+        model = EfficientVLMForImageTextRetrieval.from_pretrained(args.model).eval()
+        held_out = eval_set(data)
+        metric = "r_mean"
+
+        def evaluate(masks):
+            return evaluate_model(model, processor, data, held_out, show_progress=False, pruning_masks=masks)["r_mean"]
+    else:
+        raise ValueError(f"--task must be 'retrieval' or 'nlvr2', got {args.task!r}")
+    l0 = None
+    if os.path.isfile(os.path.join(args.model, GATES_FILE)):
+        l0 = ModalL0Module(model.config)
+        l0.load_state_dict(load_file(os.path.join(args.model, GATES_FILE)))
+    result = analyze_modules(model, evaluate, ratios, unit_importance(model, args.importance, l0))
+    result["importance"] = args.importance
+    _write(write_analysis(result, args.output_dir, metric))
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "teacher": _teacher,
     "distill": _distill,
@@ -174,6 +220,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "demo": _demo,
     "convert-xvlm": _convert,
     "build-tuxpaint": _tuxpaint,
+    "analyze-modules": _analyze,
 }
 
 
