@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 from tests.test_trainer import _args, _batches, _collate, _teacher
 from training import EfficientVLMPruningTrainer, PruningArguments, init_student_from_teacher, make_gated_model
 from training.analysis import encoder_masks, magnitude_importance, unit_importance
-from training.l0 import pruned_config
+from training.materialize import pruned_config
 from training.structure import prunable_parameters, unit_groups
 
 

@@ -6,7 +6,7 @@ import torch
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from tests.conftest import tiny_config
 from training import ModalL0Module, materialize
-from training.l0 import pruned_config
+from training.materialize import pruned_config
 from training.structure import count_parameters, unit_groups
 
 

@@ -114,7 +114,7 @@ def analyze_modules(model, evaluate, ratios: list[float], importance: dict[str, 
         ratios: fractions of each encoder's prunable parameters to remove.
         importance: per-unit scores from `unit_importance`.
     """
-    from .l0 import pruned_config
+    from .materialize import pruned_config
 
     total = prunable_parameters(model.config)
     out = {"baseline": evaluate(None), "curves": {}}

@@ -10,15 +10,14 @@ P(z > 0)·params(unit) (see `training.structure`).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
 from .gates import HardConcreteGate
-from .structure import MODALITIES, UnitGroup, count_parameters, unit_groups
+from .materialize import pruned_config
+from .structure import ENCODER_CONFIG_KEYS, MODALITIES, UnitGroup, count_parameters, unit_groups
 
 HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
 FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
@@ -63,7 +62,7 @@ class ModalL0Module(nn.Module):
         self.modality_targets = modality_targets
         self.one_sided = one_sided
         self.warmup_steps = warmup_steps
-        self.num_layers = {m: getattr(config, k).num_hidden_layers for m, k in _CONFIG_KEYS.items()}
+        self.num_layers = {m: getattr(config, k).num_hidden_layers for m, k in ENCODER_CONFIG_KEYS.items()}
         self.prunable_total = sum(g.size * g.unit_params for g in self.groups)
         self.prunable_by_modality = {
             m: sum(g.size * g.unit_params for g in self.groups if g.modality == m) for m in MODALITIES
@@ -170,28 +169,6 @@ class ModalL0Module(nn.Module):
     def predicted_parameters(self, config, heads: tuple[str, ...] = ("itm",)) -> int:
         """Exact parameter count of the model materialized with `deterministic_masks()` from `config`."""
         return count_parameters(pruned_config(config, self.deterministic_masks()), heads)["total"]
-
-
-_CONFIG_KEYS = {"vision": "vision_config", "text": "text_config", "fusion": "fusion_encoder_config"}
-
-
-def pruned_config(config, masks: PruningMasks):
-    """The config a materialization with `masks` produces (kept units per layer), without touching weights."""
-    config = copy.deepcopy(config)
-    fields = {"head": "num_attention_heads", "cross_head": "num_cross_attention_heads", "ffn": "intermediate_size"}
-    for modality, key in _CONFIG_KEYS.items():
-        sub = getattr(config, key)
-        encoder_masks = getattr(masks, modality)
-        for kind, field in fields.items():
-            if field not in sub.per_layer_fields or encoder_masks is None or getattr(encoder_masks, kind) is None:
-                continue
-            sizes = list(getattr(sub, field))
-            for layer, mask in enumerate(getattr(encoder_masks, kind)):
-                if mask is not None and sizes[layer]:
-                    sizes[layer] = int((mask != 0).sum())
-            setattr(sub, field, sizes)
-        sub.validate()
-    return config
 
 
 def _ramp(target: float, step: int, warmup_steps: int) -> float:

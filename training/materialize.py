@@ -58,16 +58,15 @@ def _drop_prefix(state: dict, prefixes: tuple[str, ...]) -> None:
 
 
 def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMasks | None) -> None:
-    """Slices one encoder's layers in `state` and writes the kept sizes into `config`."""
+    """Slices one encoder's layers in `state` (sizes of the original `config`)."""
     sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
     module = ENCODER_MODULES[modality]
     norms = {"head": "layer_norm1", "cross_head": "layer_norm_cross", "ffn": "layer_norm2"}
     for kind, (field, attr) in _KINDS.items():
         if field not in sub.per_layer_fields:
             continue
-        sizes = list(getattr(sub, field))
         layer_masks = getattr(masks, kind) if masks is not None else None
-        for layer, size in enumerate(sizes):
+        for layer, size in enumerate(getattr(sub, field)):
             if size == 0:
                 continue
             keep, scale = _kept(None if layer_masks is None else layer_masks[layer], size)
@@ -78,9 +77,24 @@ def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMask
                 _slice_mlp(state, prefix, keep, scale)
             else:
                 _slice_attention(state, prefix, keep, scale, sub.head_dim)
-            sizes[layer] = len(keep)
-        setattr(sub, field, sizes)
-    sub.validate()
+
+
+def pruned_config(config, masks: PruningMasks):
+    """The config a materialization with `masks` produces (kept units per layer), without touching weights."""
+    config = copy.deepcopy(config)
+    for modality, key in ENCODER_CONFIG_KEYS.items():
+        sub = getattr(config, key)
+        encoder_masks = getattr(masks, modality)
+        for kind, (field, _) in _KINDS.items():
+            if field not in sub.per_layer_fields or encoder_masks is None or getattr(encoder_masks, kind) is None:
+                continue
+            sizes = list(getattr(sub, field))
+            for layer, mask in enumerate(getattr(encoder_masks, kind)):
+                if mask is not None and sizes[layer]:
+                    sizes[layer] = int((mask != 0).sum())
+            setattr(sub, field, sizes)
+        sub.validate()
+    return config
 
 
 @torch.no_grad()
@@ -96,10 +110,10 @@ def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1
     Returns:
         A fresh model of the same class whose config lists the kept sizes per layer (0 = removed sub-layer).
     """
-    config = copy.deepcopy(model.config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for modality in MODALITIES:
-        _prune_encoder(state, config, modality, getattr(masks, modality))
+        _prune_encoder(state, model.config, modality, getattr(masks, modality))
+    config = pruned_config(model.config, masks)
     pruned = type(model)._from_config(config, attn_implementation=model.config._attn_implementation or "sdpa")
     pruned = pruned.to(dtype=next(model.parameters()).dtype, device=next(model.parameters()).device)
     missing, unexpected = pruned.load_state_dict(state, strict=False)
