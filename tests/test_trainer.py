@@ -1,6 +1,7 @@
 """Distillation and pruning Trainers on tiny models (CPU, a few steps each)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -134,6 +135,8 @@ def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path)
     trainer.train()
     sparsity = gated.l0.expected_sparsity()
     assert float(sparsity["total"]) == pytest.approx(0.5, abs=0.03)
+    # the clamp callback ran: heads start at log α = 10, above the clamp bound log 100
+    assert max(float(p.max()) for p in gated.l0.gate_parameters()) <= math.log(100) + 1e-6
     groups = trainer.optimizer.param_groups
     assert groups[3]["maximize"] and groups[2]["weight_decay"] == 0 and groups[2]["lr"] == pytest.approx(0.1)
     assert {id(p) for p in gated.l0.lambda_parameters()} == {id(p) for p in groups[3]["params"]}

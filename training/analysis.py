@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
+from modeling_efficientvlm import PruningMasks
 
+from .l0 import masks_from_values
 from .structure import ENCODER_CONFIG_KEYS, MODALITIES, UnitGroup, prunable_parameters, unit_groups
 from .student import ENCODER_MODULES
 
@@ -74,14 +75,8 @@ def encoder_masks(config, modality: str, ratio: float, importance: dict[str, tor
             break
         values[name][index] = 0.0
         removed += params
-    encoders = {m: EncoderPruningMasks() for m in MODALITIES}
-    for m in MODALITIES:
-        layers = getattr(config, ENCODER_CONFIG_KEYS[m]).num_hidden_layers
-        for kind in ("head", "ffn") + (("cross_head",) if m == "fusion" else ()):
-            setattr(encoders[m], kind, [None] * layers)
-    for g in groups:
-        getattr(encoders[g.modality], g.kind)[g.layer] = values[g.name]
-    return PruningMasks(**encoders)
+    num_layers = {m: getattr(config, key).num_hidden_layers for m, key in ENCODER_CONFIG_KEYS.items()}
+    return masks_from_values(groups, num_layers, values)
 
 
 @dataclass

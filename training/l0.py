@@ -80,15 +80,7 @@ class ModalL0Module(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- masks
     def _masks(self, values: dict[str, torch.Tensor]) -> PruningMasks:
-        encoders = {m: EncoderPruningMasks() for m in MODALITIES}
-        for modality in MODALITIES:
-            for kind in ("head", "cross_head", "ffn"):
-                if modality != "fusion" and kind == "cross_head":
-                    continue
-                setattr(encoders[modality], kind, [None] * self.num_layers[modality])
-        for group in self.groups:  # a sub-layer of size 0 in the config has no gate: its entry stays None
-            getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
-        return PruningMasks(**encoders)
+        return masks_from_values(self.groups, self.num_layers, values)
 
     def sample_masks(self, generator: torch.Generator | None = None) -> PruningMasks:
         """One hard-concrete sample per gate (shared by the batch); differentiable w.r.t. log α."""
@@ -169,6 +161,19 @@ class ModalL0Module(nn.Module):
     def predicted_parameters(self, config, heads: tuple[str, ...] = ("itm",)) -> int:
         """Exact parameter count of the model materialized with `deterministic_masks()` from `config`."""
         return count_parameters(pruned_config(config, self.deterministic_masks()), heads)["total"]
+
+
+def masks_from_values(
+    groups: list[UnitGroup], num_layers: dict[str, int], values: dict[str, torch.Tensor]
+) -> PruningMasks:
+    """`PruningMasks` holding `values[group.name]` for every group; layers without a group stay None (keep all)."""
+    encoders = {m: EncoderPruningMasks() for m in MODALITIES}
+    for modality in MODALITIES:
+        for kind in ("head", "ffn") + (("cross_head",) if modality == "fusion" else ()):
+            setattr(encoders[modality], kind, [None] * num_layers[modality])
+    for group in groups:  # a sub-layer of size 0 in the config has no group: its entry stays None
+        getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
+    return PruningMasks(**encoders)
 
 
 def _ramp(target: float, step: int, warmup_steps: int) -> float:

@@ -413,18 +413,12 @@ class L0Callback(TrainerCallback):
     """Clamps log α after every optimizer step and freezes the masks at `freeze_masks_step`."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        gated = _find_gated(model)
-        if gated is None:
+        # the Trainer hands callbacks its unwrapped model: the GatedModel itself
+        if not isinstance(model, GatedModel) or model.l0 is None:
             return
-        gated.l0.clamp_()
+        model.l0.clamp_()
         if args.freeze_masks_step is not None and state.global_step >= args.freeze_masks_step:
-            gated.l0.freeze()
-
-
-def _find_gated(model) -> GatedModel | None:
-    while model is not None and not isinstance(model, GatedModel):
-        model = getattr(model, "module", None)
-    return model
+            model.l0.freeze()
 
 
 class EfficientVLMPruningTrainer(EfficientVLMDistillationTrainer):
