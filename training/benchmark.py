@@ -78,18 +78,20 @@ def xvlm_clip_config(image_size: int = 224) -> EfficientVLMConfig:
     )
 
 
-def demo_config(image_size: int = 64, vocab_size: int = 128) -> EfficientVLMConfig:
-    """The demo teacher: 12/6/6 layers like X-VLM, small widths (hidden 128, 4 heads of 32, FFN 512).
+def demo_config(
+    image_size: int = 32, vocab_size: int = 128, hidden: int = 64, ffn: int = 256, heads: int = 4, patch_size: int = 4
+) -> EfficientVLMConfig:
+    """The demo teacher: 12/6/6 layers like X-VLM, small widths (defaults: the default demo's sizes).
 
     No dropout: training sees fresh scenes every step, and BERT's 0.1 dropout drowns the tiny initial text signal
     so that ITC collapses to constant features when training from scratch.
     """
-    common = dict(hidden_size=128, num_attention_heads=4, head_dim=32, intermediate_size=512)
+    common = dict(hidden_size=hidden, num_attention_heads=heads, head_dim=hidden // heads, intermediate_size=ffn)
     text = dict(common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return EfficientVLMConfig(
-        vision_config=dict(image_size=image_size, patch_size=8, num_hidden_layers=12, **common),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, num_hidden_layers=12, **common),
         text_config=dict(num_hidden_layers=6, vocab_size=vocab_size, max_position_embeddings=64, **text),
-        fusion_encoder_config=dict(num_hidden_layers=6, num_cross_attention_heads=4, **text),
+        fusion_encoder_config=dict(num_hidden_layers=6, num_cross_attention_heads=heads, **text),
         embed_dim=64,
     )
 

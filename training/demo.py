@@ -158,19 +158,10 @@ def _processor(path: str):
 def _write_teacher_config(work: str, profile: dict, data: DataArguments) -> str:
     from .tokenization import synthetic_tokenizer
 
-    config = demo_config(image_size=profile["image_size"], vocab_size=len(synthetic_tokenizer()))
-    for key in ("vision_config", "text_config", "fusion_encoder_config"):
-        sub = getattr(config, key)
-        sub.hidden_size = profile["hidden"]
-        sub.head_dim = profile["hidden"] // profile["heads"]
-        sub.num_attention_heads = [profile["heads"]] * sub.num_hidden_layers
-        sub.intermediate_size = [profile["ffn"]] * sub.num_hidden_layers
-        if key == "fusion_encoder_config":
-            sub.num_cross_attention_heads = [profile["heads"]] * sub.num_hidden_layers
-            sub.encoder_hidden_size = profile["hidden"]
-        sub.validate()
-    config.vision_config.patch_size = 8 if profile["image_size"] >= 48 else 4
-    config.vision_config.validate()
+    config = demo_config(
+        image_size=profile["image_size"], vocab_size=len(synthetic_tokenizer()), hidden=profile["hidden"],
+        ffn=profile["ffn"], heads=profile["heads"], patch_size=8 if profile["image_size"] >= 48 else 4,
+    )
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, "teacher_config")
     config.save_pretrained(path)
