@@ -6,6 +6,10 @@ Importance criteria (say which in every report):
     column) — a standard data-free criterion.
 Units of one encoder are removed in ascending importance until the removed share of that encoder's prunable
 parameters reaches the ratio (the last unit may overshoot by at most one unit's parameters).
+
+Each point is evaluated without retraining (through masks), and optionally again after a short recovery fine-tune of
+the materialized (physically pruned) model with the task loss (`--recovery_steps`); the unpruned model gets the same
+fine-tune, so the recovered curves start from a comparable baseline.
 """
 
 from __future__ import annotations
@@ -81,13 +85,26 @@ def encoder_masks(config, modality: str, ratio: float, importance: dict[str, tor
 
 @dataclass
 class AnalyzeArguments:
-    """Arguments of `efficientvlm analyze-modules`."""
+    """Arguments of `efficientvlm analyze-modules` (the task and data come from the data arguments: --task ...)."""
 
     model: str = field(default="", metadata={"help": "Task checkpoint dir (a pruning dir with gates enables 'gates')."})
-    task: str = field(default="retrieval", metadata={"help": "'retrieval' (metric r_mean) or 'nlvr2' (accuracy)."})
     ratios: str = field(default="0.1,0.2,0.3,0.4,0.5,0.6", metadata={"help": "Comma-separated pruning ratios."})
     importance: str = field(default="magnitude", metadata={"help": "'magnitude' (weight RMS) or 'gates' (P(z>0))."})
     output_dir: str = field(default="module_analysis", metadata={"help": "Where analysis.json and the PNG go."})
+    recovery_steps: int = field(
+        default=0, metadata={"help": "If > 0: also evaluate every point after this many fine-tuning steps of the "
+                                     "materialized model with the task loss (0 = no retraining only)."}
+    )
+    recovery_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of the recovery fine-tune."})
+    recovery_batch_size: int = field(default=16, metadata={"help": "Batch size of the recovery fine-tune."})
+    seed: int = field(default=0, metadata={"help": "Seed of the recovery fine-tune (data order, init of new heads)."})
+
+    def __post_init__(self):
+        if not self.model or not os.path.isdir(self.model):
+            raise ValueError(f"--model must be an existing checkpoint dir, got {self.model!r}")
+        if self.recovery_steps < 0:
+            raise ValueError(f"--recovery_steps must be >= 0, got {self.recovery_steps}")
+        self.parsed_ratios()
 
     def parsed_ratios(self) -> list[float]:
         try:
@@ -100,26 +117,48 @@ class AnalyzeArguments:
         return ratios
 
 
-def analyze_modules(model, evaluate, ratios: list[float], importance: dict[str, torch.Tensor]) -> dict:
-    """{"baseline": metric, "curves": {encoder: [[ratio, metric, removed_fraction], ...]}} (no retraining).
+def analyze_modules(
+    model, evaluate, ratios: list[float], importance: dict[str, torch.Tensor], recover=None, show_progress=False
+) -> dict:
+    """Sensitivity of the task metric to pruning each encoder alone.
 
     Args:
-        model: the task model (left unchanged: pruning is applied through masks).
-        evaluate: callable(pruning_masks or None) → the task metric.
+        model: the task model (left unchanged: pruning is applied through masks, recovery works on copies).
+        evaluate: callable(model, pruning_masks or None) → the task metric.
         ratios: fractions of each encoder's prunable parameters to remove.
         importance: per-unit scores from `unit_importance`.
+        recover: optional callable(model) → a fine-tuned copy (the recovery fine-tune); it receives the unpruned model
+            once (for "baseline_recovered") and the materialized model of every point.
+        show_progress: a tqdm bar over the (encoder, ratio) points.
+
+    Returns:
+        {"baseline": metric, "curves": {encoder: [[ratio, metric, removed_fraction], ...]}} (no retraining); with
+        `recover` also "baseline_recovered" and "recovered_curves": {encoder: [[ratio, metric after recovery], ...]}.
     """
-    from .materialize import pruned_config
+    from tqdm.auto import tqdm
+
+    from .materialize import materialize, pruned_config
 
     total = prunable_parameters(model.config)
-    out = {"baseline": evaluate(None), "curves": {}}
+    bar = tqdm(total=len(MODALITIES) * len(ratios), desc="analyze-modules", disable=not show_progress)
+    out = {"baseline": evaluate(model, None), "curves": {}}
+    if recover is not None:
+        out["baseline_recovered"] = evaluate(recover(model), None)
+        out["recovered_curves"] = {}
     for modality in MODALITIES:
-        curve = []
+        curve, recovered = [], []
         for ratio in ratios:
+            bar.set_postfix(encoder=modality, ratio=ratio)
             masks = encoder_masks(model.config, modality, ratio, importance)
             kept = prunable_parameters(pruned_config(model.config, masks))[modality]
-            curve.append([ratio, evaluate(masks), 1 - kept / total[modality]])
+            curve.append([ratio, evaluate(model, masks), 1 - kept / total[modality]])
+            if recover is not None:
+                recovered.append([ratio, evaluate(recover(materialize(model, masks)), None)])
+            bar.update()
         out["curves"][modality] = curve
+        if recover is not None:
+            out["recovered_curves"][modality] = recovered
+    bar.close()
     return out
 
 
@@ -130,12 +169,18 @@ def plot_analysis(result: dict, path: str, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    recovered = result.get("recovered_curves", {})
     for modality, curve in result["curves"].items():
-        ax.plot([0.0] + [c[0] for c in curve], [result["baseline"]] + [c[1] for c in curve], marker="o", label=modality)
+        line, = ax.plot([0.0] + [c[0] for c in curve], [result["baseline"]] + [c[1] for c in curve], marker="o",
+                        label=f"{modality} (no retraining)" if recovered else modality)
+        if modality in recovered:
+            ax.plot([0.0] + [c[0] for c in recovered[modality]],
+                    [result["baseline_recovered"]] + [c[1] for c in recovered[modality]], marker="s", linestyle="--",
+                    color=line.get_color(), label=f"{modality} (+{result.get('recovery_steps', '')} steps)")
     ax.set_xlabel("fraction of the encoder's prunable parameters removed")
     ax.set_ylabel(metric)
-    ax.set_title(f"module sensitivity ({result.get('importance', '')} importance, no retraining)")
+    ax.set_title(f"module sensitivity ({result.get('importance', '')} importance)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -149,8 +194,66 @@ def write_analysis(result: dict, output_dir: str, metric: str) -> str:
         json.dump(result, f, indent=2)
     plot_analysis(result, os.path.join(output_dir, "sensitivity.png"), metric)
     ratios = [c[0] for c in next(iter(result["curves"].values()))]
-    lines = [f"{metric} without retraining; importance: {result.get('importance')}; baseline {result['baseline']:.2f}",
-             f"{'encoder':<8}" + "".join(f"{r:>8.2f}" for r in ratios)]
+    lines = [f"{metric} vs fraction of one encoder's prunable parameters removed; importance: "
+             f"{result.get('importance')}; baseline {result['baseline']:.2f}"]
+    if "baseline_recovered" in result:
+        lines[0] += f" ({result['baseline_recovered']:.2f} after the {result.get('recovery_steps')}-step fine-tune)"
+    lines.append(f"{'encoder':<16}" + "".join(f"{r:>8.2f}" for r in ratios))
     for modality, curve in result["curves"].items():
-        lines.append(f"{modality:<8}" + "".join(f"{c[1]:>8.2f}" for c in curve))
+        lines.append(f"{modality:<16}" + "".join(f"{c[1]:>8.2f}" for c in curve))
+        if modality in result.get("recovered_curves", {}):
+            lines.append(f"{'  + fine-tune':<16}" + "".join(f"{c[1]:>8.2f}" for c in result["recovered_curves"][modality]))
     return "\n".join(lines)
+
+
+def recovery_fine_tune(model, processor, data, steps: int, learning_rate: float, batch_size: int, seed: int):
+    """A copy of `model` fine-tuned for `steps` with the task loss only (retrieval: ITC + ITM; NLVR2: cross-entropy),
+    no KD and nothing saved: the optional recovery step of the module analysis."""
+    import copy
+    import tempfile
+
+    from .stages import build_datasets
+    from .trainer import DistillationArguments, EfficientVLMDistillationTrainer
+
+    model = copy.deepcopy(model).train()
+    with tempfile.TemporaryDirectory(prefix="efficientvlm-recovery-") as tmp:
+        args = DistillationArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+            warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine", save_strategy="no", report_to=[],
+            seed=seed, logging_steps=max(1, steps), disable_tqdm=True, use_mlm=False, dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        train, collator = build_datasets(data, processor, seed, mlm=False)
+        trainer = EfficientVLMDistillationTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                                                  teacher_model=None)
+        trainer.train()
+    return model.eval()
+
+
+def run_analysis(args: AnalyzeArguments, data, write=lambda text: None) -> dict:
+    """`efficientvlm analyze-modules`: loads the task model, scores units, runs the sweep, writes JSON + PNG."""
+    from .l0 import ModalL0Module
+    from .stages import PRIMARY_METRIC, eval_set, evaluate_model, load_processor, load_task_model
+    from .trainer import GATES_FILE
+
+    ratios = args.parsed_ratios()
+    processor = load_processor(data, args.model)
+    model = load_task_model(args.model, data.task).eval()
+    held_out = eval_set(data)
+    metric = PRIMARY_METRIC[data.task]
+    l0 = None
+    if os.path.isfile(os.path.join(args.model, GATES_FILE)):
+        l0 = ModalL0Module.from_file(os.path.join(args.model, GATES_FILE), model.config)
+    importance = unit_importance(model, args.importance, l0)
+
+    def evaluate(net, masks):
+        return evaluate_model(net, processor, data, held_out, show_progress=False, pruning_masks=masks)[metric]
+
+    def recover(net):
+        return recovery_fine_tune(net, processor, data, args.recovery_steps, args.recovery_learning_rate,
+                                  args.recovery_batch_size, args.seed)
+
+    result = analyze_modules(model, evaluate, ratios, importance, recover if args.recovery_steps else None, True)
+    result.update(importance=args.importance, task=data.task, metric=metric, recovery_steps=args.recovery_steps)
+    write(write_analysis(result, args.output_dir, metric))
+    return result

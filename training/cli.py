@@ -14,9 +14,9 @@ from collections.abc import Callable
 from transformers import HfArgumentParser
 
 DESCRIPTIONS = {
-    "teacher": "Pre-train / fine-tune a teacher with ITC + ITM (hard negatives) + MLM.",
+    "teacher": "Pre-train a teacher with ITC + ITM (hard negatives) + MLM, or fine-tune one on NLVR2 (--task nlvr2).",
     "distill": "General distillation into a half-depth student (VLP losses + attention/hidden/logit KD).",
-    "prune": "Retrieval fine-tuning with task KD and modal-adaptive L0 pruning to a target sparsity.",
+    "prune": "Task fine-tuning (retrieval or NLVR2) with task KD and modal-adaptive L0 pruning to a target sparsity.",
     "export": "Materialize a pruned checkpoint into a smaller dense model; write a Hub-ready folder + model card.",
     "evaluate": "Retrieval R@1/5/10 (TR/IR) and r_mean, or NLVR2 accuracy, on built-in synthetic or JSON data.",
     "bench": "Parameters, FLOPs and latency of teacher vs student vs pruned student (stated protocol).",
@@ -24,7 +24,9 @@ DESCRIPTIONS = {
     "demo": "Run the whole chain on built-in synthetic data and write report.json + Hub-ready folders.",
     "convert-xvlm": "Convert an X-VLM / EfficientVLM .pth checkpoint into a Hub-ready folder.",
     "build-tuxpaint": "Build an ALBEF-format JSON from the Debian tuxpaint-stamps-default package.",
-    "analyze-modules": "Module sensitivity: prune one encoder at increasing ratios (no retraining), table + plot.",
+    "compare-splits": "Uniform vs manual vs learned (modal-adaptive) split at equal total sparsity: metric, params, "
+                      "latency, split.",
+    "analyze-modules": "Module sensitivity: prune one encoder at increasing ratios (+ optional recovery), table + plot.",
 }
 
 
@@ -81,40 +83,16 @@ def _export(argv: list[str]) -> None:
 def _evaluate(argv: list[str]) -> None:
     from dataclasses import dataclass, field
 
-    from .stages import DataArguments, evaluate_model, load_processor
+    from .stages import DataArguments, evaluate_model, load_processor, load_task_model
 
     @dataclass
     class EvaluateArguments:
         model: str = field(default="", metadata={"help": "Checkpoint dir to evaluate."})
-        task: str = field(default="retrieval", metadata={"help": "'retrieval' (R@K, r_mean) or 'nlvr2' (accuracy)."})
-        nlvr2_json: str | None = field(default=None, metadata={"help": "X-VLM NLVR2 JSON (default: synthetic pairs)."})
-
-        def __post_init__(self):
-            if self.task not in ("retrieval", "nlvr2"):
-                raise ValueError(f"--task must be 'retrieval' or 'nlvr2', got {self.task!r}")
 
     model_args, data = _parse("evaluate", (EvaluateArguments, DataArguments), argv)
     processor = load_processor(data, model_args.model)
-    if model_args.task == "retrieval":
-        from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-
-        model = EfficientVLMForImageTextRetrieval.from_pretrained(model_args.model).eval()
-        _write(json.dumps(evaluate_model(model, processor, data), indent=2))
-        return
-    from modeling_efficientvlm import EfficientVLMForVisualReasoning
-
-    from .evaluation import evaluate_nlvr2
-
-    model = EfficientVLMForVisualReasoning.from_pretrained(model_args.model).eval()
-    if model_args.nlvr2_json:
-        from .datasets_io import load_nlvr2_json
-
-        items = list(load_nlvr2_json(model_args.nlvr2_json, data.image_root))
-    else:
-        from .data import make_nlvr2_eval_set
-
-        items = make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
-    _write(json.dumps(evaluate_nlvr2(model, items, processor), indent=2))
+    model = load_task_model(model_args.model, data.task).eval()
+    _write(json.dumps(evaluate_model(model, processor, data), indent=2))
 
 
 def _bench(argv: list[str]) -> None:
@@ -165,48 +143,22 @@ def _tuxpaint(argv: list[str]) -> None:
 
 
 def _analyze(argv: list[str]) -> None:
-    import os
-
-    from safetensors.torch import load_file
-
-    from .analysis import AnalyzeArguments, analyze_modules, unit_importance, write_analysis
-    from .evaluation import evaluate_nlvr2
-    from .l0 import ModalL0Module
-    from .stages import DataArguments, eval_set, evaluate_model, load_processor
-    from .trainer import GATES_FILE
+    from .analysis import AnalyzeArguments, run_analysis
+    from .stages import DataArguments
 
     args, data = _parse("analyze-modules", (AnalyzeArguments, DataArguments), argv)
-    ratios = args.parsed_ratios()
-    processor = load_processor(data, args.model)
-    if args.task == "nlvr2":
-        from modeling_efficientvlm import EfficientVLMForVisualReasoning
+    run_analysis(args, data, write=_write)
 
-        from .data import make_nlvr2_eval_set
 
-        model = EfficientVLMForVisualReasoning.from_pretrained(args.model).eval()
-        items = make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
-        metric = "accuracy"
+def _compare(argv: list[str]) -> None:
+    from .compare import CompareArguments, run_compare
+    from .stages import DataArguments, PruneArguments
+    from .trainer import PruningArguments
 
-        def evaluate(masks):
-            return evaluate_nlvr2(model, items, processor, show_progress=False, pruning_masks=masks)["accuracy"]
-    elif args.task == "retrieval":
-        from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-
-        model = EfficientVLMForImageTextRetrieval.from_pretrained(args.model).eval()
-        held_out = eval_set(data)
-        metric = "r_mean"
-
-        def evaluate(masks):
-            return evaluate_model(model, processor, data, held_out, show_progress=False, pruning_masks=masks)["r_mean"]
-    else:
-        raise ValueError(f"--task must be 'retrieval' or 'nlvr2', got {args.task!r}")
-    l0 = None
-    if os.path.isfile(os.path.join(args.model, GATES_FILE)):
-        l0 = ModalL0Module(model.config)
-        l0.load_state_dict(load_file(os.path.join(args.model, GATES_FILE)))
-    result = analyze_modules(model, evaluate, ratios, unit_importance(model, args.importance, l0))
-    result["importance"] = args.importance
-    _write(write_analysis(result, args.output_dir, metric))
+    compare, prune, data, args = _parse(
+        "compare-splits", (CompareArguments, PruneArguments, DataArguments, PruningArguments), argv
+    )
+    run_compare(compare, prune, data, args, write=_write)
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
@@ -221,12 +173,13 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "convert-xvlm": _convert,
     "build-tuxpaint": _tuxpaint,
     "analyze-modules": _analyze,
+    "compare-splits": _compare,
 }
 
 
 def usage() -> str:
     lines = ["usage: efficientvlm <command> [options | config.json | config.yaml]", "", "commands:"]
-    lines += [f"  {name:<15}{DESCRIPTIONS[name]}" for name in COMMANDS]
+    lines += [f"  {name:<17}{DESCRIPTIONS[name]}" for name in COMMANDS]
     lines += ["", "`efficientvlm <command> --help` explains each option."]
     return "\n".join(lines)
 

@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
@@ -44,18 +43,28 @@ class ExportArguments:
             raise ValueError("--output_dir is required")
 
 
+def checkpoint_class(checkpoint: str):
+    """The head class a checkpoint was saved from (config.json "architectures"): NLVR2 checkpoints load as
+    `EfficientVLMForVisualReasoning`, everything else as `EfficientVLMForImageTextRetrieval`."""
+    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForVisualReasoning
+
+    architectures = EfficientVLMConfig.from_pretrained(checkpoint).architectures or []
+    if EfficientVLMForVisualReasoning.__name__ in architectures:
+        return EfficientVLMForVisualReasoning
+    return EfficientVLMForImageTextRetrieval
+
+
 def load_pruned(checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
     """Loads a checkpoint; if it carries L0 gates, materializes the student at the deterministic masks.
 
     Returns:
         (model, sparsity report or None). The report has the expected sparsity per modality at export.
     """
-    model = EfficientVLMForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    model = checkpoint_class(checkpoint).from_pretrained(checkpoint).eval()
     gates_path = os.path.join(checkpoint, GATES_FILE)
     if not os.path.isfile(gates_path):
         return model, None
-    l0 = ModalL0Module(model.config)
-    l0.load_state_dict(load_file(gates_path))
+    l0 = ModalL0Module.from_file(gates_path, model.config)
     pruned = materialize(model, l0.deterministic_masks())
     return pruned, {k: float(v.detach()) for k, v in l0.expected_sparsity().items()}
 
@@ -118,7 +127,9 @@ def _card_text(model_name: str, report: dict, metrics: dict | None, extra: dict)
     for modality, entry in report["structure"].items():
         parts = [f"{kind}: {values}" for kind, values in entry.items()]
         structure_lines.append(f"- **{modality}**: " + "; ".join(parts))
-    if metrics:
+    if metrics and "accuracy" in metrics:
+        eval_text = f"NLVR2 on {extra.get('dataset_name', 'the held-out set')}: accuracy {metrics['accuracy']:.2f} %"
+    elif metrics:
         keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
         header = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
         values = "| " + " | ".join(f"{metrics[k]:.2f}" for k in keys if k in metrics) + " |"
@@ -133,14 +144,17 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     dataset_name = extra.get("dataset_name", "synthetic-scenes")
+    nlvr2 = extra.get("task") == "nlvr2"
+    task_type = "visual-reasoning" if nlvr2 else "image-text-retrieval"
     results = [
-        EvalResult(task_type="image-text-retrieval", dataset_type=dataset_name, dataset_name=dataset_name,
+        EvalResult(task_type=task_type, dataset_type=dataset_name, dataset_name=dataset_name,
                    metric_type=key, metric_name=key, metric_value=round(float(metrics[key]), 4))
-        for key in ("txt_r1", "img_r1", "r_mean") if metrics and key in metrics
+        for key in ("txt_r1", "img_r1", "r_mean", "accuracy") if metrics and key in metrics
     ]
     data = ModelCardData(
-        library_name="transformers", pipeline_tag="zero-shot-image-classification", license="apache-2.0",
-        tags=["efficientvlm", "vision-language", "image-text-retrieval", "pruning", "knowledge-distillation"],
+        library_name="transformers", pipeline_tag=None if nlvr2 else "zero-shot-image-classification",
+        license="apache-2.0", tags=["efficientvlm", "vision-language", "nlvr2" if nlvr2 else "image-text-retrieval",
+                                    "pruning", "knowledge-distillation"],
         model_name=model_name, eval_results=results or None,
     )
     repo = extra.get("repo_id", "path/to/this/folder")
@@ -151,8 +165,10 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
         model_summary=extra.get("summary", "An EfficientVLM image-text retrieval model."),
         how_made=extra.get("how_made", "trained with the EfficientVLM package"),
         speed_protocol=extra.get("speed_protocol", "not measured for this export (run `efficientvlm bench`)."),
-        usage_automodel=USAGE_AUTOMODEL.format(repo=repo),
-        usage_pipeline=USAGE_PIPELINE.format(repo=repo),
+        usage_automodel=(USAGE_NLVR2 if nlvr2 else USAGE_AUTOMODEL).format(repo=repo),
+        usage_pipeline="" if nlvr2 else USAGE_PIPELINE.format(repo=repo),
+        heads="NLVR2 head: two images + a statement → true / false" if nlvr2 else "ITC + ITM heads",
+        speed_name="NLVR2" if nlvr2 else "retrieval",
         recipe=extra.get("recipe", "See the EfficientVLM README."),
         limitations=extra.get("limitations", LIMITATIONS),
         **_card_text(model_name, report, metrics, extra),
@@ -175,12 +191,31 @@ with torch.no_grad():
 print(out.logits_per_image.softmax(dim=-1))  # ITC: each image against each text
 print(out.itm_logits.softmax(dim=-1)[:, 1])  # ITM: match probability of (image i, text i)"""
 
-USAGE_PIPELINE = """from PIL import Image
+USAGE_NLVR2 = """import torch
+from PIL import Image
+from transformers import AutoModelForSequenceClassification, AutoProcessor
+
+model = AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+left, right = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+inputs = processor(images=[left, right], text=["there is a red circle in exactly one image"])
+pixel_values = inputs["pixel_values"].view(1, 2, *inputs["pixel_values"].shape[1:])  # (B, 2, C, H, W)
+with torch.no_grad():
+    logits = model(pixel_values=pixel_values, input_ids=inputs["input_ids"],
+                   attention_mask=inputs["attention_mask"]).logits
+print(logits.softmax(-1)[:, 1])  # probability that the statement is true"""
+
+USAGE_PIPELINE = """Retrieval pipeline (ranks a gallery for a query; `rerank_k` re-scores the ITC top candidates with the ITM
+head):
+
+```python
+from PIL import Image
 from transformers import pipeline
 
 pipe = pipeline("image-text-retrieval", model="{repo}", trust_remote_code=True)
 gallery = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue")]
-print(pipe("a big red circle", gallery, top_k=2, rerank_k=3))"""
+print(pipe("a big red circle", gallery, top_k=2, rerank_k=3))
+```"""
 
 LIMITATIONS = (
     "Retrieval quality is measured only on the evaluation set named above; a model distilled and pruned on one "
@@ -197,12 +232,15 @@ def save_hub_ready(
     extra = dict(extra or {})
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if type(model).__name__ == "EfficientVLMForVisualReasoning":
+        extra.setdefault("task", "nlvr2")
     with atomic_directory(output_dir, prefix=".export-") as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
         save_pipeline_files(tmp)
         report = sparsity_report(model.config, reference_config)
+        report["params"] = sum(p.numel() for p in model.parameters())  # the real model, whatever its head
         report["eval"] = metrics or {}
         report.update({k: v for k, v in extra.items() if k in ("speedup", "expected_sparsity")})
         with open(os.path.join(tmp, STRUCTURE_FILE), "w") as f:

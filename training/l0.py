@@ -10,7 +10,12 @@ P(z > 0)·params(unit) (see `training.structure`).
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
@@ -156,6 +161,36 @@ class ModalL0Module(nn.Module):
 
     def lambda_parameters(self) -> list[nn.Parameter]:
         return list(self.lambdas.values())
+
+    # ---------------------------------------------------------------------------------------------- persistence
+    def save(self, path: str) -> None:
+        """Gates, multipliers and the frozen flag as safetensors; the constraint set goes into the metadata."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        settings = {"target_sparsity": self.target_sparsity, "modality_targets": self.modality_targets,
+                    "one_sided": self.one_sided, "warmup_steps": self.warmup_steps}
+        save_file(state, path, metadata={"format": "pt", "efficientvlm_l0": json.dumps(settings)})
+
+    @classmethod
+    def from_file(cls, path: str, config) -> "ModalL0Module":
+        """Rebuilds the module saved by `save` (or by an older trainer: the constraints are read off the keys).
+
+        Raises:
+            FileNotFoundError / ValueError: naming the file when it is missing or does not fit `config`.
+        """
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no L0 gate file at {path}")
+        with safe_open(path, framework="pt") as f:
+            settings = json.loads((f.metadata() or {}).get("efficientvlm_l0", "{}"))
+            state = {key: f.get_tensor(key) for key in f.keys()}
+        if not settings:  # no metadata: constraint names from the multiplier keys (targets only matter for training)
+            names = {key.split(".", 1)[1] for key in state if key.startswith("lambdas.")}
+            settings = {"modality_targets": {m: 0.0 for m in MODALITIES if m in names}}
+        module = cls(config, **settings)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{path} does not match the model's config (gates per prunable group): {error}") from error
+        return module
 
     # ------------------------------------------------------------------------------------------------ reporting
     def predicted_parameters(self, config, heads: tuple[str, ...] = ("itm",)) -> int:

@@ -336,8 +336,7 @@ class EfficientVLMDistillationTrainer(Trainer):
         gated = self.model
         gated.student.save_pretrained(output_dir)
         if gated.l0 is not None:
-            l0_state = {k: v.detach().cpu().contiguous() for k, v in gated.l0.state_dict().items()}
-            save_file(l0_state, os.path.join(output_dir, GATES_FILE), metadata={"format": "pt"})
+            gated.l0.save(os.path.join(output_dir, GATES_FILE))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 

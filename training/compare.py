@@ -1,0 +1,289 @@
+"""`efficientvlm compare-splits`: uniform vs manual vs learned (modal-adaptive) sparsity splits at equal total sparsity.
+
+The same student is pruned three times with the same task KD, data stream, seed and schedule; only the sparsity
+constraint differs:
+
+* uniform: every encoder held to the target by its own multipliers (the paper's "30 % per encoder" baseline);
+* manual: per-encoder targets chosen by hand (`--manual_split`; `auto` entries share the ratio that makes the
+  parameter-weighted total equal the target);
+* learned: one global target; the gates decide how much each encoder loses (EfficientVLM's modal-adaptive pruning).
+
+Each result is materialized, evaluated on the held-out set, counted, and timed with the unpruned student in one
+process on one batch (round-robin repeats, so drift hits every model alike).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .structure import MODALITIES, prunable_parameters
+
+STRATEGIES = ("uniform", "manual", "learned")
+# Per-task hand split used when --manual_split is not given: the paper's sensitivity findings (retrieval: the vision
+# encoder is the most sensitive, so it is pruned least; NLVR2: vision and text matter, fusion much less).
+DEFAULT_MANUAL = {"retrieval": "vision={half},text=auto,fusion=auto", "nlvr2": "vision=auto,text=auto,fusion={more}"}
+
+
+@dataclass
+class CompareArguments:
+    """What to compare (the student, teacher, task, data and pruning schedule come from the other argument groups)."""
+
+    manual_split: str | None = field(
+        default=None,
+        metadata={"help": "Hand-chosen per-encoder sparsity, e.g. 'vision=0.2,text=auto,fusion=auto' ('auto' "
+                          "entries share the ratio that makes the total equal --target_sparsity). Default per task: "
+                          "retrieval prunes vision at half the target, nlvr2 prunes fusion at 1.5x the target."},
+    )
+    strategies: str = field(default="uniform,manual,learned", metadata={"help": "Which of uniform,manual,learned."})
+    latency_batch: int = field(default=32, metadata={"help": "Held-out items in the timed batch."})
+    latency_repeats: int = field(default=10, metadata={"help": "Timed repeats per model (median reported)."})
+
+    def parsed_strategies(self) -> list[str]:
+        names = [s.strip() for s in self.strategies.split(",") if s.strip()]
+        bad = [s for s in names if s not in STRATEGIES]
+        if bad or not names:
+            raise ValueError(f"--strategies must be a comma-separated subset of {list(STRATEGIES)}, got {self.strategies!r}")
+        return names
+
+
+def resolve_split(split: str, config, target: float) -> dict[str, float]:
+    """Per-encoder sparsity from 'vision=0.2,text=auto,fusion=auto' such that the total equals `target`.
+
+    Every encoder must be named once. `auto` encoders share one ratio r solved from
+    Σ_fixed r_m·P_m + r·Σ_auto P_m = target·Σ P_m (P_m: the encoder's prunable parameters). Without `auto` the
+    weighted total must already equal the target within 0.01.
+
+    Raises:
+        ValueError: naming the entry, the solved ratio or the total when they are out of range.
+    """
+    params = prunable_parameters(config)
+    ratios: dict[str, float | None] = {}
+    for item in split.split(","):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in MODALITIES or not value or name in ratios:
+            raise ValueError(f"--manual_split entries must name each of {list(MODALITIES)} once as "
+                             f"encoder=ratio or encoder=auto, got {item!r} in {split!r}")
+        if value == "auto":
+            ratios[name] = None
+            continue
+        try:
+            ratios[name] = float(value)
+        except ValueError as error:
+            raise ValueError(f"--manual_split {name}={value!r}: expected a number or 'auto'") from error
+        if not 0.0 <= ratios[name] < 1.0:
+            raise ValueError(f"--manual_split {name}={value}: a sparsity must lie in [0, 1)")
+    missing = [m for m in MODALITIES if m not in ratios]
+    if missing:
+        raise ValueError(f"--manual_split {split!r} does not name {missing} (use encoder=auto to solve for it)")
+    fixed = sum(r * params[m] for m, r in ratios.items() if r is not None)
+    auto = [m for m, r in ratios.items() if r is None]
+    shares = ", ".join(f"{m} {params[m] / params['total']:.1%}" for m in MODALITIES)
+    if auto:
+        shared = (target * params["total"] - fixed) / sum(params[m] for m in auto)
+        if not 0.0 <= shared < 1.0:
+            raise ValueError(
+                f"--manual_split {split!r}: the 'auto' encoders would need sparsity {shared:.3f} to reach the total "
+                f"{target}, outside [0, 1) (prunable-parameter shares: {shares})"
+            )
+        ratios.update({m: shared for m in auto})
+    total = sum(ratios[m] * params[m] for m in MODALITIES) / params["total"]
+    if abs(total - target) > 0.01:
+        raise ValueError(
+            f"--manual_split {split!r} totals {total:.3f}, not the target {target} (prunable-parameter shares: "
+            f"{shares}); give one encoder as 'auto'"
+        )
+    return {m: float(ratios[m]) for m in MODALITIES}
+
+
+def default_manual_split(task: str, target: float) -> str:
+    more = min(0.95, 1.5 * target)
+    return DEFAULT_MANUAL[task].format(half=round(target / 2, 4), more=round(more, 4))
+
+
+def strategy_targets(strategy: str, split: dict[str, float], target: float) -> dict[str, float | None]:
+    """PruningArguments fields for one strategy (per-encoder targets, or None = follow the global target)."""
+    if strategy == "learned":
+        return {f"{m}_target": None for m in MODALITIES}
+    ratios = {m: target for m in MODALITIES} if strategy == "uniform" else split
+    return {f"{m}_target": ratios[m] for m in MODALITIES}
+
+
+def task_workload(model, processor, data, eval_data, batch: int):
+    """A closure running the task's inference path on `batch` held-out items (what the latency measures).
+
+    retrieval: encode `batch` images and captions, ITC for all pairs, ITM on the top-k per query (k = `data.itm_k`);
+    nlvr2: classify `batch` (left, right, statement) items.
+    """
+    from .benchmark import retrieval_step
+
+    if data.task == "nlvr2":
+        from .collators import NLVR2Collator
+
+        inputs = NLVR2Collator(processor, max_length=data.max_length)(list(eval_data)[:batch])
+        inputs.pop("labels")
+        return lambda: model(**inputs).logits
+    n = min(batch, len(eval_data["images"]))
+    pixels = processor(images=eval_data["images"][:n])["pixel_values"]
+    text = processor(text=eval_data["captions"][:n], padding="max_length", max_length=data.max_length)
+    return lambda: retrieval_step(model, pixels, text["input_ids"], text["attention_mask"], data.itm_k)
+
+
+def measure_latency(models: dict, processor, data, eval_data, batch: int, repeats: int, warmup: int = 2) -> dict:
+    """Median / min / max latency (ms) per model; repeats interleave the models so drift hits all alike."""
+    workloads = {name: task_workload(model.eval(), processor, data, eval_data, batch) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in workloads.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in workloads.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)} for name, t in times.items()}
+
+
+def run_compare(compare: CompareArguments, prune, data, args, write=lambda text: None) -> dict:
+    """Prunes `prune.student` once per strategy at `args.target_sparsity`; writes comparison.json / .png + a table.
+
+    Args:
+        compare: `CompareArguments`.
+        prune: `PruneArguments` (student = distilled student, teacher = the task teacher).
+        data: `DataArguments` (its `task` picks retrieval or NLVR2).
+        args: `PruningArguments`: the schedule shared by all runs; `output_dir` gets one sub-dir per strategy.
+    """
+    from .export import load_pruned, sparsity_report
+    from .stages import PRIMARY_METRIC, eval_set, evaluate_model, load_processor, load_task_model, run_prune
+
+    strategies = compare.parsed_strategies()
+    target = args.target_sparsity
+    student = load_task_model(prune.student, data.task).eval()
+    split_text = compare.manual_split or default_manual_split(data.task, target)
+    manual = resolve_split(split_text, student.config, target) if "manual" in strategies else {}
+    processor = load_processor(data, prune.student)
+    held_out = eval_set(data)
+    metric = PRIMARY_METRIC[data.task]
+    root = args.output_dir
+    os.makedirs(root, exist_ok=True)
+
+    results: dict[str, dict] = {}
+    models = {"student (unpruned)": student}
+    for strategy in strategies:
+        run_args = copy.copy(args)
+        run_args.output_dir = os.path.join(root, strategy)
+        for name, value in strategy_targets(strategy, manual, target).items():
+            setattr(run_args, name, value)
+        write(f"[{strategy}] pruning to total sparsity {target} with targets {run_args.modality_targets or 'global'}")
+        start = time.time()
+        run_prune(prune, data, run_args, eval_data=False)
+        pruned, expected = load_pruned(run_args.output_dir)
+        metrics = evaluate_model(pruned, processor, data, held_out, show_progress=False)
+        realised = sparsity_report(pruned.config, student.config)["sparsity"]
+        results[strategy] = {
+            "targets": {m: target for m in MODALITIES} if strategy == "uniform" else
+                       (manual if strategy == "manual" else {"total": target}),
+            "sparsity": realised, "expected_sparsity_at_export": expected, "metrics": metrics,
+            "metric": metrics[metric], "params": sum(p.numel() for p in pruned.parameters()),
+            "train_seconds": time.time() - start, "checkpoint": run_args.output_dir,
+        }
+        models[strategy] = pruned
+    student_metrics = evaluate_model(student, processor, data, held_out, show_progress=False)
+    latency = measure_latency(models, processor, data, held_out, compare.latency_batch, compare.latency_repeats)
+    base = latency["student (unpruned)"]["median_ms"]
+    for strategy in strategies:
+        results[strategy]["latency"] = latency[strategy]
+        results[strategy]["speedup_vs_student"] = base / latency[strategy]["median_ms"]
+    report = {
+        "task": data.task, "metric": metric, "target_sparsity": target, "manual_split": split_text,
+        "student": {"metric": student_metrics[metric], "metrics": student_metrics,
+                    "params": sum(p.numel() for p in student.parameters()), "latency": latency["student (unpruned)"],
+                    "checkpoint": prune.student},
+        "teacher": prune.teacher, "strategies": results,
+        "protocol": {
+            "training": f"same student, teacher, seed ({args.seed}), data stream and schedule for every strategy: "
+                        f"{args.max_steps} steps, batch {args.per_device_train_batch_size}, lr {args.learning_rate}, "
+                        f"reg lr {args.reg_learning_rate}, sparsity warm-up {args.sparsity_warmup_steps}, masks "
+                        f"frozen at {args.freeze_masks_step}, λ {args.lambda_vlp}",
+            "evaluation": f"materialized models on the held-out set ({data.eval_dataset or 'synthetic'}, "
+                          f"{len(held_out) if data.task == 'nlvr2' else len(held_out['images'])} items)",
+            "latency": f"{platform.machine()} {'CUDA' if torch.cuda.is_available() else 'CPU'}, "
+                       f"{torch.get_num_threads()} threads, float32; {_workload_text(data, compare.latency_batch)}; "
+                       f"median of {compare.latency_repeats} round-robin repeats after 2 warm-ups, one process",
+            "sparsity": "share of the student's prunable parameters (attention heads + FFN neurons) removed",
+        },
+    }
+    with open(os.path.join(root, "comparison.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_comparison(report, os.path.join(root, "comparison.png"))
+    table = format_comparison(report)
+    with open(os.path.join(root, "comparison.md"), "w") as f:
+        f.write(table + "\n")
+    write(table)
+    return report
+
+
+def _workload_text(data, batch: int) -> str:
+    if data.task == "nlvr2":
+        return f"NLVR2 classification of {batch} held-out items (2 images + statement each)"
+    return (f"retrieval path on {batch} held-out images × {batch} captions: encode all, ITC all pairs, ITM on the "
+            f"top-{data.itm_k} per query")
+
+
+def format_comparison(report: dict) -> str:
+    """A Markdown table: metric, parameters, latency and the split of each strategy (+ the unpruned student)."""
+    metric = report["metric"]
+    lines = [
+        f"{report['task']}: total sparsity {report['target_sparsity']} (manual split: {report['manual_split']})",
+        "",
+        f"| model | {metric} | params | latency ms | speed-up | vision | text | fusion | total |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    student = report["student"]
+    lines.append(f"| student (unpruned) | {student['metric']:.2f} | {student['params'] / 1e6:.3f}M | "
+                 f"{student['latency']['median_ms']:.1f} | 1.00x | 0 | 0 | 0 | 0 |")
+    for name, entry in report["strategies"].items():
+        s = entry["sparsity"]
+        lines.append(
+            f"| {name} | {entry['metric']:.2f} | {entry['params'] / 1e6:.3f}M | {entry['latency']['median_ms']:.1f} | "
+            f"{entry['speedup_vs_student']:.2f}x | {s['vision']:.2f} | {s['text']:.2f} | {s['fusion']:.2f} | "
+            f"{s['total']:.2f} |"
+        )
+    lines += ["", f"latency: {report['protocol']['latency']}", f"sparsity: {report['protocol']['sparsity']}"]
+    return "\n".join(lines)
+
+
+def plot_comparison(report: dict, path: str) -> None:
+    """Grouped bars: sparsity per encoder for each strategy, the metric in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["strategies"])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        entry = report["strategies"][name]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(MODALITIES))]
+        ax.bar(xs, [entry["sparsity"][m] for m in MODALITIES], width,
+               label=f"{name}: {report['metric']} {entry['metric']:.1f}")
+    ax.axhline(report["target_sparsity"], color="gray", linestyle=":", linewidth=1, label="total target")
+    ax.set_xticks(range(len(MODALITIES)), MODALITIES)
+    ax.set_ylabel("sparsity (share of prunable params removed)")
+    ax.set_title(f"{report['task']}: split at total sparsity {report['target_sparsity']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["CompareArguments", "STRATEGIES", "format_comparison", "measure_latency", "resolve_split", "run_compare"]
