@@ -11,13 +11,13 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .benchmark import demo_config, retrieval_step, _time
+from .benchmark import demo_config
+from .compare import measure_latency
 from .export import load_pruned, save_hub_ready, sparsity_report
 from .stages import (
     DataArguments,
@@ -51,6 +51,8 @@ class DemoArguments:
             raise ValueError(f"--target_sparsity must lie in [0, 1), got {self.target_sparsity}")
 
 
+LATENCY_BATCH = 32  # held-out images (and captions) in the timed retrieval batch
+
 # (image size, width, FFN, teacher/distill/prune steps, batch, eval images, lr)
 PROFILES = {
     # 32-px scenes, 4-px patches (65 image tokens), width 64: cheap enough for ~1000 teacher steps on 2 CPU cores;
@@ -72,16 +74,12 @@ def _training_args(cls, output_dir: str, steps: int, profile: dict, seed: int, *
     )
 
 
-def _latency(model, processor, eval_data: dict, k: int, repeats: int, pruning_masks=None) -> dict:
-    """Median retrieval-path latency (encode all eval images + captions, ITC, ITM top-k) on the held-out set."""
-    n = min(32, len(eval_data["images"]))
-    pixels = processor(images=eval_data["images"][:n])["pixel_values"]
-    text = processor(text=eval_data["captions"][:n], padding="max_length", max_length=40)
-    model.eval()
-    times = _time(lambda: retrieval_step(model, pixels, text["input_ids"], text["attention_mask"], k), 1, repeats,
-                  torch.device("cpu"))
-    return {"latency_ms": statistics.median(times), "latency_min_ms": min(times), "latency_max_ms": max(times),
-            "batch_images": n, "batch_texts": n}
+def _latency(models: dict, processor, data: DataArguments, eval_data: dict, repeats: int) -> dict:
+    """Retrieval-path latency of every model on the same held-out batch, repeats interleaved (see `measure_latency`)."""
+    batch = min(LATENCY_BATCH, len(eval_data["images"]))
+    measured = measure_latency(models, processor, data, eval_data, batch, repeats, warmup=1)
+    return {name: {"latency_ms": m["median_ms"], "latency_min_ms": m["min_ms"], "latency_max_ms": m["max_ms"],
+                   "batch_images": batch, "batch_texts": batch} for name, m in measured.items()}
 
 
 def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
@@ -130,7 +128,7 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
 
     # 5. latency of the three in one run, same inputs
     models = {"teacher": teacher, "student": student, "pruned": pruned}
-    latency = {name: _latency(m, processor, eval_data, data.itm_k, profile["latency_repeats"]) for name, m in models.items()}
+    latency = _latency(models, processor, data, eval_data, profile["latency_repeats"])
     metrics = {"teacher": teacher_metrics, "student": student_metrics, "pruned": pruned_metrics}
     report = _report(models, metrics, latency, expected, args, profile, timings)
     report["wall_time_s"] = time.time() - start
@@ -177,7 +175,7 @@ def _report(models, metrics, latency, expected, args, profile, timings) -> dict:
             f"CPU ({platform.machine()}), {torch.get_num_threads()} threads, float32, sdpa; retrieval path on "
             f"{latency['teacher']['batch_images']} held-out images × {latency['teacher']['batch_texts']} captions "
             f"(40 tokens): encode all, ITC all pairs, ITM on top-{profile['itm_k']} per query; median of "
-            f"{profile['latency_repeats']} runs after 1 warm-up, all models in one process"
+            f"{profile['latency_repeats']} runs after 1 warm-up, all models in one process, runs interleaved"
         ),
         "evaluation": f"{profile['eval_images']} held-out synthetic scenes, one unique caption each; ITM re-ranks "
                       f"the ITC top-{profile['itm_k']}",
