@@ -118,3 +118,26 @@ def test_pruned_config_matches_materialize():
 def test_target_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="target_sparsity must lie in \\[0, 1\\)"):
         ModalL0Module(tiny_config(), target_sparsity=bad)
+
+
+def test_gate_file_round_trip_keeps_the_constraint_set(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_config()
+    l0 = ModalL0Module(config, target_sparsity=0.3, modality_targets={"vision": 0.2, "fusion": 0.5}, warmup_steps=7)
+    _set_log_alpha(l0, lambda group, shape: torch.randn(shape))
+    path = str(tmp_path / "gates.safetensors")
+    l0.save(path)
+    loaded = ModalL0Module.from_file(path, config)
+    assert loaded.constraints == ["global", "vision", "fusion"] and loaded.modality_targets == {"vision": 0.2, "fusion": 0.5}
+    assert loaded.target_sparsity == 0.3 and loaded.warmup_steps == 7
+    for a, b in zip(l0.deterministic_masks().vision.ffn, loaded.deterministic_masks().vision.ffn):
+        assert torch.equal(a, b)
+    # a file without our metadata (older trainer): the constraints are read off the multiplier keys
+    legacy = str(tmp_path / "legacy.safetensors")
+    save_file({k: v.detach().contiguous() for k, v in l0.state_dict().items()}, legacy)
+    assert ModalL0Module.from_file(legacy, config).constraints == ["global", "vision", "fusion"]
+    with pytest.raises(ValueError, match="does not match the model's config"):
+        ModalL0Module.from_file(path, tiny_config(vision=dict(num_hidden_layers=3)))
+    with pytest.raises(FileNotFoundError, match="no L0 gate file"):
+        ModalL0Module.from_file(str(tmp_path / "missing.safetensors"), config)
