@@ -181,6 +181,39 @@ def test_nlvr2_balanced_and_labels_checked():
     assert 15 <= sum(streamed) <= 45
 
 
+def test_nlvr2_text_alone_does_not_predict_the_label():
+    """Statements are drawn independently of the label: per quantifier and statement kind the true rate is ~1/2
+    (an earlier generator picked the quantifier from the scenes, and "both ..." was false 78 % of the time)."""
+    import random
+
+    from training.data import _nlvr2_example
+
+    rng = random.Random(0)
+    groups = {}
+    for _ in range(2400):
+        label = int(rng.random() < 0.5)
+        _, _, statement = _nlvr2_example(rng, label)
+        groups.setdefault(statement.quantifier, []).append(label)
+        groups.setdefault(type(statement.statement).__name__, []).append(label)
+    assert len(groups) == 4 + 3
+    for key, labels in groups.items():  # σ of a rate over >= 400 fair labels is <= 0.025
+        assert len(labels) >= 400 and abs(sum(labels) / len(labels) - 0.5) < 0.08, key
+
+
+def test_perturb_scene_changes_one_object_and_keeps_kinds_distinct():
+    import random
+
+    from training.data import MAX_OBJECTS, MIN_OBJECTS, perturb_scene, random_scene
+
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = random_scene(rng)
+        kinds = Counter(o.kind for o in scene.objects)
+        new = Counter(o.kind for o in perturb_scene(rng, scene).objects)
+        assert new != kinds and len(new) == sum(new.values()) and MIN_OBJECTS <= len(new) <= MAX_OBJECTS
+        assert sum(((kinds - new) + (new - kinds)).values()) <= 2  # one object removed, added or replaced
+
+
 # ------------------------------------------------------------------------------------------------------ tokenizer
 def test_tokenizer_vocab_and_no_unknown_words(tmp_path):
     tokenizer = build_tokenizer(["Red", "red", "circle"], directory=str(tmp_path))

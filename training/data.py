@@ -593,20 +593,67 @@ def make_retrieval_eval_set(n_images: int, seed: int = 0, image_size: int = 64, 
 
 
 # -------------------------------------------------------------------------------------------------------- NLVR2
-def _nlvr2_example(rng: random.Random, label: int) -> tuple[Scene, Scene, PairStatement]:
-    """Two scenes and a pair statement whose truth equals `label` (checked)."""
+# Per-image truth patterns (left image, right image) of the inner statement that give each (quantifier, label).
+_NLVR2_PATTERNS = {
+    ("left", 1): ((True, True), (True, False)), ("left", 0): ((False, True), (False, False)),
+    ("right", 1): ((True, True), (False, True)), ("right", 0): ((True, False), (False, False)),
+    ("both", 1): ((True, True),), ("both", 0): ((True, False), (False, True), (False, False)),
+    ("exactly_one", 1): ((True, False), (False, True)), ("exactly_one", 0): ((True, True), (False, False)),
+}
+
+
+def perturb_scene(rng: random.Random, scene: Scene) -> Scene:
+    """A near copy of `scene`: one object recoloured, reshaped, resized, removed or added, then rearranged."""
+    original = [o.kind for o in scene.objects]
     while True:
-        left = random_scene(rng)
-        # twins make "both"/"exactly one" hinge on relations rather than on which objects are present
-        right = rearrange_scene(rng, left) if rng.random() < 0.3 else random_scene(rng)
-        source = left if rng.random() < 0.5 else right
+        kinds = list(original)
+        edit = rng.choice(("color", "shape", "size", "remove", "add"))
+        if edit == "remove" and len(kinds) > MIN_OBJECTS:
+            kinds.pop(rng.randrange(len(kinds)))
+        elif edit == "add" and len(kinds) < MAX_OBJECTS:
+            kinds.append(rng.choice([k for k in _ALL_KINDS if k not in kinds]))
+        elif edit in ("color", "shape", "size"):
+            i = rng.randrange(len(kinds))
+            fields = dict(zip(("size", "color", "shape"), kinds[i]))
+            options = {"size": SIZES, "color": COLORS, "shape": SHAPES}[edit]
+            fields[edit] = rng.choice([v for v in options if v != fields[edit]])
+            kinds[i] = (fields["size"], fields["color"], fields["shape"])
+        if kinds != original and len(set(kinds)) == len(kinds):  # changed, and kinds stay distinct in a scene
+            return _place(rng, kinds)
+
+
+def _scene_with_truth(rng: random.Random, source: Scene, statement, truth: bool, tries: int = 40) -> Scene | None:
+    """A scene from `source`'s family (rearranged twin or perturbed copy) on which `statement` is `truth`."""
+    for _ in range(tries):
+        scene = rearrange_scene(rng, source) if rng.random() < 0.5 else perturb_scene(rng, source)
+        if statement_is_true(scene, statement) == truth:
+            return scene
+    return None
+
+
+def _nlvr2_example(rng: random.Random, label: int) -> tuple[Scene, Scene, PairStatement]:
+    """Two scenes and a pair statement whose truth equals `label` (checked).
+
+    The statement (inner statement + quantifier) is drawn independently of the label, and only statements that can be
+    both true and false on scenes of their family are kept, so P(label | statement) = 1/2: the text alone predicts
+    nothing. Both images come from the same source scene (rearranged twins and one-object perturbations), so whether
+    the two images look related does not give the label away either; the model has to check the statement on each
+    image.
+    """
+    while True:
+        source = random_scene(rng)
         inner = make_statement(rng, source)
-        if rng.random() < 0.5:
-            inner = hard_negative(rng, source, inner) or inner  # type: ignore[assignment]
-        options = [q for q in QUANTIFIERS
-                   if statement_is_true((left, right), PairStatement(q, inner)) == bool(label)]
-        if options:
-            return left, right, PairStatement(rng.choice(options), inner)
+        # one scene of each truth value, drawn before the label is looked at: rejection cannot depend on the label
+        found = {truth: _scene_with_truth(rng, source, inner, truth) for truth in (True, False)}
+        if found[True] is None or found[False] is None:
+            continue
+        quantifier = rng.choice(QUANTIFIERS)
+        pattern = rng.choice(_NLVR2_PATTERNS[(quantifier, int(label))])
+        left, right = (_scene_with_truth(rng, source, inner, truth) or found[truth] for truth in pattern)
+        statement = PairStatement(quantifier, inner)
+        if statement_is_true((left, right), statement) != bool(label):  # cannot happen: the patterns are exact
+            raise AssertionError(f"NLVR2 generator produced a wrong label for {statement}")
+        return left, right, statement
 
 
 def make_nlvr2_item(rng: random.Random, label: int, image_size: int = 64, return_scenes: bool = False) -> dict:
@@ -645,6 +692,6 @@ __all__ = [
     "COLORS", "Count", "Description", "Exists", "ObjectRef", "PairStatement", "QUANTIFIERS", "RELATIONS", "Relation",
     "SHAPES", "SIZES", "SYNTHETIC_WORDS", "Scene", "SceneObject", "SyntheticNLVR2Dataset",
     "SyntheticRetrievalDataset", "describe_scene", "hard_negative", "make_nlvr2_eval_set", "make_nlvr2_item",
-    "make_retrieval_eval_set", "make_retrieval_item", "make_statement", "parse_statement", "random_scene",
+    "make_retrieval_eval_set", "make_retrieval_item", "make_statement", "parse_statement", "perturb_scene", "random_scene",
     "rearrange_scene", "render_scene", "statement_is_true", "statement_text",
 ]
