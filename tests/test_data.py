@@ -190,14 +190,26 @@ def test_nlvr2_text_alone_does_not_predict_the_label():
 
     rng = random.Random(0)
     groups = {}
-    for _ in range(2400):
+    for i in range(2400):
         label = int(rng.random() < 0.5)
-        _, _, statement = _nlvr2_example(rng, label)
+        _, _, statement = _nlvr2_example(rng, label, "hard" if i % 3 else "easy")
         groups.setdefault(statement.quantifier, []).append(label)
         groups.setdefault(type(statement.statement).__name__, []).append(label)
     assert len(groups) == 4 + 3
     for key, labels in groups.items():  # σ of a rate over >= 400 fair labels is <= 0.025
         assert len(labels) >= 400 and abs(sum(labels) / len(labels) - 0.5) < 0.08, key
+
+
+def test_nlvr2_easy_level_uses_existence_statements_on_unrelated_scenes():
+    from training.data import Exists
+
+    items = make_nlvr2_eval_set(40, seed=1, return_scenes=True, level="easy")
+    for item in items:
+        statement = parse_statement(item["sentence"])
+        assert isinstance(statement.statement, Exists)
+        assert check_text(item["scenes"], item["sentence"]) == bool(item["label"])
+    with pytest.raises(ValueError, match="NLVR2 level must be one of"):
+        make_nlvr2_eval_set(2, level="medium")
 
 
 def test_perturb_scene_changes_one_object_and_keeps_kinds_distinct():

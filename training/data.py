@@ -622,43 +622,55 @@ def perturb_scene(rng: random.Random, scene: Scene) -> Scene:
             return _place(rng, kinds)
 
 
-def _scene_with_truth(rng: random.Random, source: Scene, statement, truth: bool, tries: int = 40) -> Scene | None:
-    """A scene from `source`'s family (rearranged twin or perturbed copy) on which `statement` is `truth`."""
+NLVR2_LEVELS = ("easy", "hard")
+"""Synthetic NLVR2 difficulty. easy: "there is ..." statements on independent random scenes; hard: existence, count
+and relation statements on images from one source scene's family (rearranged twins, one-object perturbations)."""
+
+
+def _scene_with_truth(rng: random.Random, source: Scene, statement, truth: bool, level: str = "hard",
+                      tries: int = 40) -> Scene | None:
+    """A scene on which `statement` is `truth`: from `source`'s family (hard) or a fresh random scene (easy)."""
     for _ in range(tries):
-        scene = rearrange_scene(rng, source) if rng.random() < 0.5 else perturb_scene(rng, source)
+        if level == "easy":
+            scene = random_scene(rng)
+        else:
+            scene = rearrange_scene(rng, source) if rng.random() < 0.5 else perturb_scene(rng, source)
         if statement_is_true(scene, statement) == truth:
             return scene
     return None
 
 
-def _nlvr2_example(rng: random.Random, label: int) -> tuple[Scene, Scene, PairStatement]:
+def _nlvr2_example(rng: random.Random, label: int, level: str = "hard") -> tuple[Scene, Scene, PairStatement]:
     """Two scenes and a pair statement whose truth equals `label` (checked).
 
     The statement (inner statement + quantifier) is drawn independently of the label, and only statements that can be
-    both true and false on scenes of their family are kept, so P(label | statement) = 1/2: the text alone predicts
-    nothing. Both images come from the same source scene (rearranged twins and one-object perturbations), so whether
-    the two images look related does not give the label away either; the model has to check the statement on each
-    image.
+    both true and false on such scenes are kept, so P(label | statement) = 1/2: the text alone predicts nothing.
+    level "hard": both images come from the same source scene (rearranged twins and one-object perturbations), so
+    whether the two images look related does not give the label away either; level "easy": "there is ..." statements
+    on independent random scenes. Either way the model has to check the statement on each image.
     """
+    if level not in NLVR2_LEVELS:
+        raise ValueError(f"NLVR2 level must be one of {NLVR2_LEVELS}, got {level!r}")
     while True:
         source = random_scene(rng)
-        inner = make_statement(rng, source)
+        inner = make_statement(rng, source, "exists" if level == "easy" else None)
         # one scene of each truth value, drawn before the label is looked at: rejection cannot depend on the label
-        found = {truth: _scene_with_truth(rng, source, inner, truth) for truth in (True, False)}
+        found = {truth: _scene_with_truth(rng, source, inner, truth, level) for truth in (True, False)}
         if found[True] is None or found[False] is None:
             continue
         quantifier = rng.choice(QUANTIFIERS)
         pattern = rng.choice(_NLVR2_PATTERNS[(quantifier, int(label))])
-        left, right = (_scene_with_truth(rng, source, inner, truth) or found[truth] for truth in pattern)
+        left, right = (_scene_with_truth(rng, source, inner, truth, level) or found[truth] for truth in pattern)
         statement = PairStatement(quantifier, inner)
         if statement_is_true((left, right), statement) != bool(label):  # cannot happen: the patterns are exact
             raise AssertionError(f"NLVR2 generator produced a wrong label for {statement}")
         return left, right, statement
 
 
-def make_nlvr2_item(rng: random.Random, label: int, image_size: int = 64, return_scenes: bool = False) -> dict:
+def make_nlvr2_item(rng: random.Random, label: int, image_size: int = 64, return_scenes: bool = False,
+                    level: str = "hard") -> dict:
     """One NLVR2-style item: {"images": [left, right], "sentence", "label"} (+ "scenes" if asked)."""
-    left, right, statement = _nlvr2_example(rng, label)
+    left, right, statement = _nlvr2_example(rng, label, level)
     item = {"images": [render_scene(left, image_size), render_scene(right, image_size)],
             "sentence": statement_text(statement), "label": int(label)}
     if return_scenes:
@@ -669,14 +681,21 @@ def make_nlvr2_item(rng: random.Random, label: int, image_size: int = 64, return
 class SyntheticNLVR2Dataset(_SyntheticIterable):
     """Fresh NLVR2-style pairs: {"images": [PIL, PIL], "sentence", "label"}; labels are fair coin flips.
 
-    Args: as `SyntheticRetrievalDataset` (`return_scene` yields "scenes").
+    Args: as `SyntheticRetrievalDataset` (`return_scene` yields "scenes"), plus `level` (see `NLVR2_LEVELS`).
     """
 
+    def __init__(self, *args, level: str = "hard", **kwargs):
+        super().__init__(*args, **kwargs)
+        if level not in NLVR2_LEVELS:
+            raise ValueError(f"NLVR2 level must be one of {NLVR2_LEVELS}, got {level!r}")
+        self.level = level
+
     def _item(self, rng: random.Random) -> dict:
-        return make_nlvr2_item(rng, int(rng.random() < 0.5), self.image_size, self.return_scene)
+        return make_nlvr2_item(rng, int(rng.random() < 0.5), self.image_size, self.return_scene, self.level)
 
 
-def make_nlvr2_eval_set(n: int, seed: int = 0, image_size: int = 64, return_scenes: bool = False) -> list[dict]:
+def make_nlvr2_eval_set(n: int, seed: int = 0, image_size: int = 64, return_scenes: bool = False,
+                        level: str = "hard") -> list[dict]:
     """A fixed NLVR2-style set of `n` items with exactly balanced labels (n // 2 true, in shuffled order).
 
     Returns:
@@ -685,11 +704,11 @@ def make_nlvr2_eval_set(n: int, seed: int = 0, image_size: int = 64, return_scen
     rng = random.Random(f"efficientvlm-nlvr2-eval-{seed}")
     labels = [i % 2 for i in range(n)]
     rng.shuffle(labels)
-    return [make_nlvr2_item(rng, label, image_size, return_scenes) for label in labels]
+    return [make_nlvr2_item(rng, label, image_size, return_scenes, level) for label in labels]
 
 
 __all__ = [
-    "COLORS", "Count", "Description", "Exists", "ObjectRef", "PairStatement", "QUANTIFIERS", "RELATIONS", "Relation",
+    "COLORS", "Count", "Description", "Exists", "NLVR2_LEVELS", "ObjectRef", "PairStatement", "QUANTIFIERS", "RELATIONS", "Relation",
     "SHAPES", "SIZES", "SYNTHETIC_WORDS", "Scene", "SceneObject", "SyntheticNLVR2Dataset",
     "SyntheticRetrievalDataset", "describe_scene", "hard_negative", "make_nlvr2_eval_set", "make_nlvr2_item",
     "make_retrieval_eval_set", "make_retrieval_item", "make_statement", "parse_statement", "perturb_scene", "random_scene",

@@ -58,6 +58,11 @@ class DataArguments:
         default=None, metadata={"help": "Tokenizer dir (BERT WordPiece); default: the synthetic-caption vocabulary."}
     )
     image_size: int = field(default=64, metadata={"help": "Image size in pixels."})
+    nlvr2_level: str = field(
+        default="hard",
+        metadata={"help": "Synthetic NLVR2 difficulty: 'easy' ('there is ...' statements, independent random scenes) "
+                          "or 'hard' (existence / count / relation statements, images from one scene's family)."},
+    )
     max_length: int = field(default=40, metadata={"help": "Maximum caption length in tokens."})
     mlm_probability: float = field(default=0.25, metadata={"help": "MLM masking probability (0 disables MLM)."})
     max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per caption."})
@@ -70,6 +75,8 @@ class DataArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {sorted(TASKS)}, got {self.task!r}")
+        if self.nlvr2_level not in ("easy", "hard"):
+            raise ValueError(f"--nlvr2_level must be 'easy' or 'hard', got {self.nlvr2_level!r}")
         if self.dataset != "synthetic" and not os.path.isfile(self.dataset):
             raise ValueError(f"--dataset must be 'synthetic' or an existing JSON file, got {self.dataset!r}")
         if self.dataset != "synthetic" and not self.tokenizer:
@@ -167,7 +174,7 @@ def build_datasets(data: DataArguments, processor, seed: int, mlm: bool, task: s
         if data.dataset == "synthetic":
             from .data import SyntheticNLVR2Dataset
 
-            return SyntheticNLVR2Dataset(seed=seed, image_size=data.image_size), collator
+            return SyntheticNLVR2Dataset(seed=seed, image_size=data.image_size, level=data.nlvr2_level), collator
         from .datasets_io import load_nlvr2_json
 
         return load_nlvr2_json(data.dataset, data.image_root), collator
@@ -193,7 +200,8 @@ def eval_set(data: DataArguments):
             return load_nlvr2_json(data.eval_dataset, data.image_root)
         from .data import make_nlvr2_eval_set
 
-        return make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
+        return make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size,
+                                   level=data.nlvr2_level)
     if data.eval_dataset:
         from .datasets_io import load_retrieval_eval_set
 
