@@ -195,18 +195,16 @@ def test_nlvr2_text_alone_does_not_predict_the_label():
         _, _, statement = _nlvr2_example(rng, label, "hard" if i % 3 else "easy")
         groups.setdefault(statement.quantifier, []).append(label)
         groups.setdefault(type(statement.statement).__name__, []).append(label)
-    assert len(groups) == 4 + 3
+    assert len(groups) == 4 + 4  # quantifiers + Exists / Count / Relation (hard) / Description (easy)
     for key, labels in groups.items():  # σ of a rate over >= 400 fair labels is <= 0.025
         assert len(labels) >= 400 and abs(sum(labels) / len(labels) - 0.5) < 0.08, key
 
 
-def test_nlvr2_easy_level_uses_existence_statements_on_unrelated_scenes():
-    from training.data import Exists
-
+def test_nlvr2_easy_level_describes_whole_scenes():
     items = make_nlvr2_eval_set(40, seed=1, return_scenes=True, level="easy")
     for item in items:
         statement = parse_statement(item["sentence"])
-        assert isinstance(statement.statement, Exists)
+        assert isinstance(statement.statement, Description) and " show" in item["sentence"]
         assert check_text(item["scenes"], item["sentence"]) == bool(item["label"])
     with pytest.raises(ValueError, match="NLVR2 level must be one of"):
         make_nlvr2_eval_set(2, level="medium")

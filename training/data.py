@@ -52,10 +52,16 @@ _QUANTIFIER_PREFIX = {
     "left": "the left image has", "right": "the right image has",
     "both": "both images have", "exactly_one": "exactly one image has",
 }
+# pair statements about a whole scene (a `Description`): "shows" keeps them apart from "has" + a relation
+_DESCRIPTION_PREFIX = {
+    "left": "the left image shows", "right": "the right image shows",
+    "both": "both images show", "exactly_one": "exactly one image shows",
+}
 
 SYNTHETIC_WORDS: list[str] = sorted(
     set(SIZES) | set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(NUMBER_WORDS[1:])
     | {w for r in RELATIONS for w in r.split()} | {w for p in _QUANTIFIER_PREFIX.values() for w in p.split()}
+    | {w for p in _DESCRIPTION_PREFIX.values() for w in p.split()}
     | {"a", "and", "there", "is", "are", "exactly", "object", "objects"}
 )
 
@@ -128,7 +134,7 @@ class Description:
 @dataclass(frozen=True)
 class PairStatement:
     quantifier: str
-    statement: Union[Exists, Count, Relation]
+    statement: Union[Exists, Count, Relation, "Description"]
 
 
 Statement = Union[Exists, Count, Relation, Description, PairStatement]
@@ -227,6 +233,8 @@ def statement_text(statement: Statement) -> str:
     if isinstance(statement, Description):
         return " and ".join(_phrase(c) for c in statement.clauses)
     if isinstance(statement, PairStatement):
+        if isinstance(statement.statement, Description):
+            return f"{_DESCRIPTION_PREFIX[statement.quantifier]} {statement_text(statement.statement)}"
         return f"{_QUANTIFIER_PREFIX[statement.quantifier]} {_phrase(statement.statement)}"
     if isinstance(statement, Count) and statement.n != 1:
         return "there are " + _phrase(statement)
@@ -291,6 +299,10 @@ def parse_statement(text: str) -> Statement:
         ValueError: if the text is not in the synthetic grammar.
     """
     tokens = text.lower().split()
+    for quantifier, prefix in _DESCRIPTION_PREFIX.items():
+        words = prefix.split()
+        if tokens[:len(words)] == words:
+            return PairStatement(quantifier, _parse_description(tokens[len(words):], text))
     for quantifier, prefix in _QUANTIFIER_PREFIX.items():
         words = prefix.split()
         if tokens[:len(words)] == words:
@@ -302,6 +314,10 @@ def parse_statement(text: str) -> Statement:
         if verb != ("are" if plural else "is"):
             raise ValueError(f"cannot parse {text!r}: expected 'there {'are' if plural else 'is'}'")
         return phrase
+    return _parse_description(tokens, text)
+
+
+def _parse_description(tokens: list[str], text: str) -> Description:
     clauses: list[list[str]] = [[]]
     for token in tokens:
         if token == "and":
@@ -623,16 +639,24 @@ def perturb_scene(rng: random.Random, scene: Scene) -> Scene:
 
 
 NLVR2_LEVELS = ("easy", "hard")
-"""Synthetic NLVR2 difficulty. easy: "there is ..." statements on independent random scenes; hard: existence, count
-and relation statements on images from one source scene's family (rearranged twins, one-object perturbations)."""
+"""Synthetic NLVR2 difficulty. easy: the statement describes a whole scene ("both images show a big red circle left
+of ..."), true images are that scene, false ones unrelated random scenes; hard: existence, count and relation
+statements on images from one scene's family (rearranged twins, one-object perturbations)."""
+
+
+def rejitter_scene(rng: random.Random, scene: Scene) -> Scene:
+    """The same objects in the same cells with new drawing offsets (a second photo of the same scene)."""
+    return Scene(tuple(replace(o, dx=rng.uniform(-_MAX_JITTER, _MAX_JITTER), dy=rng.uniform(-_MAX_JITTER, _MAX_JITTER))
+                       for o in scene.objects))
 
 
 def _scene_with_truth(rng: random.Random, source: Scene, statement, truth: bool, level: str = "hard",
                       tries: int = 40) -> Scene | None:
-    """A scene on which `statement` is `truth`: from `source`'s family (hard) or a fresh random scene (easy)."""
+    """A scene on which `statement` is `truth`: from `source`'s family (hard); easy: `source` re-jittered (true) or a
+    fresh random scene (false)."""
     for _ in range(tries):
         if level == "easy":
-            scene = random_scene(rng)
+            scene = rejitter_scene(rng, source) if truth else random_scene(rng)
         else:
             scene = rearrange_scene(rng, source) if rng.random() < 0.5 else perturb_scene(rng, source)
         if statement_is_true(scene, statement) == truth:
@@ -646,14 +670,16 @@ def _nlvr2_example(rng: random.Random, label: int, level: str = "hard") -> tuple
     The statement (inner statement + quantifier) is drawn independently of the label, and only statements that can be
     both true and false on such scenes are kept, so P(label | statement) = 1/2: the text alone predicts nothing.
     level "hard": both images come from the same source scene (rearranged twins and one-object perturbations), so
-    whether the two images look related does not give the label away either; level "easy": "there is ..." statements
-    on independent random scenes. Either way the model has to check the statement on each image.
+    whether the two images look related does not give the label away either; level "easy": the statement describes
+    the source scene, true images are re-jittered copies of it, false ones random scenes (a false pair is two copies of
+    one random scene half the time, so "the two images look alike" does not mean "both true"). Either way the model has
+    to check the statement on each image.
     """
     if level not in NLVR2_LEVELS:
         raise ValueError(f"NLVR2 level must be one of {NLVR2_LEVELS}, got {level!r}")
     while True:
         source = random_scene(rng)
-        inner = make_statement(rng, source, "exists" if level == "easy" else None)
+        inner = describe_scene(rng, source) if level == "easy" else make_statement(rng, source)
         # one scene of each truth value, drawn before the label is looked at: rejection cannot depend on the label
         found = {truth: _scene_with_truth(rng, source, inner, truth, level) for truth in (True, False)}
         if found[True] is None or found[False] is None:
@@ -661,6 +687,8 @@ def _nlvr2_example(rng: random.Random, label: int, level: str = "hard") -> tuple
         quantifier = rng.choice(QUANTIFIERS)
         pattern = rng.choice(_NLVR2_PATTERNS[(quantifier, int(label))])
         left, right = (_scene_with_truth(rng, source, inner, truth, level) or found[truth] for truth in pattern)
+        if level == "easy" and pattern == (False, False) and rng.random() < 0.5:
+            right = rejitter_scene(rng, left)  # two photos of one scene are not a give-away for "both true"
         statement = PairStatement(quantifier, inner)
         if statement_is_true((left, right), statement) != bool(label):  # cannot happen: the patterns are exact
             raise AssertionError(f"NLVR2 generator produced a wrong label for {statement}")
@@ -712,5 +740,6 @@ __all__ = [
     "SHAPES", "SIZES", "SYNTHETIC_WORDS", "Scene", "SceneObject", "SyntheticNLVR2Dataset",
     "SyntheticRetrievalDataset", "describe_scene", "hard_negative", "make_nlvr2_eval_set", "make_nlvr2_item",
     "make_retrieval_eval_set", "make_retrieval_item", "make_statement", "parse_statement", "perturb_scene", "random_scene",
+    "rejitter_scene",
     "rearrange_scene", "render_scene", "statement_is_true", "statement_text",
 ]
