@@ -196,8 +196,8 @@ def test_nlvr2_text_alone_does_not_predict_the_label():
         groups.setdefault(statement.quantifier, []).append(label)
         groups.setdefault(type(statement.statement).__name__, []).append(label)
     assert len(groups) == 4 + 4  # quantifiers + Exists / Count / Relation (hard) / Description (easy)
-    for key, labels in groups.items():  # σ of a rate over >= 400 fair labels is <= 0.025
-        assert len(labels) >= 400 and abs(sum(labels) / len(labels) - 0.5) < 0.08, key
+    for key, labels in groups.items():  # σ of a rate over >= 300 fair labels is <= 0.029
+        assert len(labels) >= 300 and abs(sum(labels) / len(labels) - 0.5) < 0.09, key
 
 
 def test_nlvr2_easy_level_describes_whole_scenes():
