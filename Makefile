@@ -16,7 +16,7 @@ demo: install
 test: install
 	$(PYTHON) -m pytest tests
 
-# The split study of issue #10 on top of `make demo`'s output (~1 hour on 2 CPU cores; SEED=1 for a second seed):
+# The split study of issue #10 on top of `make demo`'s output (~40 min on 2 CPU cores; ~20 min more per SEED=1, 2, ...):
 #   1. an NLVR2 teacher fine-tuned from the demo teacher (synthetic NLVR2, easy level, 1500 steps);
 #   2. an NLVR2 student: the demo's distilled student fine-tuned the same way (1500 steps);
 #   3. module sensitivity of the retrieval student and the NLVR2 student (no retraining / 50-step recovery);
