@@ -10,12 +10,17 @@ COMMON = ["--image_size", "32", "--eval_images", "8", "--itm_k", "2", "--per_dev
           "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true"]
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
+def teacher_and_student(root):
+    """Runs the tiny `teacher` and `distill` stages (2 steps each) into root/teacher and root/student."""
     assert main(["teacher", "--preset", "tiny", "--output_dir", str(root / "teacher"), "--max_steps", "2", *COMMON]) == 0
     assert main(["distill", "--teacher", str(root / "teacher"), "--output_dir", str(root / "student"),
                  "--max_steps", "2", *COMMON]) == 0
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    teacher_and_student(root)
     assert main(["prune", "--student", str(root / "student"), "--teacher", str(root / "teacher"),
                  "--output_dir", str(root / "pruned"), "--max_steps", "3", "--target_sparsity", "0.3",
                  "--reg_learning_rate", "0.5", *COMMON]) == 0

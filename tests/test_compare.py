@@ -8,7 +8,7 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForVisualReasoning
 from tests.conftest import tiny_config
-from tests.test_cli_stages import COMMON
+from tests.test_cli_stages import COMMON, teacher_and_student
 from training.cli import main
 from training.compare import default_manual_split, resolve_split, strategy_targets
 from training.structure import prunable_parameters
@@ -20,9 +20,7 @@ TINY_PRUNE = ["--max_steps", "3", "--reg_learning_rate", "0.5", "--latency_repea
 def chain(tmp_path_factory):
     """tiny teacher → student (general distillation) → NLVR2 teacher fine-tuned from the teacher (2 steps each)."""
     root = tmp_path_factory.mktemp("nlvr2_chain")
-    assert main(["teacher", "--preset", "tiny", "--output_dir", str(root / "teacher"), "--max_steps", "2", *COMMON]) == 0
-    assert main(["distill", "--teacher", str(root / "teacher"), "--output_dir", str(root / "student"),
-                 "--max_steps", "2", *COMMON]) == 0
+    teacher_and_student(root)
     assert main(["teacher", "--task", "nlvr2", "--init_from", str(root / "teacher"), "--output_dir",
                  str(root / "nlvr2_teacher"), "--max_steps", "2", *COMMON]) == 0
     return root

@@ -189,8 +189,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         metrics = evaluate_model(pruned, processor, data, held_out, show_progress=False)
         realised = sparsity_report(pruned.config, student.config)["sparsity"]
         results[strategy] = {
-            "targets": {m: target for m in MODALITIES} if strategy == "uniform" else
-                       (manual if strategy == "manual" else {"total": target}),
+            "targets": run_args.modality_targets or {"total": target},
             "sparsity": realised, "expected_sparsity_at_export": expected, "metrics": metrics,
             "metric": metrics[metric], "params": sum(p.numel() for p in pruned.parameters()),
             "train_seconds": time.time() - start, "checkpoint": run_args.output_dir,

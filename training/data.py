@@ -299,14 +299,11 @@ def parse_statement(text: str) -> Statement:
         ValueError: if the text is not in the synthetic grammar.
     """
     tokens = text.lower().split()
-    for quantifier, prefix in _DESCRIPTION_PREFIX.items():
-        words = prefix.split()
-        if tokens[:len(words)] == words:
-            return PairStatement(quantifier, _parse_description(tokens[len(words):], text))
-    for quantifier, prefix in _QUANTIFIER_PREFIX.items():
-        words = prefix.split()
-        if tokens[:len(words)] == words:
-            return PairStatement(quantifier, _parse_phrase(tokens[len(words):], text))
+    for prefixes, parse in ((_DESCRIPTION_PREFIX, _parse_description), (_QUANTIFIER_PREFIX, _parse_phrase)):
+        for quantifier, prefix in prefixes.items():
+            words = prefix.split()
+            if tokens[:len(words)] == words:
+                return PairStatement(quantifier, parse(tokens[len(words):], text))
     if tokens[:1] == ["there"]:
         verb = tokens[1] if len(tokens) > 1 else ""
         phrase = _parse_phrase(tokens[2:], text)
@@ -340,11 +337,15 @@ def random_scene(rng: random.Random, min_objects: int = MIN_OBJECTS, max_objects
     return _place(rng, rng.sample(_ALL_KINDS, n))
 
 
+def _jitter(rng: random.Random) -> dict[str, float]:
+    """A random drawing offset within the cell."""
+    return {"dx": rng.uniform(-_MAX_JITTER, _MAX_JITTER), "dy": rng.uniform(-_MAX_JITTER, _MAX_JITTER)}
+
+
 def _place(rng: random.Random, kinds: list[tuple[str, str, str]]) -> Scene:
     cells = rng.sample(range(GRID * GRID), len(kinds))
     objects = tuple(
-        SceneObject(color=c, shape=s, size=z, x=cell % GRID, y=cell // GRID,
-                    dx=rng.uniform(-_MAX_JITTER, _MAX_JITTER), dy=rng.uniform(-_MAX_JITTER, _MAX_JITTER))
+        SceneObject(color=c, shape=s, size=z, x=cell % GRID, y=cell // GRID, **_jitter(rng))
         for (z, c, s), cell in zip(kinds, cells)
     )
     return Scene(objects)
@@ -646,8 +647,7 @@ statements on images from one scene's family (rearranged twins, one-object pertu
 
 def rejitter_scene(rng: random.Random, scene: Scene) -> Scene:
     """The same objects in the same cells with new drawing offsets (a second photo of the same scene)."""
-    return Scene(tuple(replace(o, dx=rng.uniform(-_MAX_JITTER, _MAX_JITTER), dy=rng.uniform(-_MAX_JITTER, _MAX_JITTER))
-                       for o in scene.objects))
+    return Scene(tuple(replace(o, **_jitter(rng)) for o in scene.objects))
 
 
 def _scene_with_truth(rng: random.Random, source: Scene, statement, truth: bool, level: str = "hard",

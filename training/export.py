@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
+from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForVisualReasoning
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
@@ -46,7 +46,7 @@ class ExportArguments:
 def checkpoint_class(checkpoint: str):
     """The head class a checkpoint was saved from (config.json "architectures"): NLVR2 checkpoints load as
     `EfficientVLMForVisualReasoning`, everything else as `EfficientVLMForImageTextRetrieval`."""
-    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForVisualReasoning
+    from modeling_efficientvlm import EfficientVLMConfig
 
     architectures = EfficientVLMConfig.from_pretrained(checkpoint).architectures or []
     if EfficientVLMForVisualReasoning.__name__ in architectures:
@@ -232,7 +232,7 @@ def save_hub_ready(
     extra = dict(extra or {})
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    if type(model).__name__ == "EfficientVLMForVisualReasoning":
+    if isinstance(model, EfficientVLMForVisualReasoning):
         extra.setdefault("task", "nlvr2")
     with atomic_directory(output_dir, prefix=".export-") as tmp:
         model.save_pretrained(tmp)

@@ -18,6 +18,7 @@ from modeling_efficientvlm import (
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 
 from .benchmark import PRESETS
+from .data import NLVR2_LEVELS
 from .student import init_student_from_teacher
 from .trainer import (
     DistillationArguments,
@@ -75,8 +76,8 @@ class DataArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {sorted(TASKS)}, got {self.task!r}")
-        if self.nlvr2_level not in ("easy", "hard"):
-            raise ValueError(f"--nlvr2_level must be 'easy' or 'hard', got {self.nlvr2_level!r}")
+        if self.nlvr2_level not in NLVR2_LEVELS:
+            raise ValueError(f"--nlvr2_level must be one of {NLVR2_LEVELS}, got {self.nlvr2_level!r}")
         if self.dataset != "synthetic" and not os.path.isfile(self.dataset):
             raise ValueError(f"--dataset must be 'synthetic' or an existing JSON file, got {self.dataset!r}")
         if self.dataset != "synthetic" and not self.tokenizer:
