@@ -7,6 +7,8 @@ from .configuration_efficientvlm import (
     EfficientVLMVisionConfig,
 )
 from .modeling_efficientvlm import (
+    ITM_SCORES,
+    NOT_CANDIDATE_SCORE,
     EfficientVLMEncoderOutput,
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForPreTraining,
@@ -17,9 +19,12 @@ from .modeling_efficientvlm import (
     EfficientVLMVisualReasoningOutput,
     EncoderPruningMasks,
     PruningMasks,
+    itm_match_scores,
 )
 
 __all__ = [
+    "ITM_SCORES",
+    "NOT_CANDIDATE_SCORE",
     "EfficientVLMConfig",
     "EfficientVLMEncoderOutput",
     "EfficientVLMForImageTextRetrieval",
@@ -34,4 +39,5 @@ __all__ = [
     "EfficientVLMVisualReasoningOutput",
     "EncoderPruningMasks",
     "PruningMasks",
+    "itm_match_scores",
 ]

@@ -548,7 +548,11 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         """Image tokens (B, 1 + N, D_vision) for the fusion encoder (and per-layer states for KD)."""
         masks = pruning_masks.vision if pruning_masks is not None else None
         return self.vision_model(
-            pixel_values, masks, output_attentions, output_hidden_states, interpolate_pos_encoding
+            pixel_values,
+            masks=masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
 
     def encode_text(
@@ -561,7 +565,13 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
     ) -> EfficientVLMEncoderOutput:
         """Text tokens (B, T, D_text) from the text encoder."""
         masks = pruning_masks.text if pruning_masks is not None else None
-        return self.text_model(input_ids, attention_mask, None, masks, output_attentions, output_hidden_states)
+        return self.text_model(
+            input_ids,
+            attention_mask=attention_mask,
+            masks=masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
 
     def image_itc_embeds(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + N, D_vision) → (B, embed_dim) L2-normalised ITC embedding of the [CLS] token."""
@@ -601,7 +611,12 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         """Fusion encoder over aligned pairs: text (B, T, D_text) with image (B, 1 + N, D_vision)."""
         masks = pruning_masks.fusion if pruning_masks is not None else None
         return self.fusion_model(
-            text_tokens, attention_mask, image_tokens, None, masks, output_attentions, output_hidden_states
+            text_tokens,
+            attention_mask=attention_mask,
+            image_hidden_states=image_tokens,
+            masks=masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
 
     def forward(
@@ -621,11 +636,21 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         image_embeds = text_embeds = logits_per_image = logits_per_text = loss = None
         if pixel_values is not None:
             vision = self.encode_image(
-                pixel_values, pruning_masks, output_attentions, output_hidden_states, interpolate_pos_encoding
+                pixel_values,
+                pruning_masks,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                interpolate_pos_encoding=interpolate_pos_encoding,
             )
             image_embeds = self.image_itc_embeds(vision.last_hidden_state)
         if input_ids is not None:
-            text = self.encode_text(input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states)
+            text = self.encode_text(
+                input_ids,
+                attention_mask,
+                pruning_masks,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
             text_embeds = self.text_itc_embeds(text.last_hidden_state)
         if image_embeds is not None and text_embeds is not None:
             logits_per_image = image_embeds @ text_embeds.t() / self.temperature
@@ -644,12 +669,43 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         )
 
 
+ITM_SCORES = ("match_logit", "logit_diff", "match_logit_plus_itc", "probability")
+"""How an ITM re-ranker scores a pair: X-VLM ranks by the match logit; "logit_diff" is the match log-odds
+(logit(match) − logit(no match)); ALBEF adds the ITC cosine to the match logit; "probability" is softmax(match)."""
+NOT_CANDIDATE_SCORE = -100.0
+"""X-VLM's score for pairs outside a query's ITC top-k (below any re-scored candidate)."""
+
+
+def itm_match_scores(logits: torch.Tensor, itm_score: str = "match_logit", itc: torch.Tensor | None = None):
+    """(P,) ranking scores from ITM logits (P, 2) (index 1 = match); `itc` (P,) cosines for "match_logit_plus_itc"."""
+    logits = logits.float()
+    if itm_score == "match_logit":
+        return logits[:, 1]
+    if itm_score == "logit_diff":
+        return logits[:, 1] - logits[:, 0]
+    if itm_score == "probability":
+        return logits.softmax(-1)[:, 1]
+    if itm_score == "match_logit_plus_itc":
+        if itc is None:
+            raise ValueError("itm_score='match_logit_plus_itc' needs the pairs' ITC similarities")
+        return logits[:, 1] + itc.float()
+    raise ValueError(f"itm_score must be one of {ITM_SCORES}, got {itm_score!r}")
+
+
+def _topk_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows × their top-k columns of `sim` (Q, C) as flat (query, candidate) index tensors, each (Q * k,)."""
+    top = sim.topk(k, dim=1).indices
+    return torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k), top.reshape(-1)
+
+
 class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
     """ITC + ITM: the retrieval model (ITC ranks everything; the ITM head re-scores the top candidates).
 
     Weight names are shared with `EfficientVLMModel` and `EfficientVLMForPreTraining` (no prefix), so every
     checkpoint loads into every class (missing heads are initialised, extra heads dropped with a warning).
     """
+
+    ITM_SCORES = ITM_SCORES  # what `rerank` / `itm_pair_scores` accept as `itm_score`
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
@@ -671,7 +727,12 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
     ) -> tuple[torch.Tensor, EfficientVLMEncoderOutput]:
         """ITM logits (B, 2) for aligned (text, image) token pairs, and the fusion output."""
         fused = self.fuse(
-            text_tokens, attention_mask, image_tokens, pruning_masks, output_attentions, output_hidden_states
+            text_tokens,
+            attention_mask,
+            image_tokens,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         return self.itm_head(fused.last_hidden_state[:, 0]), fused
 
@@ -689,6 +750,107 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         logits, _ = self.itm_logits(text_tokens.last_hidden_state, attention_mask, image_tokens.last_hidden_state)
         return logits[:, 1] - logits[:, 0]
 
+    @torch.no_grad()
+    def itm_pair_scores(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_idx: torch.Tensor,
+        text_idx: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        itm_score: str = "match_logit",
+        itc: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        progress=None,
+    ) -> torch.Tensor:
+        """Ranking scores (P,) of pairs (image_idx[p], text_idx[p]) of cached encoder tokens.
+
+        Args:
+            image_tokens: (N_img, 1 + N, D_vision) vision encoder outputs.
+            text_tokens: (N_txt, T, D_text) text encoder outputs (right padded).
+            attention_mask: (N_txt, T) text mask; each batch is trimmed to its longest text.
+            image_idx / text_idx: (P,) long pair indices.
+            pruning_masks: masks of a gated model (None = dense).
+            itm_score: one of `ITM_SCORES`.
+            itc: (P,) ITC cosines of the pairs (only "match_logit_plus_itc" reads them).
+            batch_size: pairs per fusion pass (None = all at once).
+            progress: optional fn(iterable) -> iterable (e.g. tqdm) over the batches.
+        """
+        total = image_idx.numel()
+        step = batch_size or max(total, 1)
+        starts = range(0, total, step)
+        scores = torch.empty(total, dtype=torch.float32, device=image_tokens.device)
+        for start in progress(starts) if progress is not None else starts:
+            images, texts = image_idx[start : start + step], text_idx[start : start + step]
+            mask = attention_mask[texts]
+            length = int(mask.sum(1).max())
+            logits, _ = self.itm_logits(
+                text_tokens=text_tokens[texts, :length],
+                attention_mask=mask[:, :length],
+                image_tokens=image_tokens[images],
+                pruning_masks=pruning_masks,
+            )
+            pair_itc = None if itc is None else itc[start : start + step]
+            scores[start : start + images.numel()] = itm_match_scores(logits, itm_score, pair_itc)
+        return scores
+
+    @torch.no_grad()
+    def rerank(
+        self,
+        sim_i2t: torch.Tensor,
+        k: int,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        itm_score: str = "match_logit",
+        batch_size: int | None = None,
+        directions: tuple[str, ...] = ("i2t", "t2i"),
+        progress=None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """ITC top-k → ITM re-ranking (ALBEF / X-VLM): each query's k best ITC candidates get their ITM score, every
+        other pair `NOT_CANDIDATE_SCORE`. A pair in the top-k of both its image and its text is scored once.
+
+        Args:
+            sim_i2t: (N_img, N_txt) ITC cosine similarities.
+            k: candidates per query, clamped to the gallery size (0 = ITC only: the similarities are returned).
+            image_tokens / text_tokens / attention_mask: cached encoder outputs (see `itm_pair_scores`).
+            pruning_masks, itm_score, batch_size, progress: as `itm_pair_scores`.
+            directions: "i2t" (image queries rank texts) and / or "t2i" (text queries rank images).
+
+        Returns:
+            (scores_i2t (N_img, N_txt) or None, scores_t2i (N_txt, N_img) or None), float32; None for a direction
+            not asked for.
+        """
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if not directions or set(directions) - {"i2t", "t2i"}:
+            raise ValueError(f"directions must be a non-empty subset of ('i2t', 't2i'), got {directions}")
+        sim = sim_i2t.detach().float()
+        if k == 0 or sim.numel() == 0:
+            return (sim.clone() if "i2t" in directions else None, sim.t().clone() if "t2i" in directions else None)
+        n_img, n_txt = sim.shape
+        queries = {}  # direction -> (flat pair ids image * n_txt + text, row and column of each in its matrix)
+        if "i2t" in directions:
+            img_q, txt_c = _topk_pairs(sim, min(k, n_txt))
+            queries["i2t"] = (img_q * n_txt + txt_c, img_q, txt_c)
+        if "t2i" in directions:
+            txt_q, img_c = _topk_pairs(sim.t(), min(k, n_img))
+            queries["t2i"] = (img_c * n_txt + txt_q, txt_q, img_c)
+        unique_ids, inverse = torch.unique(torch.cat([ids for ids, _, _ in queries.values()]), return_inverse=True)
+        image_idx, text_idx = unique_ids // n_txt, unique_ids % n_txt
+        unique_scores = self.itm_pair_scores(
+            image_tokens, text_tokens, attention_mask, image_idx, text_idx, pruning_masks=pruning_masks,
+            itm_score=itm_score, itc=sim[image_idx, text_idx], batch_size=batch_size, progress=progress,
+        )
+        out, offset = {}, 0
+        for direction, (ids, rows, columns) in queries.items():
+            matrix = torch.full_like(sim if direction == "i2t" else sim.t(), NOT_CANDIDATE_SCORE)
+            matrix[rows, columns] = unique_scores[inverse[offset : offset + ids.numel()]]
+            out[direction], offset = matrix, offset + ids.numel()
+        return out.get("i2t"), out.get("t2i")
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -704,23 +866,23 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
     ) -> EfficientVLMOutput:
         """ITC logits over the batch; with `compute_itm=True` also ITM logits of the aligned pairs (image i, text i)."""
         output = super().forward(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            pruning_masks,
-            output_attentions,
-            output_hidden_states,
-            interpolate_pos_encoding,
-            return_loss,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_loss=return_loss,
         )
         if compute_itm:
             output.itm_logits, output.fusion_model_output = self.itm_logits(
                 output.text_model_output.last_hidden_state,
                 attention_mask,
                 output.vision_model_output.last_hidden_state,
-                pruning_masks,
-                output_attentions,
-                output_hidden_states,
+                pruning_masks=pruning_masks,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
             )
         return output
 
@@ -766,9 +928,20 @@ class EfficientVLMForPreTraining(EfficientVLMForImageTextRetrieval):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, EfficientVLMEncoderOutput, EfficientVLMEncoderOutput]:
         """MLM logits (B, T, V) of masked text fused with its image; returns (logits, text output, fusion output)."""
-        text = self.encode_text(mlm_input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states)
+        text = self.encode_text(
+            mlm_input_ids,
+            attention_mask,
+            pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
         fused = self.fuse(
-            text.last_hidden_state, attention_mask, image_tokens, pruning_masks, output_attentions, output_hidden_states
+            text.last_hidden_state,
+            attention_mask,
+            image_tokens,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         return self.mlm_head(fused.last_hidden_state), text, fused
 
@@ -789,15 +962,15 @@ class EfficientVLMForPreTraining(EfficientVLMForImageTextRetrieval):
     ) -> EfficientVLMOutput:
         """As the retrieval model, plus MLM logits when `mlm_input_ids` is given (loss added if `mlm_labels`)."""
         output = super().forward(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            pruning_masks,
-            output_attentions,
-            output_hidden_states,
-            interpolate_pos_encoding,
-            return_loss,
-            compute_itm,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_loss=return_loss,
+            compute_itm=compute_itm,
         )
         if mlm_input_ids is not None:
             image_tokens = output.vision_model_output.last_hidden_state
@@ -878,18 +1051,28 @@ class EfficientVLMForVisualReasoning(EfficientVLMModel):
         batch = pixel_values.shape[0]
         # one vision pass over the 2B images; flatten keeps each item's pair adjacent (2b = left, 2b + 1 = right)
         vision = self.encode_image(
-            pixel_values.flatten(0, 1), pruning_masks, output_attentions, output_hidden_states, interpolate_pos_encoding
+            pixel_values.flatten(0, 1),
+            pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        text = self.encode_text(input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states)
+        text = self.encode_text(
+            input_ids,
+            attention_mask,
+            pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
         # one fusion pass over 2B rows: each statement repeated for its two images, in the same pair-adjacent order
         pair_mask = None if attention_mask is None else attention_mask.repeat_interleave(2, dim=0)
         fused = self.fuse(
             text.last_hidden_state.repeat_interleave(2, dim=0),
             pair_mask,
             vision.last_hidden_state,
-            pruning_masks,
-            output_attentions,
-            output_hidden_states,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         pair_cls = fused.last_hidden_state[:, 0].reshape(batch, -1)  # (B, 2d) = [CLS_left ; CLS_right]
         logits = self.nlvr_head(pair_cls)
@@ -900,6 +1083,8 @@ class EfficientVLMForVisualReasoning(EfficientVLMModel):
 
 
 __all__ = [
+    "ITM_SCORES",
+    "NOT_CANDIDATE_SCORE",
     "EfficientVLMAttention",
     "EfficientVLMEncoderOutput",
     "EfficientVLMForImageTextRetrieval",
@@ -913,6 +1098,7 @@ __all__ = [
     "EfficientVLMVisualReasoningOutput",
     "EncoderPruningMasks",
     "PruningMasks",
+    "itm_match_scores",
 ]
 
 # Hub remote code: `save_pretrained` copies these files and writes `auto_map`, so `AutoModel.from_pretrained(repo,

@@ -39,7 +39,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 TASK = "image-text-retrieval"
 TEXT, IMAGE = "text", "image"
-ITM_SCORES = ("logit_diff", "probability")
+DEFAULT_ITM_SCORE = "logit_diff"  # the match log-odds: sigmoid(score) is the match probability
 # Auto class the built-in zero-shot-image-classification pipeline loads its model with.
 ZERO_SHOT_AUTO_CLASS = "AutoModelForZeroShotImageClassification"
 DEFAULT_BATCH_SIZE = 32
@@ -119,9 +119,11 @@ class ImageTextRetrievalPipeline(Pipeline):
 
     Call arguments (also accepted by the constructor as defaults):
         top_k: how many gallery items to return per query (None = all).
-        rerank_k: how many ITC candidates per query to re-score with the ITM head (0 = ITC only).
-        itm_score: "logit_diff" (default): ITM logit of "match" minus "no match" (the match log-odds, as
-            `EfficientVLMForImageTextRetrieval.score_pairs`); "probability": softmax probability of "match".
+        rerank_k: how many ITC candidates per query to re-score with the ITM head (0 = ITC only); the re-ranking
+            is the model's own `rerank` (the one the evaluation and benchmark run).
+        itm_score: one of the model's `ITM_SCORES`: "logit_diff" (default here: the match log-odds, sigmoid of it
+            is the match probability), "match_logit" (X-VLM), "match_logit_plus_itc" (ALBEF: match logit + the ITC
+            score shown), "probability".
         scale_by_temperature: divide ITC cosine similarities by the model's learned temperature.
         batch_size: encoder / fusion batch size (default 32).
         query_modality / gallery_modality: "text" or "image" to override the inference (a `str` is a text unless it
@@ -176,15 +178,16 @@ class ImageTextRetrievalPipeline(Pipeline):
         if rerank_k is not None:
             if not isinstance(rerank_k, int) or isinstance(rerank_k, bool) or rerank_k < 0:
                 raise ValueError(f"rerank_k must be an int >= 0, got {rerank_k!r}")
-            if rerank_k > 0 and not callable(getattr(self.model, "itm_logits", None)):
+            if rerank_k > 0 and not callable(getattr(self.model, "rerank", None)):
                 raise ValueError(
-                    f"rerank_k={rerank_k} needs an ITM head, but {type(self.model).__name__} has no `itm_logits`; load "
+                    f"rerank_k={rerank_k} needs an ITM head, but {type(self.model).__name__} has no `rerank`; load "
                     "the checkpoint with AutoModel (EfficientVLMForImageTextRetrieval) or use rerank_k=0"
                 )
             forward["rerank_k"] = rerank_k
         if itm_score is not None:
-            if itm_score not in ITM_SCORES:
-                raise ValueError(f"itm_score must be one of {ITM_SCORES}, got {itm_score!r}")
+            allowed = getattr(self.model, "ITM_SCORES", (DEFAULT_ITM_SCORE,))  # the re-ranker's own list
+            if itm_score not in allowed:
+                raise ValueError(f"itm_score must be one of {allowed}, got {itm_score!r}")
             forward["itm_score"] = itm_score
         if scale_by_temperature is not None:
             forward["scale_by_temperature"] = bool(scale_by_temperature)
@@ -254,7 +257,7 @@ class ImageTextRetrievalPipeline(Pipeline):
         model_inputs: dict[str, Any],
         top_k: int | None = 5,
         rerank_k: int = 0,
-        itm_score: str = "logit_diff",
+        itm_score: str = DEFAULT_ITM_SCORE,
         scale_by_temperature: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> dict[str, Any]:
@@ -273,10 +276,13 @@ class ImageTextRetrievalPipeline(Pipeline):
         scores = torch.gather(itc, 1, order)
         reranked = torch.zeros_like(order, dtype=torch.bool)
         if rerank > 0:
-            itm = self._itm_scores(queries, query_mod, gallery, gallery_mod, order[:, :rerank], itm_score, batch_size)
-            head = itm.argsort(dim=1, descending=True, stable=True)  # (Q, rerank)
-            order[:, :rerank] = torch.gather(order[:, :rerank], 1, head)
-            scores[:, :rerank] = torch.gather(itm, 1, head)
+            itm, candidate = self._itm_scores(queries, query_mod, gallery, gallery_mod, itc, rerank, itm_score,
+                                              batch_size)
+            # re-ranked candidates by ITM first, then every other item in its ITC order
+            head = torch.where(candidate, itm, float("-inf")).argsort(dim=1, descending=True, stable=True)[:, :rerank]
+            tail = torch.where(candidate, float("-inf"), itc).argsort(dim=1, descending=True, stable=True)
+            order = torch.cat([head, tail[:, : num - rerank]], dim=1)
+            scores = torch.cat([torch.gather(itm, 1, head), torch.gather(itc, 1, order[:, rerank:])], dim=1)
             reranked[:, :rerank] = True
         return {
             "indices": order[:, :k],
@@ -375,28 +381,34 @@ class ImageTextRetrievalPipeline(Pipeline):
         query_mod: str,
         gallery: list[Any],
         gallery_mod: str,
-        candidates: torch.Tensor,
+        itc: torch.Tensor,
+        rerank: int,
         itm_score: str,
         batch_size: int,
-    ) -> torch.Tensor:
-        """(Q, R) ITM scores of each query with its R candidate gallery indices (`candidates`, (Q, R))."""
-        if not callable(getattr(self.model, "itm_logits", None)):
-            raise ValueError(f"rerank_k > 0 needs an ITM head, but {type(self.model).__name__} has no `itm_logits`")
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM scores (Q, G) of each query's `rerank` best ITC candidates and the (Q, G) mask of those candidates.
+
+        The re-ranking itself is the model's (`rerank`: ITC top-k → ITM, the one implementation evaluation and
+        benchmark use too); only the candidates any query needs are encoded again for their tokens.
+        """
+        if not callable(getattr(self.model, "rerank", None)):
+            raise ValueError(f"rerank_k > 0 needs an ITM head, but {type(self.model).__name__} has no `rerank`")
+        needed = torch.unique(itc.topk(rerank, dim=1).indices)  # gallery items in some query's top-k
         query_tokens = self._tokens(queries, query_mod, batch_size)
-        needed = sorted(set(candidates.flatten().tolist()))
-        cached = dict(zip(needed, self._tokens([gallery[i] for i in needed], gallery_mod, batch_size)))
-        pairs = [(q, c) for q, row in enumerate(candidates.tolist()) for c in row]
-        scores = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            query_side = [query_tokens[q] for q, _ in chunk]
-            gallery_side = [cached[c] for _, c in chunk]
-            texts, images = (query_side, gallery_side) if query_mod == TEXT else (gallery_side, query_side)
-            text_tokens, text_mask = _pad_tokens(texts)
-            out = self.model.itm_logits(text_tokens, text_mask, torch.stack(images))
-            logits = (out[0] if isinstance(out, tuple) else out).float()  # (b, 2), index 1 = match
-            scores.append(logits[:, 1] - logits[:, 0] if itm_score == "logit_diff" else logits.softmax(-1)[:, 1])
-        return torch.cat(scores).view(candidates.shape)
+        gallery_tokens = self._tokens([gallery[i] for i in needed.tolist()], gallery_mod, batch_size)
+        texts, images = (query_tokens, gallery_tokens) if query_mod == TEXT else (gallery_tokens, query_tokens)
+        text_tokens, text_mask = _pad_tokens(texts)
+        sim = itc[:, needed]  # (Q, N): the candidates' ITC scores; ranks within a row are those of the full row
+        sim_i2t = sim.t() if query_mod == TEXT else sim
+        scores_i2t, scores_t2i = self.model.rerank(
+            sim_i2t, rerank, torch.stack(images), text_tokens, text_mask, itm_score=itm_score, batch_size=batch_size,
+            directions=("t2i",) if query_mod == TEXT else ("i2t",),
+        )
+        full = torch.full_like(itc, float("-inf"))
+        full[:, needed] = (scores_t2i if query_mod == TEXT else scores_i2t).to(itc)  # (Q, N) → (Q, G)
+        candidate = torch.zeros_like(itc, dtype=torch.bool)
+        candidate[:, needed] = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(rerank, dim=1).indices, True)
+        return full, candidate
 
     # ---------------------------------------------------------------------------------------------------------------
     # Saving

@@ -19,9 +19,8 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.modeling_efficientvlm import PruningMasks
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 from tests.conftest import tiny_config
-from training.evaluation import (
-    evaluate_nlvr2, evaluate_retrieval, make_retrieval_compute_metrics, rerank_scores, retrieval_metrics,
-)
+from training.tasks.nlvr2 import evaluate_nlvr2
+from training.tasks.retrieval import evaluate_retrieval, make_retrieval_compute_metrics, retrieval_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "a an the red blue green cube ball cone left right of on top is are two one image".split()
@@ -102,14 +101,27 @@ def test_trainer_compute_metrics():
 # ------------------------------------------------------------------------------------------------------ re-ranking
 
 
-def _identity_itm(calls: list[int]):
-    """ITM oracle: 5 for a true (diagonal) pair, 0 otherwise; records each call's batch size."""
+def _oracle_reranker(calls: list[int]):
+    """The model's `rerank` over an ITM oracle: match logit 5 for a true (diagonal) pair, 0 otherwise (tokens carry
+    their item's index); records each fusion call's batch size. Returns fn(sim, k, batch_size) -> (i2t, t2i)."""
 
-    def score(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-        calls.append(image_idx.numel())
-        return (image_idx == text_idx).float() * 5
+    def itm_logits(text_tokens, attention_mask, image_tokens, pruning_masks=None, **kwargs):
+        calls.append(image_tokens.shape[0])
+        match = (image_tokens[:, 0, 0] == text_tokens[:, 0, 0]).float() * 5
+        return torch.stack([torch.zeros_like(match), match], dim=1), None
 
-    return score
+    oracle = SimpleNamespace(itm_logits=itm_logits)
+    oracle.itm_pair_scores = lambda *a, **kw: EfficientVLMForImageTextRetrieval.itm_pair_scores(oracle, *a, **kw)
+
+    def rerank(sim: torch.Tensor, k: int, batch_size: int | None = None):
+        n_img, n_txt = sim.shape
+        image_tokens = torch.arange(n_img, dtype=torch.float32)[:, None, None]
+        text_tokens = torch.arange(n_txt, dtype=torch.float32)[:, None, None]
+        return EfficientVLMForImageTextRetrieval.rerank(
+            oracle, sim, k, image_tokens, text_tokens, torch.ones(n_txt, 1, dtype=torch.long), batch_size=batch_size
+        )
+
+    return rerank
 
 
 def test_itm_reranking_fixes_top_k_only():
@@ -120,7 +132,7 @@ def test_itm_reranking_fixes_top_k_only():
     gt = ([[0], [1], [2], [3]], [0, 1, 2, 3])
     assert retrieval_metrics(sim, *gt)["txt_r1"] == 50.0
     calls: list[int] = []
-    i2t, t2i = rerank_scores(sim, k=2, itm_score_fn=_identity_itm(calls), batch_size=3, show_progress=False)
+    i2t, t2i = _oracle_reranker(calls)(sim, k=2, batch_size=3)
     assert i2t.argmax(1).tolist() == [0, 0, 2, 3]  # image 0 fixed; image 1 cannot be
     assert i2t[1, 1] == -100.0 and (i2t == -100).sum(1).tolist() == [2, 2, 2, 2]
     assert t2i.shape == (4, 4) and (t2i == -100).sum(1).tolist() == [2, 2, 2, 2]
@@ -133,9 +145,9 @@ def test_itm_reranking_fixes_top_k_only():
 def test_k0_is_itc_and_k_clamps_to_gallery():
     sim = torch.tensor(_ranked_matrix([0, 2, 1, 3]), dtype=torch.float32)
     calls: list[int] = []
-    i2t, t2i = rerank_scores(sim, k=0, itm_score_fn=_identity_itm(calls), show_progress=False)
+    i2t, t2i = _oracle_reranker(calls)(sim, k=0)
     assert calls == [] and torch.equal(i2t, sim) and torch.equal(t2i, sim.t())
-    i2t, t2i = rerank_scores(sim, k=100, itm_score_fn=_identity_itm(calls), batch_size=64, show_progress=False)
+    i2t, t2i = _oracle_reranker(calls)(sim, k=100, batch_size=64)
     assert sum(calls) == 16 and torch.equal(i2t, torch.eye(4) * 5) and torch.equal(t2i, torch.eye(4) * 5)
 
 
@@ -193,7 +205,7 @@ def test_evaluate_module_loads_by_path_offline(tmp_path):
         metric = evaluate.load({os.path.join(REPO, "training", "metrics", "retrieval")!r})
         rows = {scores.tolist()!r}
         a = metric.compute(predictions=rows, references={img2txt!r})
-        from training.evaluation import load_retrieval_metric  # importable now via the module's path fallback
+        from training.tasks.retrieval import load_retrieval_metric  # importable now via the module's path fallback
         other = load_retrieval_metric()
         other.add_batch(predictions=rows[:5], references={img2txt[:5]!r})
         b = other.compute(predictions=rows[5:], references={img2txt[5:]!r}, txt2img=list(range(12)),

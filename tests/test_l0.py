@@ -6,8 +6,8 @@ import torch
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from tests.conftest import tiny_config
 from training import ModalL0Module, materialize
-from training.materialize import pruned_config
-from training.structure import count_parameters, unit_groups
+from training.method.materialize import pruned_config
+from training.method.structure import count_parameters, unit_groups
 
 
 def _set_log_alpha(l0, value_fn):

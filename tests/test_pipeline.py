@@ -185,7 +185,7 @@ def test_errors(setup):
     dual_encoder = ImageTextRetrievalPipeline(model=EfficientVLMModel(tiny_config()).eval(), processor=processor,
                                               device=-1)
     assert len(dual_encoder(QUERY, gallery=images, top_k=2)) == 2  # ITC works without an ITM head
-    with pytest.raises(ValueError, match="no `itm_logits`"):
+    with pytest.raises(ValueError, match="no `rerank`"):
         dual_encoder(QUERY, gallery=images, rerank_k=2)
     with pytest.raises(ValueError, match="processor"):
         ImageTextRetrievalPipeline(model=setup["model"], device=-1)

@@ -10,9 +10,9 @@ from modeling_efficientvlm import (
     PruningMasks,
 )
 from tests.conftest import ragged_config, run_clean_python, tiny_config, tiny_inputs
-from training.materialize import materialize
-from training.structure import count_parameters, encoder_flops, prunable_parameters, unit_groups
-from training.student import default_init_map, init_student_from_teacher
+from training.method.materialize import materialize
+from training.method.structure import count_parameters, encoder_flops, prunable_parameters, unit_groups
+from training.method.student import default_init_map, init_student_from_teacher
 
 
 @pytest.mark.parametrize("config_fn", [tiny_config, ragged_config])
@@ -67,8 +67,9 @@ def test_default_init_map_and_errors():
     assert default_init_map(3, 6) == [1, 3, 5]
     with pytest.raises(ValueError, match="cannot be deeper"):
         default_init_map(4, 2)
-    with pytest.raises(ValueError, match="pass an explicit layer map"):
-        default_init_map(3, 4)
+    # depths that do not divide take the last teacher layer of each block (ceil((i+1)·T/S) − 1)
+    assert default_init_map(3, 4) == [1, 2, 3]
+    assert default_init_map(4, 6) == [1, 2, 4, 5]
 
 
 def test_student_copies_exactly_the_mapped_layers():

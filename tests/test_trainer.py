@@ -18,7 +18,9 @@ from training import (
     make_gated_model,
     materialize,
 )
-from training.trainer import GATES_FILE, distillation_losses, layer_maps
+from training.method.distillation import layer_maps
+from training.method.l0 import GATES_FILE
+from training.tasks.retrieval import retrieval_losses
 
 
 def _batches(n=8, batch=4, seed=0, vocab=99):
@@ -57,7 +59,7 @@ def test_kd_is_exactly_zero_when_student_equals_teacher_and_pairs_are_shared(tmp
     student = copy.deepcopy(teacher)
     args = _args(DistillationArguments, tmp_path)
     batch = _collate(_batches(1)[:4])
-    total, parts = distillation_losses(student, teacher, batch, args, layer_maps(student.config, teacher.config),
+    total, parts = retrieval_losses(student, teacher, batch, args, layer_maps(student.config, teacher.config),
                                        generator=torch.Generator().manual_seed(0))
     for name in ("attn", "hidden", "logits"):
         assert float(parts[name]) == pytest.approx(0.0, abs=1e-10), name
@@ -82,7 +84,7 @@ def test_negative_pairs_are_shared(tmp_path, monkeypatch):
     spy("student", student)
     spy("teacher", teacher)
     batch = _collate(_batches(1)[:4])
-    distillation_losses(student, teacher, batch, _args(DistillationArguments, tmp_path),
+    retrieval_losses(student, teacher, batch, _args(DistillationArguments, tmp_path),
                         layer_maps(student.config, teacher.config), generator=torch.Generator().manual_seed(3))
     # map fused rows back to batch rows through the text tokens of each model's own text encoder
     s_text = student.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
@@ -107,10 +109,10 @@ def test_distillation_decreases_losses_and_leaves_teacher_unchanged(tmp_path):
                                               teacher_model=teacher)
     batch = _collate(data[:4])
     maps = layer_maps(student.config, teacher.config)
-    _, first = distillation_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
+    _, first = retrieval_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
     trainer.train()
     student.eval()
-    _, last = distillation_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
+    _, last = retrieval_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
     for name in ("total", "attn", "hidden", "logits"):
         assert float(last[name]) < float(first[name]), name
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())

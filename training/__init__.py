@@ -1,4 +1,11 @@
-"""EfficientVLM training layer: distillation, modal-adaptive pruning, materialization, evaluation, benchmark, CLI.
+"""EfficientVLM training layer, grouped by role:
+
+  method/    losses, hard-concrete gates, the modal L0 module, the size model, materialize, student init + layer map,
+             the shared distillation terms, argument dataclasses, the Trainer subclasses
+  tasks/     one module per task (retrieval, nlvr2): head class, data, loss step, evaluation, inference path; registry
+  data/      synthetic scenes, file formats, collators, the synthetic-caption tokenizer
+  commands/  the `efficientvlm` CLI and its stages, demo, export / push, bench, analysis, compare, convert, presets
+  metrics/   the retrieval metric as a local `evaluate` module
 
 Imports torch/transformers-heavy pieces lazily so `efficientvlm --help` stays fast.
 """
@@ -6,27 +13,27 @@ Imports torch/transformers-heavy pieces lazily so `efficientvlm --help` stays fa
 from importlib import import_module
 
 _EXPORTS = {
-    "ModalL0Module": ".l0",
-    "HardConcreteGate": ".gates",
-    "init_student_from_teacher": ".student",
-    "count_parameters": ".structure",
-    "EfficientVLMDistillationTrainer": ".trainer",
-    "EfficientVLMPruningTrainer": ".trainer",
-    "DistillationArguments": ".trainer",
-    "PruningArguments": ".trainer",
-    "GatedModel": ".trainer",
-    "make_gated_model": ".trainer",
-    "from_vision_text_pretrained": ".convert",
-    "convert_xvlm_checkpoint": ".convert",
-    "evaluate_retrieval": ".evaluation",
-    "retrieval_metrics": ".evaluation",
+    "ModalL0Module": ".method.l0",
+    "HardConcreteGate": ".method.gates",
+    "init_student_from_teacher": ".method.student",
+    "count_parameters": ".method.structure",
+    "materialize": ".method.materialize",
+    "EfficientVLMDistillationTrainer": ".method.trainers",
+    "EfficientVLMPruningTrainer": ".method.trainers",
+    "GatedModel": ".method.trainers",
+    "make_gated_model": ".method.trainers",
+    "DistillationArguments": ".method.arguments",
+    "PruningArguments": ".method.arguments",
+    "TASKS": ".tasks",
+    "get_task": ".tasks",
+    "from_vision_text_pretrained": ".commands.convert",
+    "convert_xvlm_checkpoint": ".commands.convert",
+    "evaluate_retrieval": ".tasks.retrieval",
+    "retrieval_metrics": ".tasks.retrieval",
+    "evaluate_nlvr2": ".tasks.nlvr2",
 }
 
-# `materialize` names both a submodule and its function: bind the function eagerly so the submodule import (which
-# sets the package attribute) cannot shadow it later.
-from .materialize import materialize  # noqa: E402
-
-__all__ = sorted([*_EXPORTS, "materialize"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

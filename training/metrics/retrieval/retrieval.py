@@ -1,7 +1,7 @@
 """Image-text retrieval recall (TR / IR R@1/5/10 and r_mean) as a local `evaluate` metric.
 
 Load it by path, no Hub access: `evaluate.load("<repo>/training/metrics/retrieval")` or
-`training.evaluation.load_retrieval_metric()`. The computation is `training.evaluation.retrieval_metrics`, so the
+`training.tasks.retrieval.load_retrieval_metric()`. The computation is `training.tasks.retrieval.retrieval_metrics`, so the
 Trainer's `compute_metrics` and this module agree exactly.
 """
 
@@ -14,13 +14,13 @@ import evaluate
 
 
 def _import_retrieval_metrics():
-    """`training.evaluation.retrieval_metrics`, also when the `training` package is not on sys.path.
+    """`training.tasks.retrieval.retrieval_metrics`, also when the `training` package is not on sys.path.
 
     `evaluate.load` runs a copy of this file from its modules cache and writes the original path into a JSON next to
     that copy; the repository root is three folders above the original (training/metrics/retrieval/retrieval.py).
     """
     try:
-        from training.evaluation import retrieval_metrics
+        from training.tasks.retrieval import retrieval_metrics
 
         return retrieval_metrics
     except ImportError as error:
@@ -31,10 +31,10 @@ def _import_retrieval_metrics():
                     candidates.append(os.path.abspath(json.load(f)["original file path"]))
         for original in candidates:
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(original))))
-            if os.path.isfile(os.path.join(root, "training", "evaluation.py")):
+            if os.path.isfile(os.path.join(root, "training", "tasks", "retrieval.py")):
                 sys.path.insert(0, root)
                 sys.modules.pop("training", None)  # a failed import may have left a stale entry
-                from training.evaluation import retrieval_metrics
+                from training.tasks.retrieval import retrieval_metrics
 
                 return retrieval_metrics
         raise ImportError("the retrieval metric needs the efficientvlm `training` package (pip install it, or load "

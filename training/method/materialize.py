@@ -12,15 +12,7 @@ import torch
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
-from .structure import ENCODER_CONFIG_KEYS, MODALITIES
-from .student import ENCODER_MODULES
-
-# mask field of EncoderPruningMasks → (config field, module attribute in the layer)
-_KINDS = {
-    "head": ("num_attention_heads", "self_attn"),
-    "cross_head": ("num_cross_attention_heads", "cross_attn"),
-    "ffn": ("intermediate_size", "mlp"),
-}
+from .structure import ENCODER_CONFIG_KEYS, ENCODER_MODULES, MODALITIES, unit_kinds
 
 
 def _kept(mask: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,19 +53,16 @@ def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMask
     """Slices one encoder's layers in `state` (sizes of the original `config`)."""
     sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
     module = ENCODER_MODULES[modality]
-    norms = {"head": "layer_norm1", "cross_head": "layer_norm_cross", "ffn": "layer_norm2"}
-    for kind, (field, attr) in _KINDS.items():
-        if field not in sub.per_layer_fields:
-            continue
-        layer_masks = getattr(masks, kind) if masks is not None else None
-        for layer, size in enumerate(getattr(sub, field)):
+    for kind in unit_kinds(modality):
+        layer_masks = getattr(masks, kind.name) if masks is not None else None
+        for layer, size in enumerate(getattr(sub, kind.config_field)):
             if size == 0:
                 continue
             keep, scale = _kept(None if layer_masks is None else layer_masks[layer], size)
-            prefix = f"{module}.layers.{layer}.{attr}"
+            prefix = f"{module}.layers.{layer}.{kind.module}"
             if len(keep) == 0:  # removed sub-layer: no parameters at all, not even its LayerNorm
-                _drop_prefix(state, (prefix + ".", f"{module}.layers.{layer}.{norms[kind]}."))
-            elif kind == "ffn":
+                _drop_prefix(state, (prefix + ".", f"{module}.layers.{layer}.{kind.norm}."))
+            elif kind.name == "ffn":
                 _slice_mlp(state, prefix, keep, scale)
             else:
                 _slice_attention(state, prefix, keep, scale, sub.head_dim)
@@ -85,14 +74,14 @@ def pruned_config(config, masks: PruningMasks):
     for modality, key in ENCODER_CONFIG_KEYS.items():
         sub = getattr(config, key)
         encoder_masks = getattr(masks, modality)
-        for kind, (field, _) in _KINDS.items():
-            if field not in sub.per_layer_fields or encoder_masks is None or getattr(encoder_masks, kind) is None:
+        for kind in unit_kinds(modality):
+            if encoder_masks is None or getattr(encoder_masks, kind.name) is None:
                 continue
-            sizes = list(getattr(sub, field))
-            for layer, mask in enumerate(getattr(encoder_masks, kind)):
+            sizes = list(getattr(sub, kind.config_field))
+            for layer, mask in enumerate(getattr(encoder_masks, kind.name)):
                 if mask is not None and sizes[layer]:
                     sizes[layer] = int((mask != 0).sum())
-            setattr(sub, field, sizes)
+            setattr(sub, kind.config_field, sizes)
         sub.validate()
     return config
 

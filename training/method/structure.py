@@ -17,6 +17,39 @@ from dataclasses import dataclass
 
 MODALITIES = ("vision", "text", "fusion")
 ENCODER_CONFIG_KEYS = {"vision": "vision_config", "text": "text_config", "fusion": "fusion_encoder_config"}
+ENCODER_MODULES = {"vision": "vision_model", "text": "text_model", "fusion": "fusion_model"}
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of prunable unit: where its sizes live in the config and where its weights live in a layer.
+
+    Attributes:
+        name: the kind ("head", "cross_head", "ffn"), also the field of `EncoderPruningMasks` holding its masks.
+        config_field: the per-layer size list in the encoder config.
+        module: the `EfficientVLMLayer` attribute holding the units' weights.
+        norm: the sub-layer's LayerNorm (removed with the sub-layer when no unit is left).
+        fusion_only: only fusion layers have it (cross-attention).
+    """
+
+    name: str
+    config_field: str
+    module: str
+    norm: str
+    fusion_only: bool = False
+
+
+UNIT_KINDS = (
+    UnitKind("head", "num_attention_heads", "self_attn", "layer_norm1"),
+    UnitKind("cross_head", "num_cross_attention_heads", "cross_attn", "layer_norm_cross", fusion_only=True),
+    UnitKind("ffn", "intermediate_size", "mlp", "layer_norm2"),
+)
+"""The one table of unit kinds: every module that maps kinds to config fields, masks or weights reads it."""
+
+
+def unit_kinds(modality: str) -> tuple[UnitKind, ...]:
+    """The unit kinds an encoder's layers have (fusion adds cross-attention heads)."""
+    return tuple(kind for kind in UNIT_KINDS if modality == "fusion" or not kind.fusion_only)
 
 
 @dataclass(frozen=True)
@@ -57,15 +90,15 @@ def unit_groups(config) -> list[UnitGroup]:
         sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
         d, hd = sub.hidden_size, sub.head_dim
         for layer in range(sub.num_hidden_layers):
-            kinds = [("head", sub.num_attention_heads[layer], d)]
-            if modality == "fusion":
-                kinds.append(("cross_head", sub.num_cross_attention_heads[layer], sub.encoder_hidden_size))
-            for kind, size, kv in kinds:
+            for kind in unit_kinds(modality):
+                size = getattr(sub, kind.config_field)[layer]
+                if kind.name == "ffn":  # fc1 row (+ bias) and fc2 column
+                    groups.append(UnitGroup(modality, kind.name, layer, size, 2 * d + 1, 3 * d, d, d, 0))
+                    continue
+                kv = sub.encoder_hidden_size if kind.name == "cross_head" else d
                 # q: d→hd (+hd bias); k, v: kv→hd (+hd each); out: hd→d columns
                 unit = d * hd + hd + 2 * (kv * hd + hd) + hd * d
-                groups.append(UnitGroup(modality, kind, layer, size, unit, 3 * d, d, kv, hd))
-            ffn = sub.intermediate_size[layer]
-            groups.append(UnitGroup(modality, "ffn", layer, ffn, 2 * d + 1, 3 * d, d, d, 0))
+                groups.append(UnitGroup(modality, kind.name, layer, size, unit, 3 * d, d, kv, hd))
     return groups
 
 

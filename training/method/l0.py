@@ -22,8 +22,10 @@ from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
 from .gates import HardConcreteGate
 from .materialize import pruned_config
-from .structure import ENCODER_CONFIG_KEYS, MODALITIES, UnitGroup, count_parameters, unit_groups
+from .structure import ENCODER_CONFIG_KEYS, MODALITIES, UnitGroup, count_parameters, unit_groups, unit_kinds
 
+GATES_FILE = "l0_gates.safetensors"
+"""Gates + multipliers of a pruning run, saved beside the student (checkpoints and the final folder)."""
 HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
 FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
 
@@ -204,8 +206,8 @@ def masks_from_values(
     """`PruningMasks` holding `values[group.name]` for every group; layers without a group stay None (keep all)."""
     encoders = {m: EncoderPruningMasks() for m in MODALITIES}
     for modality in MODALITIES:
-        for kind in ("head", "ffn") + (("cross_head",) if modality == "fusion" else ()):
-            setattr(encoders[modality], kind, [None] * num_layers[modality])
+        for kind in unit_kinds(modality):
+            setattr(encoders[modality], kind.name, [None] * num_layers[modality])
     for group in groups:  # a sub-layer of size 0 in the config has no group: its entry stays None
         getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
     return PruningMasks(**encoders)

@@ -46,7 +46,7 @@ def _parse(command: str, types: tuple, argv: list[str]):
 
 def _teacher(argv: list[str]) -> None:
     from .stages import DataArguments, TeacherArguments, run_teacher
-    from .trainer import DistillationArguments
+    from ..method.arguments import DistillationArguments
 
     teacher, data, args = _parse("teacher", (TeacherArguments, DataArguments, DistillationArguments), argv)
     _, metrics = run_teacher(teacher, data, args)
@@ -55,7 +55,7 @@ def _teacher(argv: list[str]) -> None:
 
 def _distill(argv: list[str]) -> None:
     from .stages import DataArguments, StudentArguments, run_distill
-    from .trainer import DistillationArguments
+    from ..method.arguments import DistillationArguments
 
     student, data, args = _parse("distill", (StudentArguments, DataArguments, DistillationArguments), argv)
     _, metrics = run_distill(student, data, args)
@@ -64,7 +64,7 @@ def _distill(argv: list[str]) -> None:
 
 def _prune(argv: list[str]) -> None:
     from .stages import DataArguments, PruneArguments, run_prune
-    from .trainer import PruningArguments
+    from ..method.arguments import PruningArguments
 
     prune, data, args = _parse("prune", (PruneArguments, DataArguments, PruningArguments), argv)
     gated, metrics = run_prune(prune, data, args)
@@ -96,7 +96,7 @@ def _evaluate(argv: list[str]) -> None:
 
 
 def _bench(argv: list[str]) -> None:
-    from .benchmark import BenchArguments, format_table, run_benchmark, write_json
+    from .bench import BenchArguments, format_table, run_benchmark, write_json
 
     (args,) = _parse("bench", (BenchArguments,), argv)
     result = run_benchmark(args, progress=lambda name: logging.getLogger(__name__).info("benchmarking %s", name))
@@ -106,7 +106,7 @@ def _bench(argv: list[str]) -> None:
 
 
 def _push(argv: list[str]) -> None:
-    from .export import PushArguments, push_folder
+    from .push import PushArguments, push_folder
 
     (args,) = _parse("push", (PushArguments,), argv)
     _write(push_folder(args))
@@ -130,7 +130,7 @@ def _convert(argv: list[str]) -> None:
 def _tuxpaint(argv: list[str]) -> None:
     from dataclasses import dataclass, field
 
-    from .datasets_io import build_tuxpaint_json
+    from ..data.files import build_tuxpaint_json
 
     @dataclass
     class TuxpaintArguments:
@@ -153,7 +153,7 @@ def _analyze(argv: list[str]) -> None:
 def _compare(argv: list[str]) -> None:
     from .compare import CompareArguments, run_compare
     from .stages import DataArguments, PruneArguments
-    from .trainer import PruningArguments
+    from ..method.arguments import PruningArguments
 
     compare, prune, data, args = _parse(
         "compare-splits", (CompareArguments, PruneArguments, DataArguments, PruningArguments), argv

@@ -9,30 +9,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modeling_efficientvlm import (
-    EfficientVLMConfig,
-    EfficientVLMForImageTextRetrieval,
-    EfficientVLMForPreTraining,
-    EfficientVLMForVisualReasoning,
-)
+from modeling_efficientvlm import ITM_SCORES, EfficientVLMConfig, EfficientVLMForPreTraining
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 
-from .benchmark import PRESETS
-from .data import NLVR2_LEVELS
-from .student import init_student_from_teacher
-from .trainer import (
-    DistillationArguments,
+from ..data.scenes import NLVR2_LEVELS
+from ..method.arguments import DistillationArguments, PruningArguments
+from ..method.student import init_student_from_teacher, load_layer_map, resolve_layer_map
+from ..method.trainers import (
     EfficientVLMDistillationTrainer,
     EfficientVLMPruningTrainer,
     GatedModel,
-    PruningArguments,
     make_gated_model,
 )
+from ..tasks import TASKS, get_task
+from .presets import PRESETS
 
 METRICS_FILE = "eval_results.json"
-TASKS = {"retrieval": EfficientVLMForImageTextRetrieval, "nlvr2": EfficientVLMForVisualReasoning}
-"""Fine-tuning tasks and their model classes."""
-PRIMARY_METRIC = {"retrieval": "r_mean", "nlvr2": "accuracy"}
 
 
 @dataclass
@@ -41,8 +33,8 @@ class DataArguments:
 
     task: str = field(
         default="retrieval",
-        metadata={"help": "'retrieval' (image-caption pairs; R@K, r_mean) or 'nlvr2' (two images + a statement → "
-                          "true/false; accuracy). General distillation always uses image-caption pairs."},
+        metadata={"help": "; ".join(f"'{name}': {task.description}" for name, task in TASKS.items())
+                  + ". General distillation always uses image-caption pairs."},
     )
     dataset: str = field(
         default="synthetic",
@@ -72,10 +64,16 @@ class DataArguments:
     )
     eval_seed: int = field(default=10_000, metadata={"help": "Seed of the held-out synthetic set (disjoint stream)."})
     itm_k: int = field(default=16, metadata={"help": "ITM re-ranking candidates per query in evaluation (0 = ITC)."})
+    itm_score: str = field(
+        default="match_logit",
+        metadata={"help": f"How ITM re-ranking scores a pair, one of {ITM_SCORES}: X-VLM's match logit (default), "
+                          "the match log-odds, ALBEF's match logit + ITC cosine, or the match probability."},
+    )
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {sorted(TASKS)}, got {self.task!r}")
+        get_task(self.task)  # raises naming the registered tasks
+        if self.itm_score not in ITM_SCORES:
+            raise ValueError(f"--itm_score must be one of {ITM_SCORES}, got {self.itm_score!r}")
         if self.nlvr2_level not in NLVR2_LEVELS:
             raise ValueError(f"--nlvr2_level must be one of {NLVR2_LEVELS}, got {self.nlvr2_level!r}")
         if self.dataset != "synthetic" and not os.path.isfile(self.dataset):
@@ -160,7 +158,7 @@ def load_processor(data: DataArguments, path: str | None = None) -> EfficientVLM
 
         tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
     else:
-        from .tokenization import synthetic_tokenizer
+        from ..data.tokenization import synthetic_tokenizer
 
         tokenizer = synthetic_tokenizer()
     return EfficientVLMProcessor(build_image_processor(data.image_size), tokenizer, max_length=data.max_length)
@@ -168,74 +166,25 @@ def load_processor(data: DataArguments, path: str | None = None) -> EfficientVLM
 
 def build_datasets(data: DataArguments, processor, seed: int, mlm: bool, task: str | None = None):
     """(train dataset, collator) for the configured task and data source (`task` overrides `data.task`)."""
-    from .collators import NLVR2Collator, RetrievalCollator
-
-    if (task or data.task) == "nlvr2":
-        collator = NLVR2Collator(processor, max_length=data.max_length)
-        if data.dataset == "synthetic":
-            from .data import SyntheticNLVR2Dataset
-
-            return SyntheticNLVR2Dataset(seed=seed, image_size=data.image_size, level=data.nlvr2_level), collator
-        from .datasets_io import load_nlvr2_json
-
-        return load_nlvr2_json(data.dataset, data.image_root), collator
-    collator = RetrievalCollator(
-        processor, max_length=data.max_length, mlm_probability=data.mlm_probability if mlm else 0.0,
-        max_masks=data.max_masks,
-    )
-    if data.dataset == "synthetic":
-        from .data import SyntheticRetrievalDataset
-
-        return SyntheticRetrievalDataset(seed=seed, image_size=data.image_size), collator
-    from .datasets_io import load_albef_json
-
-    return load_albef_json(data.dataset, data.image_root, split_captions=True), collator
+    return get_task(task or data.task).train_data(data, processor, seed, mlm)
 
 
 def eval_set(data: DataArguments):
-    """The held-out set of the task: retrieval {images, captions, img2txt, txt2img}, or a list of NLVR2 items."""
-    if data.task == "nlvr2":
-        if data.eval_dataset:
-            from .datasets_io import load_nlvr2_json
-
-            return load_nlvr2_json(data.eval_dataset, data.image_root)
-        from .data import make_nlvr2_eval_set
-
-        return make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size,
-                                   level=data.nlvr2_level)
-    if data.eval_dataset:
-        from .datasets_io import load_retrieval_eval_set
-
-        return load_retrieval_eval_set(data.eval_dataset, data.image_root)
-    from .data import make_retrieval_eval_set
-
-    return make_retrieval_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
+    """The task's held-out set (`--eval_dataset` or held-out synthetic data)."""
+    return get_task(data.task).eval_data(data)
 
 
 def evaluate_model(
     model, processor, data: DataArguments, eval_data=None, show_progress=True, pruning_masks=None
 ) -> dict:
-    """The task's metrics on the held-out set (with masks: the gated model at export masks).
-
-    retrieval: R@1/5/10 (TR/IR) and r_mean; nlvr2: {"accuracy"} (percent).
-    """
-    from .evaluation import evaluate_nlvr2, evaluate_retrieval
-
+    """The task's metrics on the held-out set (with masks: the gated model at export masks)."""
     eval_data = eval_set(data) if eval_data is None else eval_data
-    if data.task == "nlvr2":
-        return evaluate_nlvr2(model, eval_data, processor, show_progress=show_progress, pruning_masks=pruning_masks,
-                              max_length=data.max_length)
-    return evaluate_retrieval(
-        model, eval_data["images"], eval_data["captions"], eval_data["img2txt"], eval_data["txt2img"], processor,
-        k=data.itm_k, show_progress=show_progress, pruning_masks=pruning_masks,
-    )
+    return get_task(data.task).evaluate(model, processor, data, eval_data, show_progress, pruning_masks)
 
 
 def load_task_model(path: str, task: str):
     """The checkpoint at `path` as the task's model class (pre-training checkpoints load; new heads are initialised)."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-    return TASKS[task].from_pretrained(path)
+    return get_task(task).model_class.from_pretrained(path)
 
 
 def save_metrics(path: str, metrics: dict) -> None:
@@ -257,13 +206,15 @@ def teacher_config(teacher: TeacherArguments, data: DataArguments, vocab_size: i
 def run_teacher(teacher: TeacherArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
     """Pre-trains (or fine-tunes) a teacher with the VLP losses: ITC + ITM with hard negatives + MLM.
 
-    With `data.task == "nlvr2"` it fine-tunes an `EfficientVLMForVisualReasoning` on NLVR2 items with the task loss
-    (usually from a pre-trained teacher, `--init_from`); the result is the task teacher of `prune --task nlvr2`.
+    With another `data.task` (e.g. "nlvr2") it fine-tunes that task's teacher class with the task loss (usually from
+    a pre-trained teacher, `--init_from`); the result is the task teacher of `prune --task <task>`. A student
+    fine-tuned this way keeps its recorded layer map.
     """
     if teacher.text_model and not data.tokenizer:  # the BERT's own vocabulary, not the synthetic one
         data.tokenizer = teacher.text_model
     processor = load_processor(data, teacher.init_from)
-    model_cls = EfficientVLMForVisualReasoning if data.task == "nlvr2" else EfficientVLMForPreTraining
+    task = get_task(data.task)
+    model_cls = task.teacher_class
     if teacher.init_from:
         model = model_cls.from_pretrained(teacher.init_from)
     elif teacher.vision_model or teacher.text_model:
@@ -280,7 +231,8 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     else:
         torch.manual_seed(args.seed)
         model = model_cls(teacher_config(teacher, data, len(processor.tokenizer)))
-    return _train_and_evaluate(EfficientVLMDistillationTrainer, model, None, processor, data, args, 0, eval_data)
+    return _train_and_evaluate(EfficientVLMDistillationTrainer, model, None, processor, data, args, 0, eval_data,
+                               layer_map=load_layer_map(teacher.init_from))
 
 
 def run_distill(student_args: StudentArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
@@ -293,13 +245,18 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
     teacher = EfficientVLMForPreTraining.from_pretrained(student_args.teacher)
     processor = load_processor(data, student_args.teacher)
     student = init_student_from_teacher(teacher, student_args.depths(), student_args.parsed_layer_map())
-    return _train_and_evaluate(EfficientVLMDistillationTrainer, student, teacher, processor, data, args, 1, eval_data)
+    # the map the student was initialised with is the one every KD term uses, and it is saved beside the student
+    layer_map = resolve_layer_map(student.config, teacher.config, student_args.parsed_layer_map())
+    return _train_and_evaluate(EfficientVLMDistillationTrainer, student, teacher, processor, data, args, 1, eval_data,
+                               layer_map=layer_map)
 
 
 def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments, eval_data=None):
-    """Task fine-tuning (retrieval or NLVR2) with task KD + modal-adaptive L0 pruning; saves the student and its gates.
+    """Task fine-tuning with task KD + modal-adaptive L0 pruning; saves the student and its gates.
 
     The student may be a general-distillation (pre-training) checkpoint: the task head is added (NLVR2: initialised).
+    KD pairs student and teacher layers by the layer map recorded with the student (default map if it has none).
+    Task-KD settings left unset take the task's official values (`Task.prune_defaults`).
     Evaluation (when asked) runs the gated student at its deterministic (export) masks.
     """
     teacher = load_task_model(prune.teacher, data.task)
@@ -307,17 +264,20 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     torch.manual_seed(args.seed)  # a new task head (NLVR2) starts the same in every run with this seed
     student = load_task_model(prune.student, data.task)
     gated = make_gated_model(student, args)
-    _, metrics = _train_and_evaluate(EfficientVLMPruningTrainer, gated, teacher, processor, data, args, 2, eval_data)
+    _, metrics = _train_and_evaluate(EfficientVLMPruningTrainer, gated, teacher, processor, data, args, 2, eval_data,
+                                     layer_map=load_layer_map(prune.student))
     return gated, metrics
 
 
-def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed_offset: int, eval_data):
-    """Trains with `trainer_cls`, saves the final model, evaluates the task on the held-out set (unless False)."""
+def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed_offset: int, eval_data,
+                        layer_map=None):
+    """Trains with `trainer_cls` on the task's loss step, saves the final model, evaluates the task on the held-out
+    set (unless `eval_data` is False)."""
     mlm = args.use_mlm and not isinstance(model, GatedModel)
     train, collator = build_datasets(data, processor, args.seed + seed_offset, mlm=mlm)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
-        teacher_model=teacher,
+        teacher_model=teacher, task=data.task, layer_map=layer_map,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)

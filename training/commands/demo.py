@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .benchmark import demo_config
+from .presets import demo_config
 from .compare import measure_latency
 from .export import load_pruned, save_hub_ready, sparsity_report
 from .stages import (
@@ -30,7 +30,7 @@ from .stages import (
     run_prune,
     run_teacher,
 )
-from .trainer import DistillationArguments, PruningArguments
+from ..method.arguments import DistillationArguments, PruningArguments
 
 
 @dataclass
@@ -154,7 +154,7 @@ def _processor(path: str):
 
 
 def _write_teacher_config(work: str, profile: dict, data: DataArguments) -> str:
-    from .tokenization import synthetic_tokenizer
+    from ..data.tokenization import synthetic_tokenizer
 
     config = demo_config(
         image_size=profile["image_size"], vocab_size=len(synthetic_tokenizer()), hidden=profile["hidden"],
@@ -167,7 +167,7 @@ def _write_teacher_config(work: str, profile: dict, data: DataArguments) -> str:
 
 
 def _report(models, metrics, latency, expected, args, profile, timings) -> dict:
-    from .structure import count_parameters
+    from ..method.structure import count_parameters
 
     teacher_cfg = models["teacher"].config
     out = {"models": {}, "protocol": {

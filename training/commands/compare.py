@@ -18,18 +18,16 @@ import copy
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .structure import MODALITIES, prunable_parameters
+from ..method.structure import MODALITIES, prunable_parameters
+from ..tasks import get_task
+from .latency import measure_interleaved, summarize
 
 STRATEGIES = ("uniform", "manual", "learned")
-# Per-task hand split used when --manual_split is not given: the paper's sensitivity findings (retrieval: the vision
-# encoder is the most sensitive, so it is pruned least; NLVR2: vision and text matter, fusion much less).
-DEFAULT_MANUAL = {"retrieval": "vision={half},text=auto,fusion=auto", "nlvr2": "vision=auto,text=auto,fusion={more}"}
 
 
 @dataclass
@@ -104,8 +102,9 @@ def resolve_split(split: str, config, target: float) -> dict[str, float]:
 
 
 def default_manual_split(task: str, target: float) -> str:
+    """The task's hand split (`Task.manual_split`, from the paper's sensitivity findings) at total `target`."""
     more = min(0.95, 1.5 * target)
-    return DEFAULT_MANUAL[task].format(half=round(target / 2, 4), more=round(more, 4))
+    return get_task(task).manual_split.format(half=round(target / 2, 4), more=round(more, 4))
 
 
 def strategy_targets(strategy: str, split: dict[str, float], target: float) -> dict[str, float | None]:
@@ -116,40 +115,14 @@ def strategy_targets(strategy: str, split: dict[str, float], target: float) -> d
     return {f"{m}_target": ratios[m] for m in MODALITIES}
 
 
-def task_workload(model, processor, data, eval_data, batch: int):
-    """A closure running the task's inference path on `batch` held-out items (what the latency measures).
-
-    retrieval: encode `batch` images and captions, ITC for all pairs, ITM on the top-k per query (k = `data.itm_k`);
-    nlvr2: classify `batch` (left, right, statement) items.
-    """
-    from .benchmark import retrieval_step
-
-    if data.task == "nlvr2":
-        from .collators import NLVR2Collator
-
-        inputs = NLVR2Collator(processor, max_length=data.max_length)(list(eval_data)[:batch])
-        inputs.pop("labels")
-        return lambda: model(**inputs).logits
-    n = min(batch, len(eval_data["images"]))
-    pixels = processor(images=eval_data["images"][:n])["pixel_values"]
-    text = processor(text=eval_data["captions"][:n], padding="max_length", max_length=data.max_length)
-    return lambda: retrieval_step(model, pixels, text["input_ids"], text["attention_mask"], data.itm_k)
-
-
 def measure_latency(models: dict, processor, data, eval_data, batch: int, repeats: int, warmup: int = 2) -> dict:
-    """Median / min / max latency (ms) per model; repeats interleave the models so drift hits all alike."""
-    workloads = {name: task_workload(model.eval(), processor, data, eval_data, batch) for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in workloads.values():
-                fn()
-        for _ in range(repeats):
-            for name, fn in workloads.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1000)
-    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)} for name, t in times.items()}
+    """Median / min / max latency (ms) of the task's inference path per model (`Task.workload` on `batch` held-out
+    items); repeats interleave the models so drift hits all alike."""
+    task = get_task(data.task)
+    workloads = {name: task.workload(model.eval(), processor, data, eval_data, batch) for name, model in models.items()}
+    device = next(next(iter(models.values())).parameters()).device
+    times = measure_interleaved(workloads, repeats, warmup, device)
+    return {name: summarize(t) for name, t in times.items()}
 
 
 def run_compare(compare: CompareArguments, prune, data, args, write=lambda text: None) -> dict:
@@ -162,7 +135,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         args: `PruningArguments`: the schedule shared by all runs; `output_dir` gets one sub-dir per strategy.
     """
     from .export import load_pruned, sparsity_report
-    from .stages import PRIMARY_METRIC, eval_set, evaluate_model, load_processor, load_task_model, run_prune
+    from .stages import eval_set, evaluate_model, load_processor, load_task_model, run_prune
 
     strategies = compare.parsed_strategies()
     target = args.target_sparsity
@@ -171,7 +144,8 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     manual = resolve_split(split_text, student.config, target) if "manual" in strategies else {}
     processor = load_processor(data, prune.student)
     held_out = eval_set(data)
-    metric = PRIMARY_METRIC[data.task]
+    task = get_task(data.task)
+    metric = task.metric
     root = args.output_dir
     os.makedirs(root, exist_ok=True)
 
@@ -213,9 +187,9 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
                         f"reg lr {args.reg_learning_rate}, sparsity warm-up {args.sparsity_warmup_steps}, masks "
                         f"frozen at {args.freeze_masks_step}, λ {args.lambda_vlp}",
             "evaluation": f"materialized models on the held-out set ({data.eval_dataset or 'synthetic'}, "
-                          f"{len(held_out) if data.task == 'nlvr2' else len(held_out['images'])} items)",
+                          f"{task.eval_size(held_out)} items)",
             "latency": f"{platform.machine()} {'CUDA' if torch.cuda.is_available() else 'CPU'}, "
-                       f"{torch.get_num_threads()} threads, float32; {_workload_text(data, compare.latency_batch)}; "
+                       f"{torch.get_num_threads()} threads, float32; {task.workload_text(data, compare.latency_batch)}; "
                        f"median of {compare.latency_repeats} round-robin repeats after 2 warm-ups, one process",
             "sparsity": "share of the student's prunable parameters (attention heads + FFN neurons) removed",
         },
@@ -228,13 +202,6 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         f.write(table + "\n")
     write(table)
     return report
-
-
-def _workload_text(data, batch: int) -> str:
-    if data.task == "nlvr2":
-        return f"NLVR2 classification of {batch} held-out items (2 images + statement each)"
-    return (f"retrieval path on {batch} held-out images × {batch} captions: encode all, ITC all pairs, ITM on the "
-            f"top-{data.itm_k} per query")
 
 
 def format_comparison(report: dict) -> str:

@@ -55,7 +55,7 @@ def _from_vocab(vocab: list[str], directory: str) -> BertTokenizerFast:
 
 def synthetic_tokenizer(directory: str | None = None) -> BertTokenizerFast:
     """The tokenizer for the built-in synthetic scene captions (`training.data.SYNTHETIC_WORDS`)."""
-    from training.data import SYNTHETIC_WORDS
+    from .scenes import SYNTHETIC_WORDS
 
     return build_tokenizer(SYNTHETIC_WORDS, directory)
 

@@ -22,11 +22,18 @@ import torch
 
 from modeling_efficientvlm import PruningMasks
 
-from .l0 import masks_from_values
-from .structure import ENCODER_CONFIG_KEYS, MODALITIES, UnitGroup, prunable_parameters, unit_groups
-from .student import ENCODER_MODULES
+from ..method.l0 import masks_from_values
+from ..method.structure import (
+    ENCODER_CONFIG_KEYS,
+    ENCODER_MODULES,
+    MODALITIES,
+    UNIT_KINDS,
+    UnitGroup,
+    prunable_parameters,
+    unit_groups,
+)
 
-_ATTRS = {"head": "self_attn", "cross_head": "cross_attn", "ffn": "mlp"}
+_ATTRS = {kind.name: kind.module for kind in UNIT_KINDS}
 
 
 @torch.no_grad()
@@ -137,7 +144,7 @@ def analyze_modules(
     """
     from tqdm.auto import tqdm
 
-    from .materialize import materialize, pruned_config
+    from ..method.materialize import materialize, pruned_config
 
     total = prunable_parameters(model.config)
     bar = tqdm(total=len(MODALITIES) * len(ratios), desc="analyze-modules", disable=not show_progress)
@@ -212,8 +219,9 @@ def recovery_fine_tune(model, processor, data, steps: int, learning_rate: float,
     import copy
     import tempfile
 
+    from ..method.arguments import DistillationArguments
+    from ..method.trainers import EfficientVLMDistillationTrainer
     from .stages import build_datasets
-    from .trainer import DistillationArguments, EfficientVLMDistillationTrainer
 
     model = copy.deepcopy(model).train()
     with tempfile.TemporaryDirectory(prefix="efficientvlm-recovery-") as tmp:
@@ -225,22 +233,22 @@ def recovery_fine_tune(model, processor, data, steps: int, learning_rate: float,
         )
         train, collator = build_datasets(data, processor, seed, mlm=False)
         trainer = EfficientVLMDistillationTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
-                                                  teacher_model=None)
+                                                  teacher_model=None, task=data.task)
         trainer.train()
     return model.eval()
 
 
 def run_analysis(args: AnalyzeArguments, data, write=lambda text: None) -> dict:
     """`efficientvlm analyze-modules`: loads the task model, scores units, runs the sweep, writes JSON + PNG."""
-    from .l0 import ModalL0Module
-    from .stages import PRIMARY_METRIC, eval_set, evaluate_model, load_processor, load_task_model
-    from .trainer import GATES_FILE
+    from ..method.l0 import GATES_FILE, ModalL0Module
+    from ..tasks import get_task
+    from .stages import eval_set, evaluate_model, load_processor, load_task_model
 
     ratios = args.parsed_ratios()
     processor = load_processor(data, args.model)
     model = load_task_model(args.model, data.task).eval()
     held_out = eval_set(data)
-    metric = PRIMARY_METRIC[data.task]
+    metric = get_task(data.task).metric
     l0 = None
     if os.path.isfile(os.path.join(args.model, GATES_FILE)):
         l0 = ModalL0Module.from_file(os.path.join(args.model, GATES_FILE), model.config)

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForVisualReasoning
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 from .atomic import atomic_directory
-from .l0 import ModalL0Module
-from .materialize import materialize
-from .structure import MODALITIES, count_parameters, prunable_parameters, structure_table
-from .trainer import GATES_FILE
+from ..method.l0 import ModalL0Module
+from ..method.materialize import materialize
+from ..method.structure import MODALITIES, count_parameters, prunable_parameters, structure_table
+from ..tasks import task_of_model
+from ..method.l0 import GATES_FILE
 
 CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards",
                              "efficientvlm_template.md")
@@ -44,14 +44,11 @@ class ExportArguments:
 
 
 def checkpoint_class(checkpoint: str):
-    """The head class a checkpoint was saved from (config.json "architectures"): NLVR2 checkpoints load as
-    `EfficientVLMForVisualReasoning`, everything else as `EfficientVLMForImageTextRetrieval`."""
+    """The task head class a checkpoint was saved from (config.json "architectures", see `task_of_model`); image-text
+    (pre-training / retrieval) checkpoints load as `EfficientVLMForImageTextRetrieval`."""
     from modeling_efficientvlm import EfficientVLMConfig
 
-    architectures = EfficientVLMConfig.from_pretrained(checkpoint).architectures or []
-    if EfficientVLMForVisualReasoning.__name__ in architectures:
-        return EfficientVLMForVisualReasoning
-    return EfficientVLMForImageTextRetrieval
+    return task_of_model(EfficientVLMConfig.from_pretrained(checkpoint)).model_class
 
 
 def load_pruned(checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
@@ -127,15 +124,15 @@ def _card_text(model_name: str, report: dict, metrics: dict | None, extra: dict)
     for modality, entry in report["structure"].items():
         parts = [f"{kind}: {values}" for kind, values in entry.items()]
         structure_lines.append(f"- **{modality}**: " + "; ".join(parts))
-    if metrics and "accuracy" in metrics:
-        eval_text = f"NLVR2 on {extra.get('dataset_name', 'the held-out set')}: accuracy {metrics['accuracy']:.2f} %"
-    elif metrics:
-        keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+    from ..tasks import get_task
+
+    card = get_task(extra.get("task", "retrieval")).card
+    keys = [k for k in card.report_keys if metrics and k in metrics]
+    eval_text = "Not evaluated."
+    if keys:
         header = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
-        values = "| " + " | ".join(f"{metrics[k]:.2f}" for k in keys if k in metrics) + " |"
-        eval_text = f"Retrieval on {extra.get('dataset_name', 'the held-out set')} (R@K in %):\n\n{header}\n{values}"
-    else:
-        eval_text = "Not evaluated."
+        values = "| " + " | ".join(f"{metrics[k]:.2f}" for k in keys) + " |"
+        eval_text = f"{card.title} on {extra.get('dataset_name', 'the held-out set')} (in %):\n\n{header}\n{values}"
     return {"compression_rows": row, "structure_text": "\n".join(structure_lines), "eval_text": eval_text}
 
 
@@ -143,79 +140,40 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
     """Renders README.md through huggingface_hub's ModelCard (model-index eval results + our template)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from ..tasks import get_task
+
     dataset_name = extra.get("dataset_name", "synthetic-scenes")
-    nlvr2 = extra.get("task") == "nlvr2"
-    task_type = "visual-reasoning" if nlvr2 else "image-text-retrieval"
+    card = get_task(extra.get("task", "retrieval")).card
     results = [
-        EvalResult(task_type=task_type, dataset_type=dataset_name, dataset_name=dataset_name,
+        EvalResult(task_type=card.task_type, dataset_type=dataset_name, dataset_name=dataset_name,
                    metric_type=key, metric_name=key, metric_value=round(float(metrics[key]), 4))
-        for key in ("txt_r1", "img_r1", "r_mean", "accuracy") if metrics and key in metrics
+        for key in card.metric_keys if metrics and key in metrics
     ]
     data = ModelCardData(
-        library_name="transformers", pipeline_tag=None if nlvr2 else "zero-shot-image-classification",
-        license="apache-2.0", tags=["efficientvlm", "vision-language", "nlvr2" if nlvr2 else "image-text-retrieval",
-                                    "pruning", "knowledge-distillation"],
+        library_name="transformers", pipeline_tag=card.pipeline_tag, license="apache-2.0",
+        tags=["efficientvlm", "vision-language", card.tag, "pruning", "knowledge-distillation"],
         model_name=model_name, eval_results=results or None,
     )
     repo = extra.get("repo_id", "path/to/this/folder")
-    card = ModelCard.from_template(
+    rendered = ModelCard.from_template(
         data,
         template_path=CARD_TEMPLATE,
         model_name=model_name,
         model_summary=extra.get("summary", "An EfficientVLM image-text retrieval model."),
         how_made=extra.get("how_made", "trained with the EfficientVLM package"),
         speed_protocol=extra.get("speed_protocol", "not measured for this export (run `efficientvlm bench`)."),
-        usage_automodel=(USAGE_NLVR2 if nlvr2 else USAGE_AUTOMODEL).format(repo=repo),
-        usage_pipeline="" if nlvr2 else USAGE_PIPELINE.format(repo=repo),
-        heads="NLVR2 head: two images + a statement → true / false" if nlvr2 else "ITC + ITM heads",
-        speed_name="NLVR2" if nlvr2 else "retrieval",
+        usage_automodel=card.usage.format(repo=repo),
+        usage_pipeline=card.usage_pipeline.format(repo=repo),
+        heads=card.heads,
+        speed_name=card.speed_name,
         recipe=extra.get("recipe", "See the EfficientVLM README."),
         limitations=extra.get("limitations", LIMITATIONS),
         **_card_text(model_name, report, metrics, extra),
     )
     path = os.path.join(output_dir, "README.md")
-    card.save(path)
+    rendered.save(path)
     return path
 
-
-USAGE_AUTOMODEL = """import torch
-from PIL import Image
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
-images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
-inputs = processor(images=images, text=["a big red circle", "a small blue square"])
-with torch.no_grad():
-    out = model(**inputs, compute_itm=True)
-print(out.logits_per_image.softmax(dim=-1))  # ITC: each image against each text
-print(out.itm_logits.softmax(dim=-1)[:, 1])  # ITM: match probability of (image i, text i)"""
-
-USAGE_NLVR2 = """import torch
-from PIL import Image
-from transformers import AutoModelForSequenceClassification, AutoProcessor
-
-model = AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
-left, right = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
-inputs = processor(images=[left, right], text=["there is a red circle in exactly one image"])
-pixel_values = inputs["pixel_values"].view(1, 2, *inputs["pixel_values"].shape[1:])  # (B, 2, C, H, W)
-with torch.no_grad():
-    logits = model(pixel_values=pixel_values, input_ids=inputs["input_ids"],
-                   attention_mask=inputs["attention_mask"]).logits
-print(logits.softmax(-1)[:, 1])  # probability that the statement is true"""
-
-USAGE_PIPELINE = """Retrieval pipeline (ranks a gallery for a query; `rerank_k` re-scores the ITC top candidates with the ITM
-head):
-
-```python
-from PIL import Image
-from transformers import pipeline
-
-pipe = pipeline("image-text-retrieval", model="{repo}", trust_remote_code=True)
-gallery = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue")]
-print(pipe("a big red circle", gallery, top_k=2, rerank_k=3))
-```"""
 
 LIMITATIONS = (
     "Retrieval quality is measured only on the evaluation set named above; a model distilled and pruned on one "
@@ -232,8 +190,7 @@ def save_hub_ready(
     extra = dict(extra or {})
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    if isinstance(model, EfficientVLMForVisualReasoning):
-        extra.setdefault("task", "nlvr2")
+    extra.setdefault("task", task_of_model(model).name)
     with atomic_directory(output_dir, prefix=".export-") as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
@@ -271,31 +228,3 @@ def run_export(args: ExportArguments, extra: dict | None = None) -> dict:
         extra["expected_sparsity"] = expected
     name = args.model_name or os.path.basename(os.path.abspath(args.output_dir))
     return save_hub_ready(model, processor, args.output_dir, name, reference, metrics, extra, args.overwrite)
-
-
-@dataclass
-class PushArguments:
-    """Arguments of `efficientvlm push`."""
-
-    folder: str = field(default="", metadata={"help": "A Hub-ready folder (from export or demo)."})
-    repo_id: str = field(default="", metadata={"help": "Target repo, e.g. user/efficientvlm-retrieval."})
-    private: bool = field(default=False, metadata={"help": "Create the repo as private."})
-    token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / the login cache)."})
-    endpoint: str | None = field(default=None, metadata={"help": "Hub URL (default: HF_ENDPOINT or huggingface.co)."})
-    commit_message: str = field(default="Upload EfficientVLM model", metadata={"help": "Commit message."})
-
-    def __post_init__(self):
-        if not os.path.isfile(os.path.join(self.folder, "config.json")):
-            raise ValueError(f"--folder must be a Hub-ready folder with a config.json, got {self.folder!r}")
-        if "/" not in self.repo_id:
-            raise ValueError(f"--repo_id must look like 'user/name', got {self.repo_id!r}")
-
-
-def push_folder(args: PushArguments) -> str:
-    """Creates the repo if needed and uploads the folder; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=args.endpoint or os.environ.get("HF_ENDPOINT"), token=args.token)
-    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    info = api.upload_folder(folder_path=args.folder, repo_id=args.repo_id, commit_message=args.commit_message)
-    return str(getattr(info, "commit_url", info))

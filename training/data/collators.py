@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from training.datasets_io import load_image
+from .files import load_image
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Any, probability: float,

@@ -1,38 +1,86 @@
-"""Student initialisation: a shallower copy of the teacher, layer i ← teacher layer map[i] per encoder."""
+"""Student initialisation: a shallower copy of the teacher, layer i ← teacher layer map[i] per encoder.
+
+The layer map is chosen once (default: every other layer, generalised; or the user's) and recorded beside the student
+(`layer_map.json`), so every later KD term pairs student layer i with the teacher layer it was copied from.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import torch
 
 from modeling_efficientvlm import EfficientVLMConfig
 
-from .structure import ENCODER_CONFIG_KEYS, MODALITIES
+from .structure import ENCODER_CONFIG_KEYS, ENCODER_MODULES, MODALITIES
 
-ENCODER_MODULES = {"vision": "vision_model", "text": "text_model", "fusion": "fusion_model"}
+
+LAYER_MAP_FILE = "layer_map.json"
+"""Beside a student checkpoint: {"vision": [...], "text": [...], "fusion": [...]}, the teacher layer of each student
+layer."""
 
 
 def default_init_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
-    """Every other layer generalised: student layer i ← teacher layer (i+1)·step − 1 (6 of 12 → 1, 3, 5, …, 11).
+    """Every other layer generalised: student layer i ← the last teacher layer of its block,
+    ceil((i+1)·T/S) − 1 (6 of 12 → 1, 3, 5, …, 11; 4 of 6 → 1, 2, 4, 5).
 
     Raises:
-        ValueError: when the student is deeper than the teacher or the depths don't divide (give a map then).
+        ValueError: when the student is deeper than the teacher.
     """
     if num_student_layers > num_teacher_layers:
         raise ValueError(
             f"student has {num_student_layers} layers but the teacher only {num_teacher_layers}: a student cannot be "
             "deeper than its teacher"
         )
-    if num_student_layers == 0:
-        return []
-    if num_teacher_layers % num_student_layers:
-        raise ValueError(
-            f"cannot derive a default layer map from {num_teacher_layers} teacher layers to {num_student_layers} "
-            "student layers (not a divisor): pass an explicit layer map"
-        )
-    step = num_teacher_layers // num_student_layers
-    return [(i + 1) * step - 1 for i in range(num_student_layers)]
+    return [-(-(i + 1) * num_teacher_layers // num_student_layers) - 1 for i in range(num_student_layers)]
+
+
+def resolve_layer_map(student_config, teacher_config, layer_map: dict[str, list[int]] | None = None) -> dict:
+    """The complete layer map of a (student, teacher) pair: the given entries, `default_init_map` for the others.
+
+    Raises:
+        ValueError: an entry of the wrong length or pointing outside the teacher (naming the encoder).
+    """
+    layer_map = dict(layer_map or {})
+    unknown = set(layer_map) - set(MODALITIES)
+    if unknown:
+        raise ValueError(f"layer map has unknown encoders {sorted(unknown)}; allowed: {list(MODALITIES)}")
+    out = {}
+    for modality in MODALITIES:
+        depth = getattr(student_config, ENCODER_CONFIG_KEYS[modality]).num_hidden_layers
+        teacher_depth = getattr(teacher_config, ENCODER_CONFIG_KEYS[modality]).num_hidden_layers
+        mapping = layer_map.get(modality)
+        mapping = default_init_map(depth, teacher_depth) if mapping is None else list(mapping)
+        _check_map(modality, mapping, depth, teacher_depth)
+        out[modality] = mapping
+    return out
+
+
+def save_layer_map(directory: str, layer_map: dict[str, list[int]]) -> None:
+    """Writes `layer_map.json` beside a student checkpoint."""
+    with open(os.path.join(directory, LAYER_MAP_FILE), "w") as f:
+        json.dump({m: list(layer_map[m]) for m in MODALITIES}, f, indent=2)
+
+
+def load_layer_map(directory: str | None) -> dict[str, list[int]] | None:
+    """The recorded layer map of a student checkpoint, or None when it has none (a teacher, an older checkpoint).
+
+    Raises:
+        ValueError: the file exists but is not {encoder: [teacher layer, ...]} (naming the file).
+    """
+    path = os.path.join(directory, LAYER_MAP_FILE) if directory else ""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            layer_map = json.load(f)
+        if not isinstance(layer_map, dict) or not all(isinstance(v, list) for v in layer_map.values()):
+            raise ValueError("expected {encoder: [teacher layer, ...]}")
+        return {m: [int(t) for t in v] for m, v in layer_map.items()}
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a layer map: {error}") from error
 
 
 def student_config(
@@ -57,7 +105,7 @@ def student_config(
             raise ValueError(
                 f"num_layers[{modality!r}] = {depth} exceeds the teacher's {teacher_depth} {modality} layers"
             )
-        picked = default_init_map(depth, teacher_depth) if teacher_depth % max(depth, 1) == 0 else list(range(depth))
+        picked = default_init_map(depth, teacher_depth)
         for field in sub.per_layer_fields:
             setattr(sub, field, [getattr(sub, field)[t] for t in picked])
         sub.num_hidden_layers = depth
@@ -77,7 +125,8 @@ def init_student_from_teacher(
         teacher: an EfficientVLM model (any head class).
         num_layers: student depth per encoder, e.g. {"vision": 6, "text": 3, "fusion": 3}; default half.
         layer_map: per encoder, the teacher layer index each student layer copies; default `default_init_map`
-            (student layer i ← teacher layer 2i+1 for half depth).
+            (student layer i ← teacher layer 2i+1 for half depth). Give the same map to the distillation trainer
+            (`resolve_layer_map` completes it), which records it beside the student for every later KD stage.
         student_class: model class of the student (default: the teacher's class).
 
     Returns:

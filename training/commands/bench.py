@@ -14,16 +14,24 @@ import copy
 import json
 import os
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
 
-from .structure import ENCODER_CONFIG_KEYS, MODALITIES, count_parameters, encoder_flops, prunable_parameters, retrieval_flops
-from .student import student_config
+from ..method.structure import (
+    ENCODER_CONFIG_KEYS,
+    MODALITIES,
+    count_parameters,
+    encoder_flops,
+    prunable_parameters,
+    retrieval_flops,
+)
+from ..method.student import student_config
+from ..tasks.retrieval import retrieval_step
+from .latency import summarize, time_runs
+from .presets import PRESETS, xvlm_clip_config
 
 
 @dataclass
@@ -66,49 +74,6 @@ class BenchArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
-def xvlm_clip_config(image_size: int = 224) -> EfficientVLMConfig:
-    """X-VLM_clip teacher shapes: CLIP ViT-B/16 + BERT-base split 6 text / 6 fusion layers."""
-    bert = dict(hidden_size=768, num_attention_heads=12, head_dim=64, intermediate_size=3072, vocab_size=30522)
-    return EfficientVLMConfig(
-        vision_config=dict(image_size=image_size, patch_size=16, hidden_size=768, num_hidden_layers=12,
-                           num_attention_heads=12, head_dim=64, intermediate_size=3072),
-        text_config=dict(num_hidden_layers=6, **bert),
-        fusion_encoder_config=dict(num_hidden_layers=6, num_cross_attention_heads=12, **bert),
-        embed_dim=256,
-    )
-
-
-def demo_config(
-    image_size: int = 32, vocab_size: int = 128, hidden: int = 64, ffn: int = 256, heads: int = 4, patch_size: int = 4
-) -> EfficientVLMConfig:
-    """The demo teacher: 12/6/6 layers like X-VLM, small widths (defaults: the default demo's sizes).
-
-    No dropout: training sees fresh scenes every step, and BERT's 0.1 dropout drowns the tiny initial text signal
-    so that ITC collapses to constant features when training from scratch.
-    """
-    common = dict(hidden_size=hidden, num_attention_heads=heads, head_dim=hidden // heads, intermediate_size=ffn)
-    text = dict(common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return EfficientVLMConfig(
-        vision_config=dict(image_size=image_size, patch_size=patch_size, num_hidden_layers=12, **common),
-        text_config=dict(num_hidden_layers=6, vocab_size=vocab_size, max_position_embeddings=64, **text),
-        fusion_encoder_config=dict(num_hidden_layers=6, num_cross_attention_heads=heads, **text),
-        embed_dim=64,
-    )
-
-
-def tiny_bench_config() -> EfficientVLMConfig:
-    common = dict(hidden_size=32, num_attention_heads=4, head_dim=8, intermediate_size=64)
-    return EfficientVLMConfig(
-        vision_config=dict(image_size=32, patch_size=8, num_hidden_layers=4, **common),
-        text_config=dict(num_hidden_layers=2, vocab_size=99, max_position_embeddings=64, **common),
-        fusion_encoder_config=dict(num_hidden_layers=2, num_cross_attention_heads=4, **common),
-        embed_dim=16,
-    )
-
-
-PRESETS = {"xvlm-clip": xvlm_clip_config, "demo": demo_config, "tiny": tiny_bench_config}
-
-
 def parse_split(split: str, default: float) -> dict[str, float]:
     """'vision=0.2,text=0.3' → {"vision": 0.2, "text": 0.3, "fusion": default}; a .json file: its "sparsity" entry."""
     ratios = {m: default for m in MODALITIES}
@@ -145,40 +110,6 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, -(-n // multiple) * multiple) if multiple > 1 else n
 
 
-# ----------------------------------------------------------------------------------------------------- timing
-def _time(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def retrieval_step(model, pixel_values, input_ids, attention_mask, k: int) -> torch.Tensor:
-    """The timed retrieval path: encode all, ITC for all pairs, ITM for the top-k of every query (cached tokens)."""
-    image = model.encode_image(pixel_values).last_hidden_state
-    text = model.encode_text(input_ids, attention_mask).last_hidden_state
-    sim = model.image_itc_embeds(image) @ model.text_itc_embeds(text).t()
-    k = min(k, sim.shape[1], sim.shape[0])
-    if k == 0:
-        return sim
-    top_t = sim.topk(k, dim=1).indices.flatten()  # image queries → k texts each
-    image_idx = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k)
-    top_i = sim.t().topk(k, dim=1).indices.flatten()  # text queries → k images each
-    text_idx = torch.arange(sim.shape[1], device=sim.device).repeat_interleave(k)
-    pair_image = torch.cat([image_idx, top_i])
-    pair_text = torch.cat([top_t, text_idx])
-    logits, _ = model.itm_logits(text[pair_text], attention_mask[pair_text], image[pair_image])
-    return logits
-
-
 def measure(model, args: BenchArguments, device: torch.device, dtype: torch.dtype) -> dict:
     """Latency of the retrieval path and of each encoder alone for one model."""
     config = model.config
@@ -198,11 +129,7 @@ def measure(model, args: BenchArguments, device: torch.device, dtype: torch.dtyp
         "text": lambda: model.encode_text(ids, mask),
         "fusion": lambda: model.fuse(text_tokens[pair_text], mask[pair_text], image_tokens[pair_image]),
     }
-    out = {}
-    for name, fn in workloads.items():
-        times = _time(fn, args.warmup, args.repeats, device)
-        out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
-    return out
+    return {name: summarize(time_runs(fn, args.warmup, args.repeats, device)) for name, fn in workloads.items()}
 
 
 def _flops(config, args: BenchArguments) -> dict[str, float]:

@@ -1,0 +1,118 @@
+"""Arguments of the training stages: `TrainingArguments` plus distillation weights, plus modal-adaptive pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """TrainingArguments plus the distillation weights: total = λ·L_VLP + (1−λ)·(α·L_attn + β·L_hid + γ·L_logits)."""
+
+    lambda_vlp: float = field(default=0.6, metadata={"help": "λ: weight of the VLP losses (ITC+ITM+MLM), in [0, 1]."})
+    alpha_attn: float = field(default=1.0, metadata={"help": "α: weight of attention-map KD (MSE on probabilities)."})
+    beta_hidden: float = field(default=1.0, metadata={"help": "β: weight of hidden-state KD (MSE)."})
+    gamma_logits: float = field(default=1.0, metadata={"help": "γ: weight of logit KD (KL, T² scaled)."})
+    kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of logit KD (> 0)."})
+    image_hidden_weight: float = field(
+        default=0.1, metadata={"help": "Down-weighting of vision hidden-state KD (official code: 0.1-0.2)."}
+    )
+    distill_itc: bool = field(default=False, metadata={"help": "Also distil the ITC similarity matrix (both ways)."})
+    cross_attention_kd: bool = field(
+        default=False, metadata={"help": "Also distil fusion cross-attention maps (general distillation: off)."}
+    )
+    attention_key_length_scale: bool = field(
+        default=True, metadata={"help": "Scale attention MSE by the key length (official code), so maps of any "
+                                        "length weigh alike."}
+    )
+    use_mlm: bool = field(default=True, metadata={"help": "Use MLM (loss and KD) when the batch has masked text."})
+    itc_global_batch: bool = field(
+        default=False,
+        metadata={"help": "Multi-process: contrast each rank's pairs against the features of all ranks (X-VLM)."},
+    )
+
+    def __post_init__(self):
+        if self.lambda_vlp is not None and not 0.0 <= self.lambda_vlp <= 1.0:
+            raise ValueError(f"lambda_vlp must lie in [0, 1], got {self.lambda_vlp}")
+        for name in ("alpha_attn", "beta_hidden", "gamma_logits", "image_hidden_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        self.remove_unused_columns = False  # image batches: keep pixel_values
+        if self.ddp_find_unused_parameters is None:  # a step may skip sub-layers (all-zero masks) or heads (no MLM)
+            self.ddp_find_unused_parameters = True
+        super().__post_init__()
+
+
+TASK_DEFAULT = "default: the task's official value"
+
+
+@dataclass
+class PruningArguments(DistillationArguments):
+    """Distillation arguments plus modal-adaptive pruning (REFERENCE §3).
+
+    Task-KD settings left unset (None) take the task's official values when the trainer is built (`prune --task`):
+    retrieval λ = 0.5, reg lr 0.01; NLVR2 λ = 0.8, reg lr 0.1; both distil the fusion cross-attention maps; the target
+    sparsity warms up over the first epoch (a tenth of the run when the data is a stream or the run is shorter than two
+    epochs).
+    """
+
+    lambda_vlp: float | None = field(
+        default=None, metadata={"help": f"λ of λ·task + (1−λ)·KD ({TASK_DEFAULT}: retrieval 0.5, nlvr2 0.8)."}
+    )
+    cross_attention_kd: bool | None = field(
+        default=None, metadata={"help": f"Distil fusion cross-attention maps in task KD ({TASK_DEFAULT}: on)."}
+    )
+    target_sparsity: float = field(default=0.25, metadata={"help": "Global target sparsity of prunable params, [0,1)."})
+    vision_target: float | None = field(default=None, metadata={"help": "Own target for the vision encoder."})
+    text_target: float | None = field(default=None, metadata={"help": "Own target for the text encoder."})
+    fusion_target: float | None = field(default=None, metadata={"help": "Own target for the fusion encoder."})
+    one_sided_lagrangian: bool = field(default=False, metadata={"help": "TinyCLIP's λ1·max(t−ŝ,0)+λ2·max(t−ŝ,0)²."})
+    reg_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"LR of the gates' log α and of λ (ascent) ({TASK_DEFAULT}: retrieval 0.01, nlvr2 0.1)."},
+    )
+    sparsity_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps over which the target ramps from 0 (default: one epoch, as the official code; a "
+                          "tenth of max_steps for streamed data or runs shorter than two epochs; 0 = no warm-up)."},
+    )
+    freeze_masks_step: int | None = field(
+        default=None,
+        metadata={"help": "From this step on the structure is fixed: deterministic masks, no Lagrangian, no updates of "
+                          "log α or λ; only the weights train."},
+    )
+
+    def __post_init__(self):
+        for name in ("target_sparsity", "vision_target", "text_target", "fusion_target"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {value}")
+        if self.reg_learning_rate is not None and self.reg_learning_rate <= 0:
+            raise ValueError(f"reg_learning_rate must be > 0, got {self.reg_learning_rate}")
+        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
+            raise ValueError(f"sparsity_warmup_steps must be >= 0, got {self.sparsity_warmup_steps}")
+        if self.freeze_masks_step is not None and self.freeze_masks_step < 0:
+            raise ValueError(f"freeze_masks_step must be >= 0, got {self.freeze_masks_step}")
+        super().__post_init__()
+
+    def apply_task_defaults(self, defaults: dict) -> None:
+        """Fills every field still None with the task's official value (`Task.prune_defaults`)."""
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @property
+    def modality_targets(self) -> dict[str, float]:
+        targets = {"vision": self.vision_target, "text": self.text_target, "fusion": self.fusion_target}
+        return {k: v for k, v in targets.items() if v is not None}
+
+
+def default_sparsity_warmup(steps_per_epoch: int | None, max_steps: int) -> int:
+    """One epoch (official), or a tenth of the run when epochs are unknown (streams) or the run is under two epochs."""
+    if steps_per_epoch and 2 * steps_per_epoch <= max_steps:
+        return steps_per_epoch
+    return max(1, max_steps // 10)

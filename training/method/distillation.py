@@ -1,0 +1,121 @@
+"""What every task's loss step shares: KD layer pairs from the student's one layer map, attention / hidden-state KD
+over the three encoders, and ITC over the local or the global (multi-process) batch.
+
+Normalisation (one choice, used by every task):
+  * attention KD: per mapped layer pair, the squared error of the post-softmax probabilities is averaged over batch,
+    heads and real query rows and multiplied by the key length T_k — i.e. each query row's squared errors are *summed*
+    over its keys, as the official code does (mean × T_k). A row of probabilities sums to 1, so a plain mean would
+    shrink as 1/T_k and weigh a 577-token ViT map far below a 40-token text map; the row sum keeps encoders with
+    different sequence lengths on one scale. Pairs are averaged within an encoder, and the encoders' terms (vision
+    self, text self, fusion self, fusion cross when enabled) are averaged, so a deeper encoder does not outweigh the
+    others.
+  * hidden KD: per mapped pair, the squared error averaged over batch, real tokens and channels; pairs averaged
+    within an encoder (embeddings included); the encoders' terms summed with the vision term down-weighted by
+    `image_hidden_weight` (0.1, official code 0.1-0.2).
+  * logit KD: T² · KL(teacher ‖ student), batchmean (see `losses.logit_kd_loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import losses as L
+from .structure import ENCODER_CONFIG_KEYS, MODALITIES
+from .student import resolve_layer_map
+
+ENCODER_OUTPUT_KEYS = {"vision": "image", "text": "text", "fusion": "fusion"}
+"""Key of each encoder's output (`EfficientVLMEncoderOutput`) in the dicts the KD helpers read."""
+
+
+def kd_pairs(layer_map: dict[str, list[int]]) -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """KD pairs of every encoder from the student's layer map (student layer i copies teacher layer map[i]).
+
+    attention: (i, map[i]); hidden states (HF indexing, 0 = embeddings): (0, 0) and (i + 1, map[i] + 1), i.e. the
+    output of student layer i against the output of the teacher layer it was initialised from.
+    """
+    return {
+        modality: {
+            "attn": [(i, t) for i, t in enumerate(layer_map[modality])],
+            "hidden": [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map[modality])],
+        }
+        for modality in MODALITIES
+    }
+
+
+def attention_kd(
+    student: dict, teacher: dict, pairs: dict, query_masks: dict, cross: bool, key_length_scale: bool = True
+) -> torch.Tensor:
+    """Mean over encoders of the attention-map KD (self-attention of all three; fusion cross-attention if `cross`).
+
+    Args:
+        student / teacher: encoder outputs under "image", "text", "fusion" (with `attentions` / `cross_attentions`).
+        pairs: `kd_pairs(...)`.
+        query_masks: per encoder key, (B, T_q) 1 for real query tokens, or None (vision: no padding).
+        cross: also distil the fusion cross-attention maps (task KD in the official code).
+        key_length_scale: multiply each pair's mean by T_k (see the module docstring).
+    """
+    terms = []
+    for modality, key in ENCODER_OUTPUT_KEYS.items():
+        kinds = [("attentions", pairs[modality]["attn"])]
+        if cross and modality == "fusion":
+            kinds.append(("cross_attentions", pairs[modality]["attn"]))
+        for field, layer_pairs in kinds:
+            s_maps, t_maps = getattr(student[key], field), getattr(teacher[key], field)
+            if s_maps is None or t_maps is None:
+                continue
+            usable = [(i, j) for i, j in layer_pairs if s_maps[i] is not None and t_maps[j] is not None]
+            if usable:  # a sub-layer removed by pruning has no map
+                terms.append(
+                    L.attention_kd_loss(list(s_maps), list(t_maps), usable, query_masks.get(key), key_length_scale)
+                )
+    return sum(terms) / len(terms) if terms else torch.zeros(())
+
+
+def hidden_kd(student: dict, teacher: dict, pairs: dict, image_weight: float) -> torch.Tensor:
+    """Σ over encoders of the hidden-state KD, the vision term weighted by `image_weight`."""
+    total = torch.zeros(())
+    for modality, key in ENCODER_OUTPUT_KEYS.items():
+        weight = image_weight if modality == "vision" else 1.0
+        s_hidden, t_hidden = student[key].hidden_states, teacher[key].hidden_states
+        term = L.hidden_kd_loss(list(s_hidden), list(t_hidden), pairs[modality]["hidden"])
+        total = total.to(term.device) + weight * term
+    return total
+
+
+def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_batch: bool) -> torch.Tensor:
+    """ITC on the local batch, or (multi-process, `global_batch`) against the features gathered from every rank.
+
+    `torch.distributed.nn.all_gather` is differentiable, and DDP averages the gradients of the per-rank means, so
+    the update equals that of one process computing the loss over the global batch.
+    """
+    import torch.distributed as dist
+
+    if not (global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return L.itc_loss(image_feat, text_feat, temperature)
+    from torch.distributed.nn.functional import all_gather
+
+    all_image, all_text = torch.cat(all_gather(image_feat)), torch.cat(all_gather(text_feat))
+    offset = dist.get_rank() * image_feat.shape[0]
+    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature, offset)
+
+
+def check_compatible(student_config, teacher_config, hidden_kd_on: bool) -> None:
+    """KD compares tokens and logits position by position: vocabularies and widths must agree."""
+    s_text, t_text = student_config.text_config, teacher_config.text_config
+    if s_text.vocab_size != t_text.vocab_size:
+        raise ValueError(
+            f"student vocab_size ({s_text.vocab_size}) != teacher vocab_size ({t_text.vocab_size}): MLM/ITM KD needs one "
+            "tokenizer"
+        )
+    for key in ENCODER_CONFIG_KEYS.values() if hidden_kd_on else ():
+        s, t = getattr(student_config, key).hidden_size, getattr(teacher_config, key).hidden_size
+        if s != t:
+            raise ValueError(
+                f"{key}.hidden_size differs (student {s}, teacher {t}): hidden-state KD would need a projection; set "
+                "beta_hidden=0 or use equal widths"
+            )
+
+
+def layer_maps(student_config, teacher_config, layer_map: dict[str, list[int]] | None = None) -> dict:
+    """`kd_pairs` of the completed layer map (`student.resolve_layer_map`): the given entries, default elsewhere."""
+    return kd_pairs(resolve_layer_map(student_config, teacher_config, layer_map))

@@ -1,0 +1,35 @@
+"""The task registry: one module per task (`retrieval`, `nlvr2`), each exporting a `Task` as `TASK`.
+
+Adding a task = one new module here + one line in `TASKS`.
+"""
+
+from __future__ import annotations
+
+from .base import ModelCardSpec, Task
+from .nlvr2 import TASK as NLVR2
+from .retrieval import TASK as RETRIEVAL
+
+TASKS: dict[str, Task] = {task.name: task for task in (RETRIEVAL, NLVR2)}
+
+
+def get_task(name: str | Task) -> Task:
+    """The registered task called `name` (a `Task` passes through); ValueError naming the allowed tasks."""
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise ValueError(f"--task must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name]
+
+
+def task_of_model(model_or_config) -> Task:
+    """The task whose head class a model (or a config's `architectures`) belongs to; retrieval by default."""
+    architectures = getattr(model_or_config, "architectures", None)
+    if architectures is None:
+        architectures = [type(model_or_config).__name__]
+    for task in TASKS.values():
+        if task.model_class.__name__ in (architectures or []) and task is not RETRIEVAL:
+            return task
+    return RETRIEVAL
+
+
+__all__ = ["ModelCardSpec", "TASKS", "Task", "get_task", "task_of_model"]

@@ -1,0 +1,69 @@
+"""What a task provides: one `Task` record per task, read by the stages, the trainer, export, bench and compare.
+
+Adding a task = one module in `training/tasks/` that builds a `Task`, plus one line in the registry
+(`training/tasks/__init__.py`). Nothing else dispatches on the task's name or on tensor shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+LossStep = Callable[..., tuple[Any, dict]]
+"""fn(student, teacher | None, inputs, args, maps | None, masks, generator) -> (total loss, {term: value})."""
+
+
+@dataclass(frozen=True)
+class ModelCardSpec:
+    """The task-specific parts of an exported model card."""
+
+    task_type: str  # model-index task type
+    pipeline_tag: str | None  # Hub pipeline tag (None: no standard pipeline)
+    tag: str  # Hub tag naming the task
+    heads: str  # one line describing the heads
+    speed_name: str  # what the latency measures ("retrieval", "NLVR2")
+    usage: str  # Python snippet (with a {repo} placeholder) that a test runs in a clean interpreter
+    usage_pipeline: str = ""  # optional pipeline snippet (markdown, {repo} placeholder)
+    metric_keys: tuple[str, ...] = ()  # metrics reported in model-index
+    report_keys: tuple[str, ...] = ()  # metrics in the card's evaluation table (percent)
+    title: str = ""  # the task's name in prose
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the commands need to know about one fine-tuning task.
+
+    Attributes:
+        name: the `--task` value.
+        model_class: the head class fine-tuned and pruned for the task.
+        teacher_class: the class `efficientvlm teacher --task <name>` trains (pre-training for retrieval).
+        metric: the primary metric (a key of `evaluate`'s result, higher is better).
+        loss_step: task loss + task KD for one batch (see `LossStep`); the trainer calls it, nothing else.
+        prune_defaults: the official task-KD / pruning defaults (`PruningArguments` fields left unset take these).
+        train_data: fn(data_args, processor, seed, mlm) -> (train dataset, collator).
+        eval_data: fn(data_args) -> the held-out set.
+        eval_size: fn(held-out set) -> number of items (for reports).
+        evaluate: fn(model, processor, data_args, held_out, show_progress, pruning_masks) -> metrics.
+        workload: fn(model, processor, data_args, held_out, batch) -> zero-argument callable running the task's
+            inference path on `batch` held-out items (what latency measures).
+        workload_text: fn(data_args, batch) -> one line describing that path (for protocols).
+        manual_split: default hand split of `compare-splits` (a format string with {half} and {more}).
+        card: the model card's task-specific parts.
+    """
+
+    name: str
+    model_class: type
+    teacher_class: type
+    metric: str
+    loss_step: LossStep
+    prune_defaults: dict[str, Any]
+    train_data: Callable
+    eval_data: Callable
+    eval_size: Callable[[Any], int]
+    evaluate: Callable[..., dict]
+    workload: Callable[..., Callable[[], Any]]
+    workload_text: Callable[[Any, int], str]
+    manual_split: str
+    card: ModelCardSpec
+    description: str = field(default="")

@@ -1,0 +1,234 @@
+"""NLVR2 (two images + a statement → true / false): loss step (task loss + task KD), data, evaluation, inference path.
+
+The student and teacher are `EfficientVLMForVisualReasoning` models: one vision pass over the 2B images (pair-adjacent:
+row 2b = left, 2b + 1 = right image of item b), one text pass over the B statements and one fusion pass over 2B rows
+(statement b repeated for its two images). KD reuses the shared encoder KD of `training.method.distillation`; the
+only adapter needed is the text row of every fusion row, which tells the attention KD which text padding mask applies
+to each of the 2B fusion queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from modeling_efficientvlm import EfficientVLMForVisualReasoning
+
+from ..method import losses as L
+from ..method.distillation import attention_kd, hidden_kd
+from .base import ModelCardSpec, Task
+
+NLVR2_LAMBDA = 0.8
+"""Official NLVR2 weighting: 0.8·task + 0.2·KD (the `prune --task nlvr2` default of `lambda_vlp`)."""
+
+
+def fusion_pairs(batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image row, text row) of each of the 2B fusion rows of `EfficientVLMForVisualReasoning`.
+
+    Returns:
+        (image_idx (2B,) = 0..2B−1, text_idx (2B,) = [0, 0, 1, 1, …]).
+    """
+    image_idx = torch.arange(2 * batch, device=device)
+    text_idx = torch.arange(batch, device=device).repeat_interleave(2)
+    return image_idx, text_idx
+
+
+def _encoder_outputs(output) -> dict:
+    """Per-encoder outputs under the keys the KD helpers expect ("image", "text", "fusion")."""
+    return {"image": output.vision_model_output, "text": output.text_model_output, "fusion": output.fusion_model_output}
+
+
+def nlvr2_losses(
+    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NLVR2 cross-entropy of the student + task KD from the teacher on the same batch.
+
+    total = λ·L_task + (1 − λ)·(α·L_attn + β·L_hid + γ·L_logits) with λ = `args.lambda_vlp` (official NLVR2: 0.8).
+    Attention KD covers the self-attention of all three encoders, plus the fusion cross-attention when
+    `args.cross_attention_kd`; hidden KD covers all three encoders (vision down-weighted by `args.image_hidden_weight`);
+    logit KD is KL·T² on the (B, 2) classifier logits.
+
+    Args:
+        student: an `EfficientVLMForVisualReasoning` (trained).
+        teacher: an `EfficientVLMForVisualReasoning` (frozen; run under no_grad, without masks), or None for the task
+            loss only (teacher fine-tuning).
+        inputs: an `NLVR2Collator` batch: pixel_values (B, 2, C, H, W), input_ids / attention_mask (B, T), labels (B,).
+        args: the distillation weights (`DistillationArguments` or any object with the same fields).
+        maps: `kd_pairs(layer map)`; unused when `teacher` is None.
+        masks: the student's `PruningMasks` (pruning), or None.
+        generator: unused (NLVR2 samples nothing); the loss-step signature is shared by all tasks.
+
+    Returns:
+        (total scalar, parts): parts holds "task", the KD terms computed ("logits", "attn", "hidden") and "total".
+
+    Raises:
+        KeyError: the batch has no "labels".
+    """
+    if "labels" not in inputs:
+        raise KeyError(f"NLVR2 batches need 'labels' (got keys {sorted(inputs)})")
+    use_attn = teacher is not None and args.alpha_attn > 0
+    use_hidden = teacher is not None and args.beta_hidden > 0
+    model_inputs = {
+        "pixel_values": inputs["pixel_values"],
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "output_attentions": use_attn,  # the fusion output then also carries the cross-attention maps
+        "output_hidden_states": use_hidden,
+    }
+    s_out = student(**model_inputs, labels=inputs["labels"], pruning_masks=masks)
+    task = {"task": s_out.loss}
+    if teacher is None:
+        return L.combine_losses(task, {}, 1.0, 0.0, 0.0, 0.0)
+    with torch.no_grad():
+        t_out = teacher(**model_inputs)
+    device = s_out.logits.device
+    kd = {"logits": L.logit_kd_loss(s_out.logits, t_out.logits, args.kd_temperature)}
+    student_encoders, teacher_encoders = _encoder_outputs(s_out), _encoder_outputs(t_out)
+    if use_attn:
+        _, text_rows = fusion_pairs(inputs["input_ids"].shape[0], inputs["attention_mask"].device)
+        query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"][text_rows]}
+        kd["attn"] = attention_kd(
+            student_encoders, teacher_encoders, maps, query_masks, bool(args.cross_attention_kd),
+            args.attention_key_length_scale,
+        ).to(device)
+    if use_hidden:
+        kd["hidden"] = hidden_kd(student_encoders, teacher_encoders, maps, args.image_hidden_weight).to(device)
+    return L.combine_losses(task, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def train_data(data, processor, seed: int, mlm: bool):
+    """(train dataset, collator): synthetic NLVR2 pairs (`--nlvr2_level`) or an X-VLM NLVR2 JSON."""
+    from ..data.collators import NLVR2Collator
+
+    collator = NLVR2Collator(processor, max_length=data.max_length)
+    if data.dataset == "synthetic":
+        from ..data.scenes import SyntheticNLVR2Dataset
+
+        return SyntheticNLVR2Dataset(seed=seed, image_size=data.image_size, level=data.nlvr2_level), collator
+    from ..data.files import load_nlvr2_json
+
+    return load_nlvr2_json(data.dataset, data.image_root), collator
+
+
+def eval_data(data) -> list:
+    """The held-out items: `--eval_dataset` (X-VLM NLVR2 JSON) or held-out synthetic pairs."""
+    if data.eval_dataset:
+        from ..data.files import load_nlvr2_json
+
+        return load_nlvr2_json(data.eval_dataset, data.image_root)
+    from ..data.scenes import make_nlvr2_eval_set
+
+    return make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size,
+                               level=data.nlvr2_level)
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+def evaluate_nlvr2(
+    model: torch.nn.Module,
+    items: Sequence[dict],
+    processor: Any,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    show_progress: bool = True,
+    max_length: int = 40,
+    pruning_masks: Any = None,
+) -> dict[str, float]:
+    """NLVR2 accuracy (percent) of a model with `forward(pixel_values (B, 2, C, H, W), input_ids, attention_mask)`
+    returning `.logits` (B, 2) (index 1 = statement true).
+
+    Args:
+        model: the NLVR2 classifier.
+        items: {"images": [left, right], "sentence": str, "label": 0 | 1} (see `NLVR2Collator`).
+        processor: an `EfficientVLMProcessor`-like callable.
+        batch_size: items per forward.
+        device: where to run; default the model's device.
+        show_progress: tqdm bar.
+        max_length: statement truncation length in tokens.
+        pruning_masks: passed to the model's forward when given.
+
+    Returns:
+        {"accuracy": percent correct}.
+    """
+    from ..data.collators import NLVR2Collator
+
+    if len(items) == 0:
+        raise ValueError("evaluate_nlvr2 needs at least one item")
+    parameter = next(model.parameters())
+    device, dtype = torch.device(device) if device is not None else parameter.device, parameter.dtype
+    collate = NLVR2Collator(processor, max_length=max_length)
+    extra = {} if pruning_masks is None else {"pruning_masks": pruning_masks}
+    was_training, correct = model.training, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(items), batch_size), desc="NLVR2", disable=not show_progress):
+                batch = collate(list(items[start : start + batch_size]))
+                logits = model(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype),
+                               input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device), **extra).logits
+                correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+    finally:
+        model.train(was_training)
+    return {"accuracy": 100.0 * correct / len(items)}
+
+
+def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None) -> dict:
+    return evaluate_nlvr2(model, held_out, processor, show_progress=show_progress, pruning_masks=pruning_masks,
+                          max_length=data.max_length)
+
+
+# ---------------------------------------------------------------------------------------------------- inference path
+def workload(model, processor, data, held_out, batch: int) -> Callable[[], Any]:
+    """Classify `batch` held-out (left, right, statement) items."""
+    from ..data.collators import NLVR2Collator
+
+    inputs = NLVR2Collator(processor, max_length=data.max_length)(list(held_out)[:batch])
+    inputs.pop("labels")
+    return lambda: model(**inputs).logits
+
+
+def workload_text(data, batch: int) -> str:
+    return f"NLVR2 classification of {batch} held-out items (2 images + statement each)"
+
+
+USAGE = """import torch
+from PIL import Image
+from transformers import AutoModelForSequenceClassification, AutoProcessor
+
+model = AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+left, right = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+inputs = processor(images=[left, right], text=["there is a red circle in exactly one image"])
+pixel_values = inputs["pixel_values"].view(1, 2, *inputs["pixel_values"].shape[1:])  # (B, 2, C, H, W)
+with torch.no_grad():
+    logits = model(pixel_values=pixel_values, input_ids=inputs["input_ids"],
+                   attention_mask=inputs["attention_mask"]).logits
+print(logits.softmax(-1)[:, 1])  # probability that the statement is true"""
+
+TASK = Task(
+    name="nlvr2",
+    model_class=EfficientVLMForVisualReasoning,
+    teacher_class=EfficientVLMForVisualReasoning,
+    metric="accuracy",
+    loss_step=nlvr2_losses,
+    # official NLVR2 config: 0.8·task + 0.2·KD, reg lr 0.1, cross-attention maps in task KD
+    prune_defaults={"lambda_vlp": NLVR2_LAMBDA, "reg_learning_rate": 0.1, "cross_attention_kd": True},
+    train_data=train_data,
+    eval_data=eval_data,
+    eval_size=len,
+    evaluate=evaluate,
+    workload=workload,
+    workload_text=workload_text,
+    # the paper's finding: vision and text matter for NLVR2, fusion much less
+    manual_split="vision=auto,text=auto,fusion={more}",
+    card=ModelCardSpec(
+        task_type="visual-reasoning", pipeline_tag=None, tag="nlvr2",
+        heads="NLVR2 head: two images + a statement → true / false", speed_name="NLVR2", usage=USAGE,
+        metric_keys=("accuracy",), report_keys=("accuracy",), title="NLVR2",
+    ),
+    description="two images + a statement → true/false; accuracy",
+)

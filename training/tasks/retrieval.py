@@ -1,0 +1,441 @@
+"""Image-text retrieval: the task's loss step (VLP + KD), data, metric, evaluation and inference path.
+
+The loss step is also the pre-training step: `teacher` (no teacher model: VLP losses only) and general distillation
+(`distill`) train on image-caption pairs with it; retrieval fine-tuning (`prune --task retrieval`) adds task KD.
+
+Evaluation protocol (REFERENCE.md §4): ITC cosine similarity for every (image, text) pair; for each query the top-k
+candidates by ITC are re-scored by the ITM head (`EfficientVLMForImageTextRetrieval.rerank`) and every other
+candidate gets −100. Text retrieval (TR) ranks the texts of each image and counts the best-ranked of its ground-truth
+captions; image retrieval (IR) ranks the images of each text. R@1/5/10 in percent; r_mean is the mean of the six.
+The metric is also a local `evaluate` module (`training/metrics/retrieval`, see `load_retrieval_metric`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
+
+from ..method import losses as L
+from ..method.distillation import attention_kd, hidden_kd, itc
+from .base import ModelCardSpec, Task
+
+RECALL_AT = (1, 5, 10)
+METRIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics", "retrieval")
+
+
+# --------------------------------------------------------------------------------------------------------- loss step
+def _forward_all(model, inputs, masks, pairs, attn: bool, hidden: bool, mlm: bool, image=None, text=None) -> dict:
+    """Runs one model on a batch: encoders (unless given), ITC, ITM on the given (image, text) pairs, MLM."""
+    if image is None:
+        image = model.encode_image(inputs["pixel_values"], masks, attn, hidden)
+    if text is None:
+        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, attn, hidden)
+    image_feat, text_feat = model.image_itc_embeds(image.last_hidden_state), model.text_itc_embeds(text.last_hidden_state)
+    out = {"image": image, "text": text, "image_feat": image_feat, "text_feat": text_feat}
+    out["sim_i2t"] = image_feat @ text_feat.t() / model.temperature
+    image_idx, text_idx = pairs
+    out["itm_logits"], out["fusion"] = model.itm_logits(
+        text.last_hidden_state[text_idx],
+        inputs["attention_mask"][text_idx],
+        image.last_hidden_state[image_idx],
+        pruning_masks=masks,
+        output_attentions=attn,
+        output_hidden_states=hidden,
+    )
+    if mlm:
+        out["mlm_logits"], _, _ = model.mlm_logits(
+            inputs["mlm_input_ids"], inputs["attention_mask"], image.last_hidden_state, masks
+        )
+    return out
+
+
+def retrieval_losses(
+    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator=None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VLP losses of the student + KD from the teacher on the same batch and the same ITM pairs.
+
+    total = λ·(ITC + ITM [+ MLM]) + (1 − λ)·(α·L_attn + β·L_hid + γ·L_logits), λ = `args.lambda_vlp`.
+
+    ITM hard negatives are drawn ONCE per step from softmax(sim / τ) of the *student's* ITC similarities (τ = its
+    clamped temperature, detached: ALBEF / X-VLM), and the teacher is scored on exactly those (image, text) pairs.
+    Without τ the cosine similarities lie in [−1, 1] and the draw is nearly uniform (easy negatives).
+
+    Args:
+        student: an `EfficientVLMForImageTextRetrieval` (or pre-training model, for MLM).
+        teacher: the frozen teacher, or None (teacher pre-training: VLP losses only).
+        inputs: a `RetrievalCollator` batch.
+        args: `DistillationArguments`-like weights.
+        maps: `kd_pairs(layer map)` (unused without a teacher).
+        masks: the student's `PruningMasks`, or None.
+        generator: draws the ITM negatives (checkpointed by the trainer, so a resumed run is exact).
+    """
+    use_attn, use_hidden = teacher is not None and args.alpha_attn > 0, teacher is not None and args.beta_hidden > 0
+    cross = use_attn and bool(args.cross_attention_kd)  # the fusion maps then carry the cross-attention too
+    use_mlm = args.use_mlm and "mlm_input_ids" in inputs and hasattr(student, "mlm_head")
+    batch = inputs["input_ids"].shape[0]
+    # student ITC first: its similarities choose the negatives
+    s_image = student.encode_image(inputs["pixel_values"], masks, use_attn, use_hidden)
+    s_text = student.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, use_attn, use_hidden)
+    sim = student.image_itc_embeds(s_image.last_hidden_state) @ student.text_itc_embeds(s_text.last_hidden_state).t()
+    logits_i2t = sim.detach().float() / student.temperature.detach().float()
+    neg_text, neg_image = L.sample_itm_negatives(logits_i2t, generator=generator)
+    image_idx, text_idx, itm_labels = L.build_itm_pairs(neg_text, neg_image, batch)
+    pairs = (image_idx.to(sim.device), text_idx.to(sim.device))
+    s = _forward_all(student, inputs, masks, pairs, use_attn, use_hidden, use_mlm, s_image, s_text)
+    vlp = {
+        "itc": itc(s["image_feat"], s["text_feat"], student.temperature, args.itc_global_batch),
+        "itm": L.itm_loss(s["itm_logits"], itm_labels.to(sim.device)),
+    }
+    if use_mlm:
+        vlp["mlm"] = L.mlm_loss(s["mlm_logits"], inputs["mlm_labels"])
+    if teacher is None:
+        return L.combine_losses(vlp, {}, 1.0, 0.0, 0.0, 0.0)
+    with torch.no_grad():
+        t = _forward_all(teacher, inputs, None, pairs, use_attn, use_hidden, use_mlm)
+    kd_logits = L.logit_kd_loss(s["itm_logits"], t["itm_logits"], args.kd_temperature)
+    if use_mlm:
+        masked = inputs["mlm_labels"] != -100
+        kd_logits = kd_logits + L.logit_kd_loss(s["mlm_logits"][masked], t["mlm_logits"][masked], args.kd_temperature)
+    if args.distill_itc:
+        kd_logits = kd_logits + L.itc_kd_loss(s["sim_i2t"], t["sim_i2t"], args.kd_temperature)
+    kd = {"logits": kd_logits}
+    if use_attn:
+        query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"][pairs[1]]}
+        kd["attn"] = attention_kd(s, t, maps, query_masks, cross, args.attention_key_length_scale).to(sim.device)
+    if use_hidden:
+        kd["hidden"] = hidden_kd(s, t, maps, args.image_hidden_weight).to(sim.device)
+    return L.combine_losses(vlp, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def train_data(data, processor, seed: int, mlm: bool):
+    """(train dataset, collator): synthetic scenes, or an ALBEF / X-VLM image-caption JSON (one row per caption)."""
+    from ..data.collators import RetrievalCollator
+
+    collator = RetrievalCollator(
+        processor, max_length=data.max_length, mlm_probability=data.mlm_probability if mlm else 0.0,
+        max_masks=data.max_masks,
+    )
+    if data.dataset == "synthetic":
+        from ..data.scenes import SyntheticRetrievalDataset
+
+        return SyntheticRetrievalDataset(seed=seed, image_size=data.image_size), collator
+    from ..data.files import load_albef_json
+
+    return load_albef_json(data.dataset, data.image_root, split_captions=True), collator
+
+
+def eval_data(data) -> dict:
+    """The held-out set {images, captions, img2txt, txt2img}: `--eval_dataset` JSON or held-out synthetic scenes."""
+    if data.eval_dataset:
+        from ..data.files import load_retrieval_eval_set
+
+        return load_retrieval_eval_set(data.eval_dataset, data.image_root)
+    from ..data.scenes import make_retrieval_eval_set
+
+    return make_retrieval_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
+
+
+# ------------------------------------------------------------------------------------------------------------ metric
+def _as_float_array(scores: torch.Tensor | np.ndarray | Sequence, name: str) -> np.ndarray:
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().float().cpu().numpy()
+    array = np.asarray(scores, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D score matrix, got shape {array.shape}")
+    if np.isnan(array).any():
+        raise ValueError(f"{name} contains NaN scores")
+    return array
+
+
+def _check_ground_truth(img2txt: Sequence[Sequence[int]], txt2img: Sequence[int], n_img: int, n_txt: int) -> None:
+    """Raises ValueError unless img2txt / txt2img describe the same pairs of an (n_img, n_txt) matrix."""
+    if len(img2txt) != n_img or len(txt2img) != n_txt:
+        raise ValueError(f"scores are ({n_img}, {n_txt}) but img2txt has {len(img2txt)} images and txt2img "
+                         f"{len(txt2img)} texts")
+    for image, texts in enumerate(img2txt):
+        if len(texts) == 0:
+            raise ValueError(f"img2txt[{image}] is empty: every image needs at least one caption")
+        for text in texts:
+            if not 0 <= int(text) < n_txt or int(txt2img[text]) != image:
+                raise ValueError(f"img2txt[{image}] lists text {text} but txt2img disagrees (or it is out of range)")
+    bad = [j for j, image in enumerate(txt2img) if not 0 <= int(image) < n_img or j not in img2txt[int(image)]]
+    if bad:
+        raise ValueError(f"txt2img of texts {bad[:5]} does not match img2txt")
+
+
+def _ranks(scores: np.ndarray, positives: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """0-based rank of each row's best-scored positive.
+
+    Ties are resolved against the positives: rank = number of negatives scoring >= the best positive, so constant
+    scores (an untrained model, or a positive left at −100 outside the top-k) never count as hits.
+
+    Args:
+        scores: (Q, C) query-by-candidate scores.
+        positives: (Q, C) bool, the ground-truth candidates of each query (at least one per row).
+
+    Returns:
+        (Q,) int ranks.
+    """
+    ranks = np.empty(scores.shape[0], dtype=np.int64)
+    for start in range(0, scores.shape[0], chunk):  # chunks bound memory on 5k x 25k COCO matrices
+        s, p = scores[start : start + chunk], positives[start : start + chunk]
+        best = np.where(p, s, -np.inf).max(axis=1, keepdims=True)
+        ranks[start : start + chunk] = ((s >= best) & ~p).sum(axis=1)
+    return ranks
+
+
+def _recalls(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    metrics = {f"{prefix}_r{k}": float(100.0 * (ranks < k).mean()) for k in RECALL_AT}
+    metrics[f"{prefix}_r_mean"] = float(np.mean([metrics[f"{prefix}_r{k}"] for k in RECALL_AT]))
+    return metrics
+
+
+def retrieval_metrics(
+    scores_i2t: torch.Tensor | np.ndarray | Sequence,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    scores_t2i: torch.Tensor | np.ndarray | Sequence | None = None,
+) -> dict[str, float]:
+    """TR / IR recall at 1, 5, 10 (percent) and their means.
+
+    Args:
+        scores_i2t: (N_img, N_txt) image-to-text scores (higher = better match).
+        img2txt: per image, the indices of its ground-truth captions.
+        txt2img: per text, the index of its image.
+        scores_t2i: (N_txt, N_img) text-to-image scores; defaults to `scores_i2t.T` (they differ after ITM
+            re-ranking, where each direction re-scores its own top-k).
+
+    Returns:
+        dict with txt_r1, txt_r5, txt_r10, txt_r_mean, img_r1, img_r5, img_r10, img_r_mean and r_mean (mean of six).
+    """
+    i2t = _as_float_array(scores_i2t, "scores_i2t")
+    t2i = i2t.T if scores_t2i is None else _as_float_array(scores_t2i, "scores_t2i")
+    if t2i.shape != i2t.shape[::-1]:
+        raise ValueError(f"scores_t2i must be {i2t.shape[::-1]}, got {t2i.shape}")
+    n_img, n_txt = i2t.shape
+    _check_ground_truth(img2txt, txt2img, n_img, n_txt)
+    txt_of_img = np.zeros((n_img, n_txt), dtype=bool)
+    txt_of_img[np.asarray(txt2img, dtype=np.int64), np.arange(n_txt)] = True
+    metrics = {**_recalls(_ranks(i2t, txt_of_img), "txt"), **_recalls(_ranks(t2i, txt_of_img.T), "img")}
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2  # = mean of the six recalls
+    return metrics
+
+
+def make_retrieval_compute_metrics(
+    img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]
+) -> Callable[[Any], dict[str, float]]:
+    """A Trainer `compute_metrics` for a prediction step that yields the (N_img, N_txt) score matrix."""
+
+    def compute_metrics(eval_prediction: Any) -> dict[str, float]:
+        scores = getattr(eval_prediction, "predictions", eval_prediction)
+        if isinstance(scores, (tuple, list)) and scores and np.ndim(scores[0]) == 2:
+            scores = scores[0]
+        return retrieval_metrics(scores, img2txt, txt2img)
+
+    return compute_metrics
+
+
+def load_retrieval_metric(**kwargs: Any) -> Any:
+    """The retrieval metric as an `evaluate` module loaded from this package's local copy (no Hub access).
+
+    `metric.compute(predictions=score_rows, references=img2txt)` where `score_rows` is the (N_img, N_txt) matrix as
+    rows and `references[i]` lists image i's caption indices; optional compute kwargs `txt2img` and `scores_t2i`.
+    """
+    import evaluate
+
+    return evaluate.load(METRIC_DIR, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+def _model_device_dtype(model: torch.nn.Module, device: torch.device | str | None) -> tuple[torch.device, Any]:
+    parameter = next(model.parameters())
+    return torch.device(device) if device is not None else parameter.device, parameter.dtype
+
+
+def _encode_images(model, images: list, processor, batch_size: int, pruning_masks, device, dtype,
+                   show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image tokens (N_img, 1 + N, D_vision) and ITC embeddings (N_img, E), both on `device`."""
+    tokens, embeds = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="Encoding images", disable=not show_progress):
+        pixel_values = processor(images=list(images[start : start + batch_size]))["pixel_values"]
+        out = model.encode_image(pixel_values.to(device=device, dtype=dtype), pruning_masks=pruning_masks)
+        tokens.append(out.last_hidden_state)
+        embeds.append(model.image_itc_embeds(out.last_hidden_state))
+    return torch.cat(tokens), torch.cat(embeds)
+
+
+def _encode_texts(model, captions: list[str], processor, batch_size: int, max_length: int, pruning_masks, device,
+                  show_progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text tokens (N_txt, T, D_text), attention mask (N_txt, T) and ITC embeddings (N_txt, E), on `device`."""
+    # one tokenizer call pads every caption to the same T, so the cache is a single tensor to gather from
+    encoded = processor(text=list(captions), padding="longest", truncation=True, max_length=max_length)
+    input_ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+    tokens, embeds = [], []
+    for start in tqdm(range(0, len(captions), batch_size), desc="Encoding texts", disable=not show_progress):
+        ids, m = input_ids[start : start + batch_size], mask[start : start + batch_size]
+        length = int(m.sum(1).max())  # trim to this batch's longest caption (right padding)
+        out = model.encode_text(ids[:, :length], m[:, :length], pruning_masks=pruning_masks).last_hidden_state
+        tokens.append(torch.nn.functional.pad(out, (0, 0, 0, mask.shape[1] - length)))
+        embeds.append(model.text_itc_embeds(out))
+    return torch.cat(tokens), mask, torch.cat(embeds)
+
+
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    images: Sequence,
+    captions: Sequence[str],
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    processor: Any,
+    k: int = 16,
+    batch_size: int = 32,
+    pruning_masks: Any = None,
+    device: torch.device | str | None = None,
+    show_progress: bool = True,
+    max_length: int = 40,
+    itm_score: str = "match_logit",
+) -> dict[str, float]:
+    """Image-text retrieval with ITC ranking and ITM re-ranking of each query's top-k (X-VLM protocol).
+
+    Image and text tokens are encoded once and cached on `device`; re-ranking (`model.rerank`) gathers them by
+    index and runs only the fusion encoder + ITM head (at most N_img * k + N_txt * k pairs).
+
+    Args:
+        model: an `EfficientVLMForImageTextRetrieval` (an `EfficientVLMModel` suffices when k = 0).
+        images: N_img PIL images.
+        captions: N_txt captions.
+        img2txt / txt2img: ground truth (see `retrieval_metrics`).
+        processor: an `EfficientVLMProcessor` (images → pixel_values, texts → input_ids / attention_mask).
+        k: ITM candidates per query (COCO 256, Flickr 128 in the paper); 0 = ITC only.
+        batch_size: images / texts / pairs per forward.
+        pruning_masks: optional `PruningMasks` applied to every encoder (a gated model at its masks).
+        device: where to run; default the model's device.
+        show_progress: tqdm bars.
+        max_length: caption truncation length in tokens (X-VLM: 40).
+        itm_score: how re-ranked pairs are scored (`modeling_efficientvlm.ITM_SCORES`; X-VLM: "match_logit").
+
+    Returns:
+        `retrieval_metrics` of the re-ranked scores, plus the same keys suffixed `_itc` for ITC-only ranking.
+    """
+    if len(images) != len(img2txt) or len(captions) != len(txt2img):
+        raise ValueError(f"{len(images)} images / {len(captions)} captions do not match img2txt ({len(img2txt)}) / "
+                         f"txt2img ({len(txt2img)})")
+    if k > 0 and not hasattr(model, "rerank"):
+        raise ValueError(f"k={k} needs a model with an ITM head (rerank); use k=0 for ITC-only retrieval")
+    if k < 0 or batch_size < 1:
+        raise ValueError(f"need k >= 0 and batch_size >= 1, got k={k}, batch_size={batch_size}")
+    device, dtype = _model_device_dtype(model, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            image_tokens, image_embeds = _encode_images(model, list(images), processor, batch_size, pruning_masks,
+                                                        device, dtype, show_progress)
+            text_tokens, text_mask, text_embeds = _encode_texts(model, list(captions), processor, batch_size,
+                                                                max_length, pruning_masks, device, show_progress)
+            sim = image_embeds.float() @ text_embeds.float().t()  # cosine: the temperature does not change ranks
+            if k == 0:
+                scores_i2t, scores_t2i = sim, sim.t()
+            else:
+                progress = None if not show_progress else (lambda it: tqdm(it, desc="ITM re-ranking"))
+                scores_i2t, scores_t2i = model.rerank(
+                    sim, k, image_tokens, text_tokens, text_mask, pruning_masks=pruning_masks, itm_score=itm_score,
+                    batch_size=batch_size, progress=progress,
+                )
+    finally:
+        model.train(was_training)
+    metrics = retrieval_metrics(scores_i2t, img2txt, txt2img, scores_t2i)
+    itc_only = retrieval_metrics(sim, img2txt, txt2img)
+    return {**metrics, **{f"{key}_itc": value for key, value in itc_only.items()}}
+
+
+def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None) -> dict:
+    """The task's metrics on `held_out` (see `eval_data`), with the data arguments' k, ITM score and max length."""
+    return evaluate_retrieval(
+        model, held_out["images"], held_out["captions"], held_out["img2txt"], held_out["txt2img"], processor,
+        k=data.itm_k, show_progress=show_progress, pruning_masks=pruning_masks, max_length=data.max_length,
+        itm_score=data.itm_score,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- inference path
+def retrieval_step(model, pixel_values, input_ids, attention_mask, k: int, itm_score: str = "match_logit"):
+    """The timed retrieval path: encode all, ITC for all pairs, ITM re-ranking of every query's top-k."""
+    image = model.encode_image(pixel_values).last_hidden_state
+    text = model.encode_text(input_ids, attention_mask).last_hidden_state
+    sim = model.image_itc_embeds(image) @ model.text_itc_embeds(text).t()
+    if k == 0:
+        return sim
+    return model.rerank(sim, k, image, text, attention_mask, itm_score=itm_score)
+
+
+def workload(model, processor, data, held_out, batch: int) -> Callable[[], Any]:
+    """Encode `batch` held-out images and captions, ITC for all pairs, ITM on the top-k per query (k = data.itm_k)."""
+    n = min(batch, len(held_out["images"]))
+    pixels = processor(images=held_out["images"][:n])["pixel_values"]
+    text = processor(text=held_out["captions"][:n], padding="max_length", max_length=data.max_length)
+    return lambda: retrieval_step(model, pixels, text["input_ids"], text["attention_mask"], data.itm_k, data.itm_score)
+
+
+def workload_text(data, batch: int) -> str:
+    return (f"retrieval path on {batch} held-out images × {batch} captions: encode all, ITC all pairs, ITM on the "
+            f"top-{data.itm_k} per query")
+
+
+USAGE = """import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+inputs = processor(images=images, text=["a big red circle", "a small blue square"])
+with torch.no_grad():
+    out = model(**inputs, compute_itm=True)
+print(out.logits_per_image.softmax(dim=-1))  # ITC: each image against each text
+print(out.itm_logits.softmax(dim=-1)[:, 1])  # ITM: match probability of (image i, text i)"""
+
+USAGE_PIPELINE = """Retrieval pipeline (ranks a gallery for a query; `rerank_k` re-scores the ITC top candidates with the ITM
+head):
+
+```python
+from PIL import Image
+from transformers import pipeline
+
+pipe = pipeline("image-text-retrieval", model="{repo}", trust_remote_code=True)
+gallery = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue")]
+print(pipe("a big red circle", gallery, top_k=2, rerank_k=3))
+```"""
+
+TASK = Task(
+    name="retrieval",
+    model_class=EfficientVLMForImageTextRetrieval,
+    teacher_class=EfficientVLMForPreTraining,
+    metric="r_mean",
+    loss_step=retrieval_losses,
+    # official retrieval config: 0.5·(KD + ITC + ITM), reg lr 0.01, cross-attention maps in task KD
+    prune_defaults={"lambda_vlp": 0.5, "reg_learning_rate": 0.01, "cross_attention_kd": True},
+    train_data=train_data,
+    eval_data=eval_data,
+    eval_size=lambda held_out: len(held_out["images"]),
+    evaluate=evaluate,
+    workload=workload,
+    workload_text=workload_text,
+    # the paper's sensitivity finding: vision is the most sensitive encoder here, so it is pruned least
+    manual_split="vision={half},text=auto,fusion=auto",
+    card=ModelCardSpec(
+        task_type="image-text-retrieval", pipeline_tag="zero-shot-image-classification", tag="image-text-retrieval",
+        heads="ITC + ITM heads", speed_name="retrieval", usage=USAGE, usage_pipeline=USAGE_PIPELINE,
+        metric_keys=("txt_r1", "img_r1", "r_mean"),
+        report_keys=("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"), title="Retrieval",
+    ),
+    description="image-caption pairs; R@K, r_mean (ITC ranking, ITM re-ranking of the top-k)",
+)
