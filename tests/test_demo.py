@@ -19,16 +19,24 @@ def demo_dir(tmp_path_factory):
 def test_report_has_every_model_and_field(demo_dir):
     report = json.loads((demo_dir / "report.json").read_text())
     models = report["models"]
-    assert set(models) == {"teacher", "student", "pruned"}
+    assert set(models) == {"teacher", "student", "pruned", "student_no_kd", "pruned_no_kd"}
     for entry in models.values():
-        for key in ("params", "r_mean", "latency_ms", "speedup", "txt_r1", "img_r1", "sparsity_vs_teacher"):
+        for key in ("params", "r_mean", "r_mean_itc", "latency_ms", "speedup", "txt_r1", "img_r1",
+                    "sparsity_vs_teacher", "r_mean_fraction_of_teacher"):
             assert key in entry
         assert 0 <= entry["r_mean"] <= 100
     assert models["teacher"]["speedup"] == 1.0
     assert models["pruned"]["params"] < models["student"]["params"] < models["teacher"]["params"]
-    assert set(models["pruned"]["sparsity_vs_student"]) == {"vision", "text", "fusion", "total"}
+    assert models["student_no_kd"]["params"] == models["student"]["params"]  # same student, trained without KD
+    for name in ("pruned", "pruned_no_kd"):
+        assert set(models[name]["sparsity_vs_student"]) == {"vision", "text", "fusion", "total"}
     assert "threads" in report["protocol"]["latency"]
-    for name in ("teacher", "student", "pruned"):
+    # the teacher is the shipped, converged one, and the report says where it came from
+    provenance = report["teacher_provenance"]
+    assert provenance["source"].endswith("demo_teacher") and provenance["learning_curve"]["converged"]
+    assert {"teacher_eval", "student", "pruned", "student_no_kd", "pruned_no_kd", "latency"} <= set(
+        report["stage_seconds"])
+    for name in models:
         folder = demo_dir / name
         for file in ("model.safetensors", "config.json", "README.md", "structure.png", "processor_config.json",
                      "modeling_efficientvlm.py", "pipeline_efficientvlm.py"):

@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     "bench": "Parameters, FLOPs and latency of teacher vs student vs pruned student (stated protocol).",
     "push": "Upload a Hub-ready folder to a Hugging Face Hub repo.",
     "demo": "Run the whole chain on built-in synthetic data and write report.json + Hub-ready folders.",
+    "demo-teacher": "Train the demo's teacher from scratch until its held-out learning curve flattens (shipped).",
     "convert-xvlm": "Convert an X-VLM / EfficientVLM .pth checkpoint into a Hub-ready folder.",
     "build-tuxpaint": "Build an ALBEF-format JSON from the Debian tuxpaint-stamps-default package.",
     "compare-splits": "Uniform vs manual vs learned (modal-adaptive) split at equal total sparsity: metric, params, "
@@ -119,6 +120,13 @@ def _demo(argv: list[str]) -> None:
     run_demo(args, write=_write)
 
 
+def _demo_teacher(argv: list[str]) -> None:
+    from .demo import DemoTeacherArguments, build_demo_teacher
+
+    (args,) = _parse("demo-teacher", (DemoTeacherArguments,), argv)
+    build_demo_teacher(args, command=" ".join(["efficientvlm", "demo-teacher", *argv]), write=_write)
+
+
 def _convert(argv: list[str]) -> None:
     from .convert import ConvertXVLMArguments, run_convert_xvlm
 
@@ -170,6 +178,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "bench": _bench,
     "push": _push,
     "demo": _demo,
+    "demo-teacher": _demo_teacher,
     "convert-xvlm": _convert,
     "build-tuxpaint": _tuxpaint,
     "analyze-modules": _analyze,

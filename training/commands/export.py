@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from ..method.structure import MODALITIES, count_parameters, prunable_parameters
 from ..tasks import task_of_model
 from ..method.l0 import GATES_FILE
 
-CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards",
+CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "model_cards",
                              "efficientvlm_template.md")
 STRUCTURE_FILE = "structure.json"
 
@@ -184,9 +185,11 @@ LIMITATIONS = (
 
 def save_hub_ready(
     model, processor: EfficientVLMProcessor | None, output_dir: str, model_name: str, reference_config=None,
-    metrics: dict | None = None, extra: dict | None = None, overwrite: bool = True,
+    metrics: dict | None = None, extra: dict | None = None, overwrite: bool = True, files: dict | None = None,
 ) -> dict:
-    """Writes a Hub-ready folder atomically (temp dir → rename); returns the sparsity/size report."""
+    """Writes a Hub-ready folder atomically (temp dir → rename); returns the sparsity/size report.
+
+    `files` maps extra file names to source paths copied into the folder (e.g. a learning curve)."""
     extra = dict(extra or {})
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -203,6 +206,8 @@ def save_hub_ready(
         with open(os.path.join(tmp, STRUCTURE_FILE), "w") as f:
             json.dump(report, f, indent=2)
         plot_structure(model.config, os.path.join(tmp, "structure.png"), reference_config)
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, name))
         render_card(tmp, model_name, report, metrics, extra)
     return report
 

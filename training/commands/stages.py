@@ -94,10 +94,24 @@ class TeacherArguments:
     vision_model: str | None = field(default=None, metadata={"help": "Init the vision tower from a CLIP/ViT dir."})
     text_model: str | None = field(default=None, metadata={"help": "Init text+fusion from a BERT dir."})
     num_text_layers: int | None = field(default=None, metadata={"help": "BERT layers for the text encoder."})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Evaluate the held-out set every N steps (0 = only at the end); writes learning_curve.json "
+                          "and learning_curve.png beside the model."},
+    )
+    stop_when_converged: bool = field(
+        default=False,
+        metadata={"help": "With --eval_every: stop once the last quarter of the learning curve stays within "
+                          "±--convergence_band of its mean (at least 8 points; retrieval: and ITM re-ranking beats ITC "
+                          "alone); --max_steps is then the budget."},
+    )
+    convergence_band: float = field(default=1.5, metadata={"help": "Half-width of the convergence band (points)."})
 
     def __post_init__(self):
         if bool(self.vision_model) != bool(self.text_model):
             raise ValueError("--vision_model and --text_model go together (X-VLM init needs both towers)")
+        if self.eval_every < 0 or (self.stop_when_converged and not self.eval_every):
+            raise ValueError("--eval_every must be >= 0, and > 0 with --stop_when_converged")
 
 
 @dataclass
@@ -111,6 +125,11 @@ class StudentArguments:
     layer_map: str | None = field(
         default=None,
         metadata={"help": "Teacher layer per student layer, e.g. 'vision=1,3,5,7,9,11;text=1,3,5;fusion=1,3,5'."},
+    )
+    kd: bool = field(
+        default=True,
+        metadata={"help": "false: the same half-depth student (same init) trained on the VLP losses only, no teacher "
+                          "forward — the no-KD baseline."},
     )
 
     def __post_init__(self):
@@ -140,9 +159,13 @@ class PruneArguments:
 
     student: str = field(default="", metadata={"help": "Distilled student checkpoint dir (required)."})
     teacher: str = field(default="", metadata={"help": "Task-tuned teacher checkpoint dir for task KD (required)."})
+    kd: bool = field(
+        default=True,
+        metadata={"help": "false: prune with the task loss + Lagrangian only, no teacher (the no-KD baseline)."},
+    )
 
     def __post_init__(self):
-        for name in ("student", "teacher"):
+        for name in ("student", "teacher") if self.kd else ("student",):
             path = getattr(self, name)
             if not path or not os.path.isdir(path):
                 raise ValueError(f"--{name} must be an existing checkpoint dir, got {path!r}")
@@ -231,8 +254,24 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     else:
         torch.manual_seed(args.seed)
         model = model_cls(teacher_config(teacher, data, len(processor.tokenizer)))
-    return _train_and_evaluate(EfficientVLMDistillationTrainer, model, None, processor, data, args, 0, eval_data,
-                               layer_map=load_layer_map(teacher.init_from))
+    callbacks = []
+    if teacher.eval_every:
+        from .learning_curve import HeldOutCurveCallback
+
+        held_out = eval_set(data) if eval_data in (None, False) else eval_data
+        curve = HeldOutCurveCallback(
+            lambda net: evaluate_model(net, processor, data, held_out, show_progress=False), task.metric,
+            teacher.eval_every, teacher.stop_when_converged, teacher.convergence_band,
+            require_itm_gain=data.itm_k > 0,  # where the task reports an ITC-only value (retrieval)
+        )
+        callbacks.append(curve)
+    result = _train_and_evaluate(EfficientVLMDistillationTrainer, model, None, processor, data, args, 0, eval_data,
+                                 layer_map=load_layer_map(teacher.init_from), callbacks=callbacks)
+    if callbacks and args.should_save:
+        from .learning_curve import write_curve
+
+        write_curve(callbacks[0].summary(), args.output_dir)
+    return result
 
 
 def run_distill(student_args: StudentArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
@@ -247,8 +286,8 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
     student = init_student_from_teacher(teacher, student_args.depths(), student_args.parsed_layer_map())
     # the map the student was initialised with is the one every KD term uses, and it is saved beside the student
     layer_map = resolve_layer_map(student.config, teacher.config, student_args.parsed_layer_map())
-    return _train_and_evaluate(EfficientVLMDistillationTrainer, student, teacher, processor, data, args, 1, eval_data,
-                               layer_map=layer_map)
+    return _train_and_evaluate(EfficientVLMDistillationTrainer, student, teacher if student_args.kd else None,
+                               processor, data, args, 1, eval_data, layer_map=layer_map)
 
 
 def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments, eval_data=None):
@@ -259,7 +298,7 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     Task-KD settings left unset take the task's official values (`Task.prune_defaults`).
     Evaluation (when asked) runs the gated student at its deterministic (export) masks.
     """
-    teacher = load_task_model(prune.teacher, data.task)
+    teacher = load_task_model(prune.teacher, data.task) if prune.kd else None
     processor = load_processor(data, prune.student)
     torch.manual_seed(args.seed)  # a new task head (NLVR2) starts the same in every run with this seed
     student = load_task_model(prune.student, data.task)
@@ -270,14 +309,14 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
 
 
 def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed_offset: int, eval_data,
-                        layer_map=None):
+                        layer_map=None, callbacks=None):
     """Trains with `trainer_cls` on the task's loss step, saves the final model, evaluates the task on the held-out
     set (unless `eval_data` is False)."""
     mlm = args.use_mlm and not isinstance(model, GatedModel)
     train, collator = build_datasets(data, processor, args.seed + seed_offset, mlm=mlm)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
-        teacher_model=teacher, task=data.task, layer_map=layer_map,
+        teacher_model=teacher, task=data.task, layer_map=layer_map, callbacks=callbacks or None,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)

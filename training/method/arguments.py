@@ -27,6 +27,12 @@ class DistillationArguments(TrainingArguments):
         default=True, metadata={"help": "Scale attention MSE by the key length (official code), so maps of any "
                                         "length weigh alike."}
     )
+    itm_negatives_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "The share of ITM negatives drawn uniformly at random falls from 1 to 0 over this many steps "
+                          "(the rest from softmax(sim/τ)); 0 = all hard from the start (ALBEF / X-VLM). Lets a fusion "
+                          "encoder trained from scratch leave the ITM prior."},
+    )
     use_mlm: bool = field(default=True, metadata={"help": "Use MLM (loss and KD) when the batch has masked text."})
     itc_global_batch: bool = field(
         default=False,
@@ -39,6 +45,8 @@ class DistillationArguments(TrainingArguments):
         for name in ("alpha_attn", "beta_hidden", "gamma_logits", "image_hidden_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.itm_negatives_warmup_steps < 0:
+            raise ValueError(f"itm_negatives_warmup_steps must be >= 0, got {self.itm_negatives_warmup_steps}")
         if not self.kd_temperature > 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         self.remove_unused_columns = False  # image batches: keep pixel_values

@@ -60,8 +60,11 @@ def itc_loss(
     return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)) / 2
 
 
-def _draw_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of `sim`, drawn ∝ softmax(row) with `positives` excluded. sim, positives: (B, B)."""
+def _draw_negatives(
+    sim: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None, uniform_share: float = 0.0
+) -> torch.Tensor:
+    """One index per row of `sim`, drawn from (1 − u)·softmax(row) + u·uniform over the row's negatives (u =
+    `uniform_share`), `positives` excluded. sim, positives: (B, B)."""
     if positives.all(dim=1).any():
         row = int(positives.all(dim=1).nonzero()[0])
         raise ValueError(f"row {row} of positive_mask marks every candidate positive: no negative to sample")
@@ -70,6 +73,10 @@ def _draw_negatives(sim: torch.Tensor, positives: torch.Tensor, generator: torch
     weights = (sim - sim.amax(dim=1, keepdim=True)).exp().masked_fill(positives, 0.0)
     # a row whose negative mass underflowed to 0 (one huge positive logit) falls back to uniform over its negatives
     weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~positives).float())
+    if uniform_share > 0:
+        uniform = (~positives).float()
+        weights = (1 - uniform_share) * weights / weights.sum(1, keepdim=True) + uniform_share * uniform / uniform.sum(
+            1, keepdim=True)
     device = generator.device if generator is not None else weights.device
     return torch.multinomial(weights.to(device), 1, generator=generator).flatten().to(positives.device)
 
@@ -101,6 +108,7 @@ def sample_itm_negatives(
     sim_i2t: torch.Tensor,
     generator: torch.Generator | None = None,
     positive_mask: torch.Tensor | None = None,
+    uniform_share: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard negatives for ITM: for image i a text j ~ softmax(s_i2t[i]), for text j an image i ~ softmax(s_t2i[j]),
     positives excluded (ALBEF / X-VLM).
@@ -114,6 +122,8 @@ def sample_itm_negatives(
         generator: generator for reproducible draws (sampling runs on its device).
         positive_mask: (B, B) bool, True where (image i, text j) match; default the diagonal. Useful when a batch
             holds several captions of one image.
+        uniform_share: u ∈ [0, 1]: each negative is drawn from (1 − u)·softmax + u·uniform over the negatives
+            (a curriculum from random to hard negatives; 0 = ALBEF / X-VLM).
 
     Returns:
         (neg_text_idx (B,), neg_image_idx (B,)): a negative text for each image, a negative image for each text.
@@ -129,8 +139,10 @@ def sample_itm_negatives(
     if positive_mask is None:
         positive_mask = torch.eye(batch, dtype=torch.bool, device=sim_i2t.device)
     positive_mask = positive_mask.bool()
-    neg_text = _draw_negatives(sim_i2t, positive_mask, generator)
-    neg_image = _draw_negatives(sim_i2t.t(), positive_mask.t(), generator)
+    if not 0.0 <= uniform_share <= 1.0:
+        raise ValueError(f"uniform_share must lie in [0, 1], got {uniform_share}")
+    neg_text = _draw_negatives(sim_i2t, positive_mask, generator, uniform_share)
+    neg_image = _draw_negatives(sim_i2t.t(), positive_mask.t(), generator, uniform_share)
     return neg_text, neg_image
 
 

@@ -86,7 +86,8 @@ class EfficientVLMDistillationTrainer(Trainer):
 
         def step(gated: GatedModel):
             total, parts = self.task.loss_step(
-                gated.student, self.teacher, inputs, self.args, self.maps, self._masks(gated), self.noise_generator
+                gated.student, self.teacher, inputs, self.args, self.maps, self._masks(gated), self.noise_generator,
+                step=self.state.global_step,
             )
             return self._add_regularisers(gated, total, parts), parts
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LossStep = Callable[..., tuple[Any, dict]]
-"""fn(student, teacher | None, inputs, args, maps | None, masks, generator) -> (total loss, {term: value})."""
+"""fn(student, teacher | None, inputs, args, maps | None, masks, generator, step=global step) -> (total, {term: value})."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ def _encoder_outputs(output) -> dict:
 
 
 def nlvr2_losses(
-    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None
+    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None,
+    step: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """NLVR2 cross-entropy of the student + task KD from the teacher on the same batch.
 
@@ -59,7 +60,7 @@ def nlvr2_losses(
         args: the distillation weights (`DistillationArguments` or any object with the same fields).
         maps: `kd_pairs(layer map)`; unused when `teacher` is None.
         masks: the student's `PruningMasks` (pruning), or None.
-        generator: unused (NLVR2 samples nothing); the loss-step signature is shared by all tasks.
+        generator, step: unused (NLVR2 samples nothing); the loss-step signature is shared by all tasks.
 
     Returns:
         (total scalar, parts): parts holds "task", the KD terms computed ("logits", "attn", "hidden") and "total".

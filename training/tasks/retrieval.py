@@ -56,8 +56,15 @@ def _forward_all(model, inputs, masks, pairs, attn: bool, hidden: bool, mlm: boo
     return out
 
 
+def uniform_negative_share(args, step: int) -> float:
+    """Share of ITM negatives drawn uniformly at random at `step`: 1 → 0 linearly over
+    `args.itm_negatives_warmup_steps` (0 = all hard, drawn from softmax(sim / τ), from the start: ALBEF / X-VLM)."""
+    warmup = getattr(args, "itm_negatives_warmup_steps", 0) or 0
+    return 0.0 if warmup <= 0 else max(0.0, 1.0 - step / warmup)
+
+
 def retrieval_losses(
-    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator=None
+    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator=None, step: int = 0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VLP losses of the student + KD from the teacher on the same batch and the same ITM pairs.
 
@@ -65,7 +72,9 @@ def retrieval_losses(
 
     ITM hard negatives are drawn ONCE per step from softmax(sim / τ) of the *student's* ITC similarities (τ = its
     clamped temperature, detached: ALBEF / X-VLM), and the teacher is scored on exactly those (image, text) pairs.
-    Without τ the cosine similarities lie in [−1, 1] and the draw is nearly uniform (easy negatives).
+    Without τ the cosine similarities lie in [−1, 1] and the draw is nearly uniform (easy negatives). With
+    `args.itm_negatives_warmup_steps` a share `uniform_negative_share` of the negatives is drawn uniformly instead
+    (random → hard), so a fusion encoder trained from scratch first learns to tell unrelated pairs apart.
 
     Args:
         student: an `EfficientVLMForImageTextRetrieval` (or pre-training model, for MLM).
@@ -75,6 +84,7 @@ def retrieval_losses(
         maps: `kd_pairs(layer map)` (unused without a teacher).
         masks: the student's `PruningMasks`, or None.
         generator: draws the ITM negatives (checkpointed by the trainer, so a resumed run is exact).
+        step: the optimizer step (for the random → hard negatives warm-up).
     """
     use_attn, use_hidden = teacher is not None and args.alpha_attn > 0, teacher is not None and args.beta_hidden > 0
     cross = use_attn and bool(args.cross_attention_kd)  # the fusion maps then carry the cross-attention too
@@ -85,7 +95,8 @@ def retrieval_losses(
     s_text = student.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, use_attn, use_hidden)
     sim = student.image_itc_embeds(s_image.last_hidden_state) @ student.text_itc_embeds(s_text.last_hidden_state).t()
     logits_i2t = sim.detach().float() / student.temperature.detach().float()
-    neg_text, neg_image = L.sample_itm_negatives(logits_i2t, generator=generator)
+    neg_text, neg_image = L.sample_itm_negatives(logits_i2t, generator=generator,
+                                                 uniform_share=uniform_negative_share(args, step))
     image_idx, text_idx, itm_labels = L.build_itm_pairs(neg_text, neg_image, batch)
     pairs = (image_idx.to(sim.device), text_idx.to(sim.device))
     s = _forward_all(student, inputs, masks, pairs, use_attn, use_hidden, use_mlm, s_image, s_text)

@@ -1,0 +1,117 @@
+"""The converged-teacher machinery: the convergence rule, the held-out curve callback, random → hard ITM negatives,
+the no-KD baseline stages and the shipped demo teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.test_trainer import _args, _batches, _collate, _teacher
+from training.commands.learning_curve import HeldOutCurveCallback, converged
+from training.method import losses as L
+from training.method.arguments import DistillationArguments
+from training.method.trainers import EfficientVLMDistillationTrainer
+from training.tasks.retrieval import uniform_negative_share
+
+
+def _curve(values, itc=None, every=100):
+    return [{"step": every * (i + 1), "r_mean": v, **({"r_mean_itc": itc[i]} if itc else {})}
+            for i, v in enumerate(values)]
+
+
+def test_convergence_rule_by_hand():
+    rising = _curve([10, 20, 30, 40, 50, 60, 70, 80])
+    assert not converged(rising, "r_mean")
+    # last quarter of 800 steps = steps 600, 700, 800: 70, 71, 69 → mean 70, within ±1.5
+    flat = _curve([10, 30, 50, 60, 65, 70, 71, 69])
+    assert converged(flat, "r_mean") and not converged(flat, "r_mean", band=0.5)
+    assert not converged(flat[:7], "r_mean")  # fewer than 8 points
+    assert converged(flat, "r_mean", min_points=7)
+    itm_worse = _curve([10, 30, 50, 60, 65, 70, 71, 69], itc=[0, 0, 0, 0, 0, 0, 0, 75])
+    assert not converged(itm_worse, "r_mean", require_itm_gain=True) and converged(itm_worse, "r_mean")
+
+
+def test_curve_callback_records_and_stops_training(tmp_path):
+    calls = []
+
+    def evaluate(model):
+        calls.append(model.training)
+        return {"r_mean": 50.0, "r_mean_itc": 40.0, "txt_r1": 1.0}
+
+    callback = HeldOutCurveCallback(evaluate, "r_mean", every=2, stop_when_converged=True, min_points=3,
+                                    require_itm_gain=True)
+    teacher = _teacher()
+    args = _args(DistillationArguments, tmp_path, max_steps=40)
+    trainer = EfficientVLMDistillationTrainer(model=teacher, args=args, train_dataset=_batches(40),
+                                              data_collator=_collate, teacher_model=None, callbacks=[callback])
+    trainer.train()
+    # at step 6 the last quarter (steps >= 4.5) holds one point; at step 8 two flat ones: stop
+    assert trainer.state.global_step == 8 and callback.converged_at == 8
+    assert [p["step"] for p in callback.curve] == [2, 4, 6, 8] and callback.curve[0] == {
+        "step": 2, "r_mean": 50.0, "r_mean_itc": 40.0}
+    summary = callback.summary()
+    assert summary["converged"] and summary["converged_at_step"] == 8
+    assert calls == [False] * 4  # evaluated in eval mode
+
+
+def test_negatives_go_from_random_to_hard(tmp_path):
+    args = _args(DistillationArguments, tmp_path, itm_negatives_warmup_steps=100)
+    assert [uniform_negative_share(args, s) for s in (0, 50, 100, 500)] == [1.0, 0.5, 0.0, 0.0]
+    assert uniform_negative_share(_args(DistillationArguments, tmp_path), 0) == 0.0  # default: all hard
+    # the sampler's mixture: (1 − u)·softmax + u·uniform, measured on image 0 of a batch of 8
+    sim = torch.full((8, 8), 0.0)
+    sim.fill_diagonal_(5.0)
+    sim[0, 1] = 5.0  # the hardest negative of image 0: softmax share ~1
+    g = torch.Generator().manual_seed(0)
+    for share, expected in ((0.0, 1.0), (0.5, 0.5 + 0.5 / 7), (1.0, 1 / 7)):
+        draws = torch.stack([L.sample_itm_negatives(sim / 0.07, generator=g, uniform_share=share)[0][0]
+                             for _ in range(1500)])
+        freq = float((draws == 1).float().mean())
+        assert freq == pytest.approx(expected, abs=4 * (expected * (1 - expected) / 1500) ** 0.5 + 1e-3), share
+    with pytest.raises(ValueError, match="uniform_share"):
+        L.sample_itm_negatives(sim, uniform_share=1.5)
+
+
+def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
+    from training.commands import stages
+
+    captured = []
+
+    def fake_train(trainer_cls, model, teacher, *args, **kwargs):
+        captured.append(teacher)
+        return model, {}
+
+    monkeypatch.setattr(stages, "_train_and_evaluate", fake_train)
+    teacher_dir = tmp_path / "teacher"
+    _teacher().save_pretrained(teacher_dir)
+    data = stages.DataArguments(image_size=32)
+    monkeypatch.setattr(stages, "load_processor", lambda data, path=None: None)
+    stages.run_distill(stages.StudentArguments(teacher=str(teacher_dir), kd=False), data,
+                       _args(DistillationArguments, tmp_path / "s"))
+    stages.run_distill(stages.StudentArguments(teacher=str(teacher_dir)), data, _args(DistillationArguments, tmp_path))
+    assert captured[0] is None and captured[1] is not None
+    with pytest.raises(ValueError, match="--teacher must be an existing"):
+        stages.PruneArguments(student=str(teacher_dir), teacher="")
+    assert stages.PruneArguments(student=str(teacher_dir), teacher="", kd=False).kd is False
+
+
+def test_shipped_demo_teacher_is_hub_ready_converged_and_small():
+    from training.commands.demo import DEMO_TEACHER_DIR, PROVENANCE_FILE
+
+    files = set(os.listdir(DEMO_TEACHER_DIR))
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md", PROVENANCE_FILE,
+            "learning_curve.png"} <= files
+    size = sum(os.path.getsize(os.path.join(DEMO_TEACHER_DIR, f)) for f in files)
+    assert size <= 10 * 2**20, f"{size / 2**20:.1f} MB"
+    provenance = json.loads(open(os.path.join(DEMO_TEACHER_DIR, PROVENANCE_FILE)).read())
+    curve = provenance["learning_curve"]
+    assert curve["converged"], "the shipped teacher must have met the convergence rule"
+    assert converged(curve["curve"], "r_mean", require_itm_gain=True)
+    last = curve["curve"][-1]
+    assert last["r_mean"] > last["r_mean_itc"]  # ITM re-ranking helps
+    assert provenance["command"].startswith("efficientvlm demo-teacher") and "seed" in provenance
+    card = open(os.path.join(DEMO_TEACHER_DIR, "README.md")).read()
+    assert "learning_curve.png" in card and "demo-teacher" in card
