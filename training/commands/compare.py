@@ -145,6 +145,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     processor = load_processor(data, prune.student)
     held_out = eval_set(data)
     task = get_task(data.task)
+    args.apply_task_defaults(task.prune_defaults)  # the protocol below names the values every run uses
     metric = task.metric
     root = args.output_dir
     os.makedirs(root, exist_ok=True)
@@ -184,7 +185,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         "protocol": {
             "training": f"same student, teacher, seed ({args.seed}), data stream and schedule for every strategy: "
                         f"{args.max_steps} steps, batch {args.per_device_train_batch_size}, lr {args.learning_rate}, "
-                        f"reg lr {args.reg_learning_rate}, sparsity warm-up {args.sparsity_warmup_steps}, masks "
+                        f"reg lr {args.reg_learning_rate}, sparsity warm-up {_warmup_text(args)}, masks "
                         f"frozen at {args.freeze_masks_step}, λ {args.lambda_vlp}",
             "evaluation": f"materialized models on the held-out set ({data.eval_dataset or 'synthetic'}, "
                           f"{task.eval_size(held_out)} items)",
@@ -202,6 +203,12 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         f.write(table + "\n")
     write(table)
     return report
+
+
+def _warmup_text(args) -> str:
+    if args.sparsity_warmup_steps is None:
+        return "one epoch (default)"
+    return f"{args.sparsity_warmup_steps} steps"
 
 
 def format_comparison(report: dict) -> str:

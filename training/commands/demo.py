@@ -72,8 +72,8 @@ LATENCY_BATCH = 32  # held-out images (and captions) in the timed retrieval batc
 # (image size, width, FFN, steps, batch, eval images, lr, ITM re-ranking k, latency repeats); the teacher recipe
 # (from scratch) is the one `demo-teacher` converges with.
 PROFILES = {
-    "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=6000, distill_steps=300,
-                    prune_steps=400, batch=32, eval_images=200, lr=1e-3, itm_k=8, latency_repeats=5,
+    "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=6000, distill_steps=200,
+                    prune_steps=300, batch=32, eval_images=200, lr=1e-3, itm_k=8, latency_repeats=5,
                     itm_negatives_warmup_steps=1000),
     "quick": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=120, distill_steps=40, prune_steps=60,
                   batch=32, eval_images=64, lr=1e-3, itm_k=4, latency_repeats=3, itm_negatives_warmup_steps=30),

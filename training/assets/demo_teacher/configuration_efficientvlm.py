@@ -1,0 +1,330 @@
+"""Configuration of EfficientVLM: a ViT image encoder, a BERT text encoder and a BERT fusion encoder.
+
+Every encoder sub-config accepts ``num_attention_heads`` and ``intermediate_size`` as an int (uniform) or a per-layer
+list, so the config can describe a heterogeneously pruned network. A 0 means that sub-layer was removed: the layer
+passes its input through it unchanged. Lists are the single source of shapes for the model, the size model and the
+benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from transformers import PretrainedConfig
+
+__all__ = [
+    "EfficientVLMConfig",
+    "EfficientVLMFusionConfig",
+    "EfficientVLMTextConfig",
+    "EfficientVLMVisionConfig",
+]
+
+
+def _per_layer(config: PretrainedConfig, field: str, num_layers: int) -> list[int]:
+    """Normalises an int-or-list field to a list of ``num_layers`` non-negative ints (raises naming the field)."""
+    value = getattr(config, field)
+    name = f"{type(config).__name__}.{field}"
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a list of ints, got a bool")
+    if isinstance(value, int):
+        value = [value] * num_layers
+    elif isinstance(value, (list, tuple)):
+        value = list(value)
+        if len(value) != num_layers:
+            raise ValueError(
+                f"{name} has {len(value)} entries but num_hidden_layers is {num_layers}: give one entry per layer"
+            )
+    else:
+        raise ValueError(f"{name} must be an int or a list of ints, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}[{i}] must be an int >= 0 (0 = sub-layer removed), got {v!r}")
+    return value
+
+
+def _check_positive(config: PretrainedConfig, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{type(config).__name__}.{field} must be > 0, got {value!r}")
+
+
+class _EncoderConfig(PretrainedConfig):
+    """Shared per-layer normalisation and validation for the three encoder sub-configs."""
+
+    per_layer_fields: ClassVar[tuple[str, ...]] = ("num_attention_heads", "intermediate_size")
+    positive_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "head_dim", "layer_norm_eps")
+
+    def _normalise(self) -> None:
+        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int):
+            raise ValueError(f"{type(self).__name__}.num_hidden_layers must be an int, got {self.num_hidden_layers!r}")
+        if self.num_hidden_layers < 0:
+            raise ValueError(f"{type(self).__name__}.num_hidden_layers must be >= 0, got {self.num_hidden_layers}")
+        _check_positive(self, *self.positive_fields)
+        for field in self.per_layer_fields:
+            setattr(self, field, _per_layer(self, field, self.num_hidden_layers))
+
+
+class EfficientVLMVisionConfig(_EncoderConfig):
+    r"""CLIP-style ViT image encoder (pre-LayerNorm layers, pre- and post-LayerNorm around the stack).
+
+    Args:
+        image_size: input resolution in pixels (square).
+        patch_size: patch side in pixels; ``image_size`` must be a multiple of it.
+        num_channels: image channels.
+        hidden_size: token width.
+        num_hidden_layers: number of transformer layers.
+        num_attention_heads: heads per layer (int or per-layer list; 0 removes the attention sub-layer).
+        head_dim: width of one head (explicit, so pruned layers keep their head width).
+        intermediate_size: FFN width per layer (int or per-layer list; 0 removes the FFN sub-layer).
+        hidden_act: FFN activation (CLIP uses ``quick_gelu``).
+        layer_norm_eps: LayerNorm epsilon.
+        attention_dropout: dropout on attention probabilities.
+        initializer_range: std of the normal init.
+        use_pre_layernorm: CLIP's LayerNorm before the first layer (False for ViT-style towers, which have none).
+    """
+
+    model_type = "efficientvlm_vision_model"
+    base_config_key = "vision_config"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int | list[int] = 12,
+        head_dim: int = 64,
+        intermediate_size: int | list[int] = 3072,
+        hidden_act: str = "quick_gelu",
+        layer_norm_eps: float = 1e-5,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        use_pre_layernorm: bool = True,
+        **kwargs,
+    ):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.use_pre_layernorm = use_pre_layernorm
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Normalises per-layer fields and checks every field; raises ValueError naming the field."""
+        self._normalise()
+        _check_positive(self, "image_size", "patch_size", "num_channels")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"EfficientVLMVisionConfig.image_size ({self.image_size}) must be a multiple of patch_size "
+                f"({self.patch_size})"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class EfficientVLMTextConfig(_EncoderConfig):
+    r"""BERT text encoder (post-LayerNorm layers with self-attention only).
+
+    Args:
+        vocab_size: tokenizer vocabulary size.
+        max_position_embeddings: longest text the position table covers.
+        type_vocab_size: token-type (segment) vocabulary size.
+        hidden_size: token width.
+        num_hidden_layers: number of layers.
+        num_attention_heads: heads per layer (int or per-layer list; 0 removes the attention sub-layer).
+        head_dim: width of one head.
+        intermediate_size: FFN width per layer (int or list; 0 removes the FFN sub-layer).
+        hidden_act: FFN activation.
+        layer_norm_eps: LayerNorm epsilon.
+        hidden_dropout_prob: dropout on sub-layer outputs and embeddings.
+        attention_probs_dropout_prob: dropout on attention probabilities.
+        initializer_range: std of the normal init.
+        pad_token_id: id of the padding token.
+    """
+
+    model_type = "efficientvlm_text_model"
+    base_config_key = "text_config"
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        max_position_embeddings: int = 512,
+        type_vocab_size: int = 2,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 6,
+        num_attention_heads: int | list[int] = 12,
+        head_dim: int = 64,
+        intermediate_size: int | list[int] = 3072,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-12,
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1,
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.initializer_range = initializer_range
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Normalises per-layer fields and checks every field; raises ValueError naming the field."""
+        self._normalise()
+        _check_positive(self, "vocab_size", "max_position_embeddings", "type_vocab_size")
+
+
+class EfficientVLMFusionConfig(EfficientVLMTextConfig):
+    r"""BERT fusion encoder: each layer has self-attention, cross-attention over image tokens, and an FFN.
+
+    Adds to the text config:
+        num_cross_attention_heads: cross-attention heads per layer (int or list; 0 removes that sub-layer). Queries
+            come from text tokens, keys/values from image tokens of width ``encoder_hidden_size``.
+        encoder_hidden_size: width of the image tokens the cross-attention reads (the vision hidden size; the parent
+            config keeps it in sync).
+    The fusion encoder has no embeddings: it reads the text encoder's output, so ``vocab_size`` and the position
+    fields are unused here.
+    """
+
+    model_type = "efficientvlm_fusion_model"
+    base_config_key = "fusion_encoder_config"
+    per_layer_fields: ClassVar[tuple[str, ...]] = (
+        "num_attention_heads",
+        "num_cross_attention_heads",
+        "intermediate_size",
+    )
+
+    def __init__(
+        self,
+        num_cross_attention_heads: int | list[int] = 12,
+        encoder_hidden_size: int = 768,
+        num_hidden_layers: int = 6,
+        **kwargs,
+    ):
+        self.num_cross_attention_heads = num_cross_attention_heads
+        self.encoder_hidden_size = encoder_hidden_size
+        super().__init__(num_hidden_layers=num_hidden_layers, **kwargs)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive(self, "encoder_hidden_size")
+
+
+class EfficientVLMConfig(PretrainedConfig):
+    r"""EfficientVLM: vision, text and fusion sub-configs plus the contrastive (ITC) head.
+
+    Args:
+        vision_config: dict or EfficientVLMVisionConfig.
+        text_config: dict or EfficientVLMTextConfig.
+        fusion_encoder_config: dict or EfficientVLMFusionConfig (its ``encoder_hidden_size`` is set to the vision width
+            and its ``hidden_size`` must equal the text width). Not named ``fusion_config``: transformers reserves
+            that attribute for kernel fusion.
+        embed_dim: width of the ITC projections.
+        temperature_init: initial ITC temperature (X-VLM: 0.07).
+        temperature_min / temperature_max: clamp range applied to the learnable temperature in every forward.
+        tie_word_embeddings: tie the MLM decoder to the text word embeddings (BERT default).
+
+    Example:
+        >>> config = EfficientVLMConfig(vision_config={"num_attention_heads": [12, 8, 0]}, ...)  # doctest: +SKIP
+    """
+
+    model_type = "efficientvlm"
+    sub_configs_defaults = {
+        "vision_config": EfficientVLMVisionConfig,
+        "text_config": EfficientVLMTextConfig,
+        "fusion_encoder_config": EfficientVLMFusionConfig,
+    }
+
+    def __init__(
+        self,
+        vision_config: dict | EfficientVLMVisionConfig | None = None,
+        text_config: dict | EfficientVLMTextConfig | None = None,
+        fusion_encoder_config: dict | EfficientVLMFusionConfig | None = None,
+        embed_dim: int = 256,
+        temperature_init: float = 0.07,
+        temperature_min: float = 0.001,
+        temperature_max: float = 0.5,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.vision_config = _as_config(EfficientVLMVisionConfig, vision_config)
+        self.text_config = _as_config(EfficientVLMTextConfig, text_config)
+        fusion = _as_config(EfficientVLMFusionConfig, fusion_encoder_config)
+        if fusion_encoder_config is None or "encoder_hidden_size" not in _as_dict(fusion_encoder_config):
+            fusion.encoder_hidden_size = self.vision_config.hidden_size
+        self.fusion_encoder_config = fusion
+        self.embed_dim = embed_dim
+        self.temperature_init = temperature_init
+        self.temperature_min = temperature_min
+        self.temperature_max = temperature_max
+        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks the cross-encoder contracts; each sub-config validated itself on construction."""
+        for sub in (self.vision_config, self.text_config, self.fusion_encoder_config):
+            sub.validate()
+        _check_positive(self, "embed_dim", "temperature_init", "temperature_min", "temperature_max")
+        if not self.temperature_min <= self.temperature_init <= self.temperature_max:
+            raise ValueError(
+                f"EfficientVLMConfig.temperature_init ({self.temperature_init}) must lie in "
+                f"[temperature_min, temperature_max] = [{self.temperature_min}, {self.temperature_max}]"
+            )
+        if self.fusion_encoder_config.hidden_size != self.text_config.hidden_size:
+            raise ValueError(
+                f"fusion_encoder_config.hidden_size ({self.fusion_encoder_config.hidden_size}) must equal text_config.hidden_size "
+                f"({self.text_config.hidden_size}): the fusion encoder reads the text encoder's tokens"
+            )
+        if self.fusion_encoder_config.encoder_hidden_size != self.vision_config.hidden_size:
+            raise ValueError(
+                f"fusion_encoder_config.encoder_hidden_size ({self.fusion_encoder_config.encoder_hidden_size}) must equal "
+                f"vision_config.hidden_size ({self.vision_config.hidden_size}): cross-attention reads image tokens"
+            )
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        for key in self.sub_configs_defaults:
+            value = getattr(self, key)
+            output[key] = value.to_dict() if isinstance(value, PretrainedConfig) else value
+        return output
+
+
+def _as_dict(value) -> dict:
+    return value.to_dict() if isinstance(value, PretrainedConfig) else dict(value)
+
+
+def _as_config(cls: type[PretrainedConfig], value) -> PretrainedConfig:
+    """Builds a sub-config from None / dict / a config object (objects are copied via their dict)."""
+    if value is None:
+        return cls()
+    if isinstance(value, PretrainedConfig) or hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if not isinstance(value, dict):
+        raise ValueError(f"{cls.__name__} must be given as a dict or a config object, got {type(value).__name__}")
+    value = {k: v for k, v in value.items() if k not in ("model_type", "transformers_version")}
+    return cls(**value)

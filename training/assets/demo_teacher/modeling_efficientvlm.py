@@ -1,0 +1,1109 @@
+"""EfficientVLM models: a CLIP-style ViT, a BERT text encoder and a BERT fusion encoder with cross-attention.
+
+Reading order: outputs and masks → attention / MLP / layer → encoders → PreTrainedModel → models with heads.
+
+One layer class (`EfficientVLMLayer`) serves the dense teacher, the gated student and the physically pruned model:
+every block takes explicit sizes from the config (heads and FFN width per layer, 0 = sub-layer removed). Pruning masks
+are one optional typed argument (`PruningMasks`) applied at two documented points:
+  * head mask: scales each head's context vector before the output projection;
+  * FFN mask: scales the FFN activations after the nonlinearity.
+A sub-layer with no heads / no FFN neurons (by config, or because its mask is all zeros) is an exact identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_efficientvlm import (
+    EfficientVLMConfig,
+    EfficientVLMFusionConfig,
+    EfficientVLMTextConfig,
+    EfficientVLMVisionConfig,
+)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs and masks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EfficientVLMEncoderOutput(ModelOutput):
+    """Output of one encoder.
+
+    Args:
+        last_hidden_state: (B, T, D) final tokens (vision: after the post-LayerNorm).
+        hidden_states: embeddings output + each layer's output, each (B, T, D), when asked.
+        attentions: self-attention probabilities per layer, each (B, H_l, T, T) (None for a removed sub-layer).
+        cross_attentions: fusion only: cross-attention probabilities per layer, each (B, H_l, T, N_image).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor | None, ...] | None = None
+    cross_attentions: tuple[torch.Tensor | None, ...] | None = None
+
+
+@dataclass
+class EfficientVLMOutput(ModelOutput):
+    """Output of the EfficientVLM models.
+
+    Args:
+        loss: sum of the computed losses when labels are given (see each model).
+        logits_per_image: (B_img, B_txt) ITC similarities scaled by 1 / temperature.
+        logits_per_text: (B_txt, B_img), the transpose.
+        image_embeds: (B_img, embed_dim) L2-normalised ITC image embeddings.
+        text_embeds: (B_txt, embed_dim) L2-normalised ITC text embeddings.
+        itm_logits: (N_pairs, 2) ITM logits for the fused pairs (index 1 = match).
+        mlm_logits: (B, T, vocab) MLM logits (pre-training model, when `mlm_input_ids` is given).
+        vision_model_output / text_model_output / fusion_model_output: per-encoder outputs (hidden states and
+            attention probabilities for distillation).
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    itm_logits: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    vision_model_output: EfficientVLMEncoderOutput | None = None
+    text_model_output: EfficientVLMEncoderOutput | None = None
+    fusion_model_output: EfficientVLMEncoderOutput | None = None
+
+
+@dataclass
+class EncoderPruningMasks:
+    """Masks of one encoder: lists indexed by layer; an entry (or the whole list) may be None = keep all.
+
+    Args:
+        head: per layer, (num_attention_heads[l],) scales for the self-attention heads.
+        cross_head: fusion only: per layer, (num_cross_attention_heads[l],) scales for the cross-attention heads.
+        ffn: per layer, (intermediate_size[l],) scales for the FFN neurons.
+    """
+
+    head: list[torch.Tensor | None] | None = None
+    cross_head: list[torch.Tensor | None] | None = None
+    ffn: list[torch.Tensor | None] | None = None
+
+    def layer(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        pick = lambda masks: None if masks is None else masks[index]  # noqa: E731
+        return pick(self.head), pick(self.cross_head), pick(self.ffn)
+
+
+@dataclass
+class PruningMasks:
+    """The `pruning_masks` argument of every EfficientVLM forward: one `EncoderPruningMasks` per encoder."""
+
+    vision: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
+    text: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
+    fusion: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
+
+
+def _removed(num_units: int, mask: torch.Tensor | None) -> bool:
+    """A sub-layer is removed when it has no units, or when every unit's mask is exactly zero."""
+    return num_units == 0 or (mask is not None and not bool(mask.any()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EfficientVLMAttention(nn.Module):
+    """Multi-head (self- or cross-) attention with explicit sizes; keys/values may read another width."""
+
+    def __init__(self, config, hidden_size: int, num_heads: int, head_dim: int, kv_size: int, dropout: float):
+        super().__init__()
+        self.config = config  # read at run time for the attention implementation (eager / sdpa)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden_size, inner)
+        self.k_proj = nn.Linear(kv_size, inner)
+        self.v_proj = nn.Linear(kv_size, inner)
+        self.out_proj = nn.Linear(inner, hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, T, D); attention_mask additive (B, 1, 1, S) or None; key_value_states (B, S, D_kv)."""
+        batch, length, _ = hidden_states.shape
+        kv = hidden_states if key_value_states is None else key_value_states
+        split = lambda x: x.view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        query, key, value = split(self.q_proj(hidden_states)), split(self.k_proj(kv)), split(self.v_proj(kv))
+        dropout = self.dropout if self.training else 0.0
+        probs = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.softmax(dim=-1)
+            context = F.dropout(probs, p=dropout, training=self.training) @ value  # (B, H, T, Dh)
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+        if head_mask is not None:
+            context = context * head_mask.to(context.dtype).view(1, -1, 1, 1)
+        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.out_proj(context), (probs if output_attentions else None)
+
+
+class EfficientVLMMLP(nn.Module):
+    """FFN: fc1 → activation → (neuron mask) → fc2."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, neuron_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.act(self.fc1(hidden_states))  # (B, T, I)
+        if neuron_mask is not None:
+            hidden = hidden * neuron_mask.to(hidden.dtype)
+        return self.fc2(hidden)
+
+
+class EfficientVLMLayer(nn.Module):
+    """One transformer layer: self-attention, optional cross-attention, FFN; each sub-layer residual.
+
+    `pre_norm=True` is the CLIP/ViT form `x + f(LN(x))`; `pre_norm=False` is the BERT form `LN(x + drop(f(x)))`.
+    A sub-layer with 0 heads / 0 FFN width owns no parameters (not even its LayerNorm) and is an identity.
+    """
+
+    def __init__(self, config, layer_idx: int, pre_norm: bool, cross_attention: bool = False):
+        super().__init__()
+        d = config.hidden_size
+        self.pre_norm = pre_norm
+        self.num_heads = config.num_attention_heads[layer_idx]
+        self.num_cross_heads = config.num_cross_attention_heads[layer_idx] if cross_attention else 0
+        self.intermediate_size = config.intermediate_size[layer_idx]
+        attn_dropout = getattr(config, "attention_probs_dropout_prob", getattr(config, "attention_dropout", 0.0))
+        self.hidden_dropout = getattr(config, "hidden_dropout_prob", 0.0)
+        eps = config.layer_norm_eps
+        if self.num_heads:
+            self.self_attn = EfficientVLMAttention(config, d, self.num_heads, config.head_dim, d, attn_dropout)
+            self.layer_norm1 = nn.LayerNorm(d, eps=eps)
+        if self.num_cross_heads:
+            kv = config.encoder_hidden_size
+            self.cross_attn = EfficientVLMAttention(config, d, self.num_cross_heads, config.head_dim, kv, attn_dropout)
+            self.layer_norm_cross = nn.LayerNorm(d, eps=eps)
+        if self.intermediate_size:
+            self.mlp = EfficientVLMMLP(d, self.intermediate_size, config.hidden_act)
+            self.layer_norm2 = nn.LayerNorm(d, eps=eps)
+
+    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> torch.Tensor:
+        if self.pre_norm:
+            return x + fn(norm(x))
+        return norm(x + F.dropout(fn(x), p=self.hidden_dropout, training=self.training))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (hidden (B, T, D), self-attention probs or None, cross-attention probs or None)."""
+        head_mask, cross_head_mask, ffn_mask = masks
+        self_probs = cross_probs = None
+        if not _removed(self.num_heads, head_mask):
+
+            def attend(x):
+                nonlocal self_probs
+                out, self_probs = self.self_attn(x, attention_mask, None, head_mask, output_attentions)
+                return out
+
+            hidden_states = self._residual(hidden_states, self.layer_norm1, attend)
+        if not _removed(self.num_cross_heads, cross_head_mask):
+
+            def cross_attend(x):
+                nonlocal cross_probs
+                out, cross_probs = self.cross_attn(
+                    x, encoder_attention_mask, encoder_hidden_states, cross_head_mask, output_attentions
+                )
+                return out
+
+            hidden_states = self._residual(hidden_states, self.layer_norm_cross, cross_attend)
+        if not _removed(self.intermediate_size, ffn_mask):
+            hidden_states = self._residual(hidden_states, self.layer_norm2, lambda x: self.mlp(x, ffn_mask))
+        return hidden_states, self_probs, cross_probs
+
+
+def _run_layers(
+    layers: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    masks: EncoderPruningMasks | None,
+    output_attentions: bool,
+    output_hidden_states: bool,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+) -> EfficientVLMEncoderOutput:
+    """Runs a layer stack and collects hidden states / attention probabilities (shared by the three encoders)."""
+    all_hidden = [hidden_states] if output_hidden_states else None
+    self_attns, cross_attns = [], []
+    for i, layer in enumerate(layers):
+        layer_masks = masks.layer(i) if masks is not None else (None, None, None)
+        hidden_states, self_probs, cross_probs = layer(
+            hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, layer_masks, output_attentions
+        )
+        self_attns.append(self_probs)
+        cross_attns.append(cross_probs)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+    return EfficientVLMEncoderOutput(
+        last_hidden_state=hidden_states,
+        hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        attentions=tuple(self_attns) if output_attentions else None,
+        cross_attentions=tuple(cross_attns) if output_attentions and encoder_hidden_states is not None else None,
+    )
+
+
+def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, S) 1 = attend / 0 = padding → additive (B, 1, 1, S) mask with the dtype's minimum at padding."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EfficientVLMVisionEmbeddings(nn.Module):
+    """Patch conv (no bias) + class token + learned position embeddings (interpolated for other image sizes)."""
+
+    def __init__(self, config: EfficientVLMVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.num_positions = config.num_patches + 1
+        self.position_embedding = nn.Embedding(self.num_positions, config.hidden_size)
+        self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position table (1, 1 + h*w, D) for a (height, width) image: grid resized bicubically, CLS row kept."""
+        table = self.position_embedding.weight
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        if grid_h * grid_w + 1 == self.num_positions and height == width:
+            return table.unsqueeze(0)
+        old = int(math.sqrt(self.num_positions - 1))
+        grid = table[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
+        grid = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([table[:1].unsqueeze(0), grid], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        batch, _, height, width = pixel_values.shape
+        if not interpolate_pos_encoding and (height, width) != (self.config.image_size,) * 2:
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model ({self.config.image_size}x"
+                f"{self.config.image_size}); pass interpolate_pos_encoding=True to interpolate position embeddings"
+            )
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.class_embedding.expand(batch, 1, -1)
+        embeddings = torch.cat([cls, patches], dim=1)
+        if interpolate_pos_encoding:
+            return embeddings + self.interpolate_pos_encoding(height, width)
+        return embeddings + self.position_embedding(self.position_ids)
+
+
+class EfficientVLMVisionTransformer(nn.Module):
+    """CLIP ViT: embeddings → pre-LayerNorm → pre-norm layers → post-LayerNorm on every token (X-VLM style)."""
+
+    def __init__(self, config: EfficientVLMVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = EfficientVLMVisionEmbeddings(config)
+        # CLIP normalises the embeddings before the first layer; ViT-style towers don't
+        use_pre = getattr(config, "use_pre_layernorm", True)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_pre else nn.Identity()
+        self.layers = nn.ModuleList(
+            EfficientVLMLayer(config, i, pre_norm=True) for i in range(config.num_hidden_layers)
+        )
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        masks: EncoderPruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> EfficientVLMEncoderOutput:
+        """pixel_values (B, C, H, W) → tokens (B, 1 + N, D); `hidden_states` are before the post-LayerNorm."""
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        out = _run_layers(self.layers, hidden, None, masks, output_attentions, output_hidden_states)
+        out.last_hidden_state = self.post_layernorm(out.last_hidden_state)
+        return out
+
+
+class EfficientVLMTextEmbeddings(nn.Module):
+    """BERT embeddings: word + position + token type, LayerNorm, dropout."""
+
+    def __init__(self, config: EfficientVLMTextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        positions = torch.arange(config.max_position_embeddings).expand((1, -1))
+        self.register_buffer("position_ids", positions, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(self.position_ids[:, :length])
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class EfficientVLMTextTransformer(nn.Module):
+    """BERT text encoder (self-attention only)."""
+
+    def __init__(self, config: EfficientVLMTextConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = EfficientVLMTextEmbeddings(config)
+        self.layers = nn.ModuleList(
+            EfficientVLMLayer(config, i, pre_norm=False) for i in range(config.num_hidden_layers)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        masks: EncoderPruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EfficientVLMEncoderOutput:
+        """input_ids (B, T), attention_mask (B, T) 1/0 → tokens (B, T, D)."""
+        hidden = self.embeddings(input_ids, token_type_ids)
+        additive = _additive_mask(attention_mask, hidden.dtype)
+        return _run_layers(self.layers, hidden, additive, masks, output_attentions, output_hidden_states)
+
+
+class EfficientVLMFusionTransformer(nn.Module):
+    """BERT fusion encoder: self-attention over text, cross-attention to image tokens, FFN (no embeddings)."""
+
+    def __init__(self, config: EfficientVLMFusionConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(
+            EfficientVLMLayer(config, i, pre_norm=False, cross_attention=True) for i in range(config.num_hidden_layers)
+        )
+
+    def forward(
+        self,
+        text_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_hidden_states: torch.Tensor,
+        image_attention_mask: torch.Tensor | None = None,
+        masks: EncoderPruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EfficientVLMEncoderOutput:
+        """text (B, T, D_text) + image (B, N, D_vision) → fused text tokens (B, T, D_text)."""
+        dtype = text_hidden_states.dtype
+        return _run_layers(
+            self.layers,
+            text_hidden_states,
+            _additive_mask(attention_mask, dtype),
+            masks,
+            output_attentions,
+            output_hidden_states,
+            encoder_hidden_states=image_hidden_states,
+            encoder_attention_mask=_additive_mask(image_attention_mask, dtype),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PreTrainedModel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+HUB_AUTO_MAP = {
+    "AutoConfig": "configuration_efficientvlm.EfficientVLMConfig",
+    "AutoModel": "modeling_efficientvlm.EfficientVLMForImageTextRetrieval",
+    "AutoModelForPreTraining": "modeling_efficientvlm.EfficientVLMForPreTraining",
+    # the built-in zero-shot-image-classification pipeline only tries this class; it reads logits_per_image
+    "AutoModelForZeroShotImageClassification": "modeling_efficientvlm.EfficientVLMForImageTextRetrieval",
+    "AutoModelForSequenceClassification": "modeling_efficientvlm.EfficientVLMForVisualReasoning",
+}
+
+
+class EfficientVLMPreTrainedModel(PreTrainedModel):
+    config_class = EfficientVLMConfig
+    config: EfficientVLMConfig
+    base_model_prefix = "efficientvlm"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["EfficientVLMLayer", "EfficientVLMVisionEmbeddings", "EfficientVLMTextEmbeddings"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves safetensors + config + remote code; `auto_map` always lists every EfficientVLM Auto class."""
+        self.config.auto_map = {**HUB_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.text_config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, EfficientVLMVisionEmbeddings):
+            init.normal_(module.class_embedding, mean=0.0, std=module.class_embedding.shape[0] ** -0.5)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, EfficientVLMTextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, EfficientVLMMLMHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, EfficientVLMModel):
+            init.constant_(module.temp, self.config.temperature_init)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EfficientVLMModel(EfficientVLMPreTrainedModel):
+    """The three encoders plus the ITC projections and temperature (a CLIP-like dual encoder with a fusion encoder).
+
+    `forward(pixel_values, input_ids, attention_mask)` returns `logits_per_image` / `logits_per_text` (ITC), so
+    zero-shot classification works like CLIP; `fuse` runs the fusion encoder on (text tokens, image tokens) pairs.
+    """
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(config)
+        config = self.config  # PreTrainedModel may copy the config: build from the copy it keeps
+        self.vision_model = EfficientVLMVisionTransformer(config.vision_config)
+        self.text_model = EfficientVLMTextTransformer(config.text_config)
+        self.fusion_model = EfficientVLMFusionTransformer(config.fusion_encoder_config)
+        self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(config.temperature_init))
+        if type(self) is EfficientVLMModel:  # subclasses add heads first, then run post_init once
+            self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_model.embeddings.word_embeddings = value
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The learnable ITC temperature clamped to [temperature_min, temperature_max]."""
+        return self.temp.clamp(self.config.temperature_min, self.config.temperature_max)
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> EfficientVLMEncoderOutput:
+        """Image tokens (B, 1 + N, D_vision) for the fusion encoder (and per-layer states for KD)."""
+        masks = pruning_masks.vision if pruning_masks is not None else None
+        return self.vision_model(
+            pixel_values,
+            masks=masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EfficientVLMEncoderOutput:
+        """Text tokens (B, T, D_text) from the text encoder."""
+        masks = pruning_masks.text if pruning_masks is not None else None
+        return self.text_model(
+            input_ids,
+            attention_mask=attention_mask,
+            masks=masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def image_itc_embeds(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, D_vision) → (B, embed_dim) L2-normalised ITC embedding of the [CLS] token."""
+        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+
+    def text_itc_embeds(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D_text) → (B, embed_dim) L2-normalised ITC embedding of the [CLS] token."""
+        return F.normalize(self.text_proj(text_tokens[:, 0]), dim=-1)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, pruning_masks: PruningMasks | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Normalised ITC image embeddings (B, embed_dim), as CLIP's `get_image_features`."""
+        interpolate = kwargs.get("interpolate_pos_encoding", False)
+        tokens = self.encode_image(pixel_values, pruning_masks, interpolate_pos_encoding=interpolate)
+        return self.image_itc_embeds(tokens.last_hidden_state)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Normalised ITC text embeddings (B, embed_dim), as CLIP's `get_text_features`."""
+        return self.text_itc_embeds(self.encode_text(input_ids, attention_mask, pruning_masks).last_hidden_state)
+
+    def fuse(
+        self,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_tokens: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EfficientVLMEncoderOutput:
+        """Fusion encoder over aligned pairs: text (B, T, D_text) with image (B, 1 + N, D_vision)."""
+        masks = pruning_masks.fusion if pruning_masks is not None else None
+        return self.fusion_model(
+            text_tokens,
+            attention_mask=attention_mask,
+            image_hidden_states=image_tokens,
+            masks=masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_loss: bool = False,
+        **kwargs,
+    ) -> EfficientVLMOutput:
+        """ITC between every image and every text of the batch: logits_per_image (B_img, B_txt) = sim / temp."""
+        vision = text = None
+        image_embeds = text_embeds = logits_per_image = logits_per_text = loss = None
+        if pixel_values is not None:
+            vision = self.encode_image(
+                pixel_values,
+                pruning_masks,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+            )
+            image_embeds = self.image_itc_embeds(vision.last_hidden_state)
+        if input_ids is not None:
+            text = self.encode_text(
+                input_ids,
+                attention_mask,
+                pruning_masks,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+            text_embeds = self.text_itc_embeds(text.last_hidden_state)
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_image = image_embeds @ text_embeds.t() / self.temperature
+            logits_per_text = logits_per_image.t()
+            if return_loss:
+                targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+                loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+        return EfficientVLMOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            vision_model_output=vision,
+            text_model_output=text,
+        )
+
+
+ITM_SCORES = ("match_logit", "logit_diff", "match_logit_plus_itc", "probability")
+"""How an ITM re-ranker scores a pair: X-VLM ranks by the match logit; "logit_diff" is the match log-odds
+(logit(match) − logit(no match)); ALBEF adds the ITC cosine to the match logit; "probability" is softmax(match)."""
+NOT_CANDIDATE_SCORE = -100.0
+"""X-VLM's score for pairs outside a query's ITC top-k (below any re-scored candidate)."""
+
+
+def itm_match_scores(logits: torch.Tensor, itm_score: str = "match_logit", itc: torch.Tensor | None = None):
+    """(P,) ranking scores from ITM logits (P, 2) (index 1 = match); `itc` (P,) cosines for "match_logit_plus_itc"."""
+    logits = logits.float()
+    if itm_score == "match_logit":
+        return logits[:, 1]
+    if itm_score == "logit_diff":
+        return logits[:, 1] - logits[:, 0]
+    if itm_score == "probability":
+        return logits.softmax(-1)[:, 1]
+    if itm_score == "match_logit_plus_itc":
+        if itc is None:
+            raise ValueError("itm_score='match_logit_plus_itc' needs the pairs' ITC similarities")
+        return logits[:, 1] + itc.float()
+    raise ValueError(f"itm_score must be one of {ITM_SCORES}, got {itm_score!r}")
+
+
+def _topk_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows × their top-k columns of `sim` (Q, C) as flat (query, candidate) index tensors, each (Q * k,)."""
+    top = sim.topk(k, dim=1).indices
+    return torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k), top.reshape(-1)
+
+
+class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
+    """ITC + ITM: the retrieval model (ITC ranks everything; the ITM head re-scores the top candidates).
+
+    Weight names are shared with `EfficientVLMModel` and `EfficientVLMForPreTraining` (no prefix), so every
+    checkpoint loads into every class (missing heads are initialised, extra heads dropped with a warning).
+    """
+
+    ITM_SCORES = ITM_SCORES  # what `rerank` / `itm_pair_scores` accept as `itm_score`
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(config)
+        width = self.config.text_config.hidden_size
+        self.itm_head = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, 2)
+        )
+        if type(self) is EfficientVLMForImageTextRetrieval:
+            self.post_init()
+
+    def itm_logits(
+        self,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_tokens: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, EfficientVLMEncoderOutput]:
+        """ITM logits (B, 2) for aligned (text, image) token pairs, and the fusion output."""
+        fused = self.fuse(
+            text_tokens,
+            attention_mask,
+            image_tokens,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        return self.itm_head(fused.last_hidden_state[:, 0]), fused
+
+    @torch.no_grad()
+    def score_pairs(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """Match score (B,) = ITM logit of "match" minus "no match", for aligned (image i, text i) pairs."""
+        image_tokens = self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        text_tokens = self.encode_text(input_ids, attention_mask)
+        logits, _ = self.itm_logits(text_tokens.last_hidden_state, attention_mask, image_tokens.last_hidden_state)
+        return logits[:, 1] - logits[:, 0]
+
+    @torch.no_grad()
+    def itm_pair_scores(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_idx: torch.Tensor,
+        text_idx: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        itm_score: str = "match_logit",
+        itc: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        progress=None,
+    ) -> torch.Tensor:
+        """Ranking scores (P,) of pairs (image_idx[p], text_idx[p]) of cached encoder tokens.
+
+        Args:
+            image_tokens: (N_img, 1 + N, D_vision) vision encoder outputs.
+            text_tokens: (N_txt, T, D_text) text encoder outputs (right padded).
+            attention_mask: (N_txt, T) text mask; each batch is trimmed to its longest text.
+            image_idx / text_idx: (P,) long pair indices.
+            pruning_masks: masks of a gated model (None = dense).
+            itm_score: one of `ITM_SCORES`.
+            itc: (P,) ITC cosines of the pairs (only "match_logit_plus_itc" reads them).
+            batch_size: pairs per fusion pass (None = all at once).
+            progress: optional fn(iterable) -> iterable (e.g. tqdm) over the batches.
+        """
+        total = image_idx.numel()
+        step = batch_size or max(total, 1)
+        starts = range(0, total, step)
+        scores = torch.empty(total, dtype=torch.float32, device=image_tokens.device)
+        for start in progress(starts) if progress is not None else starts:
+            images, texts = image_idx[start : start + step], text_idx[start : start + step]
+            mask = attention_mask[texts]
+            length = int(mask.sum(1).max())
+            logits, _ = self.itm_logits(
+                text_tokens=text_tokens[texts, :length],
+                attention_mask=mask[:, :length],
+                image_tokens=image_tokens[images],
+                pruning_masks=pruning_masks,
+            )
+            pair_itc = None if itc is None else itc[start : start + step]
+            scores[start : start + images.numel()] = itm_match_scores(logits, itm_score, pair_itc)
+        return scores
+
+    @torch.no_grad()
+    def rerank(
+        self,
+        sim_i2t: torch.Tensor,
+        k: int,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        itm_score: str = "match_logit",
+        batch_size: int | None = None,
+        directions: tuple[str, ...] = ("i2t", "t2i"),
+        progress=None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """ITC top-k → ITM re-ranking (ALBEF / X-VLM): each query's k best ITC candidates get their ITM score, every
+        other pair `NOT_CANDIDATE_SCORE`. A pair in the top-k of both its image and its text is scored once.
+
+        Args:
+            sim_i2t: (N_img, N_txt) ITC cosine similarities.
+            k: candidates per query, clamped to the gallery size (0 = ITC only: the similarities are returned).
+            image_tokens / text_tokens / attention_mask: cached encoder outputs (see `itm_pair_scores`).
+            pruning_masks, itm_score, batch_size, progress: as `itm_pair_scores`.
+            directions: "i2t" (image queries rank texts) and / or "t2i" (text queries rank images).
+
+        Returns:
+            (scores_i2t (N_img, N_txt) or None, scores_t2i (N_txt, N_img) or None), float32; None for a direction
+            not asked for.
+        """
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if not directions or set(directions) - {"i2t", "t2i"}:
+            raise ValueError(f"directions must be a non-empty subset of ('i2t', 't2i'), got {directions}")
+        sim = sim_i2t.detach().float()
+        if k == 0 or sim.numel() == 0:
+            return (sim.clone() if "i2t" in directions else None, sim.t().clone() if "t2i" in directions else None)
+        n_img, n_txt = sim.shape
+        queries = {}  # direction -> (flat pair ids image * n_txt + text, row and column of each in its matrix)
+        if "i2t" in directions:
+            img_q, txt_c = _topk_pairs(sim, min(k, n_txt))
+            queries["i2t"] = (img_q * n_txt + txt_c, img_q, txt_c)
+        if "t2i" in directions:
+            txt_q, img_c = _topk_pairs(sim.t(), min(k, n_img))
+            queries["t2i"] = (img_c * n_txt + txt_q, txt_q, img_c)
+        unique_ids, inverse = torch.unique(torch.cat([ids for ids, _, _ in queries.values()]), return_inverse=True)
+        image_idx, text_idx = unique_ids // n_txt, unique_ids % n_txt
+        unique_scores = self.itm_pair_scores(
+            image_tokens, text_tokens, attention_mask, image_idx, text_idx, pruning_masks=pruning_masks,
+            itm_score=itm_score, itc=sim[image_idx, text_idx], batch_size=batch_size, progress=progress,
+        )
+        out, offset = {}, 0
+        for direction, (ids, rows, columns) in queries.items():
+            matrix = torch.full_like(sim if direction == "i2t" else sim.t(), NOT_CANDIDATE_SCORE)
+            matrix[rows, columns] = unique_scores[inverse[offset : offset + ids.numel()]]
+            out[direction], offset = matrix, offset + ids.numel()
+        return out.get("i2t"), out.get("t2i")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_loss: bool = False,
+        compute_itm: bool = False,
+        **kwargs,
+    ) -> EfficientVLMOutput:
+        """ITC logits over the batch; with `compute_itm=True` also ITM logits of the aligned pairs (image i, text i)."""
+        output = super().forward(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_loss=return_loss,
+        )
+        if compute_itm:
+            output.itm_logits, output.fusion_model_output = self.itm_logits(
+                output.text_model_output.last_hidden_state,
+                attention_mask,
+                output.vision_model_output.last_hidden_state,
+                pruning_masks=pruning_masks,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+        return output
+
+
+class EfficientVLMMLMHead(nn.Module):
+    """BERT MLM head: dense → GELU → LayerNorm → decoder tied to the word embeddings (+ its own bias)."""
+
+    def __init__(self, config: EfficientVLMTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(self.act(self.dense(hidden_states)))) + self.bias
+
+
+class EfficientVLMForPreTraining(EfficientVLMForImageTextRetrieval):
+    """ITC + ITM + MLM (the MLM runs the fusion encoder on masked text against the paired image)."""
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(config)
+        self.mlm_head = EfficientVLMMLMHead(self.config.text_config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.mlm_head.decoder = value
+
+    def mlm_logits(
+        self,
+        mlm_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_tokens: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, EfficientVLMEncoderOutput, EfficientVLMEncoderOutput]:
+        """MLM logits (B, T, V) of masked text fused with its image; returns (logits, text output, fusion output)."""
+        text = self.encode_text(
+            mlm_input_ids,
+            attention_mask,
+            pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        fused = self.fuse(
+            text.last_hidden_state,
+            attention_mask,
+            image_tokens,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        return self.mlm_head(fused.last_hidden_state), text, fused
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_loss: bool = False,
+        compute_itm: bool = False,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> EfficientVLMOutput:
+        """As the retrieval model, plus MLM logits when `mlm_input_ids` is given (loss added if `mlm_labels`)."""
+        output = super().forward(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_loss=return_loss,
+            compute_itm=compute_itm,
+        )
+        if mlm_input_ids is not None:
+            image_tokens = output.vision_model_output.last_hidden_state
+            output.mlm_logits, _, _ = self.mlm_logits(mlm_input_ids, attention_mask, image_tokens, pruning_masks)
+            if mlm_labels is not None:
+                mlm_loss = F.cross_entropy(output.mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
+                output.loss = mlm_loss if output.loss is None else output.loss + mlm_loss
+        return output
+
+
+@dataclass
+class EfficientVLMVisualReasoningOutput(ModelOutput):
+    """Output of `EfficientVLMForVisualReasoning` (NLVR2).
+
+    Args:
+        loss: cross-entropy of `logits` against `labels`, when labels are given.
+        logits: (B, 2) statement false / true (index 1 = true).
+        vision_model_output: vision encoder output for the 2B images, pair-adjacent (row 2b = left, 2b + 1 = right
+            image of item b).
+        text_model_output: text encoder output for the B statements.
+        fusion_model_output: fusion encoder output for the 2B (statement, image) pairs, in the vision order (row 2b
+            fuses statement b with the left image, 2b + 1 with the right one).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    vision_model_output: EfficientVLMEncoderOutput | None = None
+    text_model_output: EfficientVLMEncoderOutput | None = None
+    fusion_model_output: EfficientVLMEncoderOutput | None = None
+
+
+class EfficientVLMForVisualReasoning(EfficientVLMModel):
+    """NLVR2: two images + a statement → true / false (X-VLM's NLVR2 head on the pre-training fusion encoder).
+
+    The statement is fused with each image by the SAME fusion encoder (one weight set, two passes batched as 2B rows),
+    and `nlvr_head` (Linear(2d, 2d) → LayerNorm → GELU → Linear(2d, 2), d = text width) classifies the concatenated
+    fusion [CLS] states [left; right]. Weight names are shared with the other EfficientVLM classes, so retrieval /
+    pre-training checkpoints load (the ITM / MLM heads are dropped, `nlvr_head` is initialised).
+    """
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(config)
+        width = 2 * self.config.text_config.hidden_size  # concatenated [CLS] of the two fusion passes
+        self.nlvr_head = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, 2))
+        if type(self) is EfficientVLMForVisualReasoning:
+            self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> EfficientVLMVisualReasoningOutput:
+        """Classifies (left image, right image, statement) triples.
+
+        Args:
+            pixel_values: (B, 2, C, H, W), index 0 = left image.
+            input_ids: (B, T) statements.
+            attention_mask: (B, T) 1 = token / 0 = padding.
+            labels: (B,) 0 = false / 1 = true; adds the cross-entropy `loss`.
+            pruning_masks: applied to every encoder (both fusion passes share the fusion masks).
+            output_attentions / output_hidden_states: per-encoder probabilities / states (for KD).
+            interpolate_pos_encoding: allow image sizes other than the config's.
+
+        Returns:
+            `EfficientVLMVisualReasoningOutput` with logits (B, 2); the fusion output covers 2B rows.
+        """
+        if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
+            raise ValueError(
+                f"pixel_values must be (B, 2, C, H, W) (left, right image), got {tuple(pixel_values.shape)}"
+            )
+        batch = pixel_values.shape[0]
+        # one vision pass over the 2B images; flatten keeps each item's pair adjacent (2b = left, 2b + 1 = right)
+        vision = self.encode_image(
+            pixel_values.flatten(0, 1),
+            pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        text = self.encode_text(
+            input_ids,
+            attention_mask,
+            pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        # one fusion pass over 2B rows: each statement repeated for its two images, in the same pair-adjacent order
+        pair_mask = None if attention_mask is None else attention_mask.repeat_interleave(2, dim=0)
+        fused = self.fuse(
+            text.last_hidden_state.repeat_interleave(2, dim=0),
+            pair_mask,
+            vision.last_hidden_state,
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        pair_cls = fused.last_hidden_state[:, 0].reshape(batch, -1)  # (B, 2d) = [CLS_left ; CLS_right]
+        logits = self.nlvr_head(pair_cls)
+        loss = None if labels is None else F.cross_entropy(logits, labels.to(logits.device).long())
+        return EfficientVLMVisualReasoningOutput(
+            loss=loss, logits=logits, vision_model_output=vision, text_model_output=text, fusion_model_output=fused
+        )
+
+
+__all__ = [
+    "ITM_SCORES",
+    "NOT_CANDIDATE_SCORE",
+    "EfficientVLMAttention",
+    "EfficientVLMEncoderOutput",
+    "EfficientVLMForImageTextRetrieval",
+    "EfficientVLMForPreTraining",
+    "EfficientVLMForVisualReasoning",
+    "EfficientVLMLayer",
+    "EfficientVLMMLP",
+    "EfficientVLMModel",
+    "EfficientVLMOutput",
+    "EfficientVLMPreTrainedModel",
+    "EfficientVLMVisualReasoningOutput",
+    "EncoderPruningMasks",
+    "PruningMasks",
+    "itm_match_scores",
+]
+
+# Hub remote code: `save_pretrained` copies these files and writes `auto_map`, so `AutoModel.from_pretrained(repo,
+# trust_remote_code=True)` rebuilds the model with only torch and transformers installed.
+EfficientVLMConfig.register_for_auto_class()
+EfficientVLMForImageTextRetrieval.register_for_auto_class("AutoModel")
+EfficientVLMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")

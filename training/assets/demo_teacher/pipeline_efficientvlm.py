@@ -1,0 +1,487 @@
+"""`image-text-retrieval` pipeline for EfficientVLM (Hub remote code: imports only torch, transformers, PIL, numpy).
+
+Usage, with only `torch`, `transformers` and `PIL` installed:
+
+    from transformers import pipeline
+    pipe = pipeline("image-text-retrieval", model="path/or/repo", trust_remote_code=True)
+    pipe("a red circle", gallery=[img0, img1, img2], top_k=2, rerank_k=2)
+    # [{"index": 2, "score": 3.1, "itc_score": 0.41, "reranked": True, "image": img2}, ...]
+
+Why `__call__` is overridden: the base `Pipeline.__call__` maps one input to one output through a DataLoader (and
+treats a list as a stream of independent inputs). Retrieval takes a query (or a list of queries) *and* a gallery that
+all queries share and that must be encoded once, in batches, before any query is scored. `__call__` therefore packs
+(queries, gallery) into one unit of work and runs it through the standard `preprocess` → `forward` → `postprocess`
+steps once (`forward` keeps the base class's device placement and `no_grad`); `batch_size` is the encoder/fusion batch
+size inside `_forward`, not a DataLoader batch size.
+
+Making a model folder pipeline-ready (the folder needs `"custom_pipelines"` in config.json and this file):
+  * either build the pipeline and save it: `ImageTextRetrievalPipeline(model=model, processor=processor)
+    .save_pretrained(folder)` (or `.push_to_hub(repo)`): it writes model, processor and this file;
+  * or, after `model.save_pretrained(folder)` and `processor.save_pretrained(folder)`, call
+    `save_pipeline_files(folder)`.
+Both also add `AutoModelForZeroShotImageClassification` to the config's `auto_map`, which the built-in
+`pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)` needs to load the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+TASK = "image-text-retrieval"
+TEXT, IMAGE = "text", "image"
+DEFAULT_ITM_SCORE = "logit_diff"  # the match log-odds: sigmoid(score) is the match probability
+# Auto class the built-in zero-shot-image-classification pipeline loads its model with.
+ZERO_SHOT_AUTO_CLASS = "AutoModelForZeroShotImageClassification"
+DEFAULT_BATCH_SIZE = 32
+
+
+def _is_image(item: Any) -> bool:
+    return isinstance(item, (Image.Image, Path))
+
+
+def _infer_modality(item: Any) -> str:
+    """PIL image or `pathlib.Path` → image; a `str` naming an existing file → image; any other `str` → text."""
+    if _is_image(item):
+        return IMAGE
+    if isinstance(item, str):
+        return IMAGE if os.path.isfile(item) else TEXT
+    raise TypeError(f"Expected a text (str) or an image (PIL.Image, file path); got {type(item).__name__}")
+
+
+def _check_modality(items: list[Any], modality: str, what: str) -> None:
+    for i, item in enumerate(items):
+        ok = isinstance(item, str) if modality == TEXT else (_is_image(item) or isinstance(item, str))
+        if not ok:
+            raise TypeError(f"{what} item {i} is a {type(item).__name__}, but the {what} was declared `{modality}`")
+
+
+def _resolve_modality(items: list[Any], declared: str | None, what: str) -> str:
+    """The single modality of `items` (declared, or inferred from every item); raises on a mixed list."""
+    if declared is not None:
+        if declared not in (TEXT, IMAGE):
+            raise ValueError(f"{what}_modality must be 'text' or 'image', got {declared!r}")
+        _check_modality(items, declared, what)
+        return declared
+    found = {_infer_modality(item) for item in items}
+    if len(found) != 1:
+        raise ValueError(
+            f"The {what} mixes texts and images; every {what} item must have the same modality (pass "
+            f"`{what}_modality='text'|'image'` if a string was misread)"
+        )
+    return found.pop()
+
+
+def _load_image(item: Any) -> Image.Image:
+    """A PIL image from a PIL image or a local file path (no URLs), EXIF orientation applied, RGB."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB") if item.mode != "RGB" else item
+    path = Path(item)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {str(item)!r} (only local paths and PIL images are accepted)")
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def _pad_tokens(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads (T_i, D) token sequences to (B, max T_i, D) with zeros; returns them and the (B, T) 1/0 mask."""
+    length = max(seq.shape[0] for seq in sequences)
+    tokens = sequences[0].new_zeros(len(sequences), length, sequences[0].shape[-1])
+    mask = torch.zeros(len(sequences), length, dtype=torch.long, device=sequences[0].device)
+    for i, seq in enumerate(sequences):
+        tokens[i, : seq.shape[0]] = seq
+        mask[i, : seq.shape[0]] = 1
+    return tokens, mask
+
+
+class ImageTextRetrievalPipeline(Pipeline):
+    """Ranks a gallery of images for a text query, or a gallery of texts for an image query.
+
+    Scoring: every gallery item gets the ITC score, the cosine similarity of the L2-normalised embeddings from
+    `get_image_features` / `get_text_features` (divided by the model's temperature with
+    `scale_by_temperature=True`). With `rerank_k > 0`, the `rerank_k` best ITC candidates of each query are re-scored
+    by the ITM head of the fusion encoder (`itm_logits`): one fusion pass per (query, candidate) pair, batched. The
+    query is encoded once; each candidate once per call (shared by all queries), so a candidate's tokens are cached.
+    Re-ranked candidates always come before the others, whatever the scores' scales.
+
+    Loading: `_load_processor = True`: `pipeline(...)` loads the checkpoint's `AutoProcessor` (EfficientVLMProcessor,
+    remote code) and takes the tokenizer and image processor from it. Constructing the class directly also accepts
+    `tokenizer=` + `image_processor=` instead of `processor=`.
+
+    Call arguments (also accepted by the constructor as defaults):
+        top_k: how many gallery items to return per query (None = all).
+        rerank_k: how many ITC candidates per query to re-score with the ITM head (0 = ITC only); the re-ranking
+            is the model's own `rerank` (the one the evaluation and benchmark run).
+        itm_score: one of the model's `ITM_SCORES`: "logit_diff" (default here: the match log-odds, sigmoid of it
+            is the match probability), "match_logit" (X-VLM), "match_logit_plus_itc" (ALBEF: match logit + the ITC
+            score shown), "probability".
+        scale_by_temperature: divide ITC cosine similarities by the model's learned temperature.
+        batch_size: encoder / fusion batch size (default 32).
+        query_modality / gallery_modality: "text" or "image" to override the inference (a `str` is a text unless it
+            names an existing file).
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.processor is None and (self.tokenizer is None or self.image_processor is None):
+            raise ValueError(
+                "ImageTextRetrievalPipeline needs a `processor` (EfficientVLMProcessor), or both a `tokenizer` and an "
+                "`image_processor`"
+            )
+        for name in ("get_image_features", "get_text_features"):
+            if not callable(getattr(self.model, name, None)):
+                raise TypeError(f"{type(self.model).__name__} has no `{name}`; it cannot be used for retrieval")
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Pipeline API
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _sanitize_parameters(
+        self,
+        top_k: int | None | str = "unset",
+        rerank_k: int | None = None,
+        itm_score: str | None = None,
+        scale_by_temperature: bool | None = None,
+        query_modality: str | None = None,
+        gallery_modality: str | None = None,
+        batch_size: int | None = None,
+        **unknown: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Splits call / constructor keyword arguments into preprocess, forward and postprocess parameters."""
+        if unknown:
+            raise TypeError(f"Unknown argument(s) for {type(self).__name__}: {sorted(unknown)}")
+        preprocess: dict[str, Any] = {}
+        forward: dict[str, Any] = {}
+        if query_modality is not None:
+            preprocess["query_modality"] = query_modality
+        if gallery_modality is not None:
+            preprocess["gallery_modality"] = gallery_modality
+        if top_k != "unset":
+            if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+                raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+            forward["top_k"] = top_k
+        if rerank_k is not None:
+            if not isinstance(rerank_k, int) or isinstance(rerank_k, bool) or rerank_k < 0:
+                raise ValueError(f"rerank_k must be an int >= 0, got {rerank_k!r}")
+            if rerank_k > 0 and not callable(getattr(self.model, "rerank", None)):
+                raise ValueError(
+                    f"rerank_k={rerank_k} needs an ITM head, but {type(self.model).__name__} has no `rerank`; load "
+                    "the checkpoint with AutoModel (EfficientVLMForImageTextRetrieval) or use rerank_k=0"
+                )
+            forward["rerank_k"] = rerank_k
+        if itm_score is not None:
+            allowed = getattr(self.model, "ITM_SCORES", (DEFAULT_ITM_SCORE,))  # the re-ranker's own list
+            if itm_score not in allowed:
+                raise ValueError(f"itm_score must be one of {allowed}, got {itm_score!r}")
+            forward["itm_score"] = itm_score
+        if scale_by_temperature is not None:
+            forward["scale_by_temperature"] = bool(scale_by_temperature)
+        if batch_size is not None:
+            if not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            forward["batch_size"] = batch_size
+        return preprocess, forward, {}
+
+    def __call__(self, query: Any, gallery: list[Any] | None = None, **kwargs: Any) -> list[dict] | list[list[dict]]:
+        """Ranks `gallery` for `query`.
+
+        Args:
+            query: a text (`str`) or an image (PIL image, `pathlib.Path`, or a `str` path to an existing file); or a
+                list of queries of one modality.
+            gallery: a non-empty list of images (PIL / paths) if the query is a text, or of texts if the query is an
+                image; same-modality retrieval is an error.
+            **kwargs: `top_k=5`, `rerank_k=0`, `itm_score`, `scale_by_temperature`, `batch_size`,
+                `query_modality`, `gallery_modality` (see the class docstring).
+
+        Returns:
+            For one query, the top-k gallery items, best first: dicts with `index` (position in `gallery`), `score`
+            (ITM score if re-ranked, else ITC score), the item under `"image"` or `"text"`, and when `rerank_k > 0`
+            also `itc_score` and `reranked`. For a list of queries, a list of such lists.
+        """
+        if gallery is None:
+            raise ValueError("ImageTextRetrievalPipeline needs a `gallery` (a list of images or of texts) to rank")
+        single = not isinstance(query, (list, tuple))
+        queries = [query] if single else list(query)
+        if not queries:
+            return []
+        # Defaults for values the caller and the constructor leave unset.
+        kwargs.setdefault("batch_size", self._batch_size or DEFAULT_BATCH_SIZE)
+        preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        preprocess_params = {**self._preprocess_params, **preprocess_params}
+        forward_params = {**self._forward_params, **forward_params}
+        postprocess_params = {**self._postprocess_params, **postprocess_params}
+        results = self.run_single(
+            {"queries": queries, "gallery": gallery}, preprocess_params, forward_params, postprocess_params
+        )
+        return results[0] if single else results
+
+    def preprocess(
+        self, inputs: dict[str, Any], query_modality: str | None = None, gallery_modality: str | None = None
+    ) -> dict[str, Any]:
+        """Validates the inputs and resolves both modalities (images are loaded lazily, batch by batch)."""
+        queries, gallery = inputs["queries"], inputs["gallery"]
+        if isinstance(gallery, (str, Image.Image, Path)) or not isinstance(gallery, (list, tuple)):
+            raise TypeError(f"`gallery` must be a list of images or a list of texts, got {type(gallery).__name__}")
+        if len(gallery) == 0:
+            raise ValueError("`gallery` is empty")
+        gallery_mod = _resolve_modality(list(gallery), gallery_modality, "gallery")
+        if query_modality is None and gallery_mod == IMAGE and all(isinstance(q, str) for q in queries):
+            query_modality = TEXT  # against images, a string query is a text even if it happens to name a file
+        query_mod = _resolve_modality(queries, query_modality, "query")
+        if query_mod == gallery_mod:
+            raise ValueError(
+                f"Query and gallery are both {query_mod}s: image-text retrieval needs a text query with an image "
+                "gallery, or an image query with a text gallery"
+            )
+        return {
+            "queries": queries, "query_modality": query_mod, "gallery": list(gallery), "gallery_modality": gallery_mod
+        }
+
+    def _forward(
+        self,
+        model_inputs: dict[str, Any],
+        top_k: int | None = 5,
+        rerank_k: int = 0,
+        itm_score: str = DEFAULT_ITM_SCORE,
+        scale_by_temperature: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> dict[str, Any]:
+        """Encodes queries and gallery in batches, scores with ITC, re-scores the top candidates with ITM."""
+        queries, gallery = model_inputs["queries"], model_inputs["gallery"]
+        query_mod, gallery_mod = model_inputs["query_modality"], model_inputs["gallery_modality"]
+        query_emb = self._embed(queries, query_mod, batch_size)  # (Q, E)
+        gallery_emb = self._embed(gallery, gallery_mod, batch_size)  # (G, E)
+        itc = query_emb @ gallery_emb.T  # (Q, G) cosine similarities
+        if scale_by_temperature:
+            itc = itc / self._temperature()
+        num = len(gallery)
+        k = num if top_k is None else min(top_k, num)
+        rerank = min(rerank_k, num)
+        order = itc.argsort(dim=1, descending=True, stable=True)  # (Q, G)
+        scores = torch.gather(itc, 1, order)
+        reranked = torch.zeros_like(order, dtype=torch.bool)
+        if rerank > 0:
+            itm, candidate = self._itm_scores(queries, query_mod, gallery, gallery_mod, itc, rerank, itm_score,
+                                              batch_size)
+            # re-ranked candidates by ITM first, then every other item in its ITC order
+            head = torch.where(candidate, itm, float("-inf")).argsort(dim=1, descending=True, stable=True)[:, :rerank]
+            tail = torch.where(candidate, float("-inf"), itc).argsort(dim=1, descending=True, stable=True)
+            order = torch.cat([head, tail[:, : num - rerank]], dim=1)
+            scores = torch.cat([torch.gather(itm, 1, head), torch.gather(itc, 1, order[:, rerank:])], dim=1)
+            reranked[:, :rerank] = True
+        return {
+            "indices": order[:, :k],
+            "scores": scores[:, :k],
+            "itc_scores": torch.gather(itc, 1, order[:, :k]),
+            "reranked": reranked[:, :k],
+            "gallery": gallery,
+            "gallery_modality": gallery_mod,
+            "with_rerank": rerank > 0,
+        }
+
+    def postprocess(self, model_outputs: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        """Formats one ranked list per query."""
+        gallery, key = model_outputs["gallery"], model_outputs["gallery_modality"]
+        results = []
+        rows = zip(
+            model_outputs["indices"].tolist(),
+            model_outputs["scores"].float().tolist(),
+            model_outputs["itc_scores"].float().tolist(),
+            model_outputs["reranked"].tolist(),
+        )
+        for indices, scores, itc_scores, reranked in rows:
+            ranked = []
+            for index, score, itc_score, was_reranked in zip(indices, scores, itc_scores, reranked):
+                entry: dict[str, Any] = {"index": index, "score": score}
+                if model_outputs["with_rerank"]:
+                    entry.update(itc_score=itc_score, reranked=was_reranked)
+                entry[key] = gallery[index]
+                ranked.append(entry)
+            results.append(ranked)
+        return results
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Encoding helpers
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _process_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.processor is not None:
+            batch = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        else:
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
+
+    def _process_images(self, images: list[Any]) -> torch.Tensor:
+        pil = [_load_image(item) for item in images]
+        if self.processor is not None:
+            batch = self.processor(images=pil, return_tensors="pt")
+        else:
+            batch = self.image_processor(pil, return_tensors="pt")
+        return batch["pixel_values"].to(self.device, dtype=self.model.dtype)
+
+    def _embed(self, items: list[Any], modality: str, batch_size: int) -> torch.Tensor:
+        """(N, E) float32 L2-normalised ITC embeddings, computed `batch_size` items at a time."""
+        chunks = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            if modality == TEXT:
+                features = self.model.get_text_features(**self._process_texts(chunk))
+            else:
+                features = self.model.get_image_features(self._process_images(chunk))
+            if not isinstance(features, torch.Tensor):  # models returning an output object (pooled embeddings)
+                features = features.pooler_output
+            chunks.append(F.normalize(features.float(), dim=-1))
+        return torch.cat(chunks)
+
+    def _temperature(self) -> torch.Tensor:
+        temperature = getattr(self.model, "temperature", None)
+        if isinstance(temperature, torch.Tensor):
+            return temperature.float()
+        logit_scale = getattr(self.model, "logit_scale", None)
+        if isinstance(logit_scale, torch.Tensor):
+            return 1.0 / logit_scale.float().exp()
+        raise ValueError(f"scale_by_temperature=True, but {type(self.model).__name__} has no `temperature`")
+
+    def _tokens(self, items: list[Any], modality: str, batch_size: int) -> list[torch.Tensor]:
+        """Encoder tokens per item: images (1 + N, D_vision); texts (T_i, D_text) without their padding."""
+        tokens: list[torch.Tensor] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            if modality == TEXT:
+                text = self._process_texts(chunk)
+                hidden = self.model.encode_text(text["input_ids"], text["attention_mask"]).last_hidden_state
+                lengths = text["attention_mask"].sum(dim=1).tolist()
+                tokens.extend(hidden[i, : int(n)] for i, n in enumerate(lengths))
+            else:
+                hidden = self.model.encode_image(self._process_images(chunk)).last_hidden_state
+                tokens.extend(hidden.unbind(0))
+        return tokens
+
+    def _itm_scores(
+        self,
+        queries: list[Any],
+        query_mod: str,
+        gallery: list[Any],
+        gallery_mod: str,
+        itc: torch.Tensor,
+        rerank: int,
+        itm_score: str,
+        batch_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM scores (Q, G) of each query's `rerank` best ITC candidates and the (Q, G) mask of those candidates.
+
+        The re-ranking itself is the model's (`rerank`: ITC top-k → ITM, the one implementation evaluation and
+        benchmark use too); only the candidates any query needs are encoded again for their tokens.
+        """
+        if not callable(getattr(self.model, "rerank", None)):
+            raise ValueError(f"rerank_k > 0 needs an ITM head, but {type(self.model).__name__} has no `rerank`")
+        needed = torch.unique(itc.topk(rerank, dim=1).indices)  # gallery items in some query's top-k
+        query_tokens = self._tokens(queries, query_mod, batch_size)
+        gallery_tokens = self._tokens([gallery[i] for i in needed.tolist()], gallery_mod, batch_size)
+        texts, images = (query_tokens, gallery_tokens) if query_mod == TEXT else (gallery_tokens, query_tokens)
+        text_tokens, text_mask = _pad_tokens(texts)
+        sim = itc[:, needed]  # (Q, N): the candidates' ITC scores; ranks within a row are those of the full row
+        sim_i2t = sim.t() if query_mod == TEXT else sim
+        scores_i2t, scores_t2i = self.model.rerank(
+            sim_i2t, rerank, torch.stack(images), text_tokens, text_mask, itm_score=itm_score, batch_size=batch_size,
+            directions=("t2i",) if query_mod == TEXT else ("i2t",),
+        )
+        full = torch.full_like(itc, float("-inf"))
+        full[:, needed] = (scores_t2i if query_mod == TEXT else scores_i2t).to(itc)  # (Q, N) → (Q, G)
+        candidate = torch.zeros_like(itc, dtype=torch.bool)
+        candidate[:, needed] = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(rerank, dim=1).indices, True)
+        return full, candidate
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Saving
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Saves model, processor and this pipeline's code, so that `pipeline("image-text-retrieval", model=folder,
+        trust_remote_code=True)` works without the EfficientVLM package (`push_to_hub` calls this too).
+
+        The base class writes config.json with `custom_pipelines`, copies this file, and saves the model, tokenizer
+        and image processor; it does not save a `processor`, which this override adds (processor_config.json with
+        the `AutoProcessor` auto_map, and processing_efficientvlm.py). It also maps
+        `AutoModelForZeroShotImageClassification` to the model class for the built-in zero-shot pipeline.
+        """
+        _add_zero_shot_auto_map(self.model)
+        super().save_pretrained(save_directory, **kwargs)
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+
+
+def _add_zero_shot_auto_map(model: Any) -> None:
+    """Maps AutoModelForZeroShotImageClassification (if unmapped) in a remote-code model's config `auto_map`.
+
+    The target is the config's `AutoModel` entry, else the model's own class when it is registered for an auto
+    class (its file is then copied by `save_pretrained`). Models that are not remote code are left alone.
+    """
+    config = model.config
+    auto_map = dict(getattr(config, "auto_map", None) or {})
+    if ZERO_SHOT_AUTO_CLASS in auto_map:
+        return
+    target = auto_map.get("AutoModel")
+    if target is None and getattr(type(model), "_auto_class", None) is not None:
+        target = f"{type(model).__module__.split('.')[-1]}.{type(model).__name__}"
+    if target is not None:
+        config.auto_map = {**auto_map, ZERO_SHOT_AUTO_CLASS: target}
+
+
+def save_pipeline_files(model_dir: str | os.PathLike) -> None:
+    """Makes a saved model folder pipeline-ready: adds `custom_pipelines` to its config.json and copies this file.
+
+    Use it after `model.save_pretrained(model_dir)` and `processor.save_pretrained(model_dir)` (an alternative to
+    `ImageTextRetrievalPipeline(...).save_pretrained`). It also maps `AutoModelForZeroShotImageClassification` in
+    the config's `auto_map` to the `AutoModel` class when missing.
+
+    Args:
+        model_dir: a folder holding config.json (with an `auto_map`), the model weights and the processor files.
+
+    Raises:
+        FileNotFoundError: when `model_dir` has no config.json.
+    """
+    folder = Path(model_dir)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: save the model into {folder} first")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    module = Path(__file__).stem
+    config["custom_pipelines"] = {
+        **(config.get("custom_pipelines") or {}),
+        TASK: {"impl": f"{module}.{ImageTextRetrievalPipeline.__name__}", "pt": ["AutoModel"], "type": "multimodal"},
+    }
+    auto_map = config.get("auto_map") or {}
+    if "AutoModel" in auto_map and ZERO_SHOT_AUTO_CLASS not in auto_map:
+        auto_map[ZERO_SHOT_AUTO_CLASS] = auto_map["AutoModel"]
+        config["auto_map"] = auto_map
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    destination = folder / Path(__file__).name
+    if Path(__file__).resolve() != destination.resolve():
+        shutil.copyfile(__file__, destination)
+
+
+# `pipe.save_pretrained` turns this registration into config.json's "custom_pipelines" entry.
+PIPELINE_REGISTRY.register_pipeline(
+    TASK, pipeline_class=ImageTextRetrievalPipeline, pt_model=AutoModel, type="multimodal"
+)
+
+__all__ = ["ImageTextRetrievalPipeline", "save_pipeline_files"]
