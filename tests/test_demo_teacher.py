@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from tests.conftest import run_clean_python
 from tests.test_trainer import _args, _batches, _collate, _teacher
 from training.commands.learning_curve import HeldOutCurveCallback, converged
 from training.method import losses as L
@@ -115,3 +116,18 @@ def test_shipped_demo_teacher_is_hub_ready_converged_and_small():
     assert provenance["command"].startswith("efficientvlm demo-teacher") and "seed" in provenance
     card = open(os.path.join(DEMO_TEACHER_DIR, "README.md")).read()
     assert "learning_curve.png" in card and "demo-teacher" in card
+    # its remote code is the library's own (links), and it loads as a Hub user would load it
+    import modeling_efficientvlm
+
+    library = os.path.dirname(os.path.abspath(modeling_efficientvlm.__file__))
+    for name in ("modeling_efficientvlm.py", "configuration_efficientvlm.py", "processing_efficientvlm.py"):
+        assert os.path.realpath(os.path.join(DEMO_TEACHER_DIR, name)) == os.path.join(library, name)
+    out = run_clean_python(
+        f"""
+        from transformers import AutoModelForPreTraining
+        model = AutoModelForPreTraining.from_pretrained({DEMO_TEACHER_DIR!r}, trust_remote_code=True)
+        print(type(model).__name__, sum(p.numel() for p in model.parameters()))
+        """
+    )
+    name, params = out.split()[-2:]
+    assert name == "EfficientVLMForPreTraining" and int(params) > 1_000_000

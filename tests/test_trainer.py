@@ -63,7 +63,7 @@ def test_kd_is_exactly_zero_when_student_equals_teacher_and_pairs_are_shared(tmp
                                        generator=torch.Generator().manual_seed(0))
     for name in ("attn", "hidden", "logits"):
         assert float(parts[name].detach()) == pytest.approx(0.0, abs=1e-10), name
-    assert float(parts["itm"]) > 0 and float(parts["mlm"]) > 0
+    assert float(parts["itm"].detach()) > 0 and float(parts["mlm"].detach()) > 0
 
 
 def test_negative_pairs_are_shared(tmp_path, monkeypatch):

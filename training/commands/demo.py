@@ -351,5 +351,21 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
                        extra={"recipe": recipe, "how_made": HOW_MADE["teacher"], "dataset_name":
                               "efficientvlm-synthetic-scenes", "summary": "The teacher the EfficientVLM demo starts "
                               "from: a 12/6/6-layer X-VLM-style model trained to convergence on synthetic scenes."})
+    if os.path.realpath(args.output_dir) == os.path.realpath(DEMO_TEACHER_DIR):
+        link_remote_code(args.output_dir)
     write(json.dumps({k: provenance[k] for k in ("steps_trained", "train_seconds", "metrics")}, indent=2))
     return provenance
+
+
+def link_remote_code(folder: str) -> None:
+    """Replaces the remote-code copies in a folder shipped inside the package by relative links to the library's own
+    files, so the shipped teacher's `trust_remote_code` path never goes stale (a wheel stores the links' contents)."""
+    import modeling_efficientvlm
+
+    library = os.path.dirname(os.path.abspath(modeling_efficientvlm.__file__))
+    for name in os.listdir(folder):
+        source = os.path.join(library, name)
+        if name.endswith(".py") and os.path.isfile(source):
+            target = os.path.join(folder, name)
+            os.remove(target)
+            os.symlink(os.path.relpath(source, folder), target)
