@@ -91,6 +91,17 @@ def _training_args(cls, output_dir: str, steps: int, profile: dict, seed: int, *
     )
 
 
+def _demo_data(profile: dict) -> DataArguments:
+    """The demo's data: synthetic scenes at the profile's size, its held-out set and re-ranking depth."""
+    return DataArguments(image_size=profile["image_size"], eval_images=profile["eval_images"], itm_k=profile["itm_k"])
+
+
+def _teacher_args(output_dir: str, steps: int, profile: dict, seed: int) -> DistillationArguments:
+    """The teacher recipe from scratch (VLP losses, ITM negatives random → hard over the profile's warm-up)."""
+    return _training_args(DistillationArguments, output_dir, steps, profile, seed,
+                          itm_negatives_warmup_steps=profile["itm_negatives_warmup_steps"])
+
+
 def _prune_args(output_dir: str, steps: int, profile: dict, args: DemoArguments) -> PruningArguments:
     """The demo's pruning schedule: target ramp over the first third, masks frozen for the last 15 %."""
     return _training_args(
@@ -123,9 +134,8 @@ def _teacher(args: DemoArguments, work: str, profile: dict, data: DataArguments,
 
     if args.train_teacher:
         config_path = _write_teacher_config(work, profile, data)
-        teacher_args = _training_args(DistillationArguments, os.path.join(work, "teacher"),
-                                      args.teacher_steps or profile["teacher_steps"], profile, args.seed,
-                                      itm_negatives_warmup_steps=profile["itm_negatives_warmup_steps"])
+        teacher_args = _teacher_args(os.path.join(work, "teacher"), args.teacher_steps or profile["teacher_steps"],
+                                     profile, args.seed)
         teacher, metrics = _timed(timings, "teacher", lambda: run_teacher(TeacherArguments(config=config_path), data,
                                                                           teacher_args, eval_data))
         provenance = {"source": "trained from scratch in this run (--train_teacher)", "steps": teacher_args.max_steps,
@@ -149,7 +159,7 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists (pass --overwrite true)")
     work = os.path.join(args.output, "checkpoints")
-    data = DataArguments(image_size=profile["image_size"], eval_images=profile["eval_images"], itm_k=profile["itm_k"])
+    data = _demo_data(profile)
     eval_data = eval_set(data)
     timings: dict[str, float] = {}
     teacher, teacher_metrics, teacher_dir, provenance = _teacher(args, work, profile, data, eval_data, timings)
@@ -312,11 +322,10 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
     import tempfile
 
     profile = PROFILES["default"]
-    data = DataArguments(image_size=profile["image_size"], eval_images=profile["eval_images"], itm_k=profile["itm_k"])
+    data = _demo_data(profile)
     with tempfile.TemporaryDirectory(prefix="efficientvlm-demo-teacher-") as work:
         config_path = _write_teacher_config(work, profile, data)
-        train_args = _training_args(DistillationArguments, os.path.join(work, "teacher"), args.max_steps, profile,
-                                    args.seed, itm_negatives_warmup_steps=profile["itm_negatives_warmup_steps"])
+        train_args = _teacher_args(os.path.join(work, "teacher"), args.max_steps, profile, args.seed)
         train_args.lr_scheduler_type = "constant_with_warmup"  # a budget, not a schedule: stopping may come early
         train_args.logging_steps = 50
         teacher_args = TeacherArguments(config=config_path, eval_every=args.eval_every, stop_when_converged=True,

@@ -298,7 +298,6 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     Task-KD settings left unset take the task's official values (`Task.prune_defaults`).
     Evaluation (when asked) runs the gated student at its deterministic (export) masks.
     """
-    args.apply_task_defaults(get_task(data.task).prune_defaults)
     teacher = load_task_model(prune.teacher, data.task) if prune.kd else None
     processor = load_processor(data, prune.student)
     torch.manual_seed(args.seed)  # a new task head (NLVR2) starts the same in every run with this seed

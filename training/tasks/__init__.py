@@ -23,11 +23,10 @@ def get_task(name: str | Task) -> Task:
 
 def task_of_model(model_or_config) -> Task:
     """The task whose head class a model (or a config's `architectures`) belongs to; retrieval by default."""
-    architectures = getattr(model_or_config, "architectures", None)
-    if architectures is None:
-        architectures = [type(model_or_config).__name__]
+    names = getattr(model_or_config, "architectures", None) or [type(model_or_config).__name__]
     for task in TASKS.values():
-        if task.model_class.__name__ in (architectures or []) and task is not RETRIEVAL:
+        # retrieval is the fallback: pre-training and retrieval checkpoints both fine-tune as retrieval models
+        if task is not RETRIEVAL and task.model_class.__name__ in names:
             return task
     return RETRIEVAL
 
