@@ -61,7 +61,7 @@ def run_clean_python(code: str, env: dict | None = None, timeout: int = 240) -> 
     prelude = textwrap.dedent(
         """
         import sys
-        for _name in ("modeling_efficientvlm", "training"):
+        for _name in ("modeling_efficientvlm", "efficientvlm", "training"):
             sys.modules[_name] = None  # any import of our packages now raises ImportError
         sys.path = [p for p in sys.path if p not in ("", ".")]
         """

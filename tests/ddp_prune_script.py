@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_trainer import _batches, _collate  # noqa: E402
-from training import (  # noqa: E402
+from efficientvlm.training import (  # noqa: E402
     EfficientVLMPruningTrainer,
     PruningArguments,
     init_student_from_teacher,

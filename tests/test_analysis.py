@@ -8,10 +8,10 @@ import torch
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from tests.conftest import tiny_config
 from tests.test_trainer import _args, _batches, _collate, _teacher
-from training import EfficientVLMPruningTrainer, PruningArguments, init_student_from_teacher, make_gated_model
-from training.commands.analysis import encoder_masks, magnitude_importance, unit_importance
-from training.method.materialize import pruned_config
-from training.method.structure import prunable_parameters, unit_groups
+from efficientvlm.training import EfficientVLMPruningTrainer, PruningArguments, init_student_from_teacher, make_gated_model
+from efficientvlm.training.commands.analysis import encoder_masks, magnitude_importance, unit_importance
+from efficientvlm.training.method.materialize import pruned_config
+from efficientvlm.training.method.structure import prunable_parameters, unit_groups
 
 
 @pytest.mark.parametrize("modality", ["vision", "text", "fusion"])
@@ -66,7 +66,7 @@ def test_per_encoder_targets_are_met_by_a_short_pruning_run(tmp_path):
 
 def test_analyze_modules_cli_writes_table_json_and_plot(tmp_path, capsys):
     from tests.test_cli_stages import COMMON
-    from training.commands.cli import main
+    from efficientvlm.training.commands.cli import main
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"

@@ -6,16 +6,16 @@ import sys
 
 import pytest
 
-from training.commands.bench import (
+from efficientvlm.training.commands.bench import (
     BenchArguments,
     parse_split,
     run_benchmark,
     uniformly_pruned_config,
     xvlm_clip_config,
 )
-from training.commands.cli import COMMANDS, main
-from training.method.structure import count_parameters, prunable_parameters
-from training.method.student import student_config
+from efficientvlm.training.commands.cli import COMMANDS, main
+from efficientvlm.training.method.structure import count_parameters, prunable_parameters
+from efficientvlm.training.method.student import student_config
 
 
 def test_xvlm_clip_preset_matches_the_paper_sizes():
@@ -69,5 +69,5 @@ def test_cli_help_and_errors(capsys):
     assert main(["nope"]) == 2
     assert main(["bench", "--preset", "huge"]) == 2
     assert "--preset must be one of" in capsys.readouterr().err
-    result = subprocess.run([sys.executable, "-m", "training.commands.cli", "prune", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "efficientvlm.training.commands.cli", "prune", "--help"], capture_output=True, text=True)
     assert "--target_sparsity" in result.stdout and "Global target sparsity" in result.stdout

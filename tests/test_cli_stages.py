@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.commands.cli import main
+from efficientvlm.training.commands.cli import main
 
 COMMON = ["--image_size", "32", "--eval_images", "8", "--itm_k", "2", "--per_device_train_batch_size", "4",
           "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true"]

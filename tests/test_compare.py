@@ -9,9 +9,9 @@ import torch
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForVisualReasoning
 from tests.conftest import tiny_config
 from tests.test_cli_stages import COMMON, teacher_and_student
-from training.commands.cli import main
-from training.commands.compare import default_manual_split, resolve_split, strategy_targets
-from training.method.structure import prunable_parameters
+from efficientvlm.training.commands.cli import main
+from efficientvlm.training.commands.compare import default_manual_split, resolve_split, strategy_targets
+from efficientvlm.training.method.structure import prunable_parameters
 
 TINY_PRUNE = ["--max_steps", "3", "--reg_learning_rate", "0.5", "--latency_repeats", "2", "--latency_batch", "4"]
 
@@ -73,7 +73,7 @@ def test_nlvr2_teacher_and_prune_stages(chain, capsys):
                  "--target_sparsity", "0.3", *COMMON]) == 0
     assert '"expected_sparsity"' in capsys.readouterr().out
     assert 0 <= json.loads((out / "eval_results.json").read_text())["accuracy"] <= 100
-    from training.commands.export import load_pruned
+    from efficientvlm.training.commands.export import load_pruned
 
     pruned, expected = load_pruned(str(out))
     assert isinstance(pruned, EfficientVLMForVisualReasoning) and set(expected) >= {"vision", "text", "fusion"}
@@ -116,8 +116,8 @@ def test_compare_splits_rejects_a_bad_manual_split_before_training(chain, tmp_pa
 
 
 def test_recovery_fine_tune_trains_a_copy(chain):
-    from training.commands.analysis import recovery_fine_tune
-    from training.commands.stages import DataArguments, load_processor
+    from efficientvlm.training.commands.analysis import recovery_fine_tune
+    from efficientvlm.training.commands.stages import DataArguments, load_processor
 
     model = EfficientVLMForImageTextRetrieval.from_pretrained(chain / "student").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -143,7 +143,7 @@ def test_analyze_modules_with_recovery_on_nlvr2(chain, tmp_path, capsys):
 
 def test_nlvr2_export_card_and_its_usage_snippet_run_without_our_package(chain, tmp_path):
     from tests.conftest import run_clean_python
-    from training.tasks.nlvr2 import USAGE as USAGE_NLVR2
+    from efficientvlm.training.tasks.nlvr2 import USAGE as USAGE_NLVR2
 
     pruned = chain / "nlvr2_pruned"
     if not pruned.exists():  # this test may run alone

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
-from training.commands.convert import (
+from efficientvlm.training.commands.convert import (
     ConvertXVLMArguments,
     _vit_supported,
     convert_xvlm_checkpoint,
@@ -246,7 +246,7 @@ def test_bare_state_dict_with_module_prefix(tmp_path, checkpoints):
 
 def test_hub_folder_with_processor_and_cli_arguments(tmp_path, checkpoints):
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
-    from training.data.tokenization import build_tokenizer
+    from efficientvlm.training.data.tokenization import build_tokenizer
 
     build_tokenizer(["a", "red", "circle"], str(tmp_path / "tok"))
     out = tmp_path / "hub"
@@ -270,7 +270,7 @@ def test_hub_folder_with_processor_and_cli_arguments(tmp_path, checkpoints):
 
 def test_full_size_teacher_config_from_reference_shapes():
     """Config inference on the real shapes (meta tensors: no memory, no weights)."""
-    from training.commands.convert import xvlm_config_from_state_dict
+    from efficientvlm.training.commands.convert import xvlm_config_from_state_dict
 
     state = {k: torch.empty(s, device="meta") for k, s, _ in reference_keys("teacher_retrieval384")}
     config = xvlm_config_from_state_dict(state)

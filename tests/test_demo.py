@@ -6,7 +6,7 @@ import re
 import pytest
 
 from tests.conftest import run_clean_python
-from training.commands.cli import main
+from efficientvlm.training.commands.cli import main
 
 
 @pytest.fixture(scope="module")

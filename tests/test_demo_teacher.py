@@ -11,11 +11,11 @@ import torch
 
 from tests.conftest import run_clean_python
 from tests.test_trainer import _args, _batches, _collate, _teacher
-from training.commands.learning_curve import HeldOutCurveCallback, converged
-from training.method import losses as L
-from training.method.arguments import DistillationArguments
-from training.method.trainers import EfficientVLMDistillationTrainer
-from training.tasks.retrieval import uniform_negative_share
+from efficientvlm.training.commands.learning_curve import HeldOutCurveCallback, converged
+from efficientvlm.training.method import losses as L
+from efficientvlm.training.method.arguments import DistillationArguments
+from efficientvlm.training.method.trainers import EfficientVLMDistillationTrainer
+from efficientvlm.training.tasks.retrieval import uniform_negative_share
 
 
 def _curve(values, itc=None, every=100):
@@ -77,7 +77,7 @@ def test_negatives_go_from_random_to_hard(tmp_path):
 
 
 def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
-    from training.commands import stages
+    from efficientvlm.training.commands import stages
 
     captured = []
 
@@ -100,7 +100,7 @@ def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
 
 
 def test_shipped_demo_teacher_is_hub_ready_converged_and_small():
-    from training.commands.demo import DEMO_TEACHER_DIR, PROVENANCE_FILE
+    from efficientvlm.training.commands.demo import DEMO_TEACHER_DIR, PROVENANCE_FILE
 
     files = set(os.listdir(DEMO_TEACHER_DIR))
     assert {"config.json", "model.safetensors", "processor_config.json", "README.md", PROVENANCE_FILE,

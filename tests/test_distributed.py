@@ -39,7 +39,7 @@ def test_two_process_pruning_keeps_ranks_identical(tmp_path):
 def _itc_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from training.method.distillation import itc as _itc
+    from efficientvlm.training.method.distillation import itc as _itc
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(0)
@@ -59,7 +59,7 @@ def test_global_batch_itc_matches_one_process_loss_and_gradients(tmp_path):
     the global batch."""
     import torch.multiprocessing as mp
 
-    from training.method import losses as L
+    from efficientvlm.training.method import losses as L
 
     mp.spawn(_itc_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"itc_{r}.pt", weights_only=True) for r in range(2)]

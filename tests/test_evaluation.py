@@ -19,8 +19,8 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.modeling_efficientvlm import PruningMasks
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 from tests.conftest import tiny_config
-from training.tasks.nlvr2 import evaluate_nlvr2
-from training.tasks.retrieval import evaluate_retrieval, make_retrieval_compute_metrics, retrieval_metrics
+from efficientvlm.training.tasks.nlvr2 import evaluate_nlvr2
+from efficientvlm.training.tasks.retrieval import METRIC_DIR, evaluate_retrieval, make_retrieval_compute_metrics, retrieval_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "a an the red blue green cube ball cone left right of on top is are two one image".split()
@@ -202,10 +202,10 @@ def test_evaluate_module_loads_by_path_offline(tmp_path):
             raise RuntimeError("network access attempted")
         socket.socket.connect = _no_network
         import evaluate
-        metric = evaluate.load({os.path.join(REPO, "training", "metrics", "retrieval")!r})
+        metric = evaluate.load({METRIC_DIR!r})
         rows = {scores.tolist()!r}
         a = metric.compute(predictions=rows, references={img2txt!r})
-        from training.tasks.retrieval import load_retrieval_metric  # importable now via the module's path fallback
+        from efficientvlm.training.tasks.retrieval import load_retrieval_metric
         other = load_retrieval_metric()
         other.add_batch(predictions=rows[:5], references={img2txt[:5]!r})
         b = other.compute(predictions=rows[5:], references={img2txt[5:]!r}, txt2img=list(range(12)),

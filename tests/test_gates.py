@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training.method.gates import HardConcreteGate
+from efficientvlm.training.method.gates import HardConcreteGate
 
 
 def _keep_probability(log_alpha: float) -> float:

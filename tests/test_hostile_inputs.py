@@ -9,8 +9,8 @@ import torch
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
 from tests.conftest import tiny_config
 from tests.test_trainer import _args, _batches, _collate, _teacher
-from training import DistillationArguments, EfficientVLMDistillationTrainer, init_student_from_teacher
-from training.commands.atomic import atomic_directory
+from efficientvlm.training import DistillationArguments, EfficientVLMDistillationTrainer, init_student_from_teacher
+from efficientvlm.training.commands.atomic import atomic_directory
 
 
 def test_nan_loss_stops_with_step_and_term_and_saves_nothing(tmp_path):
@@ -71,7 +71,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
 
 
 def test_foreign_pth_is_loaded_without_pickle_execution(tmp_path):
-    from training.commands.convert import convert_xvlm_checkpoint
+    from efficientvlm.training.commands.convert import convert_xvlm_checkpoint
 
     class Evil:
         def __reduce__(self):

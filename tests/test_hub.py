@@ -8,7 +8,7 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from tests.conftest import run_clean_python, tiny_config, tiny_inputs
 from tests.test_remote_code import tiny_processor
-from training.commands.cli import main
+from efficientvlm.training.commands.cli import main
 
 
 def _folder(tmp_path):

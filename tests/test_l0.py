@@ -5,9 +5,9 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from tests.conftest import tiny_config
-from training import ModalL0Module, materialize
-from training.method.materialize import pruned_config
-from training.method.structure import count_parameters, unit_groups
+from efficientvlm.training import ModalL0Module, materialize
+from efficientvlm.training.method.materialize import pruned_config
+from efficientvlm.training.method.structure import count_parameters, unit_groups
 
 
 def _set_log_alpha(l0, value_fn):

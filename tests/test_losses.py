@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training.method import losses as L
+from efficientvlm.training.method import losses as L
 
 
 def _ce(logits: list[float], target: int) -> float:

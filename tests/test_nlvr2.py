@@ -14,11 +14,11 @@ from modeling_efficientvlm.modeling_efficientvlm import (
 )
 from tests.conftest import run_clean_python, tiny_config
 from tests.test_remote_code import tiny_processor
-from training.data.collators import NLVR2Collator
-from training.data.scenes import make_nlvr2_eval_set
-from training.method.arguments import DistillationArguments
-from training.method.distillation import layer_maps
-from training.tasks.nlvr2 import NLVR2_LAMBDA, evaluate_nlvr2, fusion_pairs, nlvr2_losses
+from efficientvlm.training.data.collators import NLVR2Collator
+from efficientvlm.training.data.scenes import make_nlvr2_eval_set
+from efficientvlm.training.method.arguments import DistillationArguments
+from efficientvlm.training.method.distillation import layer_maps
+from efficientvlm.training.tasks.nlvr2 import NLVR2_LAMBDA, evaluate_nlvr2, fusion_pairs, nlvr2_losses
 
 BATCH, LENGTH = 3, 7
 

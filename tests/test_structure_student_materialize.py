@@ -10,9 +10,9 @@ from modeling_efficientvlm import (
     PruningMasks,
 )
 from tests.conftest import ragged_config, run_clean_python, tiny_config, tiny_inputs
-from training.method.materialize import materialize
-from training.method.structure import count_parameters, encoder_flops, prunable_parameters, unit_groups
-from training.method.student import default_init_map, init_student_from_teacher
+from efficientvlm.training.method.materialize import materialize
+from efficientvlm.training.method.structure import count_parameters, encoder_flops, prunable_parameters, unit_groups
+from efficientvlm.training.method.student import default_init_map, init_student_from_teacher
 
 
 @pytest.mark.parametrize("config_fn", [tiny_config, ragged_config])

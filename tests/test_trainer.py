@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
 from tests.conftest import tiny_config
-from training import (
+from efficientvlm.training import (
     DistillationArguments,
     EfficientVLMDistillationTrainer,
     EfficientVLMPruningTrainer,
@@ -18,9 +18,9 @@ from training import (
     make_gated_model,
     materialize,
 )
-from training.method.distillation import layer_maps
-from training.method.l0 import GATES_FILE
-from training.tasks.retrieval import retrieval_losses
+from efficientvlm.training.method.distillation import layer_maps
+from efficientvlm.training.method.l0 import GATES_FILE
+from efficientvlm.training.tasks.retrieval import retrieval_losses
 
 
 def _batches(n=8, batch=4, seed=0, vocab=99):

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
 from tests.conftest import tiny_config
 from tests.test_trainer import _args, _batches, _collate, _teacher
-from training.method import losses as L
-from training.method.arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
-from training.method.distillation import layer_maps
-from training.method.l0 import GATES_FILE, ModalL0Module
-from training.method.student import LAYER_MAP_FILE, init_student_from_teacher, load_layer_map
-from training.method.trainers import EfficientVLMDistillationTrainer, EfficientVLMPruningTrainer, make_gated_model
-from training.tasks import get_task
-from training.tasks.retrieval import retrieval_losses
+from efficientvlm.training.method import losses as L
+from efficientvlm.training.method.arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
+from efficientvlm.training.method.distillation import layer_maps
+from efficientvlm.training.method.l0 import GATES_FILE, ModalL0Module
+from efficientvlm.training.method.student import LAYER_MAP_FILE, init_student_from_teacher, load_layer_map
+from efficientvlm.training.method.trainers import EfficientVLMDistillationTrainer, EfficientVLMPruningTrainer, make_gated_model
+from efficientvlm.training.tasks import get_task
+from efficientvlm.training.tasks.retrieval import retrieval_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_default_map_covers_any_depth():
 
 
 def test_prune_stage_reads_the_students_map(tmp_path, monkeypatch):
-    from training.commands import stages
+    from efficientvlm.training.commands import stages
 
     (tmp_path / "student").mkdir()
     chosen = {"vision": [0, 3], "text": [0, 2], "fusion": [1, 2]}
@@ -236,7 +236,7 @@ def test_task_kd_distils_cross_attention_when_on(tmp_path):
 
 
 def test_help_names_the_task_defaults():
-    from training.commands.cli import main
+    from efficientvlm.training.commands.cli import main
 
     import contextlib
     import io
@@ -263,11 +263,12 @@ def _imports(path: Path, package_root: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
+            target = target.removeprefix("efficientvlm.")
             if target.split(".")[0] == "training":
                 found.add(target)
                 found.update(f"{target}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "training")
+            found.update(n for a in node.names if (n := a.name.removeprefix("efficientvlm.")).split(".")[0] == "training")
     return found
 
 
@@ -294,11 +295,12 @@ def test_training_has_no_import_cycle_and_modeling_never_imports_it():
             visit(name, [])
     for path in (ROOT / "modeling_efficientvlm").glob("*.py"):
         assert "training" not in {n.split(".")[0] for n in _imports(path, ROOT / "modeling_efficientvlm")}
-        assert "import training" not in path.read_text() and "from training" not in path.read_text()
+        text = path.read_text()
+        assert "efficientvlm.training" not in text and "import training" not in text and "from training" not in text
 
 
 def test_a_task_is_one_module_and_one_registry_line():
-    from training.tasks import TASKS
+    from efficientvlm.training.tasks import TASKS
 
     assert set(TASKS) == {"retrieval", "nlvr2"}
     for name in TASKS:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from importlib import resources
 
 import torch
 
@@ -20,8 +21,8 @@ from ..method.structure import MODALITIES, count_parameters, prunable_parameters
 from ..tasks import task_of_model
 from ..method.l0 import GATES_FILE
 
-CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "model_cards",
-                             "efficientvlm_template.md")
+# shipped as package data of `efficientvlm.model_cards` (the repository's model_cards/), so a wheel install finds it
+CARD_TEMPLATE = str(resources.files("efficientvlm.model_cards").joinpath("efficientvlm_template.md"))
 STRUCTURE_FILE = "structure.json"
 
 

@@ -1,44 +1,26 @@
 """Image-text retrieval recall (TR / IR R@1/5/10 and r_mean) as a local `evaluate` metric.
 
-Load it by path, no Hub access: `evaluate.load("<repo>/training/metrics/retrieval")` or
-`training.tasks.retrieval.load_retrieval_metric()`. The computation is `training.tasks.retrieval.retrieval_metrics`, so the
+Load it by path, no Hub access: `evaluate.load(efficientvlm.training.tasks.retrieval.METRIC_DIR)` or
+`load_retrieval_metric()` from that module. The computation is `efficientvlm.training.tasks.retrieval.retrieval_metrics`, so the
 Trainer's `compute_metrics` and this module agree exactly.
 """
-
-import json
-import os
-import sys
 
 import datasets
 import evaluate
 
 
 def _import_retrieval_metrics():
-    """`training.tasks.retrieval.retrieval_metrics`, also when the `training` package is not on sys.path.
+    """`efficientvlm.training.tasks.retrieval.retrieval_metrics`: the metric is the package's own function.
 
-    `evaluate.load` runs a copy of this file from its modules cache and writes the original path into a JSON next to
-    that copy; the repository root is three folders above the original (training/metrics/retrieval/retrieval.py).
+    `evaluate.load` runs a copy of this file from its modules cache, so the computation is imported from the installed
+    package (`pip install efficientvlm[train]`), never from a path next to this file.
     """
     try:
-        from training.tasks.retrieval import retrieval_metrics
-
-        return retrieval_metrics
+        from efficientvlm.training.tasks.retrieval import retrieval_metrics
     except ImportError as error:
-        candidates = [os.path.abspath(__file__)]
-        for meta_path in {os.path.splitext(__file__)[0] + ".json", __file__.split(".py")[0] + ".json"}:
-            if os.path.isfile(meta_path):
-                with open(meta_path, encoding="utf-8") as f:
-                    candidates.append(os.path.abspath(json.load(f)["original file path"]))
-        for original in candidates:
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(original))))
-            if os.path.isfile(os.path.join(root, "training", "tasks", "retrieval.py")):
-                sys.path.insert(0, root)
-                sys.modules.pop("training", None)  # a failed import may have left a stale entry
-                from training.tasks.retrieval import retrieval_metrics
-
-                return retrieval_metrics
-        raise ImportError("the retrieval metric needs the efficientvlm `training` package (pip install it, or load "
-                          "this module from inside the repository)") from error
+        raise ImportError("the retrieval metric computes with efficientvlm's `efficientvlm.training` package: "
+                          "`pip install 'efficientvlm[train]'` first") from error
+    return retrieval_metrics
 
 
 _DESCRIPTION = """\
@@ -56,7 +38,7 @@ Args:
 Returns:
     txt_r1, txt_r5, txt_r10, txt_r_mean, img_r1, img_r5, img_r10, img_r_mean, r_mean (percent floats).
 Example:
-    >>> metric = evaluate.load("training/metrics/retrieval")
+    >>> metric = evaluate.load(METRIC_DIR)  # from efficientvlm.training.tasks.retrieval
     >>> metric.compute(predictions=[[0.9, 0.1], [0.2, 0.8]], references=[[0], [1]])["r_mean"]
     100.0
 """

@@ -1,0 +1,1 @@
+"""Model-card templates, shipped as package data (`importlib.resources.files("efficientvlm.model_cards")`)."""
