@@ -8,9 +8,11 @@ benchmark.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 __all__ = [
     "EfficientVLMConfig",
@@ -20,10 +22,56 @@ __all__ = [
 ]
 
 
-def _per_layer(config: PretrainedConfig, field: str, num_layers: int) -> list[int]:
-    """Normalises an int-or-list field to a list of ``num_layers`` non-negative ints (raises naming the field)."""
+# Sanity bounds, checked before anything is allocated: a config.json is untrusted input, and a typo such as
+# num_hidden_layers = 10**7 must fail in milliseconds naming the field, not after minutes and gigabytes. Each bound is
+# at least twice the largest published transformer of its kind, so every real checkpoint fits (X-VLM base/large,
+# BERT-large, BEiT-L and ViT-L: 24 layers, width 1024, FFN 4096; ViT-22B: 48 layers, width 6144, FFN 24576;
+# LLaMA-3 405B: 126 layers, width 16384 = 128 heads x 128, FFN 53248, 128k positions; Gemma: 256k-token vocabulary).
+MAX_LAYERS = 256  # num_hidden_layers of one encoder
+MAX_WIDTH = 32768  # hidden_size, head_dim, encoder_hidden_size, embed_dim and heads x head_dim of one layer
+MAX_INTERMEDIATE_SIZE = 131072  # FFN width of one layer
+MAX_VOCAB_SIZE = 2**21  # ~2.1M: vocab_size and type_vocab_size
+MAX_POSITIONS = 2**17  # 131072: max_position_embeddings, and the vision position table (patches + 1)
+MAX_IMAGE_SIZE = 16384  # pixels a side (ViT inputs are 224-1024)
+MAX_PATCH_SIZE = 256  # pixels a side (ViTs use 8-32); the patch conv holds channels x width x patch^2 weights
+MAX_CHANNELS = 1024  # image channels (RGB 3; hyperspectral sensors ~200 bands)
+MAX_TEMPERATURE = 100.0  # ITC temperatures divide cosine similarities in [-1, 1]; above ~1 the softmax is flat
+
+
+def _field_name(config: PretrainedConfig, field: str) -> str:
+    """``text_config.num_hidden_layers`` (or ``embed_dim``): where the field sits in the composite config.json."""
+    prefix = getattr(config, "base_config_key", None)
+    return f"{prefix}.{field}" if prefix else field
+
+
+def _check_int(config: PretrainedConfig, field: str, low: int, high: int, bound: str) -> int:
+    """Checks that `field` is an int (not a bool, not a float such as 99.0) in [low, high]; `bound` names `high`."""
     value = getattr(config, field)
-    name = f"{type(config).__name__}.{field}"
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        lower = "> 0" if low == 1 else f">= {low}"
+        raise ValueError(
+            f"{_field_name(config, field)} must be {lower} and <= {high} ({bound}), an int; got {value!r}"
+        )
+    return value
+
+
+def _check_float(
+    config: PretrainedConfig, field: str, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> float:
+    """Checks that `field` is a finite real number (int or float, not a bool) in the given interval."""
+    value = getattr(config, field)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{_field_name(config, field)} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _per_layer(config: PretrainedConfig, field: str, num_layers: int, high: int, bound: str) -> list[int]:
+    """Normalises an int-or-list field to a list of ``num_layers`` ints in [0, high] (raises naming the field)."""
+    value = getattr(config, field)
+    name = _field_name(config, field)
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a list of ints, got a bool")
     if isinstance(value, int):
@@ -37,32 +85,51 @@ def _per_layer(config: PretrainedConfig, field: str, num_layers: int) -> list[in
     else:
         raise ValueError(f"{name} must be an int or a list of ints, got {type(value).__name__}")
     for i, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name}[{i}] must be an int >= 0 (0 = sub-layer removed), got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= high:
+            raise ValueError(
+                f"{name}[{i}] must be an int >= 0 (0 = sub-layer removed) and <= {high} ({bound}), got {v!r}"
+            )
     return value
 
 
-def _check_positive(config: PretrainedConfig, *fields: str) -> None:
-    for field in fields:
-        value = getattr(config, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{type(config).__name__}.{field} must be > 0, got {value!r}")
-
-
 class _EncoderConfig(PretrainedConfig):
-    """Shared per-layer normalisation and validation for the three encoder sub-configs."""
+    """Shared per-layer normalisation and validation for the three encoder sub-configs.
 
+    The tables below are the single place where field types and sane ranges are declared; `_normalise` checks them
+    in order (depth first, so a huge `num_hidden_layers` fails before any per-layer list is expanded).
+    """
+
+    # field -> (low, high, name of the high bound): ints only (a bool or a float such as 64.0 is rejected)
+    int_fields: ClassVar[dict[str, tuple[int, int, str]]] = {
+        "num_hidden_layers": (0, MAX_LAYERS, "MAX_LAYERS"),
+        "hidden_size": (1, MAX_WIDTH, "MAX_WIDTH"),
+        "head_dim": (1, MAX_WIDTH, "MAX_WIDTH"),
+    }
+    # field -> (low, high, low_open, high_open): finite reals
+    float_fields: ClassVar[dict[str, tuple[float, float, bool, bool]]] = {
+        # eps 0 divides by zero on a constant token; eps >> 1 dwarfs unit-variance activations (output ~ constant)
+        "layer_norm_eps": (0.0, 1.0, True, False),
+        "initializer_range": (0.0, 1.0, True, False),  # std 0 gives all-equal weights, > 1 explodes at init
+    }
     per_layer_fields: ClassVar[tuple[str, ...]] = ("num_attention_heads", "intermediate_size")
-    positive_fields: ClassVar[tuple[str, ...]] = ("hidden_size", "head_dim", "layer_norm_eps")
 
     def _normalise(self) -> None:
-        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int):
-            raise ValueError(f"{type(self).__name__}.num_hidden_layers must be an int, got {self.num_hidden_layers!r}")
-        if self.num_hidden_layers < 0:
-            raise ValueError(f"{type(self).__name__}.num_hidden_layers must be >= 0, got {self.num_hidden_layers}")
-        _check_positive(self, *self.positive_fields)
+        """Checks every declared field's type and range, then expands the per-layer fields to lists."""
+        for field, (low, high, bound) in self.int_fields.items():
+            _check_int(self, field, low, high, bound)
+        for field, (low, high, low_open, high_open) in self.float_fields.items():
+            _check_float(self, field, low, high, low_open, high_open)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"{_field_name(self, 'hidden_act')} must name an activation of transformers' ACT2FN "
+                f"(e.g. 'gelu', 'quick_gelu'), got {self.hidden_act!r}"
+            )
         for field in self.per_layer_fields:
-            setattr(self, field, _per_layer(self, field, self.num_hidden_layers))
+            if field == "intermediate_size":
+                high, bound = MAX_INTERMEDIATE_SIZE, "MAX_INTERMEDIATE_SIZE"
+            else:  # attention width heads x head_dim of one layer is bounded like any other width
+                high, bound = MAX_WIDTH // self.head_dim, f"MAX_WIDTH // head_dim: heads x head_dim <= {MAX_WIDTH}"
+            setattr(self, field, _per_layer(self, field, self.num_hidden_layers, high, bound))
 
 
 class EfficientVLMVisionConfig(_EncoderConfig):
@@ -86,6 +153,16 @@ class EfficientVLMVisionConfig(_EncoderConfig):
 
     model_type = "efficientvlm_vision_model"
     base_config_key = "vision_config"
+    int_fields: ClassVar[dict[str, tuple[int, int, str]]] = {
+        **_EncoderConfig.int_fields,
+        "image_size": (1, MAX_IMAGE_SIZE, "MAX_IMAGE_SIZE"),
+        "patch_size": (1, MAX_PATCH_SIZE, "MAX_PATCH_SIZE"),
+        "num_channels": (1, MAX_CHANNELS, "MAX_CHANNELS"),
+    }
+    float_fields: ClassVar[dict[str, tuple[float, float, bool, bool]]] = {
+        **_EncoderConfig.float_fields,
+        "attention_dropout": (0.0, 1.0, False, True),  # p = 1 zeroes every attention map
+    }
 
     def __init__(
         self,
@@ -123,12 +200,17 @@ class EfficientVLMVisionConfig(_EncoderConfig):
     def validate(self) -> None:
         """Normalises per-layer fields and checks every field; raises ValueError naming the field."""
         self._normalise()
-        _check_positive(self, "image_size", "patch_size", "num_channels")
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"EfficientVLMVisionConfig.image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size})"
+                f"vision_config.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
             )
+        if self.num_patches + 1 > MAX_POSITIONS:
+            raise ValueError(
+                f"vision_config.image_size / patch_size = {self.image_size // self.patch_size} patches a side needs "
+                f"{self.num_patches + 1} position embeddings, more than {MAX_POSITIONS} (MAX_POSITIONS)"
+            )
+        if not isinstance(self.use_pre_layernorm, bool):
+            raise ValueError(f"vision_config.use_pre_layernorm must be a bool, got {self.use_pre_layernorm!r}")
 
     @property
     def num_patches(self) -> int:
@@ -157,6 +239,17 @@ class EfficientVLMTextConfig(_EncoderConfig):
 
     model_type = "efficientvlm_text_model"
     base_config_key = "text_config"
+    int_fields: ClassVar[dict[str, tuple[int, int, str]]] = {
+        **_EncoderConfig.int_fields,
+        "vocab_size": (1, MAX_VOCAB_SIZE, "MAX_VOCAB_SIZE"),
+        "max_position_embeddings": (1, MAX_POSITIONS, "MAX_POSITIONS"),
+        "type_vocab_size": (1, MAX_VOCAB_SIZE, "MAX_VOCAB_SIZE"),
+    }
+    float_fields: ClassVar[dict[str, tuple[float, float, bool, bool]]] = {
+        **_EncoderConfig.float_fields,
+        "hidden_dropout_prob": (0.0, 1.0, False, True),  # p = 1 zeroes every sub-layer output
+        "attention_probs_dropout_prob": (0.0, 1.0, False, True),
+    }
 
     def __init__(
         self,
@@ -195,7 +288,12 @@ class EfficientVLMTextConfig(_EncoderConfig):
     def validate(self) -> None:
         """Normalises per-layer fields and checks every field; raises ValueError naming the field."""
         self._normalise()
-        _check_positive(self, "vocab_size", "max_position_embeddings", "type_vocab_size")
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
+            raise ValueError(
+                f"{_field_name(self, 'pad_token_id')} must be None or an int in [0, vocab_size = {self.vocab_size}), "
+                f"got {pad!r}"
+            )
 
 
 class EfficientVLMFusionConfig(EfficientVLMTextConfig):
@@ -212,6 +310,10 @@ class EfficientVLMFusionConfig(EfficientVLMTextConfig):
 
     model_type = "efficientvlm_fusion_model"
     base_config_key = "fusion_encoder_config"
+    int_fields: ClassVar[dict[str, tuple[int, int, str]]] = {
+        **EfficientVLMTextConfig.int_fields,
+        "encoder_hidden_size": (1, MAX_WIDTH, "MAX_WIDTH"),
+    }
     per_layer_fields: ClassVar[tuple[str, ...]] = (
         "num_attention_heads",
         "num_cross_attention_heads",
@@ -228,10 +330,6 @@ class EfficientVLMFusionConfig(EfficientVLMTextConfig):
         self.num_cross_attention_heads = num_cross_attention_heads
         self.encoder_hidden_size = encoder_hidden_size
         super().__init__(num_hidden_layers=num_hidden_layers, **kwargs)
-
-    def validate(self) -> None:
-        super().validate()
-        _check_positive(self, "encoder_hidden_size")
 
 
 class EfficientVLMConfig(PretrainedConfig):
@@ -289,7 +387,9 @@ class EfficientVLMConfig(PretrainedConfig):
         """Checks the cross-encoder contracts; each sub-config validated itself on construction."""
         for sub in (self.vision_config, self.text_config, self.fusion_encoder_config):
             sub.validate()
-        _check_positive(self, "embed_dim", "temperature_init", "temperature_min", "temperature_max")
+        _check_int(self, "embed_dim", 1, MAX_WIDTH, "MAX_WIDTH")
+        for field in ("temperature_init", "temperature_min", "temperature_max"):
+            _check_float(self, field, 0.0, MAX_TEMPERATURE, low_open=True)
         if not self.temperature_min <= self.temperature_init <= self.temperature_max:
             raise ValueError(
                 f"EfficientVLMConfig.temperature_init ({self.temperature_init}) must lie in "

@@ -13,6 +13,7 @@ A sub-layer with no heads / no FFN neurons (by config, or because its mask is al
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -673,7 +674,10 @@ ITM_SCORES = ("match_logit", "logit_diff", "match_logit_plus_itc", "probability"
 """How an ITM re-ranker scores a pair: X-VLM ranks by the match logit; "logit_diff" is the match log-odds
 (logit(match) − logit(no match)); ALBEF adds the ITC cosine to the match logit; "probability" is softmax(match)."""
 NOT_CANDIDATE_SCORE = -100.0
-"""X-VLM's score for pairs outside a query's ITC top-k (below any re-scored candidate)."""
+"""X-VLM's fill for pairs outside a query's ITC top-k. `rerank` does not use it: one constant for every non-candidate
+ties them all, so R@K for K > k would count a true match outside the top-k as missed (see `rerank_rows`)."""
+RERANK_BLOCK_SCORES = 1 << 20
+"""Scores per block of queries when `rerank` / `rerank_blocks` choose the block (≈ 30 MB of temporaries)."""
 
 
 def itm_match_scores(logits: torch.Tensor, itm_score: str = "match_logit", itc: torch.Tensor | None = None):
@@ -692,10 +696,44 @@ def itm_match_scores(logits: torch.Tensor, itm_score: str = "match_logit", itc: 
     raise ValueError(f"itm_score must be one of {ITM_SCORES}, got {itm_score!r}")
 
 
-def _topk_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows × their top-k columns of `sim` (Q, C) as flat (query, candidate) index tensors, each (Q * k,)."""
-    top = sim.topk(k, dim=1).indices
-    return torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k), top.reshape(-1)
+def rerank_rows(sim: torch.Tensor, top: torch.Tensor, itm: torch.Tensor) -> torch.Tensor:
+    """Ranking scores (Q, C) of Q queries whose ITC top-k candidates were re-scored by the ITM head.
+
+    The top-k keep their ITM score; every other candidate keeps its ITC order strictly below all of them:
+    score = min(row's ITM scores) − (dense rank of its ITC similarity among the rest, 1 = best). Equal ITC
+    similarities tie, different ones never do (integer steps, exact in float32 for galleries under 2^23), so R@K for
+    K > k is still the ITC ranking's below the re-ranked block (X-VLM's constant −100 would tie them all).
+
+    Args:
+        sim: (Q, C) ITC similarities of the queries against every candidate.
+        top: (Q, k) long, the columns of each query's re-ranked candidates (k <= C).
+        itm: (Q, k) their ITM ranking scores.
+    """
+    itm = itm.float()
+    scores = torch.empty(sim.shape, dtype=torch.float32, device=sim.device)
+    if top.shape[1] < sim.shape[1]:
+        # the top-k sort first (+inf, one dense rank 0) and are overwritten by their ITM scores below
+        values, order = sim.float().scatter(1, top, float("inf")).sort(dim=1, descending=True)  # (Q, C) each
+        step = torch.zeros_like(values)
+        step[:, 1:] = values[:, 1:] != values[:, :-1]
+        del values
+        tail = itm.min(dim=1, keepdim=True).values - step.cumsum_(dim=1)  # (Q, C), in sorted order
+        scores.scatter_(1, order, tail)
+    return scores.scatter_(1, top, itm)
+
+
+def _rerank_directions(directions: tuple[str, ...]) -> tuple[str, ...]:
+    """The asked-for re-ranking directions in the order ("i2t", "t2i"); ValueError unless a non-empty subset."""
+    if not directions or set(directions) - {"i2t", "t2i"}:
+        raise ValueError(f"directions must be a non-empty subset of ('i2t', 't2i'), got {directions}")
+    return tuple(d for d in ("i2t", "t2i") if d in directions)
+
+
+def _query_block(query_block: int | None, n_candidates: int) -> int:
+    """Queries per block: `query_block`, or as many as keep a block under `RERANK_BLOCK_SCORES` scores."""
+    if query_block is not None and query_block < 1:
+        raise ValueError(f"query_block must be >= 1 (or None), got {query_block}")
+    return query_block or max(1, RERANK_BLOCK_SCORES // max(n_candidates, 1))
 
 
 class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
@@ -706,6 +744,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
     """
 
     ITM_SCORES = ITM_SCORES  # what `rerank` / `itm_pair_scores` accept as `itm_score`
+    # a pre-training checkpoint's MLM head is expected to be dropped here: no "UNEXPECTED" load report for it
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\."]
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
@@ -808,9 +848,12 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         batch_size: int | None = None,
         directions: tuple[str, ...] = ("i2t", "t2i"),
         progress=None,
+        query_block: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """ITC top-k → ITM re-ranking (ALBEF / X-VLM): each query's k best ITC candidates get their ITM score, every
-        other pair `NOT_CANDIDATE_SCORE`. A pair in the top-k of both its image and its text is scored once.
+        """ITC top-k → ITM re-ranking (ALBEF / X-VLM) of a whole similarity matrix (`rerank_blocks` on its rows).
+
+        Each query's k best ITC candidates get their ITM score; every other candidate keeps its ITC order strictly
+        below them (`rerank_rows`). A pair in the top-k of both its image and its text is scored once.
 
         Args:
             sim_i2t: (N_img, N_txt) ITC cosine similarities.
@@ -818,38 +861,109 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
             image_tokens / text_tokens / attention_mask: cached encoder outputs (see `itm_pair_scores`).
             pruning_masks, itm_score, batch_size, progress: as `itm_pair_scores`.
             directions: "i2t" (image queries rank texts) and / or "t2i" (text queries rank images).
+            query_block: queries re-ranked per block (bounds the temporaries; see `rerank_blocks`).
 
         Returns:
             (scores_i2t (N_img, N_txt) or None, scores_t2i (N_txt, N_img) or None), float32; None for a direction
             not asked for.
         """
+        sim = sim_i2t.detach().float()
+        n_img, n_txt = sim.shape
+        shapes = {"i2t": (n_img, n_txt), "t2i": (n_txt, n_img)}
+        out = {d: torch.empty(shapes[d], dtype=torch.float32, device=sim.device)
+               for d in _rerank_directions(directions)}
+
+        def rows(direction: str, start: int, stop: int) -> torch.Tensor:
+            return sim[start:stop] if direction == "i2t" else sim[:, start:stop].t()
+
+        for direction, start, _, scores in self.rerank_blocks(
+            rows, (n_img, n_txt), k, image_tokens, text_tokens, attention_mask, pruning_masks=pruning_masks,
+            itm_score=itm_score, batch_size=batch_size, directions=directions, progress=progress,
+            query_block=query_block,
+        ):
+            out[direction][start : start + scores.shape[0]] = scores
+        return out.get("i2t"), out.get("t2i")
+
+    @torch.no_grad()
+    def rerank_blocks(
+        self,
+        sim_rows: Callable[[str, int, int], torch.Tensor],
+        shape: tuple[int, int],
+        k: int,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        itm_score: str = "match_logit",
+        batch_size: int | None = None,
+        directions: tuple[str, ...] = ("i2t", "t2i"),
+        progress=None,
+        query_block: int | None = None,
+    ) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+        """ITC top-k → ITM re-ranking one block of queries at a time, so no (N_img, N_txt) matrix need exist.
+
+        Pass 1 keeps each query's top-k (indices and ITC values) from its block of similarity rows; the unique
+        (image, text) pairs among them are scored once by the ITM head; pass 2 yields each block again with its
+        re-ranked scores (`rerank_rows`). `sim_rows` is called twice per block.
+
+        Args:
+            sim_rows: fn(direction, start, stop) -> (stop − start, C) ITC similarities of queries start..stop − 1:
+                rows of the (N_img, N_txt) matrix for "i2t", rows of its transpose for "t2i".
+            shape: (N_img, N_txt).
+            k, image_tokens, text_tokens, attention_mask, pruning_masks, itm_score, batch_size, directions,
+                progress: as `rerank`.
+            query_block: queries per block (None = as many as keep a block under `RERANK_BLOCK_SCORES` scores).
+
+        Yields:
+            (direction, index of the block's first query, ITC block (B, C), re-ranked block (B, C)), both float32
+            (with k = 0 the same tensor); all "i2t" blocks first.
+        """
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        if not directions or set(directions) - {"i2t", "t2i"}:
-            raise ValueError(f"directions must be a non-empty subset of ('i2t', 't2i'), got {directions}")
-        sim = sim_i2t.detach().float()
-        if k == 0 or sim.numel() == 0:
-            return (sim.clone() if "i2t" in directions else None, sim.t().clone() if "t2i" in directions else None)
-        n_img, n_txt = sim.shape
-        queries = {}  # direction -> (flat pair ids image * n_txt + text, row and column of each in its matrix)
-        if "i2t" in directions:
-            img_q, txt_c = _topk_pairs(sim, min(k, n_txt))
-            queries["i2t"] = (img_q * n_txt + txt_c, img_q, txt_c)
-        if "t2i" in directions:
-            txt_q, img_c = _topk_pairs(sim.t(), min(k, n_img))
-            queries["t2i"] = (img_c * n_txt + txt_q, txt_q, img_c)
-        unique_ids, inverse = torch.unique(torch.cat([ids for ids, _, _ in queries.values()]), return_inverse=True)
-        image_idx, text_idx = unique_ids // n_txt, unique_ids % n_txt
-        unique_scores = self.itm_pair_scores(
-            image_tokens, text_tokens, attention_mask, image_idx, text_idx, pruning_masks=pruning_masks,
-            itm_score=itm_score, itc=sim[image_idx, text_idx], batch_size=batch_size, progress=progress,
+        n_img, n_txt = shape
+        sizes = {"i2t": (n_img, n_txt), "t2i": (n_txt, n_img)}
+        blocks = {}
+        for direction in _rerank_directions(directions):
+            n_queries, n_candidates = sizes[direction]
+            step = _query_block(query_block, n_candidates)
+            blocks[direction] = [(start, min(start + step, n_queries)) for start in range(0, n_queries, step)]
+        top, itm = {}, {}
+        if k > 0 and n_img > 0 and n_txt > 0:
+            itc = {}
+            for direction, spans in blocks.items():
+                best = [sim_rows(direction, start, stop).float().topk(min(k, sizes[direction][1]), dim=1)
+                        for start, stop in spans]
+                top[direction] = torch.cat([b.indices for b in best])  # (Q, k)
+                itc[direction] = torch.cat([b.values for b in best])
+            itm = self._top_pair_scores(top, itc, n_txt, image_tokens, text_tokens, attention_mask, pruning_masks,
+                                        itm_score, batch_size, progress)
+        for direction, spans in blocks.items():
+            for start, stop in spans:
+                sim = sim_rows(direction, start, stop).float()
+                scores = rerank_rows(sim, top[direction][start:stop], itm[direction][start:stop]) if top else sim
+                yield direction, start, sim, scores
+
+    def _top_pair_scores(self, top: dict, itc: dict, n_txt: int, image_tokens, text_tokens, attention_mask,
+                         pruning_masks, itm_score: str, batch_size: int | None, progress) -> dict[str, torch.Tensor]:
+        """ITM scores {direction: (Q, k)} of each query's top-k `top` {direction: (Q, k)}, with their ITC values
+        `itc`; each unique (image, text) pair is scored once, however many queries have it in their top-k."""
+        ids, values = [], []
+        for direction, columns in top.items():
+            queries = torch.arange(columns.shape[0], device=columns.device)[:, None].expand_as(columns)
+            pair = queries * n_txt + columns if direction == "i2t" else columns * n_txt + queries  # image·N_txt + text
+            ids.append(pair.reshape(-1))
+            values.append(itc[direction].reshape(-1))
+        unique_ids, inverse = torch.unique(torch.cat(ids), return_inverse=True)
+        pair_itc = torch.empty(unique_ids.numel(), device=unique_ids.device).scatter_(0, inverse, torch.cat(values))
+        scores = self.itm_pair_scores(
+            image_tokens, text_tokens, attention_mask, unique_ids // n_txt, unique_ids % n_txt,
+            pruning_masks=pruning_masks, itm_score=itm_score, itc=pair_itc, batch_size=batch_size, progress=progress,
         )
         out, offset = {}, 0
-        for direction, (ids, rows, columns) in queries.items():
-            matrix = torch.full_like(sim if direction == "i2t" else sim.t(), NOT_CANDIDATE_SCORE)
-            matrix[rows, columns] = unique_scores[inverse[offset : offset + ids.numel()]]
-            out[direction], offset = matrix, offset + ids.numel()
-        return out.get("i2t"), out.get("t2i")
+        for direction, columns in top.items():
+            out[direction] = scores[inverse[offset : offset + columns.numel()]].view_as(columns)
+            offset += columns.numel()
+        return out
 
     def forward(
         self,

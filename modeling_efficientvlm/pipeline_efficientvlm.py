@@ -6,6 +6,13 @@ Usage, with only `torch`, `transformers` and `PIL` installed:
     pipe = pipeline("image-text-retrieval", model="path/or/repo", trust_remote_code=True)
     pipe("a red circle", gallery=[img0, img1, img2], top_k=2, rerank_k=2)
     # [{"index": 2, "score": 3.1, "itc_score": 0.41, "reranked": True, "image": img2}, ...]
+    pipe("a red circle", gallery=["a.png", "b.png"], gallery_type="image")  # image files named by strings
+
+Which input is an image and which a text is decided by type alone, never by the file system: a `str` is always a
+text; a PIL image, an `os.PathLike` (`pathlib.Path`) or a numpy array is an image. To pass image files as strings,
+declare them with `gallery_type="image"` / `query_type="image"`; a declared path that is not an existing local file
+raises `FileNotFoundError` naming it (no URLs: nothing is downloaded). Images are converted by the processor's
+`to_rgb` (EXIF orientation, transparency on white), the conversion `AutoProcessor` and the training loaders use.
 
 Why `__call__` is overridden: the base `Pipeline.__call__` maps one input to one output through a DataLoader (and
 treats a list as a stream of independent inputs). Retrieval takes a query (or a list of queries) *and* a gallery that
@@ -31,11 +38,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+
+from .processing_efficientvlm import open_image, prepare_images
 
 TASK = "image-text-retrieval"
 TEXT, IMAGE = "text", "image"
@@ -45,51 +55,76 @@ ZERO_SHOT_AUTO_CLASS = "AutoModelForZeroShotImageClassification"
 DEFAULT_BATCH_SIZE = 32
 
 
-def _is_image(item: Any) -> bool:
-    return isinstance(item, (Image.Image, Path))
+# Types that are images by themselves; a `str` is a text unless the caller declares `<what>_type="image"`.
+IMAGE_TYPES = (Image.Image, os.PathLike, np.ndarray)
+STR_RULE = (
+    "a `str` is always a text: pass images as PIL images, pathlib.Path objects or numpy arrays, or declare image "
+    "file paths given as strings with `query_type='image'` / `gallery_type='image'`"
+)
 
 
-def _infer_modality(item: Any) -> str:
-    """PIL image or `pathlib.Path` → image; a `str` naming an existing file → image; any other `str` → text."""
-    if _is_image(item):
-        return IMAGE
+def _infer_modality(item: Any, what: str) -> str:
+    """`str` → text; PIL image, `os.PathLike` (`pathlib.Path`) or numpy array → image (never the file system)."""
     if isinstance(item, str):
-        return IMAGE if os.path.isfile(item) else TEXT
-    raise TypeError(f"Expected a text (str) or an image (PIL.Image, file path); got {type(item).__name__}")
+        return TEXT
+    if isinstance(item, IMAGE_TYPES):
+        return IMAGE
+    raise TypeError(
+        f"Each {what} item must be a text (str) or an image (PIL.Image, pathlib.Path, numpy array); "
+        f"got {type(item).__name__}"
+    )
 
 
-def _check_modality(items: list[Any], modality: str, what: str) -> None:
+def _check_declared(items: list[Any], declared: str, what: str) -> None:
+    """Raises when an item cannot have the declared modality (texts are `str`; images may also be `str` paths)."""
+    allowed = (str,) if declared == TEXT else (str, *IMAGE_TYPES)
     for i, item in enumerate(items):
-        ok = isinstance(item, str) if modality == TEXT else (_is_image(item) or isinstance(item, str))
-        if not ok:
-            raise TypeError(f"{what} item {i} is a {type(item).__name__}, but the {what} was declared `{modality}`")
+        if not isinstance(item, allowed):
+            raise TypeError(f"{what} item {i} is a {type(item).__name__}, but {what}_type={declared!r}")
+
+
+def _check_image_files(items: list[Any], what: str) -> None:
+    """Raises `FileNotFoundError` naming the first image path (str or PathLike) that is not an existing file."""
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)) and not os.path.isfile(item):
+            raise FileNotFoundError(
+                f"{what} item {i}: image file not found: {os.fspath(item)!r} (an image path must name an existing "
+                "local file; URLs are not downloaded)"
+            )
 
 
 def _resolve_modality(items: list[Any], declared: str | None, what: str) -> str:
-    """The single modality of `items` (declared, or inferred from every item); raises on a mixed list."""
+    """The single modality of `items`: declared, or inferred from every item's type; raises on a mixed list.
+
+    Image paths are checked here, before anything is encoded.
+    """
     if declared is not None:
-        if declared not in (TEXT, IMAGE):
-            raise ValueError(f"{what}_modality must be 'text' or 'image', got {declared!r}")
-        _check_modality(items, declared, what)
-        return declared
-    found = {_infer_modality(item) for item in items}
-    if len(found) != 1:
-        raise ValueError(
-            f"The {what} mixes texts and images; every {what} item must have the same modality (pass "
-            f"`{what}_modality='text'|'image'` if a string was misread)"
-        )
-    return found.pop()
+        _check_declared(items, declared, what)
+        modality = declared
+    else:
+        found = {_infer_modality(item, what) for item in items}
+        if len(found) != 1:
+            raise ValueError(
+                f"The {what} mixes texts and images; every {what} item must have the same modality "
+                f"({STR_RULE})"
+            )
+        modality = found.pop()
+    if modality == IMAGE:
+        _check_image_files(items, what)
+    return modality
 
 
-def _load_image(item: Any) -> Image.Image:
-    """A PIL image from a PIL image or a local file path (no URLs), EXIF orientation applied, RGB."""
-    if isinstance(item, Image.Image):
-        return item.convert("RGB") if item.mode != "RGB" else item
-    path = Path(item)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {str(item)!r} (only local paths and PIL images are accepted)")
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+def _declared_type(new: str | None, old: str | None, what: str) -> str | None:
+    """`<what>_type`, or its older spelling `<what>_modality` (the same argument); raises if both disagree."""
+    if new is not None and old is not None and new != old:
+        raise ValueError(f"{what}_type={new!r} and {what}_modality={old!r} disagree; pass only {what}_type")
+    return new if new is not None else old
+
+
+def _load_image(item: Any) -> Any:
+    """What the processor gets for one image: a file path (str or PathLike) read by `open_image`; PIL images and
+    arrays as they are (the processor converts PIL images with `to_rgb`)."""
+    return open_image(item) if isinstance(item, (str, os.PathLike)) else item
 
 
 def _pad_tokens(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +161,10 @@ class ImageTextRetrievalPipeline(Pipeline):
             score shown), "probability".
         scale_by_temperature: divide ITC cosine similarities by the model's learned temperature.
         batch_size: encoder / fusion batch size (default 32).
-        query_modality / gallery_modality: "text" or "image" to override the inference (a `str` is a text unless it
-            names an existing file).
+        query_type / gallery_type: "text" or "image", declaring the modality instead of inferring it from the
+            items' types (a `str` is a text; PIL images, `pathlib.Path` and numpy arrays are images).
+            `gallery_type="image"` lets a gallery of image file paths be given as strings. `query_modality` /
+            `gallery_modality` are accepted as older names of the same arguments.
     """
 
     _load_processor = True
@@ -160,6 +197,8 @@ class ImageTextRetrievalPipeline(Pipeline):
         query_modality: str | None = None,
         gallery_modality: str | None = None,
         batch_size: int | None = None,
+        query_type: str | None = None,
+        gallery_type: str | None = None,
         **unknown: Any,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Splits call / constructor keyword arguments into preprocess, forward and postprocess parameters."""
@@ -167,10 +206,12 @@ class ImageTextRetrievalPipeline(Pipeline):
             raise TypeError(f"Unknown argument(s) for {type(self).__name__}: {sorted(unknown)}")
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
-        if query_modality is not None:
-            preprocess["query_modality"] = query_modality
-        if gallery_modality is not None:
-            preprocess["gallery_modality"] = gallery_modality
+        for what, declared in (("query", _declared_type(query_type, query_modality, "query")),
+                               ("gallery", _declared_type(gallery_type, gallery_modality, "gallery"))):
+            if declared is not None:
+                if declared not in (TEXT, IMAGE):
+                    raise ValueError(f"{what}_type must be 'text' or 'image', got {declared!r}")
+                preprocess[f"{what}_type"] = declared
         if top_k != "unset":
             if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
                 raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
@@ -201,12 +242,13 @@ class ImageTextRetrievalPipeline(Pipeline):
         """Ranks `gallery` for `query`.
 
         Args:
-            query: a text (`str`) or an image (PIL image, `pathlib.Path`, or a `str` path to an existing file); or a
-                list of queries of one modality.
-            gallery: a non-empty list of images (PIL / paths) if the query is a text, or of texts if the query is an
-                image; same-modality retrieval is an error.
+            query: a text (`str`) or an image (PIL image, `pathlib.Path`, numpy array; a `str` file path with
+                `query_type="image"`); or a list of queries of one modality.
+            gallery: a non-empty list of images (PIL / `pathlib.Path` / arrays; `str` paths with
+                `gallery_type="image"`) if the query is a text, or of texts if the query is an image;
+                same-modality retrieval is an error.
             **kwargs: `top_k=5`, `rerank_k=0`, `itm_score`, `scale_by_temperature`, `batch_size`,
-                `query_modality`, `gallery_modality` (see the class docstring).
+                `query_type`, `gallery_type` (see the class docstring).
 
         Returns:
             For one query, the top-k gallery items, best first: dicts with `index` (position in `gallery`), `score`
@@ -231,22 +273,21 @@ class ImageTextRetrievalPipeline(Pipeline):
         return results[0] if single else results
 
     def preprocess(
-        self, inputs: dict[str, Any], query_modality: str | None = None, gallery_modality: str | None = None
+        self, inputs: dict[str, Any], query_type: str | None = None, gallery_type: str | None = None
     ) -> dict[str, Any]:
         """Validates the inputs and resolves both modalities (images are loaded lazily, batch by batch)."""
         queries, gallery = inputs["queries"], inputs["gallery"]
-        if isinstance(gallery, (str, Image.Image, Path)) or not isinstance(gallery, (list, tuple)):
+        if not isinstance(gallery, (list, tuple)):
             raise TypeError(f"`gallery` must be a list of images or a list of texts, got {type(gallery).__name__}")
         if len(gallery) == 0:
             raise ValueError("`gallery` is empty")
-        gallery_mod = _resolve_modality(list(gallery), gallery_modality, "gallery")
-        if query_modality is None and gallery_mod == IMAGE and all(isinstance(q, str) for q in queries):
-            query_modality = TEXT  # against images, a string query is a text even if it happens to name a file
-        query_mod = _resolve_modality(queries, query_modality, "query")
+        gallery_mod = _resolve_modality(list(gallery), gallery_type, "gallery")
+        query_mod = _resolve_modality(queries, query_type, "query")
         if query_mod == gallery_mod:
+            hint = f" ({STR_RULE})" if query_mod == TEXT else ""
             raise ValueError(
                 f"Query and gallery are both {query_mod}s: image-text retrieval needs a text query with an image "
-                "gallery, or an image query with a text gallery"
+                f"gallery, or an image query with a text gallery{hint}"
             )
         return {
             "queries": queries, "query_modality": query_mod, "gallery": list(gallery), "gallery_modality": gallery_mod
@@ -329,12 +370,13 @@ class ImageTextRetrievalPipeline(Pipeline):
             "attention_mask": batch["attention_mask"].to(self.device),
         }
 
-    def _process_images(self, images: list[Any]) -> torch.Tensor:
-        pil = [_load_image(item) for item in images]
+    def _process_images(self, items: list[Any]) -> torch.Tensor:
+        """(B, C, H, W) pixels through the processor's path (`to_rgb`, then the image processor)."""
+        images = [_load_image(item) for item in items]
         if self.processor is not None:
-            batch = self.processor(images=pil, return_tensors="pt")
-        else:
-            batch = self.image_processor(pil, return_tensors="pt")
+            batch = self.processor(images=images, return_tensors="pt")
+        else:  # tokenizer + image processor given separately: the same conversion the processor applies
+            batch = self.image_processor(prepare_images(images), return_tensors="pt")
         return batch["pixel_values"].to(self.device, dtype=self.model.dtype)
 
     def _embed(self, items: list[Any], modality: str, batch_size: int) -> torch.Tensor:
@@ -447,7 +489,8 @@ def _add_zero_shot_auto_map(model: Any) -> None:
 
 
 def save_pipeline_files(model_dir: str | os.PathLike) -> None:
-    """Makes a saved model folder pipeline-ready: adds `custom_pipelines` to its config.json and copies this file.
+    """Makes a saved model folder pipeline-ready: adds `custom_pipelines` to its config.json and copies this file
+    and `processing_efficientvlm.py`, which it imports (the two must be of one version).
 
     Use it after `model.save_pretrained(model_dir)` and `processor.save_pretrained(model_dir)` (an alternative to
     `ImageTextRetrievalPipeline(...).save_pretrained`). It also maps `AutoModelForZeroShotImageClassification` in
@@ -474,9 +517,10 @@ def save_pipeline_files(model_dir: str | os.PathLike) -> None:
         auto_map[ZERO_SHOT_AUTO_CLASS] = auto_map["AutoModel"]
         config["auto_map"] = auto_map
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    destination = folder / Path(__file__).name
-    if Path(__file__).resolve() != destination.resolve():
-        shutil.copyfile(__file__, destination)
+    for source in (Path(__file__), Path(__file__).with_name("processing_efficientvlm.py")):
+        destination = folder / source.name
+        if source.resolve() != destination.resolve():
+            shutil.copyfile(source, destination)
 
 
 # `pipe.save_pretrained` turns this registration into config.json's "custom_pipelines" entry.

@@ -69,3 +69,16 @@ def test_stage_argument_errors_name_the_cause(capsys, tmp_path):
     assert main(["prune", "--student", str(tmp_path), "--teacher", str(tmp_path), "--output_dir", str(tmp_path),
                  "--target_sparsity", "1.2"]) == 2
     assert "target_sparsity must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_export_names_its_reference_and_counts_it_with_the_same_head(chain, capsys):
+    """The card and structure.json name the --reference folder; a teacher exported against itself is 100 % of it
+    (its MLM head counted on both sides), and the plot's title names the reference."""
+    out = chain / "teacher_export"
+    assert main(["export", "--checkpoint", str(chain / "teacher"), "--output_dir", str(out),
+                 "--reference", str(chain / "teacher")]) == 0
+    capsys.readouterr()
+    structure = json.loads((out / "structure.json").read_text())
+    assert structure["reference_name"] == "teacher"
+    assert structure["params"] == structure["reference_params"]
+    assert "0.09M (100.0% of teacher: 0.09M)" in (out / "README.md").read_text()

@@ -90,9 +90,10 @@ def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
     _teacher().save_pretrained(teacher_dir)
     data = stages.DataArguments(image_size=32)
     monkeypatch.setattr(stages, "load_processor", lambda data, path=None: None)
-    stages.run_distill(stages.StudentArguments(teacher=str(teacher_dir), kd=False), data,
-                       _args(DistillationArguments, tmp_path / "s"))
-    stages.run_distill(stages.StudentArguments(teacher=str(teacher_dir)), data, _args(DistillationArguments, tmp_path))
+    run_distill = stages.run_distill.__wrapped__  # the stage body, without output-dir ownership (nothing is saved)
+    run_distill(stages.StudentArguments(teacher=str(teacher_dir), kd=False), data,
+                _args(DistillationArguments, tmp_path / "s"))
+    run_distill(stages.StudentArguments(teacher=str(teacher_dir)), data, _args(DistillationArguments, tmp_path))
     assert captured[0] is None and captured[1] is not None
     with pytest.raises(ValueError, match="--teacher must be an existing"):
         stages.PruneArguments(student=str(teacher_dir), teacher="")

@@ -146,3 +146,14 @@ def test_weights_shared_across_head_classes(tmp_path):
         retrieval(**inputs, compute_itm=True).itm_logits, _forward(model, inputs).itm_logits
     )
     assert model.mlm_head.decoder.weight.data_ptr() == model.text_model.embeddings.word_embeddings.weight.data_ptr()
+
+
+def test_pretraining_checkpoint_loads_as_retrieval_without_an_mlm_head_report(tmp_path, capfd, caplog):
+    """Retrieval (evaluate, bench, prune) drops a pre-training checkpoint's MLM head by design: no UNEXPECTED report."""
+    from modeling_efficientvlm import EfficientVLMForPreTraining
+
+    EfficientVLMForPreTraining(tiny_config()).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        EfficientVLMForImageTextRetrieval.from_pretrained(tmp_path)
+    captured = capfd.readouterr()
+    assert "mlm_head" not in captured.out + captured.err + caplog.text

@@ -109,13 +109,17 @@ def test_itc_ranking_matches_direct_computation(setup):
 
 
 def test_paths_and_path_objects_as_images(setup):
+    """`pathlib.Path` is an image; a `str` path is an image only when declared with `gallery_type` / `query_type`."""
     pipe, images, paths = setup["pipe"], setup["images"], setup["paths"]
     from_pil = pipe(QUERY, gallery=images, top_k=None)
-    from_paths = pipe(QUERY, gallery=paths, top_k=None)
-    assert indices(from_paths) == indices(from_pil) and from_paths[0]["image"] == paths[from_paths[0]["index"]]
-    torch.testing.assert_close(scores(from_paths), scores(from_pil))
-    for query in (paths[2], Path(paths[2])):
-        torch.testing.assert_close(scores(pipe(query, gallery=TEXTS)), scores(pipe(images[2], gallery=TEXTS)))
+    for from_paths in (pipe(QUERY, gallery=paths, gallery_type="image", top_k=None),
+                       pipe(QUERY, gallery=[Path(p) for p in paths], top_k=None)):
+        assert indices(from_paths) == indices(from_pil)
+        torch.testing.assert_close(scores(from_paths), scores(from_pil))
+    assert pipe(QUERY, gallery=paths, gallery_type="image")[0]["image"] == paths[indices(from_pil)[0]]
+    from_image = scores(pipe(images[2], gallery=TEXTS))
+    torch.testing.assert_close(scores(pipe(Path(paths[2]), gallery=TEXTS)), from_image)
+    torch.testing.assert_close(scores(pipe(paths[2], gallery=TEXTS, query_type="image")), from_image)
 
 
 def test_rerank_reorders_by_direct_itm_scores(setup):
@@ -235,6 +239,7 @@ def test_remote_code_pipelines_in_clean_interpreter(setup):
     out = run_clean_python(
         f"""
         import json
+        from pathlib import Path
         from transformers import pipeline
         folders, paths, texts = {folders!r}, {paths!r}, {TEXTS!r}
         results = []
@@ -247,10 +252,11 @@ def test_remote_code_pipelines_in_clean_interpreter(setup):
             def strip(ranked):
                 return [{{k: v for k, v in e.items() if k not in ("image", "text")}} for e in ranked]
             results.append({{
-                "text_query": strip(pipe({QUERY!r}, gallery=paths, top_k=4)),
-                "text_query_rerank": strip(pipe({QUERY!r}, gallery=paths, top_k=4, rerank_k=3)),
-                "image_query_rerank": strip(pipe(paths[1], gallery=texts, top_k=5, rerank_k=5, batch_size=2)),
-                "batch": [strip(r) for r in pipe([{QUERY!r}, "blue"], gallery=paths, top_k=2)],
+                "text_query": strip(pipe({QUERY!r}, gallery=paths, gallery_type="image", top_k=4)),
+                "text_query_rerank": strip(pipe({QUERY!r}, gallery=[Path(p) for p in paths], top_k=4, rerank_k=3)),
+                "image_query_rerank": strip(pipe(paths[1], gallery=texts, top_k=5, rerank_k=5, batch_size=2,
+                                                 query_type="image")),
+                "batch": [strip(r) for r in pipe([{QUERY!r}, "blue"], gallery=paths, gallery_type="image", top_k=2)],
                 "zero_shot": zero_shot(paths[0], candidate_labels={LABELS!r}),
             }})
         print(json.dumps(results))

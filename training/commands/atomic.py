@@ -1,20 +1,95 @@
-"""Atomic folder writes: build everything in a temp dir beside the target, then rename (nothing half-written)."""
+"""Atomic folder writes and run ownership.
+
+- `atomic_directory`: build a folder in a temp dir beside the target, then swap it in (nothing half-written, the old
+  folder stays complete until the new one is in place).
+- `stage_output`: a training stage owns its `--output_dir` (an exclusive lock), writes its final files through a
+  staging dir, and records in `efficientvlm_run.json` which stage wrote the folder and whether it finished — written
+  last, so readers (`export`) can tell a finished run from an interrupted one.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import functools
+import inspect
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".efficientvlm.lock"
+RUN_FILE = "efficientvlm_run.json"  # the run record: stage, owner, status; "complete" is written last
+FINAL_STAGING = ".final-staging"  # the final save is written here, then its files are renamed into output_dir
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # either one: single file or sharded
+MODEL_FILES: tuple[str | tuple[str, ...], ...] = ("config.json", WEIGHTS)
+
+
+def stage_files(stage: str) -> tuple[str | tuple[str, ...], ...]:
+    """What a finished `stage` leaves at the top of its output_dir (a tuple entry: any one of its names); a plain
+    model folder (config + weights) for an unknown stage."""
+    from ..method.l0 import GATES_FILE  # lazily: taking a lock should not import torch
+
+    if stage == "prune":
+        return (*MODEL_FILES, "processor_config.json", GATES_FILE)
+    if stage in ("teacher", "distill"):
+        return (*MODEL_FILES, "processor_config.json")
+    return MODEL_FILES
+
+
+class OutputDirInUseError(FileExistsError):
+    """Another run owns the output folder (the CLI reports it and exits with status 2)."""
+
+
+# ----------------------------------------------------------------------------------------------- atomic folders
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def replace_path(source: str, target: str) -> None:
+    """Moves `source` onto `target`; an existing `target` is renamed aside first and deleted only once `source` is in
+    place, so readers see the old version or the new one, never a deleted or half-deleted one (the only gap is
+    between two renames on one filesystem)."""
+    if not os.path.lexists(target):
+        os.replace(source, target)
+        return
+    aside = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))
+    old = os.path.join(aside, os.path.basename(target))
+    os.replace(target, old)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        os.replace(old, target)  # put the old version back
+        os.rmdir(aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_directory(output_dir: str, prefix: str = ".tmp-") -> Iterator[str]:
     """Yields a temp dir on the same filesystem; on success it replaces `output_dir`, on any error it is removed.
 
+    The folder gets the usual permissions (0777 minus the umask, like `os.mkdir`), not `mkdtemp`'s private 0700.
+
     Args:
-        output_dir: the final folder (replaced if it exists; callers decide beforehand whether that is allowed).
+        output_dir: the final folder (replaced if it exists, old one deleted only after the new one is in place;
+            callers decide beforehand whether replacing is allowed).
         prefix: name prefix of the hidden temp dir.
     """
     output_dir = os.path.abspath(os.fspath(output_dir))
@@ -22,10 +97,241 @@ def atomic_directory(output_dir: str, prefix: str = ".tmp-") -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        replace_path(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_files(staging: str, output_dir: str) -> None:
+    """Renames every entry of `staging` into `output_dir` (replacing same-named ones) and removes `staging`."""
+    for name in sorted(os.listdir(staging)):
+        replace_path(os.path.join(staging, name), os.path.join(output_dir, name))
+    os.rmdir(staging)
+
+
+# ------------------------------------------------------------------------------------------------- run records
+def read_run_record(folder: str) -> dict | None:
+    """The folder's run record (`efficientvlm_run.json`), or None for a folder no stage wrote (export, checkpoint)."""
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def missing_files(folder: str, required: Sequence[str | tuple[str, ...]]) -> list[str]:
+    """The entries of `required` absent from `folder` (a tuple entry is satisfied by any one of its names)."""
+    missing = []
+    for entry in required:
+        names = (entry,) if isinstance(entry, str) else entry
+        if not any(os.path.isfile(os.path.join(folder, name)) for name in names):
+            missing.append(" or ".join(names))
+    return missing
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Writes `path` through a temp file + rename: readers see the old content or the new, never a part."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    _write_atomic(path, json.dumps(payload, indent=2).encode())
+
+
+# --------------------------------------------------------------------------------------------------------- lock
+def _owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_owner(fd: int) -> dict | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = os.read(fd, 4096)
+    try:
+        owner = json.loads(data)
+    except ValueError:  # empty (its writer died between create and write) or foreign content
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+def _in_use(output_dir: str, owner: dict) -> str:
+    return (f"{output_dir} is in use by pid {owner.get('pid')} on host {owner.get('host')} since "
+            f"{owner.get('started')}; wait for it to finish or pick another --output_dir")
+
+
+class _Lock:
+    """An exclusive lock on `<folder>/.efficientvlm.lock`: `flock` (released by the kernel however the process ends)
+    plus the owner's pid, host and start time in the file, for the message another run gets and for stale locks."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.folder = folder
+        self.fd: int | None = None
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._take(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            # the previous owner may have unlinked the file between our open and our flock: lock the current file
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:
+                os.close(fd)
+        owner = _owner()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(owner).encode(), 0)
+        os.fsync(self.fd)
+
+    def _take(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputDirInUseError(_in_use(self.folder, _read_owner(fd) or {})) from None
+        except OSError as error:  # a filesystem without flock (some network mounts): the recorded owner decides
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            logger.warning("%s: flock unsupported here (%s); relying on the recorded owner only", self.path, error)
+        previous = _read_owner(fd)
+        if previous is None or (previous.get("pid") == os.getpid() and previous.get("host") == socket.gethostname()):
+            return
+        if previous.get("host") != socket.gethostname():
+            raise OutputDirInUseError(
+                f"{_in_use(self.folder, previous)} (another host: if that run has ended, delete {self.path})"
+            )
+        if _pid_alive(int(previous["pid"])):
+            raise OutputDirInUseError(
+                f"{_in_use(self.folder, previous)} (if pid {previous['pid']} is not an efficientvlm run, delete "
+                f"{self.path})"
+            )
+        logger.warning("%s: taking over the stale lock of pid %s on host %s (since %s), which is no longer running",
+                       self.folder, previous["pid"], previous["host"], previous.get("started"))
+
+    def release(self) -> None:
+        """Unlinks the lock file while still holding it, then closes it (idempotent)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+# -------------------------------------------------------------------------------------------------- ownership
+def _snapshot(folder: str) -> dict[str, tuple[int, int, int]]:
+    ours = (LOCK_FILE, RUN_FILE, FINAL_STAGING)
+    entries = {}
+    for entry in os.scandir(folder):
+        if entry.name not in ours and not entry.name.startswith(f"{RUN_FILE}."):
+            stat = entry.stat(follow_symlinks=False)
+            entries[entry.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return entries
+
+
+@contextlib.contextmanager
+def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple[str, ...]]) -> Iterator[None]:
+    """Owns `output_dir` for one run of `stage`.
+
+    Takes the lock before anything is written (another run gets `OutputDirInUseError`), records the run as
+    "running" in `efficientvlm_run.json`, and on success checks `required` and records "complete" with the files
+    written — the last write of the run. On failure: a run that wrote nothing leaves the folder as it found it (a
+    folder it created is removed); otherwise the record says "failed" and the partial final save is removed. The lock
+    is released in every case; if the process is killed, the kernel drops the flock and the next run takes the stale
+    lock over with a warning.
+    """
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    try:
+        os.mkdir(output_dir)
+        created = True
+    except FileExistsError:
+        created = False
+    lock = _Lock(output_dir)
+    record_path = os.path.join(output_dir, RUN_FILE)
+    try:
+        before = _snapshot(output_dir)
+        previous = None
+        if os.path.isfile(record_path):
+            with open(record_path, "rb") as f:
+                previous = f.read()
+        owner = _owner()
+        _write_json(record_path, {"stage": stage, "status": "running", **owner})
+        try:
+            yield
+            missing = missing_files(output_dir, required)
+            if missing:
+                raise RuntimeError(f"{stage} finished but {output_dir} lacks {', '.join(missing)}")
+        except BaseException as error:
+            shutil.rmtree(os.path.join(output_dir, FINAL_STAGING), ignore_errors=True)
+            if _snapshot(output_dir) != before:  # checkpoints or files were written: say the run failed
+                _write_json(record_path, {"stage": stage, "status": "failed", **owner,
+                                          "error": f"{type(error).__name__}: {error}"[:500]})
+            elif previous is None:
+                os.remove(record_path)
+                if created and set(os.listdir(output_dir)) <= {LOCK_FILE}:
+                    lock.release()
+                    with contextlib.suppress(OSError):  # another run may have just put its lock in
+                        os.rmdir(output_dir)
+            else:
+                _write_atomic(record_path, previous)  # nothing changed: the earlier run's record stands
+            raise
+        files = sorted(e.name for e in os.scandir(output_dir)
+                       if e.is_file() and e.name not in (LOCK_FILE, RUN_FILE))
+        _write_json(record_path, {"stage": stage, "status": "complete", **owner,
+                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files})
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def stage_output(args, stage: str) -> Iterator[None]:
+    """`owned_output_dir(args.output_dir, stage, stage_files(stage))` on the global main process only.
+
+    Under DDP only process 0 takes the lock and writes the run record: the other ranks write nothing to output_dir
+    outside checkpoints (`should_save` is False there), and if process 0 cannot take the lock it exits with status 2,
+    which makes torchrun stop the other ranks — no rank waits on a lock, so nothing can deadlock.
+    """
+    if args.process_index != 0:
+        yield
+        return
+    with owned_output_dir(args.output_dir, stage, stage_files(stage)):
+        yield
+
+
+def owns_output_dir(stage: str):
+    """Decorator: runs a stage function (which takes its `TrainingArguments` as `args`) inside `stage_output`."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*positional, **keywords):
+            args = signature.bind(*positional, **keywords).arguments["args"]
+            with stage_output(args, stage):
+                return fn(*positional, **keywords)
+
+        return wrapper
+
+    return decorate

@@ -17,7 +17,9 @@ import platform
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+import modeling_efficientvlm
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
 
 from ..method.structure import (
@@ -106,12 +108,26 @@ def uniformly_pruned_config(config: EfficientVLMConfig, ratios: dict[str, float]
     return config
 
 
+def parse_models(items: list[str]) -> dict[str, str]:
+    """['teacher=DIR', ...] → {"teacher": "DIR", ...}; each DIR must exist."""
+    models = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not name or not path or not os.path.isdir(path):
+            raise ValueError(f"--model expects NAME=DIR with an existing directory, got {item!r}")
+        models[name] = path
+    return models
+
+
 def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, -(-n // multiple) * multiple) if multiple > 1 else n
 
 
-def measure(model, args: BenchArguments, device: torch.device, dtype: torch.dtype) -> dict:
-    """Latency of the retrieval path and of each encoder alone for one model."""
+WORKLOADS = ("retrieval", "vision", "text", "fusion")
+
+
+def measure(model, args: BenchArguments, device: torch.device, dtype: torch.dtype, after_run=None) -> dict:
+    """Latency of the retrieval path and of each encoder alone for one model (`after_run`: called after each run)."""
     config = model.config
     g = torch.Generator().manual_seed(0)
     size = config.vision_config.image_size
@@ -129,7 +145,8 @@ def measure(model, args: BenchArguments, device: torch.device, dtype: torch.dtyp
         "text": lambda: model.encode_text(ids, mask),
         "fusion": lambda: model.fuse(text_tokens[pair_text], mask[pair_text], image_tokens[pair_image]),
     }
-    return {name: summarize(time_runs(fn, args.warmup, args.repeats, device)) for name, fn in workloads.items()}
+    return {name: summarize(time_runs(workloads[name], args.warmup, args.repeats, device, after_run))
+            for name in WORKLOADS}
 
 
 def _flops(config, args: BenchArguments) -> dict[str, float]:
@@ -144,15 +161,25 @@ def _flops(config, args: BenchArguments) -> dict[str, float]:
     }
 
 
+def load_checkpoint(path: str) -> EfficientVLMForImageTextRetrieval:
+    """Loads a checkpoint as the class it was saved from (config.json "architectures"), so a pre-training checkpoint
+    keeps its MLM head and nothing is reported UNEXPECTED; the timed path uses only the ITC / ITM parts that every
+    image-text class shares."""
+    config = EfficientVLMConfig.from_pretrained(path)
+    names = [n for n in (config.architectures or []) if hasattr(modeling_efficientvlm, n)]
+    cls = getattr(modeling_efficientvlm, names[0]) if names else EfficientVLMForImageTextRetrieval
+    if not issubclass(cls, EfficientVLMForImageTextRetrieval):
+        raise ValueError(f"--model {path}: a {cls.__name__} checkpoint (config.json architectures) has no image-text "
+                         "retrieval path (ITC + ITM heads), which is what bench times")
+    return cls.from_pretrained(path, config=config)
+
+
 def build_models(args: BenchArguments) -> tuple[dict[str, torch.nn.Module], str]:
     """teacher / student / pruned from checkpoints (`--model NAME=DIR`) or from the preset (random weights)."""
     if args.model:
         models = {}
-        for item in args.model:
-            name, _, path = item.partition("=")
-            if not path or not os.path.isdir(path):
-                raise ValueError(f"--model expects NAME=DIR with an existing directory, got {item!r}")
-            models[name] = EfficientVLMForImageTextRetrieval.from_pretrained(path)
+        for name, path in parse_models(args.model).items():
+            models[name] = load_checkpoint(path)
         return models, "checkpoints"
     teacher_cfg = xvlm_clip_config(args.image_size) if args.preset == "xvlm-clip" else PRESETS[args.preset]()
     student_cfg = student_config(teacher_cfg)
@@ -176,11 +203,14 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
         torch.set_num_threads(args.threads)
     models, weights = build_models(args)
     results = {}
+    # one tick per run (warm-up or timed) of every workload of every model, on stderr
+    bar = tqdm(total=len(models) * len(WORKLOADS) * (args.warmup + args.repeats), desc="bench", unit="run")
     for name, model in models.items():
         if progress:
             progress(name)
+        bar.set_postfix_str(name)
         model = model.to(device, dtype).eval()
-        timings = measure(model, args, device, dtype)
+        timings = measure(model, args, device, dtype, after_run=bar.update)
         flops = _flops(model.config, args)
         params = count_parameters(model.config, ("itm",))
         results[name] = {
@@ -193,16 +223,23 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
             "throughput_images_per_s": args.num_images / (timings["retrieval"]["median_ms"] / 1000),
             "encoders": {m: {**timings[m], "gflops": flops[m] / 1e9} for m in ("vision", "text", "fusion")},
         }
-    _add_ratios(results)
+    bar.close()
+    base = _add_ratios(results)
     info = protocol(args, weights)
+    info["speedup_baseline"] = base
     info["image_size"] = next(iter(models.values())).config.vision_config.image_size
     return {"protocol": info, "models": results}
 
 
-def _add_ratios(results: dict) -> None:
-    base = results.get("teacher") or next(iter(results.values()))
+def _add_ratios(results: dict) -> str:
+    """Speed-up, FLOPs and parameter ratios over the teacher (or the first model); returns the baseline's name."""
+    base_name = "teacher" if "teacher" in results else next(iter(results))
+    base = results[base_name]
     for entry in results.values():
         entry["speedup"] = base["latency_ms"] / entry["latency_ms"]
+        # models are timed one after another (not paired), so the range is the bound from the min / max runs
+        entry["speedup_min"] = base["latency_min_ms"] / entry["latency_max_ms"]
+        entry["speedup_max"] = base["latency_max_ms"] / entry["latency_min_ms"]
         entry["flops_speedup"] = base["gflops"] / entry["gflops"]
         entry["speedup_over_flops_ratio"] = entry["speedup"] / entry["flops_speedup"]
         entry["params_fraction"] = entry["params"] / base["params"]
@@ -210,6 +247,7 @@ def _add_ratios(results: dict) -> None:
             ref = base["encoders"][name]
             enc["speedup"] = ref["median_ms"] / enc["median_ms"]
             enc["flops_speedup"] = ref["gflops"] / enc["gflops"] if enc["gflops"] else float("inf")
+    return base_name
 
 
 def protocol(args: BenchArguments, weights: str) -> dict:
@@ -224,7 +262,11 @@ def protocol(args: BenchArguments, weights: str) -> dict:
         "path": "retrieval: encode images + texts, ITC all pairs, ITM on top-k per image and per text query",
     }
     info.update({k: v for k, v in asdict(args).items() if k in (
-        "preset", "image_size", "num_images", "num_texts", "text_length", "k", "warmup", "repeats", "pad_multiple")})
+        "image_size", "num_images", "num_texts", "text_length", "k", "warmup", "repeats")})
+    if args.model:  # what was benchmarked: the checkpoints, not the (unused) preset
+        info["models"] = parse_models(args.model)
+    else:
+        info.update(preset=args.preset, pad_multiple=args.pad_multiple)
     info["timing"] = "median of `repeats` runs after `warmup` untimed runs; min/max reported"
     return info
 
@@ -232,23 +274,30 @@ def protocol(args: BenchArguments, weights: str) -> dict:
 def format_table(result: dict) -> str:
     """A readable table of the benchmark result (protocol first)."""
     p = result["protocol"]
+    keys = ("device", "dtype", "threads", "preset", "image_size", "num_images", "num_texts", "text_length", "k",
+            "warmup", "repeats")
+    source = ("Models: " + ", ".join(f"{name}={path}" for name, path in p["models"].items()) + ". ") if "models" in p \
+        else ""
     lines = [
-        "Protocol: " + ", ".join(f"{k}={p[k]}" for k in ("device", "dtype", "threads", "preset", "image_size",
-                                                          "num_images", "num_texts", "text_length", "k", "repeats")),
-        f"Weights: {p['weights']}. Path: {p['path']}.",
+        "Protocol: " + ", ".join(f"{k}={p[k]}" for k in keys if k in p),
+        f"{source}Weights: {p['weights']}. Path: {p['path']}.",
         "",
         f"{'model':<9}{'params(M)':>10}{'GFLOPs':>9}{'latency ms':>12}{'[min-max]':>17}{'img/s':>8}"
-        f"{'speedup':>9}{'FLOPs x':>9}{'ratio':>7}",
+        f"{'speedup':>9}{'[min-max]':>13}{'FLOPs x':>9}{'ratio':>7}",
     ]
     for name, r in result["models"].items():
         lines.append(
             f"{name:<9}{r['params'] / 1e6:>10.2f}{r['gflops']:>9.2f}{r['latency_ms']:>12.1f}"
             f"{'[' + format(r['latency_min_ms'], '.1f') + '-' + format(r['latency_max_ms'], '.1f') + ']':>17}"
-            f"{r['throughput_images_per_s']:>8.1f}{r['speedup']:>9.2f}{r['flops_speedup']:>9.2f}"
+            f"{r['throughput_images_per_s']:>8.1f}{r['speedup']:>9.2f}"
+            f"{'[' + format(r['speedup_min'], '.2f') + '-' + format(r['speedup_max'], '.2f') + ']':>13}"
+            f"{r['flops_speedup']:>9.2f}"
             f"{r['speedup_over_flops_ratio']:>7.2f}"
         )
+    lines.append(f"Speed-ups are over {p['speedup_baseline']}: ratio of medians; [min-max] = slowest / fastest run "
+                 "pairing (models timed one after another).")
     lines.append("")
-    lines.append("Per encoder (median ms, speed-up vs teacher / FLOPs speed-up):")
+    lines.append(f"Per encoder (median ms, speed-up vs {p['speedup_baseline']} / FLOPs speed-up):")
     for name, r in result["models"].items():
         cells = [f"{m} {e['median_ms']:.1f} ({e['speedup']:.2f}x/{e['flops_speedup']:.2f}x)" for m, e in r["encoders"].items()]
         lines.append(f"  {name:<8} " + "  ".join(cells))

@@ -37,6 +37,33 @@ from ..method.arguments import DistillationArguments, PruningArguments
 DEMO_TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_teacher")
 """The shipped demo teacher (Hub-ready folder + provenance.json + learning curve)."""
 PROVENANCE_FILE = "provenance.json"
+LATENCY_BATCH = 32  # held-out images (and captions) in the timed retrieval batch
+
+# (image size, width, FFN, steps, batch, eval images, lr, ITM re-ranking k, latency repeats); the teacher recipe
+# (from scratch) is the one `demo-teacher` converges with.
+PROFILES = {
+    "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=6000, distill_steps=200,
+                    prune_steps=300, batch=32, eval_images=200, lr=1e-3, itm_k=8, latency_repeats=5,
+                    itm_negatives_warmup_steps=1000),
+    "quick": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=120, distill_steps=40, prune_steps=60,
+                  batch=32, eval_images=64, lr=1e-3, itm_k=4, latency_repeats=3, itm_negatives_warmup_steps=30),
+}
+QUICK_CHANGES = {"teacher_steps": "--train_teacher steps", "distill_steps": "distillation steps",
+                 "prune_steps": "pruning steps", "itm_negatives_warmup_steps": "ITM-negatives warm-up steps",
+                 "eval_images": "held-out scenes", "itm_k": "ITM re-ranking top-k", "latency_repeats": "latency runs"}
+
+
+def quick_help() -> str:
+    """The help of --quick, made from PROFILES: exactly what the quick profile changes and what it keeps."""
+    default, quick = PROFILES["default"], PROFILES["quick"]
+    changed = [k for k in default if default[k] != quick[k]]
+    unknown = [k for k in changed if k not in QUICK_CHANGES]
+    if unknown:  # a new profile entry must be named here, or the help would hide a difference
+        raise KeyError(f"demo PROFILES: describe {unknown} in QUICK_CHANGES")
+    kept = [k for k in default if default[k] == quick[k]]
+    return ("Smoke run (~2 min; its numbers are not meaningful). Unchanged: the teacher, the model sizes and the "
+            "optimiser (" + ", ".join(f"{k} {default[k]}" for k in kept) + "). Changed: "
+            + ", ".join(f"{QUICK_CHANGES[k]} {default[k]} → {quick[k]}" for k in changed) + ".")
 
 
 @dataclass
@@ -44,11 +71,7 @@ class DemoArguments:
     """Arguments of `efficientvlm demo`."""
 
     output: str = field(default="demo_output", metadata={"help": "Output dir: report.json + Hub-ready folders."})
-    quick: bool = field(
-        default=False,
-        metadata={"help": "Same models and teacher, far fewer training steps and a smaller held-out set (~2 min; "
-                          "its numbers are not meaningful)."},
-    )
+    quick: bool = field(default=False, metadata={"help": quick_help()})
     seed: int = field(default=0, metadata={"help": "Seed of data order, new heads' init and gate noise."})
     target_sparsity: float = field(default=0.4, metadata={"help": "Global target sparsity of the pruning stage."})
     teacher: str = field(default=DEMO_TEACHER_DIR, metadata={"help": "Teacher checkpoint (default: the shipped one)."})
@@ -67,17 +90,6 @@ class DemoArguments:
                              "`make demo-teacher`, or pass --train_teacher true)")
 
 
-LATENCY_BATCH = 32  # held-out images (and captions) in the timed retrieval batch
-
-# (image size, width, FFN, steps, batch, eval images, lr, ITM re-ranking k, latency repeats); the teacher recipe
-# (from scratch) is the one `demo-teacher` converges with.
-PROFILES = {
-    "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=6000, distill_steps=200,
-                    prune_steps=300, batch=32, eval_images=200, lr=1e-3, itm_k=8, latency_repeats=5,
-                    itm_negatives_warmup_steps=1000),
-    "quick": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=120, distill_steps=40, prune_steps=60,
-                  batch=32, eval_images=64, lr=1e-3, itm_k=4, latency_repeats=3, itm_negatives_warmup_steps=30),
-}
 MODEL_ORDER = ("teacher", "student", "pruned", "student_no_kd", "pruned_no_kd")
 
 
@@ -112,13 +124,22 @@ def _prune_args(output_dir: str, steps: int, profile: dict, args: DemoArguments)
 
 
 def _latency(models: dict, processor, data: DataArguments, eval_data: dict, repeats: int) -> dict:
-    """Retrieval-path latency of every model on the same held-out batch, repeats interleaved (see `measure_latency`)."""
-    from .compare import measure_latency
+    """Retrieval-path latency of every model on the same held-out batch, repeats interleaved (as `measure_latency`),
+    and its speed-up over the teacher: median and range of the per-round ratios (`speedup_summary`)."""
+    from ..tasks import get_task
+    from .latency import measure_interleaved, speedup_summary, summarize
 
     batch = min(LATENCY_BATCH, len(eval_data["images"]))
-    measured = measure_latency(models, processor, data, eval_data, batch, repeats, warmup=1)
-    return {name: {"latency_ms": m["median_ms"], "latency_min_ms": m["min_ms"], "latency_max_ms": m["max_ms"],
-                   "batch_images": batch, "batch_texts": batch} for name, m in measured.items()}
+    task = get_task(data.task)
+    workloads = {name: task.workload(model.eval(), processor, data, eval_data, batch) for name, model in models.items()}
+    times = measure_interleaved(workloads, repeats, warmup=1, device=next(models["teacher"].parameters()).device)
+    out = {}
+    for name, runs in times.items():
+        m, speedup = summarize(runs), speedup_summary(times["teacher"], runs)
+        out[name] = {"latency_ms": m["median_ms"], "latency_min_ms": m["min_ms"], "latency_max_ms": m["max_ms"],
+                     "speedup": speedup["median"], "speedup_min": speedup["min"], "speedup_max": speedup["max"],
+                     "latency_runs": speedup["runs"], "batch_images": batch, "batch_texts": batch}
+    return out
 
 
 def _timed(timings: dict, name: str, fn):
@@ -187,9 +208,13 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
                                                           profile["latency_repeats"]))
     report = _report(models, metrics, latency, expected, args, profile, timings, provenance)
 
+    reference = f"the teacher `{os.path.basename(os.path.normpath(teacher_dir))}`"  # what cards measure against
     for name, model in models.items():  # Hub-ready folders + report
-        extra = {"speedup": report["models"][name]["speedup"], "speed_protocol": report["protocol"]["latency"],
-                 "recipe": RECIPES[name], "how_made": HOW_MADE[name], "dataset_name": "efficientvlm-synthetic-scenes",
+        entry = report["models"][name]
+        extra = {**{k: entry[k] for k in ("speedup", "speedup_min", "speedup_max")},
+                 "speedup_runs": entry["latency_runs"], "speedup_baseline": reference, "reference_name": reference,
+                 "speed_protocol": report["protocol"]["latency"], "recipe": RECIPES[name], "how_made": HOW_MADE[name],
+                 "dataset_name": "efficientvlm-synthetic-scenes",
                  "summary": f"EfficientVLM demo {name.replace('_', ' ')} for image-text retrieval on synthetic scenes."}
         _timed(timings, f"save_{name}", lambda: save_hub_ready(
             model, processor, os.path.join(args.output, name), f"efficientvlm-demo-{name.replace('_', '-')}",
@@ -226,12 +251,16 @@ def _report(models, metrics, latency, expected, args, profile, timings, provenan
     from ..method.structure import count_parameters
 
     teacher_cfg = models["teacher"].config
+    device = next(models["teacher"].parameters()).device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    runs = latency["teacher"]["latency_runs"]
     out = {"models": {}, "protocol": {
         "latency": (
-            f"CPU ({platform.machine()}), {torch.get_num_threads()} threads, float32, sdpa; retrieval path on "
+            f"{device_name}, {torch.get_num_threads()} threads, float32, sdpa, batch of "
             f"{latency['teacher']['batch_images']} held-out images × {latency['teacher']['batch_texts']} captions "
-            f"(40 tokens): encode all, ITC all pairs, ITM on top-{profile['itm_k']} per query; median of "
-            f"{profile['latency_repeats']} runs after 1 warm-up, all models in one process, runs interleaved"
+            f"(40 tokens); retrieval path: encode all, ITC all pairs, ITM on top-{profile['itm_k']} per query; "
+            f"{runs} timed runs after 1 warm-up, all models in one process, runs interleaved round robin; latency = "
+            f"median of the {runs} runs; speed-up = median (min–max) of the {runs} per-round ratios teacher / model"
         ),
         "evaluation": f"{profile['eval_images']} held-out synthetic scenes, one unique caption each; ITM re-ranks "
                       f"the ITC top-{profile['itm_k']} (X-VLM match logit)",
@@ -245,7 +274,6 @@ def _report(models, metrics, latency, expected, args, profile, timings, provenan
     }, "teacher_provenance": provenance, "stage_seconds": timings}
     for name, model in models.items():
         entry = {"params": count_parameters(model.config, ("itm",))["total"], **metrics[name], **latency[name]}
-        entry["speedup"] = latency["teacher"]["latency_ms"] / latency[name]["latency_ms"]
         report = sparsity_report(model.config, teacher_cfg)
         entry["sparsity_vs_teacher"], entry["structure"] = report["sparsity"], report["structure"]
         entry["r_mean_fraction_of_teacher"] = entry["r_mean"] / max(metrics["teacher"]["r_mean"], 1e-9)
@@ -262,7 +290,8 @@ def _report(models, metrics, latency, expected, args, profile, timings, provenan
 def format_report(report: dict) -> str:
     """The demo's table: per model parameters, R@K, r_mean (ITM and ITC-only), share of the teacher, latency."""
     head = (f"{'model':<14}{'params':>8}{'TR@1':>6}{'TR@5':>6}{'IR@1':>6}{'IR@5':>6}{'r_mean':>8}{'ITC only':>9}"
-            f"{'% teacher':>10}{'latency ms':>11}{'speedup':>8}  sparsity vs student (v/t/f, total)")
+            f"{'% teacher':>10}{'latency ms':>11}{'speedup':>8}{'[min-max]':>12}"
+            "  sparsity vs student (v/t/f, total)")
     lines = [head]
     for name in [n for n in MODEL_ORDER if n in report["models"]]:
         r = report["models"][name]
@@ -271,7 +300,8 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{name:<14}{r['params'] / 1e6:>7.2f}M{r['txt_r1']:>6.1f}{r['txt_r5']:>6.1f}{r['img_r1']:>6.1f}"
             f"{r['img_r5']:>6.1f}{r['r_mean']:>8.1f}{r['r_mean_itc']:>9.1f}{r['r_mean_fraction_of_teacher']:>10.1%}"
-            f"{r['latency_ms']:>11.1f}{r['speedup']:>8.2f}  {sparsity}"
+            f"{r['latency_ms']:>11.1f}{r['speedup']:>8.2f}"
+            f"{'[' + format(r['speedup_min'], '.2f') + '-' + format(r['speedup_max'], '.2f') + ']':>12}  {sparsity}"
         )
     p, pruned = report["protocol"], report["models"]["pruned"]
     source = report["teacher_provenance"].get("source", "?")

@@ -4,7 +4,9 @@ pipeline, model card, structure figure), and push folders to a Hub."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,7 +16,7 @@ import torch
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
-from .atomic import atomic_directory
+from .atomic import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
 from ..method.l0 import ModalL0Module
 from ..method.materialize import materialize
 from ..method.structure import MODALITIES, count_parameters, prunable_parameters, structure_table
@@ -22,6 +24,7 @@ from ..tasks import task_of_model
 from ..method.l0 import GATES_FILE
 
 # shipped as package data of `efficientvlm.model_cards` (the repository's model_cards/), so a wheel install finds it
+logger = logging.getLogger(__name__)
 CARD_TEMPLATE = str(resources.files("efficientvlm.model_cards").joinpath("efficientvlm_template.md"))
 STRUCTURE_FILE = "structure.json"
 
@@ -36,13 +39,21 @@ class ExportArguments:
         default=None, metadata={"help": "Teacher dir: parameters and sparsity are reported relative to it."}
     )
     model_name: str | None = field(default=None, metadata={"help": "Title of the model card."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an existing output_dir (the old folder is deleted only once the new one is in place)."},
+    )
 
     def __post_init__(self):
         if not os.path.isdir(self.checkpoint):
             raise ValueError(f"--checkpoint must be an existing dir, got {self.checkpoint!r}")
         if not self.output_dir:
             raise ValueError("--output_dir is required")
+        source, target = os.path.realpath(self.checkpoint), os.path.realpath(self.output_dir)
+        if source == target or source.startswith(target + os.sep):
+            raise ValueError(f"--output_dir {self.output_dir!r} would replace the --checkpoint it is exported from")
+        if os.path.exists(self.output_dir) and not self.overwrite:
+            raise FileExistsError(f"{self.output_dir} exists; pass --overwrite true to replace it")
 
 
 def checkpoint_class(checkpoint: str):
@@ -53,17 +64,66 @@ def checkpoint_class(checkpoint: str):
     return task_of_model(EfficientVLMConfig.from_pretrained(checkpoint)).model_class
 
 
+def _checkpoint_hint(folder: str, required) -> str:
+    """Where to export from instead: the newest complete `checkpoint-N` inside `folder` (checkpoints are renamed into
+    place only once written, so each one there is whole)."""
+    steps = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and not missing_files(os.path.join(folder, name), required):
+            steps.append((int(match.group(1)), name))
+    if not steps:
+        return "it holds no complete checkpoint-* folder to export instead: rerun the stage"
+    return f"export its last checkpoint instead: --checkpoint {os.path.join(folder, max(steps)[1])}"
+
+
+def check_export_source(checkpoint: str) -> bool:
+    """Checks that `checkpoint` holds a complete model and returns whether it is gated (a pruning run or one of its
+    checkpoints); raises ValueError naming what is missing and the `checkpoint-*` folder to export instead.
+
+    A folder a stage wrote carries its run record (`efficientvlm_run.json`): it names the stage (so a pruning run is
+    known as one even when its gates are missing) and is marked "complete" only by the run's last write. A folder
+    without one (a checkpoint-N, an export, a conversion) needs config.json + weights; gates make it gated.
+    """
+    record = read_run_record(checkpoint)
+    if record is None:
+        gated = os.path.isfile(os.path.join(checkpoint, GATES_FILE))
+        required, what = MODEL_FILES, "model folder"
+    else:
+        stage = record.get("stage")
+        gated = stage == "prune"
+        required, what = stage_files(stage), f"`efficientvlm {stage}` run"
+        if not gated and os.path.isfile(os.path.join(checkpoint, GATES_FILE)):
+            logger.warning("%s: ignoring %s: the run that wrote this folder (%s) has no gates", checkpoint, GATES_FILE,
+                           stage)
+    missing = missing_files(checkpoint, required)
+    hint = _checkpoint_hint(checkpoint, (*MODEL_FILES, GATES_FILE) if gated else MODEL_FILES)
+    if record is not None and record.get("status") != "complete":
+        error = f": {record['error']}" if record.get("error") else ""
+        found = (f"missing {', '.join(missing)}" if missing
+                 else "its top-level files may be half-written or left by an earlier run")
+        raise ValueError(
+            f"{checkpoint} holds an unfinished {what} (status {record.get('status')!r}{error}; started "
+            f"{record.get('started')} by pid {record.get('pid')} on host {record.get('host')}, see {RUN_FILE}): "
+            f"{found}; {hint}"
+        )
+    if missing:
+        raise ValueError(f"{checkpoint} is not a complete {what}: missing {', '.join(missing)}; {hint}")
+    return gated
+
+
 def load_pruned(checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
-    """Loads a checkpoint; if it carries L0 gates, materializes the student at the deterministic masks.
+    """Loads a checkpoint (checked by `check_export_source`); if it is gated, materializes the student at the
+    deterministic masks.
 
     Returns:
         (model, sparsity report or None). The report has the expected sparsity per modality at export.
     """
+    gated = check_export_source(checkpoint)
     model = checkpoint_class(checkpoint).from_pretrained(checkpoint).eval()
-    gates_path = os.path.join(checkpoint, GATES_FILE)
-    if not os.path.isfile(gates_path):
+    if not gated:
         return model, None
-    l0 = ModalL0Module.from_file(gates_path, model.config)
+    l0 = ModalL0Module.from_file(os.path.join(checkpoint, GATES_FILE), model.config)
     pruned = materialize(model, l0.deterministic_masks())
     return pruned, {k: float(v.detach()) for k, v in l0.expected_sparsity().items()}
 
@@ -82,45 +142,97 @@ def sparsity_report(model_config, reference_config=None) -> dict:
     }
 
 
-def plot_structure(config, path: str, reference_config=None) -> None:
-    """Bar chart of kept heads and FFN width per layer and encoder (kept / reference), as PNG."""
+# one colour per kind in every panel (colours assigned by order differ per panel: vision/text have no cross heads)
+STRUCTURE_KINDS = {"heads": ("self-attn heads", "tab:blue"), "cross_heads": ("cross-attn heads", "tab:green"),
+                   "ffn": ("FFN width", "tab:orange")}
+
+
+def reference_label(reference_config=None) -> str:
+    """How the plot and the card name the reference: the folder / model name the config was loaded from, else a
+    neutral phrase; `None` means the model is measured against its own sizes."""
+    if reference_config is None:
+        return "its own sizes (no reference given)"
+    source = getattr(reference_config, "name_or_path", "") or ""  # set by a model's from_pretrained
+    return os.path.basename(os.path.normpath(source)) if source else "the reference config"
+
+
+def structure_figure(config, reference_config=None, reference_name: str | None = None):
+    """The matplotlib figure of `plot_structure`: per encoder, kept fraction of heads / cross heads / FFN width per
+    layer relative to `reference_config` (bar groups centred on integer layer ticks, removed sub-layers marked ×,
+    one legend for the figure outside the axes, the reference named in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    table = structure_table(config)
-    ref = structure_table(reference_config or config)
-    kinds = [("heads", "self-attn heads"), ("cross_heads", "cross-attn heads"), ("ffn", "FFN width")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
+    table, ref = structure_table(config), structure_table(reference_config or config)
+    reference_name = reference_name or reference_label(reference_config)
+    fig, axes = plt.subplots(1, len(MODALITIES), figsize=(13, 3.8), sharey=True)
     for ax, modality in zip(axes, MODALITIES):
-        width = 0.8 / sum(1 for k, _ in kinds if k in table[modality])
-        offset = 0
-        for kind, label in kinds:
-            if kind not in table[modality]:
-                continue
-            kept = table[modality][kind]
-            total = ref[modality][kind]
-            ratio = [k / t if t else 0.0 for k, t in zip(kept, total)]
-            ax.bar([i + offset for i in range(len(kept))], ratio, width=width, label=label)
-            offset += width
-        ax.set_title(f"{modality} ({len(table[modality]['ffn'])} layers)")
+        kinds = [k for k in STRUCTURE_KINDS if k in table[modality]]
+        layers, width = len(table[modality]["ffn"]), 0.8 / len(kinds)
+        for j, kind in enumerate(kinds):
+            ratio = [k / t if t else 0.0 for k, t in zip(table[modality][kind], ref[modality][kind])]
+            x = [i - 0.4 + width * (j + 0.5) for i in range(layers)]  # the group of layer i is centred on i
+            colour = STRUCTURE_KINDS[kind][1]
+            ax.bar(x, ratio, width=width, color=colour, label=STRUCTURE_KINDS[kind][0])
+            removed = [xi for xi, r in zip(x, ratio) if r == 0]
+            ax.plot(removed, [0.03] * len(removed), linestyle="none", marker="x", color=colour)
+        ax.set_xticks(range(layers))
+        ax.set_xlim(-0.6, layers - 0.4)
+        ref_layers = len(ref[modality]["ffn"])  # a half-depth student compares layer i with reference layer i
+        ax.set_title(f"{modality} ({layers} layers)" if ref_layers == layers else
+                     f"{modality} ({layers} of {ref_layers} layers)")
         ax.set_xlabel("layer")
         ax.set_ylim(0, 1.05)
     axes[0].set_ylabel("kept fraction")
-    axes[-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles = [Patch(color=colour, label=label) for label, colour in STRUCTURE_KINDS.values()]
+    handles.append(Line2D([], [], linestyle="none", marker="x", color="black", label="removed (0 kept)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"Kept fraction of {reference_name} per layer (heads and FFN width)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the bottom strip holds the legend, below the axes
+    return fig
+
+
+def plot_structure(config, path: str, reference_config=None, reference_name: str | None = None) -> None:
+    """Writes `structure_figure` as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = structure_figure(config, reference_config, reference_name)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _card_text(model_name: str, report: dict, metrics: dict | None, extra: dict) -> dict:
-    s = report["sparsity"]
+LOCAL_REPO = "path/to/this/folder"
+"""What the usage snippets load from in an exported folder; `efficientvlm push` writes the repo id in its place."""
+
+
+def _speed_cell(extra: dict) -> str:
+    """'1.85x (median; range 1.62–2.03x, 3 runs)': the speed-up and its spread over the runs when known."""
     speed = extra.get("speedup")
+    if not speed:
+        return "not measured"
+    if extra.get("speedup_min") is None or extra.get("speedup_max") is None:
+        return f"{speed:.2f}x (one figure, no spread recorded)"
+    runs = f", {extra['speedup_runs']} runs" if extra.get("speedup_runs") else ""
+    return f"{speed:.2f}x (median; range {extra['speedup_min']:.2f}–{extra['speedup_max']:.2f}x{runs})"
+
+
+def _reference_name(report: dict, extra: dict) -> str:
+    """What the card calls the reference sizes are measured against (`extra["reference_name"]`, e.g. the teacher)."""
+    return extra.get("reference_name") or report.get("reference_name") or "the reference"
+
+
+def _card_text(model_name: str, report: dict, metrics: dict | None, extra: dict) -> dict:
+    """The computed parts of the card: compression row (sizes relative to the named reference, speed-up with its
+    spread), structure list, evaluation table."""
+    s, reference = report["sparsity"], _reference_name(report, extra)
     row = (
         f"| {model_name} | {report['params'] / 1e6:.2f}M ({report['params'] / report['reference_params']:.1%} of "
-        f"reference) | {s['vision']:.1%} | {s['text']:.1%} | {s['fusion']:.1%} | {s['total']:.1%} | "
-        f"{f'{speed:.2f}x' if speed else 'not measured'} |"
+        f"{reference}: {report['reference_params'] / 1e6:.2f}M) | {s['vision']:.1%} | {s['text']:.1%} | "
+        f"{s['fusion']:.1%} | {s['total']:.1%} | {_speed_cell(extra)} |"
     )
     structure_lines = []
     for modality, entry in report["structure"].items():
@@ -156,7 +268,8 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
         tags=["efficientvlm", "vision-language", card.tag, "pruning", "knowledge-distillation"],
         model_name=model_name, eval_results=results or None,
     )
-    repo = extra.get("repo_id", "path/to/this/folder")
+    repo = extra.get("repo_id", LOCAL_REPO)
+    reference = _reference_name(report, extra)
     rendered = ModelCard.from_template(
         data,
         template_path=CARD_TEMPLATE,
@@ -168,6 +281,8 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
         usage_pipeline=card.usage_pipeline.format(repo=repo),
         heads=card.heads,
         speed_name=card.speed_name,
+        speed_baseline=extra.get("speedup_baseline", reference),
+        reference=reference,
         recipe=extra.get("recipe", "See the EfficientVLM README."),
         limitations=extra.get("limitations", LIMITATIONS),
         **_card_text(model_name, report, metrics, extra),
@@ -178,9 +293,10 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
 
 
 LIMITATIONS = (
-    "Retrieval quality is measured only on the evaluation set named above; a model distilled and pruned on one "
-    "task keeps the capacity that task needed (modal-adaptive pruning learns a task-specific split), so re-prune "
-    "for other tasks. Speed-ups depend on the device: measure with `efficientvlm bench` on yours."
+    "Quality is measured only on the evaluation set named above; a model distilled and pruned on one task keeps the "
+    "capacity that task needed (modal-adaptive pruning learns a task-specific split), so re-prune for other tasks. "
+    "Parameters and sparsity are relative to the reference named in the Compression table. Speed-ups hold for the "
+    "device, threads and batch of the stated protocol only: measure with `efficientvlm bench` on yours."
 )
 
 
@@ -188,25 +304,35 @@ def save_hub_ready(
     model, processor: EfficientVLMProcessor | None, output_dir: str, model_name: str, reference_config=None,
     metrics: dict | None = None, extra: dict | None = None, overwrite: bool = True, files: dict | None = None,
 ) -> dict:
-    """Writes a Hub-ready folder atomically (temp dir → rename); returns the sparsity/size report.
+    """Writes a Hub-ready folder atomically (temp dir → rename; an existing folder stays whole until the new one is
+    in place, then is deleted); returns the sparsity/size report.
 
     `files` maps extra file names to source paths copied into the folder (e.g. a learning curve)."""
     extra = dict(extra or {})
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
     extra.setdefault("task", task_of_model(model).name)
+    if reference_config is not None:
+        extra.setdefault("reference_name", reference_label(reference_config))
     with atomic_directory(output_dir, prefix=".export-") as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
         save_pipeline_files(tmp)
         report = sparsity_report(model.config, reference_config)
-        report["params"] = sum(p.numel() for p in model.parameters())  # the real model, whatever its head
+        # the real model, whatever its head; the reference is counted with the same head (an MLM head the config
+        # count leaves out would otherwise make a teacher "100.3 % of itself")
+        head = sum(p.numel() for p in model.parameters()) - report["params"]
+        report["params"] += head
+        report["reference_params"] += head
         report["eval"] = metrics or {}
-        report.update({k: v for k, v in extra.items() if k in ("speedup", "expected_sparsity")})
+        report.update({k: v for k, v in extra.items() if k in (
+            "speedup", "speedup_min", "speedup_max", "speedup_runs", "speedup_baseline", "reference_name",
+            "expected_sparsity")})
         with open(os.path.join(tmp, STRUCTURE_FILE), "w") as f:
             json.dump(report, f, indent=2)
-        plot_structure(model.config, os.path.join(tmp, "structure.png"), reference_config)
+        plot_structure(model.config, os.path.join(tmp, "structure.png"), reference_config,
+                       extra.get("reference_name"))
         for name, source in (files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
         render_card(tmp, model_name, report, metrics, extra)
@@ -232,5 +358,7 @@ def run_export(args: ExportArguments, extra: dict | None = None) -> dict:
     extra = dict(extra or {})
     if expected:
         extra["expected_sparsity"] = expected
+    if args.reference:  # a config read on its own has no name_or_path: name the reference by its folder
+        extra.setdefault("reference_name", os.path.basename(os.path.normpath(args.reference)))
     name = args.model_name or os.path.basename(os.path.abspath(args.output_dir))
     return save_hub_ready(model, processor, args.output_dir, name, reference, metrics, extra, args.overwrite)

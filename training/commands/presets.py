@@ -5,9 +5,9 @@ from __future__ import annotations
 from modeling_efficientvlm import EfficientVLMConfig
 
 
-def xvlm_clip_config(image_size: int = 224) -> EfficientVLMConfig:
-    """X-VLM_clip teacher shapes: CLIP ViT-B/16 + BERT-base split 6 text / 6 fusion layers."""
-    bert = dict(hidden_size=768, num_attention_heads=12, head_dim=64, intermediate_size=3072, vocab_size=30522)
+def xvlm_clip_config(image_size: int = 224, vocab_size: int = 30522) -> EfficientVLMConfig:
+    """X-VLM_clip teacher shapes: CLIP ViT-B/16 + BERT-base split 6 text / 6 fusion layers (BERT's vocabulary)."""
+    bert = dict(hidden_size=768, num_attention_heads=12, head_dim=64, intermediate_size=3072, vocab_size=vocab_size)
     return EfficientVLMConfig(
         vision_config=dict(image_size=image_size, patch_size=16, hidden_size=768, num_hidden_layers=12,
                            num_attention_heads=12, head_dim=64, intermediate_size=3072),
@@ -35,14 +35,31 @@ def demo_config(
     )
 
 
-def tiny_bench_config() -> EfficientVLMConfig:
+def tiny_bench_config(image_size: int = 32, vocab_size: int = 99) -> EfficientVLMConfig:
+    """Tests and quick benchmarks: hidden 32, 4 vision / 2 text / 2 fusion layers, 8-px patches."""
     common = dict(hidden_size=32, num_attention_heads=4, head_dim=8, intermediate_size=64)
     return EfficientVLMConfig(
-        vision_config=dict(image_size=32, patch_size=8, num_hidden_layers=4, **common),
-        text_config=dict(num_hidden_layers=2, vocab_size=99, max_position_embeddings=64, **common),
+        vision_config=dict(image_size=image_size, patch_size=8, num_hidden_layers=4, **common),
+        text_config=dict(num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=64, **common),
         fusion_encoder_config=dict(num_hidden_layers=2, num_cross_attention_heads=4, **common),
         embed_dim=16,
     )
 
 
 PRESETS = {"xvlm-clip": xvlm_clip_config, "demo": demo_config, "tiny": tiny_bench_config}
+"""Every preset is fn(image_size=..., vocab_size=...) -> config (defaults: the preset's own sizes)."""
+
+
+def preset_config(name: str, image_size: int, vocab_size: int) -> EfficientVLMConfig:
+    """The preset `name` at `image_size` pixels with a `vocab_size`-token embedding (the tokenizer it trains with).
+
+    Raises:
+        ValueError: naming the allowed presets, or the preset's patch size when it does not divide `image_size`.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
+    patch = PRESETS[name]().vision_config.patch_size  # a config object only: no weights are built
+    if image_size < patch or image_size % patch:
+        raise ValueError(f"--image_size {image_size} does not fit --preset {name}: it must be a multiple of the "
+                         f"preset's {patch}-pixel patch size (e.g. {max(patch, image_size // patch * patch)})")
+    return PRESETS[name](image_size=image_size, vocab_size=vocab_size)

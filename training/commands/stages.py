@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -22,14 +23,15 @@ from ..method.trainers import (
     make_gated_model,
 )
 from ..tasks import TASKS, get_task
-from .presets import PRESETS
+from .atomic import FINAL_STAGING, owns_output_dir, publish_files
+from .presets import PRESETS, preset_config
 
 METRICS_FILE = "eval_results.json"
 
 
 @dataclass
-class DataArguments:
-    """The task and where its data come from."""
+class DataSourceArguments:
+    """The task and where its data come from: what evaluation reads (training adds `DataArguments`' options)."""
 
     task: str = field(
         default="retrieval",
@@ -41,28 +43,36 @@ class DataArguments:
         metadata={"help": "'synthetic' (built-in rendered scenes) or a JSON file: ALBEF/X-VLM image-caption pairs "
                           "(retrieval) or X-VLM NLVR2 records (nlvr2)."},
     )
-    image_root: str | None = field(default=None, metadata={"help": "Folder the JSON's relative image paths start from."})
+    image_root: str | None = field(
+        default=None,
+        metadata={"help": "Folder the JSON's relative image paths start from (default: the working directory)."},
+    )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "Test JSON (ALBEF retrieval format, or X-VLM NLVR2 format with --task nlvr2); default: a "
-                          "held-out synthetic set."},
+        metadata={"help": "Test JSON (ALBEF retrieval format, or X-VLM NLVR2 format with --task nlvr2); default: part "
+                          "of a JSON --dataset held out from training (--holdout_fraction), or a held-out synthetic "
+                          "set."},
     )
     tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer dir (BERT WordPiece); default: the synthetic-caption vocabulary."}
+        default=None,
+        metadata={"help": "Tokenizer dir (BERT WordPiece); default: a checkpoint's saved tokenizer, else the "
+                          "synthetic-caption vocabulary (required with JSON data and no checkpoint tokenizer)."},
     )
-    image_size: int = field(default=64, metadata={"help": "Image size in pixels."})
+    image_size: int = field(default=64, metadata={"help": "Image size in pixels (and of the synthetic scenes)."})
     nlvr2_level: str = field(
         default="hard",
         metadata={"help": "Synthetic NLVR2 difficulty: 'easy' ('there is ...' statements, independent random scenes) "
                           "or 'hard' (existence / count / relation statements, images from one scene's family)."},
     )
     max_length: int = field(default=40, metadata={"help": "Maximum caption length in tokens."})
-    mlm_probability: float = field(default=0.25, metadata={"help": "MLM masking probability (0 disables MLM)."})
-    max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per caption."})
     eval_images: int = field(
         default=100, metadata={"help": "Size of the held-out synthetic set (images for retrieval, items for nlvr2)."}
     )
-    eval_seed: int = field(default=10_000, metadata={"help": "Seed of the held-out synthetic set (disjoint stream)."})
+    eval_seed: int = field(
+        default=10_000,
+        metadata={"help": "Seed of the held-out synthetic set (disjoint stream) and of the held-out share of a JSON "
+                          "--dataset."},
+    )
     itm_k: int = field(default=16, metadata={"help": "ITM re-ranking candidates per query in evaluation (0 = ITC)."})
     itm_score: str = field(
         default="match_logit",
@@ -78,10 +88,62 @@ class DataArguments:
             raise ValueError(f"--nlvr2_level must be one of {NLVR2_LEVELS}, got {self.nlvr2_level!r}")
         if self.dataset != "synthetic" and not os.path.isfile(self.dataset):
             raise ValueError(f"--dataset must be 'synthetic' or an existing JSON file, got {self.dataset!r}")
-        if self.dataset != "synthetic" and not self.tokenizer:
-            raise ValueError("--tokenizer is required with a JSON dataset (the synthetic vocabulary only covers scenes)")
+        if self.eval_dataset and not os.path.isfile(self.eval_dataset):
+            raise ValueError(f"--eval_dataset must be an existing JSON file, got {self.eval_dataset!r}")
+
+
+@dataclass
+class DataArguments(DataSourceArguments):
+    """The data source plus what only training reads: MLM masking and the held-out share of a JSON dataset."""
+
+    mlm_probability: float = field(default=0.25, metadata={"help": "MLM masking probability (0 disables MLM)."})
+    max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per caption."})
+    holdout_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Without --eval_dataset, a JSON --dataset is split: this share of its images (retrieval) "
+                          "or items (nlvr2), at least 1 and at most --holdout_max, drawn with --eval_seed, is held "
+                          "out for evaluation and never trained on (the same share in every stage)."},
+    )
+    holdout_max: int = field(default=1000, metadata={"help": "At most this many held-out images / items."})
+
+    def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"--mlm_probability must lie in [0, 1), got {self.mlm_probability}")
+        if not 0.0 < self.holdout_fraction < 1.0 or self.holdout_max < 1:
+            raise ValueError(f"--holdout_fraction must lie in (0, 1) and --holdout_max be >= 1, got "
+                             f"{self.holdout_fraction} and {self.holdout_max}")
+
+
+@dataclass
+class EvaluateArguments(DataSourceArguments):
+    """The checkpoint to score and the data to score it on (`efficientvlm evaluate`)."""
+
+    model: str = field(default="", metadata={"help": "Checkpoint dir to evaluate (required)."})
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "What to score: 'synthetic' (built-in rendered scenes) or a test JSON (ALBEF image-caption "
+                          "pairs, or X-VLM NLVR2 records with --task nlvr2), all of it; same as --eval_dataset."},
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "Same as --dataset (a test JSON)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Size of the synthetic scenes in pixels; default: the checkpoint's image size (images are "
+                          "always resized to the checkpoint's size)."},
+    )
+
+    def __post_init__(self):
+        if not self.model or not os.path.isdir(self.model):
+            raise ValueError(f"--model must be an existing checkpoint dir, got {self.model!r}")
+        if self.dataset != "synthetic" and self.eval_dataset and (
+                os.path.realpath(self.dataset) != os.path.realpath(self.eval_dataset)):
+            raise ValueError(f"evaluate scores one data set, but --dataset {self.dataset!r} and --eval_dataset "
+                             f"{self.eval_dataset!r} differ; give one of them")
+        if self.dataset != "synthetic":
+            self.eval_dataset = self.dataset  # both flags mean "score this file"
+        super().__post_init__()
+        if self.image_size is None:  # the checkpoint's own input size
+            self.image_size = EfficientVLMConfig.from_pretrained(self.model).vision_config.image_size
 
 
 @dataclass
@@ -172,19 +234,52 @@ class PruneArguments:
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def load_processor(data: DataArguments, path: str | None = None) -> EfficientVLMProcessor:
-    """The processor saved with a checkpoint, else one from --tokenizer, else the synthetic vocabulary."""
-    if path and os.path.isfile(os.path.join(path, "processor_config.json")):
-        return EfficientVLMProcessor.from_pretrained(path)
+def load_processor(data: DataSourceArguments, path: str | None = None) -> EfficientVLMProcessor:
+    """The processor a stage trains or evaluates with.
+
+    With a checkpoint `path`: its saved processor (its tokenizer replaced by `--tokenizer` when one is given), or,
+    when it saved none, one built at the checkpoint's image size. Without: one from `--tokenizer` (or the synthetic
+    vocabulary, synthetic data only) at `--image_size`.
+    """
+    tokenizer = None
     if data.tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
-    else:
+    if path and os.path.isfile(os.path.join(path, "processor_config.json")):
+        processor = EfficientVLMProcessor.from_pretrained(path)
+        if tokenizer is not None:
+            processor.tokenizer = tokenizer
+        return processor
+    if tokenizer is None:
+        if data.dataset != "synthetic" or data.eval_dataset:
+            raise ValueError("--tokenizer is required with JSON data unless the checkpoint saved one (the synthetic "
+                             "vocabulary only covers the built-in scenes)")
         from ..data.tokenization import synthetic_tokenizer
 
         tokenizer = synthetic_tokenizer()
-    return EfficientVLMProcessor(build_image_processor(data.image_size), tokenizer, max_length=data.max_length)
+    image_size = data.image_size
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        image_size = EfficientVLMConfig.from_pretrained(path).vision_config.image_size
+    return EfficientVLMProcessor(build_image_processor(image_size), tokenizer, max_length=data.max_length)
+
+
+def check_vocab(config: EfficientVLMConfig, processor: EfficientVLMProcessor | None, where: str) -> None:
+    """Raises ValueError when the processor's tokenizer has more tokens than the model's text embedding has rows
+    (ids past the end would fail as an IndexError inside the embedding). A None processor has nothing to check.
+
+    Args:
+        config: the model's config (`text_config.vocab_size` rows).
+        processor: the processor the model is fed with.
+        where: the stage and flag, e.g. "distill --teacher out/teacher", named in the message.
+    """
+    if processor is None:
+        return
+    tokens, rows = len(processor.tokenizer), config.text_config.vocab_size
+    if tokens > rows:
+        raise ValueError(f"{where}: the tokenizer has {tokens} tokens but the model's text embedding has only {rows} "
+                         "(text_config.vocab_size); use the tokenizer the model was trained with (its saved processor, "
+                         f"or --tokenizer) or one with at most {rows} tokens")
 
 
 def build_datasets(data: DataArguments, processor, seed: int, mlm: bool, task: str | None = None):
@@ -198,11 +293,40 @@ def eval_set(data: DataArguments):
 
 
 def evaluate_model(
-    model, processor, data: DataArguments, eval_data=None, show_progress=True, pruning_masks=None
+    model, processor, data: DataSourceArguments, eval_data=None, show_progress=True, pruning_masks=None
 ) -> dict:
-    """The task's metrics on the held-out set (with masks: the gated model at export masks)."""
+    """The task's metrics on the held-out set (with masks: the gated model at export masks), and under "data" which
+    data they were computed on (`describe_eval_data`)."""
     eval_data = eval_set(data) if eval_data is None else eval_data
-    return get_task(data.task).evaluate(model, processor, data, eval_data, show_progress, pruning_masks)
+    metrics = get_task(data.task).evaluate(model, processor, data, eval_data, show_progress, pruning_masks)
+    return {**metrics, "data": describe_eval_data(data, eval_data)}
+
+
+def describe_eval_data(data: DataSourceArguments, held_out) -> dict:
+    """Which data a held-out set built by `eval_set(data)` holds: a one-line "description", its "source" (a JSON
+    path or "synthetic") and its size ("images" and "captions" for retrieval, "items" for NLVR2)."""
+    size = get_task(data.task).eval_size(held_out)
+    counts = {"images": size, "captions": len(held_out["captions"])} if isinstance(held_out, dict) else {"items": size}
+    count_text = ", ".join(f"{value} {key}" for key, value in counts.items())
+    if data.eval_dataset:
+        source, text = os.path.abspath(data.eval_dataset), f"{data.eval_dataset}: {count_text}"
+    elif data.dataset != "synthetic":
+        source = os.path.abspath(data.dataset)
+        text = (f"{count_text} of {data.dataset} held out from training (--holdout_fraction "
+                f"{data.holdout_fraction}, at most --holdout_max {data.holdout_max}, seed {data.eval_seed})")
+    else:
+        source = "synthetic"
+        text = f"built-in synthetic scenes, {count_text}, seed {data.eval_seed}, {data.image_size} px"
+    return {"description": text, "source": source, **counts}
+
+
+def evaluate_checkpoint(args: EvaluateArguments) -> dict:
+    """`efficientvlm evaluate`: the checkpoint's metrics on the data it is pointed at, with its own processor
+    (tokenizer and image size) unless `--tokenizer` overrides it; "data" says what was scored."""
+    processor = load_processor(args, args.model)
+    model = load_task_model(args.model, args.task).eval()
+    check_vocab(model.config, processor, f"evaluate --model {args.model}")
+    return evaluate_model(model, processor, args)
 
 
 def load_task_model(path: str, task: str):
@@ -216,16 +340,18 @@ def save_metrics(path: str, metrics: dict) -> None:
 
 
 def teacher_config(teacher: TeacherArguments, data: DataArguments, vocab_size: int) -> EfficientVLMConfig:
+    """The new teacher's config: `--config` as it is, else the preset at `--image_size` with `vocab_size` tokens."""
     if teacher.config:
-        return EfficientVLMConfig.from_pretrained(teacher.config)
-    if teacher.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {teacher.preset!r}")
-    if teacher.preset == "demo":
-        return PRESETS["demo"](image_size=data.image_size, vocab_size=vocab_size)
-    return PRESETS[teacher.preset]()
+        config = EfficientVLMConfig.from_pretrained(teacher.config)
+        if config.vision_config.image_size != data.image_size:
+            raise ValueError(f"--config {teacher.config} takes {config.vision_config.image_size}-pixel images but "
+                             f"--image_size is {data.image_size}; pass --image_size {config.vision_config.image_size}")
+        return config
+    return preset_config(teacher.preset, data.image_size, vocab_size)
 
 
 # -------------------------------------------------------------------------------------------------------- stages
+@owns_output_dir("teacher")
 def run_teacher(teacher: TeacherArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
     """Pre-trains (or fine-tunes) a teacher with the VLP losses: ITC + ITM with hard negatives + MLM.
 
@@ -254,6 +380,9 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     else:
         torch.manual_seed(args.seed)
         model = model_cls(teacher_config(teacher, data, len(processor.tokenizer)))
+    built_from = [("--init_from", teacher.init_from), ("--config", teacher.config),
+                  ("--text_model", teacher.text_model), ("--preset", teacher.preset)]
+    check_vocab(model.config, processor, "teacher {} {}".format(*next(pair for pair in built_from if pair[1])))
     callbacks = []
     if teacher.eval_every:
         from .learning_curve import HeldOutCurveCallback
@@ -274,6 +403,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     return result
 
 
+@owns_output_dir("distill")
 def run_distill(student_args: StudentArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
     """General distillation: half-depth student initialised from the teacher, VLP + KD on image-caption pairs."""
     if data.task != "retrieval":
@@ -283,6 +413,7 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
         )
     teacher = EfficientVLMForPreTraining.from_pretrained(student_args.teacher)
     processor = load_processor(data, student_args.teacher)
+    check_vocab(teacher.config, processor, f"distill --teacher {student_args.teacher}")
     student = init_student_from_teacher(teacher, student_args.depths(), student_args.parsed_layer_map())
     # the map the student was initialised with is the one every KD term uses, and it is saved beside the student
     layer_map = resolve_layer_map(student.config, teacher.config, student_args.parsed_layer_map())
@@ -290,6 +421,7 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
                                processor, data, args, 1, eval_data, layer_map=layer_map)
 
 
+@owns_output_dir("prune")
 def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments, eval_data=None):
     """Task fine-tuning with task KD + modal-adaptive L0 pruning; saves the student and its gates.
 
@@ -302,6 +434,9 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     processor = load_processor(data, prune.student)
     torch.manual_seed(args.seed)  # a new task head (NLVR2) starts the same in every run with this seed
     student = load_task_model(prune.student, data.task)
+    check_vocab(student.config, processor, f"prune --student {prune.student}")
+    if teacher is not None:
+        check_vocab(teacher.config, processor, f"prune --teacher {prune.teacher}")
     gated = make_gated_model(student, args)
     _, metrics = _train_and_evaluate(EfficientVLMPruningTrainer, gated, teacher, processor, data, args, 2, eval_data,
                                      layer_map=load_layer_map(prune.student))
@@ -311,7 +446,11 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
 def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed_offset: int, eval_data,
                         layer_map=None, callbacks=None):
     """Trains with `trainer_cls` on the task's loss step, saves the final model, evaluates the task on the held-out
-    set (unless `eval_data` is False)."""
+    set (unless `eval_data` is False).
+
+    The final model is saved into a staging dir inside output_dir and its files are then renamed into place, so an
+    interrupted save leaves no half-written file at the top (the stage's run record, written last by
+    `owns_output_dir`, says whether the folder is complete)."""
     mlm = args.use_mlm and not isinstance(model, GatedModel)
     train, collator = build_datasets(data, processor, args.seed + seed_offset, mlm=mlm)
     trainer = trainer_cls(
@@ -319,7 +458,12 @@ def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed
         teacher_model=teacher, task=data.task, layer_map=layer_map, callbacks=callbacks or None,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
+    staging = os.path.join(args.output_dir, FINAL_STAGING)
+    if args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    trainer.save_model(staging)
+    if args.should_save:
+        publish_files(staging, args.output_dir)
     model.eval()
     metrics = {}
     if eval_data is not False:

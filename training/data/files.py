@@ -12,10 +12,13 @@ import io
 import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import datasets
 from PIL import Image
+
+from modeling_efficientvlm.processing_efficientvlm import open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -24,21 +27,11 @@ _ON_ERROR = ("raise", "skip")
 
 
 # ------------------------------------------------------------------------------------------------------- images
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts to RGB, compositing any transparency onto white (stamps and icons are drawn on alpha)."""
-    if image.mode == "RGB":
-        return image
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-    canvas.paste(rgba, mask=rgba.getchannel("A"))
-    return canvas
-
-
 def load_image(source: Any) -> Image.Image:
     """Loads an image as RGB from a PIL image, a file path, or a `datasets.Image` dict ({"bytes", "path"}).
+
+    The conversion is the library's `to_rgb` (EXIF orientation, transparency on white), the one the processor and
+    the pipeline apply, so training, evaluation and inference see the same pixels.
 
     Raises:
         ValueError: naming the file if it is missing or unreadable, or the type if it is not an image source.
@@ -56,9 +49,7 @@ def load_image(source: Any) -> Image.Image:
         if not os.path.isfile(source):
             raise ValueError(f"missing image file {os.fspath(source)!r}")
         try:
-            with Image.open(source) as image:
-                image.load()
-                return to_rgb(image)
+            return open_image(source)
         except Exception as error:
             raise ValueError(f"unreadable image file {os.fspath(source)!r}: {error}") from error
     raise ValueError(f"not an image source: {type(source).__name__}")
@@ -111,7 +102,7 @@ def _captions(value: Any, index: int, where: str, field: str = "caption") -> lis
 def _image_path(value: Any, index: int, where: str, image_root: str, check: bool, field: str = "image") -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where}: record {index} field {field!r} must be a non-empty path string")
-    path = os.path.join(image_root, value)
+    path = os.path.join(image_root or "", value)  # no --image_root: relative to the working directory
     if check:
         try:
             _check_image_file(path)
@@ -187,28 +178,52 @@ def load_albef_json(json_path: str, image_root: str, split_captions: bool = True
     return _with_skipped(datasets.Dataset.from_dict(rows, features=features), skipped)
 
 
+class LazyImageList(Sequence):
+    """Image files that are opened (`load_image`: RGB, transparency on white) only when indexed, so a test set of
+    thousands of images is never decoded into memory at once. An int index gives one image, a slice a list of them
+    (one batch: `evaluate_retrieval` slices a batch at a time)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [load_image(path) for path in self.paths[index]]
+        return load_image(self.paths[index])
+
+    def __repr__(self) -> str:
+        return f"LazyImageList({len(self.paths)} files)"
+
+
 def load_retrieval_eval_set(json_path: str, image_root: str, on_error: str = "raise") -> dict:
     """Loads an ALBEF retrieval test JSON into the shape of `training.data.make_retrieval_eval_set`.
 
+    Images stay on disk: each file is checked here (header + PIL verify, no decode) and opened only when
+    `images[i]` (or a slice) is read.
+
     Returns:
-        dict(images=list[PIL RGB], captions=list[str], img2txt=list[list[int]], txt2img=list[int]) where
-        img2txt[i] lists the caption indices of image i and txt2img[j] is the image of caption j; "skipped" holds
-        the reasons for skipped records (on_error="skip").
+        dict(images=LazyImageList (a Sequence of PIL RGB), captions=list[str], img2txt=list[list[int]],
+        txt2img=list[int]) where img2txt[i] lists the caption indices of image i and txt2img[j] is the image of
+        caption j; "skipped" holds the reasons for skipped records (on_error="skip").
     """
     records, skipped = _albef_records(json_path, image_root, on_error, check_images=False)
-    loaded: list[tuple[Image.Image, list[str]]] = []
+    kept: list[tuple[str, list[str]]] = []
     for index, (path, captions) in enumerate(records):
         try:
-            loaded.append((load_image(path), captions))
+            _check_image_file(path)
+            kept.append((path, captions))
         except ValueError as error:
             reason = f"{json_path}: record {index} field 'image': {error}"
             if on_error == "raise":
                 raise ValueError(reason) from error
             skipped.append(reason)
             logger.warning("%s: skipped an unreadable image: %s", json_path, reason)
-    result: dict = {"images": [], "captions": [], "img2txt": [], "txt2img": [], "skipped": skipped}
-    for image_index, (image, captions) in enumerate(loaded):
-        result["images"].append(image)
+    result: dict = {"images": LazyImageList(path for path, _ in kept), "captions": [], "img2txt": [],
+                    "txt2img": [], "skipped": skipped}
+    for image_index, (_, captions) in enumerate(kept):
         result["img2txt"].append(list(range(len(result["captions"]), len(result["captions"]) + len(captions))))
         result["captions"].extend(captions)
         result["txt2img"].extend([image_index] * len(captions))

@@ -1,4 +1,4 @@
-"""A small offline WordPiece tokenizer for the synthetic data (no downloads)."""
+"""Small offline WordPiece tokenizers (no downloads): for the synthetic data, or built from your own captions."""
 
 from __future__ import annotations
 
@@ -53,6 +53,41 @@ def _from_vocab(vocab: list[str], directory: str) -> BertTokenizerFast:
     return BertTokenizerFast(vocab=path, do_lower_case=True, model_max_length=512)
 
 
+def tokenizer_from_captions(json_paths: str | list[str], directory: str | None = None,
+                            field: str = "caption") -> BertTokenizerFast:
+    """A WordPiece tokenizer whose vocabulary is every word of your own captions (offline, no download).
+
+    Captions are split as BERT splits them (lower-cased, accents stripped, punctuation split off); the words are kept
+    in order of first appearance, so the same files give the same vocabulary. Words seen in no caption become [UNK].
+
+    Args:
+        json_paths: one or more JSON files: ALBEF / X-VLM records ({"caption": str | [str, ...]}) or, with
+            `field="sentence"`, X-VLM NLVR2 records.
+        directory: where to save the tokenizer (`--tokenizer DIRECTORY` then loads it); a temporary one if None.
+        field: the record field holding the text.
+
+    Raises:
+        ValueError: naming the file and record index of a record without a string (or list of strings) `field`.
+    """
+    import json
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: list[str] = []
+    for path in [json_paths] if isinstance(json_paths, str) else json_paths:
+        with open(path, encoding="utf-8") as handle:
+            records = json.load(handle)
+        for index, record in enumerate(records if isinstance(records, list) else [records]):
+            texts = record.get(field) if isinstance(record, dict) else None
+            texts = [texts] if isinstance(texts, str) else texts
+            if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+                raise ValueError(f"{path}: record {index} has no {field!r} string (or list of strings)")
+            for text in texts:
+                words += [word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))]
+    return build_tokenizer(words, directory)
+
+
 def synthetic_tokenizer(directory: str | None = None) -> BertTokenizerFast:
     """The tokenizer for the built-in synthetic scene captions (`training.data.SYNTHETIC_WORDS`)."""
     from .scenes import SYNTHETIC_WORDS
@@ -60,4 +95,4 @@ def synthetic_tokenizer(directory: str | None = None) -> BertTokenizerFast:
     return build_tokenizer(SYNTHETIC_WORDS, directory)
 
 
-__all__ = ["SPECIAL_TOKENS", "build_tokenizer", "synthetic_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "build_tokenizer", "synthetic_tokenizer", "tokenizer_from_captions"]

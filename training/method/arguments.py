@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -50,9 +51,17 @@ class DistillationArguments(TrainingArguments):
         if not self.kd_temperature > 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         self.remove_unused_columns = False  # image batches: keep pixel_values
+        if self.dataloader_pin_memory and (self.use_cpu or not _accelerator_available()):
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU the DataLoader warns each epoch
         if self.ddp_find_unused_parameters is None:  # a step may skip sub-layers (all-zero masks) or heads (no MLM)
             self.ddp_find_unused_parameters = True
         super().__post_init__()
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, MPS, XPU...): what the DataLoader's pin_memory needs."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 TASK_DEFAULT = "default: the task's official value"

@@ -14,7 +14,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,6 +26,12 @@ from .structure import ENCODER_CONFIG_KEYS, MODALITIES, UnitGroup, count_paramet
 
 GATES_FILE = "l0_gates.safetensors"
 """Gates + multipliers of a pruning run, saved beside the student (checkpoints and the final folder)."""
+SETTINGS_KEY = "efficientvlm_l0"
+"""Metadata key of a gate file that holds the module's settings (JSON)."""
+SETTINGS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "target_sparsity": (int, float), "modality_targets": dict, "one_sided": bool, "warmup_steps": int,
+}
+"""The settings `save` writes (the keyword arguments of `ModalL0Module`) and their JSON types."""
 HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
 FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
 
@@ -170,34 +176,106 @@ class ModalL0Module(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         settings = {"target_sparsity": self.target_sparsity, "modality_targets": self.modality_targets,
                     "one_sided": self.one_sided, "warmup_steps": self.warmup_steps}
-        save_file(state, path, metadata={"format": "pt", "efficientvlm_l0": json.dumps(settings)})
+        save_file(state, path, metadata={"format": "pt", SETTINGS_KEY: json.dumps(settings)})
 
     @classmethod
     def from_file(cls, path: str, config) -> "ModalL0Module":
         """Rebuilds the module saved by `save` (or by an older trainer: the constraints are read off the keys).
 
+        The file is untrusted: its settings, tensor names, shapes and values are checked before anything is loaded.
+
         Raises:
-            FileNotFoundError / ValueError: naming the file when it is missing or does not fit `config`.
+            FileNotFoundError / ValueError: naming the file when it is missing, malformed or does not fit `config`.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no L0 gate file at {path}")
-        with safe_open(path, framework="pt") as f:
-            settings = json.loads((f.metadata() or {}).get("efficientvlm_l0", "{}"))
-            state = {key: f.get_tensor(key) for key in f.keys()}
+        settings, state = read_gates_file(path)
         if not settings:  # no metadata: constraint names from the multiplier keys (targets only matter for training)
             names = {key.split(".", 1)[1] for key in state if key.startswith("lambdas.")}
             settings = {"modality_targets": {m: 0.0 for m in MODALITIES if m in names}}
-        module = cls(config, **settings)
         try:
-            module.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"{path} does not match the model's config (gates per prunable group): {error}") from error
+            module = cls(config, **settings)
+        except ValueError as error:
+            raise ValueError(f"{path}: invalid gate settings (metadata {SETTINGS_KEY!r}): {error}") from error
+        module.load_checked_state(state, path)
         return module
+
+    def load_checked_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """`load_state_dict` for a state read from a file: names, shapes, dtypes and finiteness are checked first.
+
+        Args:
+            state: tensors as read from `source` (e.g. by `read_gates_file`).
+            source: the file they came from, named in every error.
+
+        Raises:
+            ValueError: a missing / unexpected gate, a shape that differs from the config's, a non-float gate or
+                multiplier, or a NaN / inf value (NaN log α would prune everything).
+        """
+        expected = self.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not match the model's config (gates per prunable group): missing {missing or 'none'}, "
+                f"unexpected {unexpected or 'none'}"
+            )
+        groups = {f"gates.{g.name.replace('.', '_')}.log_alpha": g for g in self.groups}
+        for key, want in expected.items():
+            got = state[key]
+            what = f"gate {groups[key].name} ({key})" if key in groups else key
+            if tuple(got.shape) != tuple(want.shape):
+                raise ValueError(
+                    f"{source} does not match the model's config: {what} has shape {tuple(got.shape)} in the file but "
+                    f"the config gives {tuple(want.shape)}"
+                )
+            if want.is_floating_point() and not got.is_floating_point():
+                raise ValueError(f"{source}: {what} must be a floating-point tensor, got {got.dtype}")
+            if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+                bad = int((~torch.isfinite(got)).sum())
+                kind = "Lagrange multipliers" if key.startswith("lambdas.") else "values"
+                raise ValueError(
+                    f"{source}: {what} holds {bad} non-finite {kind} (NaN / inf) of {got.numel()}: the file is "
+                    "corrupt or the run diverged"
+                )
+        self.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------------ reporting
     def predicted_parameters(self, config, heads: tuple[str, ...] = ("itm",)) -> int:
         """Exact parameter count of the model materialized with `deterministic_masks()` from `config`."""
         return count_parameters(pruned_config(config, self.deterministic_masks()), heads)["total"]
+
+
+def read_gates_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Reads a gate file written by `ModalL0Module.save`: (settings from its metadata, tensors).
+
+    Settings are checked for JSON syntax, known keys and value types; the tensors are checked against a config by
+    `ModalL0Module.load_checked_state`. A file without settings (older trainers) gives ``{}``.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: naming `path`, when the file is not a safetensors file or its settings are malformed.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no L0 gate file at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(SETTINGS_KEY, "{}")
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors gate file: {error}") from error
+    try:
+        settings = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: gate settings (metadata {SETTINGS_KEY!r}) are not valid JSON: {error}") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: gate settings (metadata {SETTINGS_KEY!r}) must be a JSON object, got {raw[:80]!r}")
+    for key, value in settings.items():
+        if key not in SETTINGS_TYPES:
+            raise ValueError(f"{path}: unknown gate setting {key!r}; allowed: {sorted(SETTINGS_TYPES)}")
+        expected = SETTINGS_TYPES[key]
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+            raise ValueError(f"{path}: gate setting {key!r} has the wrong type: {value!r}")
+    for modality, target in settings.get("modality_targets", {}).items():
+        if isinstance(target, bool) or not isinstance(target, (int, float)):
+            raise ValueError(f"{path}: gate setting modality_targets[{modality!r}] must be a number, got {target!r}")
+    return settings, state
 
 
 def masks_from_values(

@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..tasks import get_task
 from .arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
 from .distillation import check_compatible, kd_pairs
-from .l0 import GATES_FILE, ModalL0Module
+from .l0 import GATES_FILE, ModalL0Module, read_gates_file
 from .student import resolve_layer_map, save_layer_map
 
 NOISE_RNG_FILE = "noise_rng.safetensors"  # hard-concrete noise + ITM negative sampling generator
@@ -157,7 +157,8 @@ class EfficientVLMDistillationTrainer(Trainer):
         loaded = type(gated.student).from_pretrained(resume_from_checkpoint)
         gated.student.load_state_dict(loaded.state_dict())
         if gated.l0 is not None:
-            gated.l0.load_state_dict(load_file(os.path.join(resume_from_checkpoint, GATES_FILE)))
+            path = os.path.join(resume_from_checkpoint, GATES_FILE)  # untrusted like any file: checked, then loaded
+            gated.l0.load_checked_state(read_gates_file(path)[1], path)
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Also checkpoints our noise generator (gate samples, ITM negatives), so a resumed run is exact."""

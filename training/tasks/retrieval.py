@@ -4,16 +4,17 @@ The loss step is also the pre-training step: `teacher` (no teacher model: VLP lo
 (`distill`) train on image-caption pairs with it; retrieval fine-tuning (`prune --task retrieval`) adds task KD.
 
 Evaluation protocol (REFERENCE.md §4): ITC cosine similarity for every (image, text) pair; for each query the top-k
-candidates by ITC are re-scored by the ITM head (`EfficientVLMForImageTextRetrieval.rerank`) and every other
-candidate gets −100. Text retrieval (TR) ranks the texts of each image and counts the best-ranked of its ground-truth
-captions; image retrieval (IR) ranks the images of each text. R@1/5/10 in percent; r_mean is the mean of the six.
+candidates by ITC are re-scored by the ITM head (`EfficientVLMForImageTextRetrieval.rerank_blocks`) and every
+other candidate keeps its ITC order below them (X-VLM's −100 for all of them would cap R@K at K > k). Text retrieval
+(TR) ranks the texts of each image and counts the best-ranked of its ground-truth captions; image retrieval (IR)
+ranks the images of each text. R@1/5/10 in percent; r_mean is the mean of the six.
 The metric is also a local `evaluate` module (`training/metrics/retrieval`, see `load_retrieval_metric`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
+from modeling_efficientvlm.modeling_efficientvlm import RERANK_BLOCK_SCORES
 
 from ..method import losses as L
 from ..method.distillation import attention_kd, hidden_kd, itc
@@ -127,7 +129,10 @@ def retrieval_losses(
 
 # -------------------------------------------------------------------------------------------------------------- data
 def train_data(data, processor, seed: int, mlm: bool):
-    """(train dataset, collator): synthetic scenes, or an ALBEF / X-VLM image-caption JSON (one row per caption)."""
+    """(train dataset, collator): synthetic scenes, or an ALBEF / X-VLM image-caption JSON (one row per caption).
+
+    A JSON given without `--eval_dataset` loses its held-out images (`eval_data`) here: they are never trained on.
+    """
     from ..data.collators import RetrievalCollator
 
     collator = RetrievalCollator(
@@ -140,15 +145,39 @@ def train_data(data, processor, seed: int, mlm: bool):
         return SyntheticRetrievalDataset(seed=seed, image_size=data.image_size), collator
     from ..data.files import load_albef_json
 
-    return load_albef_json(data.dataset, data.image_root, split_captions=True), collator
+    rows = load_albef_json(data.dataset, data.image_root, split_captions=True)
+    if not data.eval_dataset:
+        rows = rows.select(_held_out_rows(data, rows["image_id"], keep_held_out=False))
+    return rows, collator
+
+
+def _held_out_rows(data, image_ids: list[int], keep_held_out: bool) -> list[int]:
+    """Rows of `--dataset` whose image is (or is not) one of the images held out for evaluation."""
+    from ..data.holdout import holdout_indices, split_rows
+
+    held_out = holdout_indices(len(set(image_ids)), data.holdout_fraction, data.holdout_max, data.eval_seed)
+    return split_rows(image_ids, held_out, keep_held_out)
 
 
 def eval_data(data) -> dict:
-    """The held-out set {images, captions, img2txt, txt2img}: `--eval_dataset` JSON or held-out synthetic scenes."""
+    """The held-out set {images, captions, img2txt, txt2img}: `--eval_dataset` JSON, else the images of a JSON
+    `--dataset` held out from training (`--holdout_fraction`), else held-out synthetic scenes."""
     if data.eval_dataset:
         from ..data.files import load_retrieval_eval_set
 
         return load_retrieval_eval_set(data.eval_dataset, data.image_root)
+    if data.dataset != "synthetic":
+        from ..data.files import LazyImageList, load_albef_json
+
+        rows = load_albef_json(data.dataset, data.image_root, split_captions=False, check_images=False)
+        rows = rows.select(_held_out_rows(data, rows["image_id"], keep_held_out=True))
+        held_out: dict = {"images": LazyImageList(rows["image"]), "captions": [], "img2txt": [], "txt2img": []}
+        for index, captions in enumerate(rows["caption"]):  # images stay on disk until a batch is encoded
+            start = len(held_out["captions"])
+            held_out["img2txt"].append(list(range(start, start + len(captions))))
+            held_out["captions"].extend(captions)
+            held_out["txt2img"].extend([index] * len(captions))
+        return held_out
     from ..data.scenes import make_retrieval_eval_set
 
     return make_retrieval_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
@@ -156,13 +185,16 @@ def eval_data(data) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------ metric
 def _as_float_array(scores: torch.Tensor | np.ndarray | Sequence, name: str) -> np.ndarray:
+    """`scores` as a 2-D float array without a copy where possible: float32 stays float32 (a 5k × 25k matrix is
+    500 MB; float64 would double it), other dtypes become float64 (exact for ints), torch float16/bfloat16 float32."""
     if isinstance(scores, torch.Tensor):
-        scores = scores.detach().float().cpu().numpy()
-    array = np.asarray(scores, dtype=np.float64)
+        scores = scores.detach().cpu()
+        scores = (scores if scores.dtype in (torch.float32, torch.float64) else scores.float()).numpy()
+    array = np.asarray(scores)
+    if array.dtype not in (np.float32, np.float64):
+        array = array.astype(np.float64)
     if array.ndim != 2:
         raise ValueError(f"{name} must be a 2-D score matrix, got shape {array.shape}")
-    if np.isnan(array).any():
-        raise ValueError(f"{name} contains NaN scores")
     return array
 
 
@@ -182,24 +214,33 @@ def _check_ground_truth(img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]
         raise ValueError(f"txt2img of texts {bad[:5]} does not match img2txt")
 
 
-def _ranks(scores: np.ndarray, positives: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """0-based rank of each row's best-scored positive.
+def _ranks(scores: np.ndarray, positives: Sequence[Sequence[int]], name: str) -> np.ndarray:
+    """0-based rank of each row's best-scored positive, a block of rows at a time (memory: a few block-sized
+    temporaries, never a copy of the matrix).
 
     Ties are resolved against the positives: rank = number of negatives scoring >= the best positive, so constant
-    scores (an untrained model, or a positive left at −100 outside the top-k) never count as hits.
+    scores (an untrained model) never count as hits.
 
     Args:
-        scores: (Q, C) query-by-candidate scores.
-        positives: (Q, C) bool, the ground-truth candidates of each query (at least one per row).
+        scores: (Q, C) query-by-candidate scores (a view is fine, e.g. the transpose of the other direction).
+        positives: per query, the indices of its ground-truth candidates (at least one each).
+        name: what `scores` is, for the NaN error.
 
     Returns:
         (Q,) int ranks.
     """
-    ranks = np.empty(scores.shape[0], dtype=np.int64)
-    for start in range(0, scores.shape[0], chunk):  # chunks bound memory on 5k x 25k COCO matrices
-        s, p = scores[start : start + chunk], positives[start : start + chunk]
-        best = np.where(p, s, -np.inf).max(axis=1, keepdims=True)
-        ranks[start : start + chunk] = ((s >= best) & ~p).sum(axis=1)
+    n_queries, n_candidates = scores.shape
+    step = max(1, RERANK_BLOCK_SCORES // max(n_candidates, 1))
+    ranks = np.empty(n_queries, dtype=np.int64)
+    for start in range(0, n_queries, step):
+        block, rows = scores[start : start + step], positives[start : start + step]
+        if np.isnan(block).any():
+            raise ValueError(f"{name} contains NaN scores (in rows {start}..{start + len(block) - 1})")
+        mask = np.zeros(block.shape, dtype=bool)  # (B, C) the block's positives
+        mask[np.repeat(np.arange(len(rows)), [len(p) for p in rows]),
+             np.concatenate([np.asarray(p, dtype=np.int64) for p in rows])] = True
+        best = np.where(mask, block, -np.inf).max(axis=1, keepdims=True)
+        ranks[start : start + len(block)] = ((block >= best) & ~mask).sum(axis=1)
     return ranks
 
 
@@ -207,6 +248,18 @@ def _recalls(ranks: np.ndarray, prefix: str) -> dict[str, float]:
     metrics = {f"{prefix}_r{k}": float(100.0 * (ranks < k).mean()) for k in RECALL_AT}
     metrics[f"{prefix}_r_mean"] = float(np.mean([metrics[f"{prefix}_r{k}"] for k in RECALL_AT]))
     return metrics
+
+
+def _metrics(txt_ranks: np.ndarray, img_ranks: np.ndarray) -> dict[str, float]:
+    """TR recalls from the ranks of each image's best caption, IR recalls from each caption's image, r_mean."""
+    metrics = {**_recalls(txt_ranks, "txt"), **_recalls(img_ranks, "img")}
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2  # = mean of the six recalls
+    return metrics
+
+
+def _image_of_text(txt2img: Sequence[int]) -> np.ndarray:
+    """(N_txt, 1) the ground-truth image of each text, as the t2i `positives` of `_ranks`."""
+    return np.asarray(txt2img, dtype=np.int64).reshape(-1, 1)
 
 
 def retrieval_metrics(
@@ -231,13 +284,8 @@ def retrieval_metrics(
     t2i = i2t.T if scores_t2i is None else _as_float_array(scores_t2i, "scores_t2i")
     if t2i.shape != i2t.shape[::-1]:
         raise ValueError(f"scores_t2i must be {i2t.shape[::-1]}, got {t2i.shape}")
-    n_img, n_txt = i2t.shape
-    _check_ground_truth(img2txt, txt2img, n_img, n_txt)
-    txt_of_img = np.zeros((n_img, n_txt), dtype=bool)
-    txt_of_img[np.asarray(txt2img, dtype=np.int64), np.arange(n_txt)] = True
-    metrics = {**_recalls(_ranks(i2t, txt_of_img), "txt"), **_recalls(_ranks(t2i, txt_of_img.T), "img")}
-    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2  # = mean of the six recalls
-    return metrics
+    _check_ground_truth(img2txt, txt2img, *i2t.shape)
+    return _metrics(_ranks(i2t, img2txt, "scores_i2t"), _ranks(t2i, _image_of_text(txt2img), "scores_t2i"))
 
 
 def make_retrieval_compute_metrics(
@@ -271,9 +319,13 @@ def _model_device_dtype(model: torch.nn.Module, device: torch.device | str | Non
     return torch.device(device) if device is not None else parameter.device, parameter.dtype
 
 
-def _encode_images(model, images: list, processor, batch_size: int, pruning_masks, device, dtype,
+def _encode_images(model, images: Sequence, processor, batch_size: int, pruning_masks, device, dtype,
                    show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image tokens (N_img, 1 + N, D_vision) and ITC embeddings (N_img, E), both on `device`."""
+    """Image tokens (N_img, 1 + N, D_vision) and ITC embeddings (N_img, E), both on `device`.
+
+    `images` is sliced one batch at a time, so a lazy sequence (`training.data.files.LazyImageList`, what
+    `load_retrieval_eval_set` returns) opens and decodes only one batch of files at a time.
+    """
     tokens, embeds = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="Encoding images", disable=not show_progress):
         pixel_values = processor(images=list(images[start : start + batch_size]))["pixel_values"]
@@ -299,6 +351,33 @@ def _encode_texts(model, captions: list[str], processor, batch_size: int, max_le
     return torch.cat(tokens), mask, torch.cat(embeds)
 
 
+def _itc_rows(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> Callable[[str, int, int], torch.Tensor]:
+    """The `rerank_blocks` row source: blocks of ITC cosine similarities computed from the embeddings on demand."""
+    image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+
+    def rows(direction: str, start: int, stop: int) -> torch.Tensor:
+        if direction == "i2t":
+            return image_embeds[start:stop] @ text_embeds.t()  # (B, N_txt)
+        return (image_embeds @ text_embeds[start:stop].t()).t()  # (B, N_img): the same products as the i2t rows
+
+    return rows
+
+
+def _score_blocks(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: int, query_block: int | None,
+                  **rerank_kwargs: Any) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """(direction, first query, ITC block, re-ranked block) for blocks of image and of text queries: the model's
+    `rerank_blocks`, or (k = 0, a model without an ITM head fits) the ITC blocks themselves."""
+    rows, shape = _itc_rows(image_embeds, text_embeds), (image_embeds.shape[0], text_embeds.shape[0])
+    if k > 0:
+        yield from model.rerank_blocks(rows, shape, k, query_block=query_block, **rerank_kwargs)
+        return
+    for direction, (n_queries, n_candidates) in (("i2t", shape), ("t2i", shape[::-1])):
+        step = query_block or max(1, RERANK_BLOCK_SCORES // max(n_candidates, 1))
+        for start in range(0, n_queries, step):
+            sim = rows(direction, start, min(start + step, n_queries))
+            yield direction, start, sim, sim
+
+
 def evaluate_retrieval(
     model: torch.nn.Module,
     images: Sequence,
@@ -313,15 +392,18 @@ def evaluate_retrieval(
     show_progress: bool = True,
     max_length: int = 40,
     itm_score: str = "match_logit",
+    query_block: int | None = None,
 ) -> dict[str, float]:
     """Image-text retrieval with ITC ranking and ITM re-ranking of each query's top-k (X-VLM protocol).
 
-    Image and text tokens are encoded once and cached on `device`; re-ranking (`model.rerank`) gathers them by
-    index and runs only the fusion encoder + ITM head (at most N_img * k + N_txt * k pairs).
+    Image and text tokens are encoded once and cached on `device`; re-ranking (`model.rerank_blocks`) gathers them
+    by index and runs only the fusion encoder + ITM head (at most N_img * k + N_txt * k pairs). Scores exist one
+    block of queries at a time and are reduced to ranks at once: no (N_img, N_txt) matrix is ever held, so memory
+    beyond the model is the token caches plus a few block-sized temporaries.
 
     Args:
         model: an `EfficientVLMForImageTextRetrieval` (an `EfficientVLMModel` suffices when k = 0).
-        images: N_img PIL images.
+        images: N_img PIL images, or a lazy sequence of them (opened one batch at a time).
         captions: N_txt captions.
         img2txt / txt2img: ground truth (see `retrieval_metrics`).
         processor: an `EfficientVLMProcessor` (images → pixel_values, texts → input_ids / attention_mask).
@@ -332,6 +414,8 @@ def evaluate_retrieval(
         show_progress: tqdm bars.
         max_length: caption truncation length in tokens (X-VLM: 40).
         itm_score: how re-ranked pairs are scored (`modeling_efficientvlm.ITM_SCORES`; X-VLM: "match_logit").
+        query_block: queries scored per block (None: blocks of about `RERANK_BLOCK_SCORES` scores); the metrics
+            do not depend on it.
 
     Returns:
         `retrieval_metrics` of the re-ranked scores, plus the same keys suffixed `_itc` for ITC-only ranking.
@@ -339,32 +423,38 @@ def evaluate_retrieval(
     if len(images) != len(img2txt) or len(captions) != len(txt2img):
         raise ValueError(f"{len(images)} images / {len(captions)} captions do not match img2txt ({len(img2txt)}) / "
                          f"txt2img ({len(txt2img)})")
-    if k > 0 and not hasattr(model, "rerank"):
-        raise ValueError(f"k={k} needs a model with an ITM head (rerank); use k=0 for ITC-only retrieval")
+    if k > 0 and not hasattr(model, "rerank_blocks"):
+        raise ValueError(f"k={k} needs a model with an ITM head (rerank_blocks); use k=0 for ITC-only retrieval")
     if k < 0 or batch_size < 1:
         raise ValueError(f"need k >= 0 and batch_size >= 1, got k={k}, batch_size={batch_size}")
+    _check_ground_truth(img2txt, txt2img, len(images), len(captions))  # before the encoding, not after it
+    positives = {"i2t": img2txt, "t2i": _image_of_text(txt2img)}
+    ranks = {(direction, kind): np.empty(len(positives[direction]), dtype=np.int64)
+             for direction in positives for kind in ("itc", "rerank")}
     device, dtype = _model_device_dtype(model, device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            image_tokens, image_embeds = _encode_images(model, list(images), processor, batch_size, pruning_masks,
+            image_tokens, image_embeds = _encode_images(model, images, processor, batch_size, pruning_masks,
                                                         device, dtype, show_progress)
             text_tokens, text_mask, text_embeds = _encode_texts(model, list(captions), processor, batch_size,
                                                                 max_length, pruning_masks, device, show_progress)
-            sim = image_embeds.float() @ text_embeds.float().t()  # cosine: the temperature does not change ranks
-            if k == 0:
-                scores_i2t, scores_t2i = sim, sim.t()
-            else:
-                progress = None if not show_progress else (lambda it: tqdm(it, desc="ITM re-ranking"))
-                scores_i2t, scores_t2i = model.rerank(
-                    sim, k, image_tokens, text_tokens, text_mask, pruning_masks=pruning_masks, itm_score=itm_score,
-                    batch_size=batch_size, progress=progress,
-                )
+            progress = None if not show_progress else (lambda it: tqdm(it, desc="ITM re-ranking"))
+            for direction, start, sim, scores in _score_blocks(
+                model, image_embeds, text_embeds, k, query_block, image_tokens=image_tokens,
+                text_tokens=text_tokens, attention_mask=text_mask, pruning_masks=pruning_masks, itm_score=itm_score,
+                batch_size=batch_size, progress=progress,
+            ):
+                stop = start + sim.shape[0]
+                itc = _ranks(sim.cpu().numpy(), positives[direction][start:stop], f"ITC {direction} similarities")
+                ranks[direction, "itc"][start:stop] = itc
+                ranks[direction, "rerank"][start:stop] = itc if scores is sim else _ranks(
+                    scores.cpu().numpy(), positives[direction][start:stop], f"re-ranked {direction} scores")
     finally:
         model.train(was_training)
-    metrics = retrieval_metrics(scores_i2t, img2txt, txt2img, scores_t2i)
-    itc_only = retrieval_metrics(sim, img2txt, txt2img)
+    metrics = _metrics(ranks["i2t", "rerank"], ranks["t2i", "rerank"])
+    itc_only = _metrics(ranks["i2t", "itc"], ranks["t2i", "itc"])
     return {**metrics, **{f"{key}_itc": value for key, value in itc_only.items()}}
 
 
@@ -424,7 +514,10 @@ from transformers import pipeline
 pipe = pipeline("image-text-retrieval", model="{repo}", trust_remote_code=True)
 gallery = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue")]
 print(pipe("a big red circle", gallery, top_k=2, rerank_k=3))
-```"""
+```
+
+A `str` is always a text; pass images as PIL images, `pathlib.Path` objects or numpy arrays, or give image file paths
+as strings together with `gallery_type="image"` / `query_type="image"`."""
 
 TASK = Task(
     name="retrieval",
