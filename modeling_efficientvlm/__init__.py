@@ -9,7 +9,9 @@ from .configuration_efficientvlm import (
 from .modeling_efficientvlm import (
     ITM_SCORES,
     NOT_CANDIDATE_SCORE,
+    EfficientVLMCaptioningOutput,
     EfficientVLMEncoderOutput,
+    EfficientVLMForConditionalGeneration,
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForPreTraining,
     EfficientVLMForVisualReasoning,
@@ -25,8 +27,10 @@ from .modeling_efficientvlm import (
 __all__ = [
     "ITM_SCORES",
     "NOT_CANDIDATE_SCORE",
+    "EfficientVLMCaptioningOutput",
     "EfficientVLMConfig",
     "EfficientVLMEncoderOutput",
+    "EfficientVLMForConditionalGeneration",
     "EfficientVLMForImageTextRetrieval",
     "EfficientVLMForPreTraining",
     "EfficientVLMForVisualReasoning",

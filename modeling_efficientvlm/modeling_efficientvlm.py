@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import DynamicLayer
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
@@ -141,12 +142,18 @@ class EfficientVLMAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        past_key_values: Cache | None = None,
+        cache_index: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (B, T, D); attention_mask additive (B, 1, 1, S) or None; key_value_states (B, S, D_kv)."""
+        """hidden_states (B, T, D); attention_mask additive (B, 1, 1, S) or (B, 1, T, S) (causal) or None;
+        key_value_states (B, S, D_kv). With `past_key_values` (self-attention only) this step's keys / values are
+        appended to the cache at layer `cache_index` and the queries attend to the cached + new ones."""
         batch, length, _ = hidden_states.shape
         kv = hidden_states if key_value_states is None else key_value_states
         split = lambda x: x.view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         query, key, value = split(self.q_proj(hidden_states)), split(self.k_proj(kv)), split(self.v_proj(kv))
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, cache_index)  # (B, H, S_past + T, Dh) each
         dropout = self.dropout if self.training else 0.0
         probs = None
         if output_attentions or self.config._attn_implementation == "eager":
@@ -220,18 +227,30 @@ class EfficientVLMLayer(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
         output_attentions: bool = False,
+        past_key_values: Cache | None = None,
+        cache_index: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns (hidden (B, T, D), self-attention probs or None, cross-attention probs or None)."""
+        """Returns (hidden (B, T, D), self-attention probs or None, cross-attention probs or None).
+
+        `past_key_values` caches this layer's self-attention keys / values at `cache_index` (decoder use only).
+        """
         head_mask, cross_head_mask, ffn_mask = masks
         self_probs = cross_probs = None
         if not _removed(self.num_heads, head_mask):
 
             def attend(x):
                 nonlocal self_probs
-                out, self_probs = self.self_attn(x, attention_mask, None, head_mask, output_attentions)
+                out, self_probs = self.self_attn(
+                    x, attention_mask, None, head_mask, output_attentions, past_key_values, cache_index
+                )
                 return out
 
             hidden_states = self._residual(hidden_states, self.layer_norm1, attend)
+        elif past_key_values is not None:
+            # a removed self-attention still records its length with a (B, 1, T, 1) zero placeholder (an empty tensor
+            # reads as length 0), so every cache layer knows how many tokens were seen (transformers reads layer 0's)
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            past_key_values.update(placeholder, placeholder, cache_index)
         if not _removed(self.num_cross_heads, cross_head_mask):
 
             def cross_attend(x):
@@ -256,14 +275,20 @@ def _run_layers(
     output_hidden_states: bool,
     encoder_hidden_states: torch.Tensor | None = None,
     encoder_attention_mask: torch.Tensor | None = None,
+    past_key_values: Cache | None = None,
+    cache_offset: int = 0,
 ) -> EfficientVLMEncoderOutput:
-    """Runs a layer stack and collects hidden states / attention probabilities (shared by the three encoders)."""
+    """Runs a layer stack and collects hidden states / attention probabilities (shared by the three encoders).
+
+    With `past_key_values`, layer i caches its self-attention at index `cache_offset + i` (decoder use).
+    """
     all_hidden = [hidden_states] if output_hidden_states else None
     self_attns, cross_attns = [], []
     for i, layer in enumerate(layers):
         layer_masks = masks.layer(i) if masks is not None else (None, None, None)
         hidden_states, self_probs, cross_probs = layer(
-            hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, layer_masks, output_attentions
+            hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, layer_masks, output_attentions,
+            past_key_values, cache_offset + i,
         )
         self_attns.append(self_probs)
         cross_attns.append(cross_probs)
@@ -283,6 +308,30 @@ def _additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
         return None
     mask = attention_mask[:, None, None, :].to(dtype)
     return (1.0 - mask) * torch.finfo(dtype).min
+
+
+def _causal_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Causal + padding additive mask (B or 1, 1, T, S), S = past_length + T: query t (absolute position
+    past_length + t) sees the keys at positions <= past_length + t that are not padding; others get the minimum.
+
+    Args:
+        attention_mask: (B, S) 1 = token / 0 = padding over the cached AND the new tokens, or None (no padding).
+    """
+    key_length = past_length + query_length
+    query_positions = past_length + torch.arange(query_length, device=device)
+    allowed = torch.arange(key_length, device=device)[None, :] <= query_positions[:, None]  # (T, S)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape[1] != key_length:
+            raise ValueError(
+                f"attention_mask must cover the cached and the new tokens: length {key_length} "
+                f"({past_length} cached + {query_length} new), got {attention_mask.shape[1]}"
+            )
+        allowed = allowed & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)
+    # one where() (not a sum of two additive masks): a padded future key gets the minimum once, never -inf
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -376,13 +425,21 @@ class EfficientVLMTextEmbeddings(nn.Module):
         positions = torch.arange(config.max_position_embeddings).expand((1, -1))
         self.register_buffer("position_ids", positions, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None, past_length: int = 0
+    ) -> torch.Tensor:
+        """input_ids (B, T) → (B, T, D); positions start at `past_length` (the cached tokens when decoding)."""
         length = input_ids.shape[1]
+        if past_length + length > self.position_ids.shape[1]:
+            raise ValueError(
+                f"{past_length + length} tokens exceed text_config.max_position_embeddings "
+                f"({self.position_ids.shape[1]})"
+            )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         embeddings = (
             self.word_embeddings(input_ids)
-            + self.position_embeddings(self.position_ids[:, :length])
+            + self.position_embeddings(self.position_ids[:, past_length : past_length + length])
             + self.token_type_embeddings(token_type_ids)
         )
         return self.dropout(self.LayerNorm(embeddings))
@@ -407,11 +464,24 @@ class EfficientVLMTextTransformer(nn.Module):
         masks: EncoderPruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        causal: bool = False,
+        past_key_values: Cache | None = None,
     ) -> EfficientVLMEncoderOutput:
-        """input_ids (B, T), attention_mask (B, T) 1/0 → tokens (B, T, D)."""
-        hidden = self.embeddings(input_ids, token_type_ids)
-        additive = _additive_mask(attention_mask, hidden.dtype)
-        return _run_layers(self.layers, hidden, additive, masks, output_attentions, output_hidden_states)
+        """input_ids (B, T), attention_mask (B, T) 1/0 → tokens (B, T, D).
+
+        `causal=True` (the captioning decoder): token t attends to tokens <= t; `past_key_values` caches the
+        self-attention of layer i at index i, and attention_mask then covers the cached + new tokens (B, S_past + T).
+        """
+        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        hidden = self.embeddings(input_ids, token_type_ids, past)
+        if causal:
+            additive = _causal_mask(attention_mask, input_ids.shape[1], past, hidden.dtype, hidden.device)
+        else:
+            additive = _additive_mask(attention_mask, hidden.dtype)
+        return _run_layers(
+            self.layers, hidden, additive, masks, output_attentions, output_hidden_states,
+            past_key_values=past_key_values,
+        )
 
 
 class EfficientVLMFusionTransformer(nn.Module):
@@ -433,18 +503,33 @@ class EfficientVLMFusionTransformer(nn.Module):
         masks: EncoderPruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        causal: bool = False,
+        past_key_values: Cache | None = None,
+        cache_offset: int = 0,
     ) -> EfficientVLMEncoderOutput:
-        """text (B, T, D_text) + image (B, N, D_vision) → fused text tokens (B, T, D_text)."""
+        """text (B, T, D_text) + image (B, N, D_vision) → fused text tokens (B, T, D_text).
+
+        `causal=True`: causal self-attention (the captioning decoder); `past_key_values` caches the self-attention of
+        layer i at index `cache_offset + i` (cross-attention keys / values are recomputed from the image tokens).
+        """
         dtype = text_hidden_states.dtype
+        if causal:
+            past = past_key_values.get_seq_length(cache_offset) if past_key_values is not None else 0
+            length = text_hidden_states.shape[1]
+            self_mask = _causal_mask(attention_mask, length, past, dtype, text_hidden_states.device)
+        else:
+            self_mask = _additive_mask(attention_mask, dtype)
         return _run_layers(
             self.layers,
             text_hidden_states,
-            _additive_mask(attention_mask, dtype),
+            self_mask,
             masks,
             output_attentions,
             output_hidden_states,
             encoder_hidden_states=image_hidden_states,
             encoder_attention_mask=_additive_mask(image_attention_mask, dtype),
+            past_key_values=past_key_values,
+            cache_offset=cache_offset,
         )
 
 
@@ -460,6 +545,8 @@ HUB_AUTO_MAP = {
     # the built-in zero-shot-image-classification pipeline only tries this class; it reads logits_per_image
     "AutoModelForZeroShotImageClassification": "modeling_efficientvlm.EfficientVLMForImageTextRetrieval",
     "AutoModelForSequenceClassification": "modeling_efficientvlm.EfficientVLMForVisualReasoning",
+    # the built-in image-text-to-text pipeline (transformers 5's name for "image-to-text") loads this class
+    "AutoModelForImageTextToText": "modeling_efficientvlm.EfficientVLMForConditionalGeneration",
 }
 
 
@@ -563,8 +650,10 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         pruning_masks: PruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        causal: bool = False,
+        past_key_values: Cache | None = None,
     ) -> EfficientVLMEncoderOutput:
-        """Text tokens (B, T, D_text) from the text encoder."""
+        """Text tokens (B, T, D_text) from the text encoder (`causal` / `past_key_values`: the captioning decoder)."""
         masks = pruning_masks.text if pruning_masks is not None else None
         return self.text_model(
             input_ids,
@@ -572,6 +661,8 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             masks=masks,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            causal=causal,
+            past_key_values=past_key_values,
         )
 
     def image_itc_embeds(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -608,8 +699,13 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         pruning_masks: PruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        causal: bool = False,
+        past_key_values: Cache | None = None,
     ) -> EfficientVLMEncoderOutput:
-        """Fusion encoder over aligned pairs: text (B, T, D_text) with image (B, 1 + N, D_vision)."""
+        """Fusion encoder over aligned pairs: text (B, T, D_text) with image (B, 1 + N, D_vision).
+
+        `causal` / `past_key_values`: the captioning decoder; fusion layer i caches at index (text layers) + i.
+        """
         masks = pruning_masks.fusion if pruning_masks is not None else None
         return self.fusion_model(
             text_tokens,
@@ -618,6 +714,9 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             masks=masks,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            causal=causal,
+            past_key_values=past_key_values,
+            cache_offset=len(self.text_model.layers),
         )
 
     def forward(
@@ -1196,11 +1295,269 @@ class EfficientVLMForVisualReasoning(EfficientVLMModel):
         )
 
 
+
+@dataclass
+class EfficientVLMCaptioningOutput(ModelOutput):
+    """Output of `EfficientVLMForConditionalGeneration`.
+
+    Args:
+        loss: label-smoothed cross-entropy of the next-token predictions, mean over the non-ignored labels.
+        logits: (B, T, V) next-token logits (position t predicts token t + 1).
+        cache: the `Cache` of the text + fusion self-attention (text layers first), when caching; also readable as
+            `output.past_key_values` (transformers 5 names the field `cache` and keeps that alias).
+        image_tokens: (B, 1 + N, D_vision) the vision encoder's last_hidden_state (reused by later decoding steps).
+        vision: vision encoder output (None when `image_tokens` were given).
+        text: the causal text stack's output (attentions = causal self-attention probabilities).
+        fusion: the causal fusion stack's output (attentions + cross_attentions).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+    image_tokens: torch.Tensor | None = None
+    vision: EfficientVLMEncoderOutput | None = None
+    text: EfficientVLMEncoderOutput | None = None
+    fusion: EfficientVLMEncoderOutput | None = None
+
+
+CAPTION_GENERATION_DEFAULTS = {"num_beams": 3, "min_new_tokens": 5, "max_new_tokens": 20}
+"""The paper's decoding (X-VLM captioning): beam search 3, min 5 / max 20 new tokens; used where neither the call nor
+the generation config sets them (a generation config value equal to transformers' default counts as unset)."""
+
+
+def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy: logits[:, t] predicts labels[:, t + 1]; -100 labels are ignored.
+
+    loss = mean over non-ignored (b, t) of CE(logits[b, t - 1], labels[b, t]) with label smoothing ε
+    (target = (1 − ε)·one-hot + ε / V), computed in float32.
+
+    Args:
+        logits: (B, T, V).
+        labels: (B, T) token ids, -100 where ignored (prompt incl. [CLS], padding).
+    """
+    shifted = logits[:, :-1].flatten(0, 1).float()  # (B·(T − 1), V)
+    targets = labels[:, 1:].flatten().to(shifted.device)
+    return F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)
+
+
+def _extend_cache(cache: Cache, num_layers: int) -> None:
+    """Gives a `DynamicCache` built from a config (transformers builds it from the TEXT config's layer count during
+    `generate`) a slot for every decoder layer: text layers + fusion layers."""
+    if isinstance(cache, DynamicCache) and cache.layer_class_to_replicate is None:
+        while len(cache.layers) < num_layers:
+            cache.layers.append(DynamicLayer())
+
+
+class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
+    """Image captioning (X-VLM `EffXVLMForCaptioning`): the text and fusion stacks become ONE causal decoder.
+
+    The text layers self-attend causally, the fusion layers self-attend causally and cross-attend to the image tokens,
+    and `mlm_head` (decoder tied to the word embeddings) predicts the next token. Weight names are those of
+    `EfficientVLMForPreTraining`, so a pre-training / distilled checkpoint becomes a captioner with `from_pretrained`
+    (the ITM / NLVR heads are dropped; `vision_proj` / `text_proj` / `temp` load but are unused).
+
+    KV cache: a transformers `Cache` over the self-attention of every decoder layer (index i = text layer i, then
+    text layers + j = fusion layer j). Cross-attention keys / values are recomputed from the image tokens each step;
+    `generate` runs the vision encoder once and passes `image_tokens` to every step (transformers repeats them for
+    the beams; beams of one sample share the image, so beam reordering never touches them).
+    """
+
+    main_input_name = "input_ids"  # generate's token stream; the image enters as pixel_values / image_tokens
+    _tied_weights_keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"^itm_head\.", r"^nlvr_head\."]
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(config)
+        self.mlm_head = EfficientVLMMLMHead(self.config.text_config)
+        self.post_init()
+        self._set_caption_generation_defaults()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then `CAPTION_GENERATION_DEFAULTS` where the loaded generation config
+        (e.g. of a pre-training checkpoint) leaves them unset, so pipelines see the paper's decoding settings."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._set_caption_generation_defaults()  # output_loading_info
+        return loaded
+
+    def _set_caption_generation_defaults(self) -> None:
+        if getattr(self, "generation_config", None) is not None:
+            for key, value in self._caption_generation_defaults({}).items():
+                setattr(self.generation_config, key, value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.mlm_head.decoder = value
+
+    @property
+    def num_decoder_layers(self) -> int:
+        """Self-attention layers of the decoder = cache slots (text layers + fusion layers)."""
+        return len(self.text_model.layers) + len(self.fusion_model.layers)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        label_smoothing: float | None = None,
+        return_dict: bool = True,
+        interpolate_pos_encoding: bool = False,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> EfficientVLMCaptioningOutput:
+        """Teacher-forced next-token logits of `input_ids` given the image (one decoding step with a cache).
+
+        Args:
+            pixel_values: (B, C, H, W) images; not needed when `image_tokens` is given.
+            input_ids: (B, T) "[CLS] a picture of <caption> [SEP] [PAD]..." (with a cache: only the new tokens).
+            attention_mask: (B, S) 1 = token / 0 = padding over the cached + new tokens (S = cached + T).
+            labels: (B, T) tokens to predict, -100 where ignored; shifted here (logits[:, :-1] predict labels[:, 1:]).
+            image_tokens: (B, 1 + N, D_vision) precomputed vision output.
+            past_key_values / cache: a `Cache` of the decoder self-attention (`cache` is transformers 5's name; the
+                two are aliases); `use_cache=True` without one starts a `DynamicCache`; `use_cache=False` ignores it.
+            pruning_masks: masks of all three encoders (None = dense).
+            output_attentions / output_hidden_states: per-stack probabilities / states (for KD).
+            label_smoothing: ε of the loss; default `config.caption_label_smoothing` (0.1 when absent).
+            interpolate_pos_encoding: allow image sizes other than the config's.
+        """
+        if input_ids is None:
+            raise ValueError("EfficientVLMForConditionalGeneration.forward needs input_ids (the prompt / caption)")
+        cache = cache if cache is not None else past_key_values
+        use_cache = cache is not None if use_cache is None else use_cache
+        cache = (cache if cache is not None else DynamicCache()) if use_cache else None
+        vision = None
+        if image_tokens is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or image_tokens (the vision encoder's last_hidden_state)")
+            vision = self.encode_image(
+                pixel_values,
+                pruning_masks,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+            )
+            image_tokens = vision.last_hidden_state
+        if cache is not None:
+            _extend_cache(cache, self.num_decoder_layers)
+        text = self.encode_text(
+            input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states,
+            causal=True, past_key_values=cache,
+        )
+        fused = self.fuse(
+            text.last_hidden_state, attention_mask, image_tokens, pruning_masks, output_attentions,
+            output_hidden_states, causal=True, past_key_values=cache,
+        )
+        logits = self.mlm_head(fused.last_hidden_state)
+        loss = None
+        if labels is not None:
+            if label_smoothing is None:
+                label_smoothing = getattr(self.config, "caption_label_smoothing", 0.1)
+            loss = shifted_lm_loss(logits, labels, label_smoothing)
+        return EfficientVLMCaptioningOutput(
+            loss=loss, logits=logits, cache=cache, image_tokens=image_tokens, vision=vision, text=text,
+            fusion=fused,
+        )
+
+    def caption_prompt(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """(batch_size, P) long: `config.caption_prompt_ids` ("[CLS] a picture of") repeated for every image."""
+        prompt_ids = getattr(self.config, "caption_prompt_ids", None)
+        if not prompt_ids:
+            raise ValueError(
+                "config.caption_prompt_ids is not set (the tokenized caption prompt, e.g. [CLS] a picture of): set it "
+                "(the captioning task's prepare_captioner does) or pass input_ids to generate"
+            )
+        prompt = torch.tensor(list(prompt_ids), dtype=torch.long, device=device or self.device)
+        return prompt.expand(batch_size, -1).contiguous()
+
+    def _drop_trailing_eos(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drops the last column when every row ends in the eos id (a tokenized prompt "[CLS] a picture of [SEP]":
+        the caption continues the prompt, it does not follow an end of text)."""
+        eos = (generation_config or self.generation_config).eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        last = input_ids[:, -1]
+        if input_ids.shape[1] > 1 and eos and bool(torch.isin(last, torch.tensor(eos, device=last.device)).all()):
+            input_ids = input_ids[:, :-1]
+            attention_mask = None if attention_mask is None else attention_mask[:, :-1]
+        return input_ids, attention_mask
+
+    def _caption_generation_defaults(self, kwargs: dict) -> dict:
+        """`CAPTION_GENERATION_DEFAULTS` (+ the text pad id) for what neither `kwargs` nor the generation config sets."""
+        config = kwargs.get("generation_config") or self.generation_config
+        library = GenerationConfig()
+        defaults = {
+            key: value
+            for key, value in CAPTION_GENERATION_DEFAULTS.items()
+            if key not in kwargs and getattr(config, key, None) == getattr(library, key, None)
+        }
+        if "max_length" in kwargs or getattr(config, "max_length", None) != library.max_length:
+            defaults.pop("max_new_tokens", None)  # an explicit max_length wins
+        pad = self.config.text_config.pad_token_id
+        if "pad_token_id" not in kwargs and getattr(config, "pad_token_id", None) is None and pad is not None:
+            defaults["pad_token_id"] = pad
+        return defaults
+
+    @torch.no_grad()
+    def generate(
+        self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Captions the images with transformers' `generate` (every decoding option works).
+
+        Without `input_ids` the prompt is `config.caption_prompt_ids` and ONLY the new tokens come back
+        (B·num_return_sequences, L), so the tokenizer decodes the caption alone. With `input_ids` (the caller's
+        prompt, e.g. from the image-text-to-text pipeline) the output is prompt + new tokens, as for every transformers
+        decoder; a prompt ending in the eos id ([SEP], which a tokenizer appends) in every row has it dropped first.
+        With `return_dict_in_generate=True` the same applies to the returned `sequences`.
+
+        Args:
+            pixel_values: (B, C, H, W) images (or pass `image_tokens=` (B, 1 + N, D_vision)).
+            input_ids: (B, P) prompt; default `config.caption_prompt_ids` for every image.
+            **kwargs: `generate` arguments; num_beams 3, min_new_tokens 5, max_new_tokens 20 unless set here or in
+                the generation config (eos / bos / pad ids come from the generation config).
+        """
+        interpolate = kwargs.pop("interpolate_pos_encoding", False)
+        if kwargs.get("image_tokens") is None:
+            if pixel_values is None:
+                raise ValueError("generate needs pixel_values or image_tokens")
+            # the vision encoder runs once; transformers repeats the tokens for the beams (one image per sample)
+            vision = self.encode_image(pixel_values, kwargs.get("pruning_masks"), interpolate_pos_encoding=interpolate)
+            kwargs["image_tokens"] = vision.last_hidden_state
+        strip_prompt = input_ids is None
+        if input_ids is None:
+            input_ids = self.caption_prompt(kwargs["image_tokens"].shape[0], kwargs["image_tokens"].device)
+            kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+        else:
+            input_ids, kwargs["attention_mask"] = self._drop_trailing_eos(input_ids, kwargs.get("attention_mask"),
+                                                                          kwargs.get("generation_config"))
+        kwargs = {**self._caption_generation_defaults(kwargs), **kwargs}
+        output = super().generate(input_ids=input_ids, **kwargs)
+        if not strip_prompt:
+            return output
+        prompt_length = input_ids.shape[1]
+        if isinstance(output, torch.Tensor):
+            return output[:, prompt_length:]
+        output.sequences = output.sequences[:, prompt_length:]
+        return output
+
+
 __all__ = [
     "ITM_SCORES",
     "NOT_CANDIDATE_SCORE",
+    "CAPTION_GENERATION_DEFAULTS",
     "EfficientVLMAttention",
+    "EfficientVLMCaptioningOutput",
     "EfficientVLMEncoderOutput",
+    "EfficientVLMForConditionalGeneration",
     "EfficientVLMForImageTextRetrieval",
     "EfficientVLMForPreTraining",
     "EfficientVLMForVisualReasoning",
@@ -1213,6 +1570,7 @@ __all__ = [
     "EncoderPruningMasks",
     "PruningMasks",
     "itm_match_scores",
+    "shifted_lm_loss",
 ]
 
 # Hub remote code: `save_pretrained` copies these files and writes `auto_map`, so `AutoModel.from_pretrained(repo,
@@ -1221,3 +1579,4 @@ EfficientVLMConfig.register_for_auto_class()
 EfficientVLMForImageTextRetrieval.register_for_auto_class("AutoModel")
 EfficientVLMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")
+EfficientVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -31,7 +31,8 @@ DESCRIPTIONS = {
     "evaluate": "Retrieval R@1/5/10 (TR/IR) and r_mean, or NLVR2 accuracy, on built-in synthetic or JSON data.",
     "bench": "Parameters, FLOPs and latency of teacher vs student vs pruned student (stated protocol).",
     "push": "Upload a Hub-ready folder to a Hugging Face Hub repo.",
-    "demo": "Run the whole chain on built-in synthetic data and write report.json + Hub-ready folders.",
+    "demo": "Run the whole chain (retrieval, or --task nlvr2 | captioning) on built-in synthetic data; writes "
+            "report.json + Hub-ready folders.",
     "demo-teacher": "Train the demo's teacher from scratch until its held-out learning curve flattens (shipped).",
     "convert-xvlm": "Convert an X-VLM / EfficientVLM .pth checkpoint into a Hub-ready folder.",
     "build-tuxpaint": "Build an ALBEF-format JSON from the Debian tuxpaint-stamps-default package.",

@@ -6,6 +6,13 @@ command). Then: half-depth student (general distillation) → retrieval fine-tun
 pruning → materialize → evaluate → retrieval latency, plus the no-KD baselines (the same student trained on the
 VLP losses only for the same steps, and that student pruned to the same target without KD), so the report shows what
 each step buys. `--train_teacher` trains the teacher from scratch first (the full chain, much longer).
+
+`--task <name>` runs the same chain for a task whose teacher must first be fine-tuned on it (any registered task whose
+`teacher_class` is not the pre-training model, e.g. nlvr2, captioning): task teacher = the pre-training teacher
+fine-tuned on the task; student = general distillation from the pre-training teacher, then fine-tuned on the task
+(no pruning, as many steps as pruning); pruned = the distilled student pruned on the task with task KD from the task
+teacher (the task's official KD settings), materialized; each scored by the task's metric on its held-out set, timed
+on its inference path (`Task.workload`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modeling_efficientvlm import EfficientVLMForPreTraining
+
 from .export import load_pruned, save_hub_ready, sparsity_report
+from ..tasks import TASKS, Task, get_task
 from .presets import demo_config
 from .stages import (
     DataArguments,
@@ -38,19 +48,30 @@ DEMO_TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 """The shipped demo teacher (Hub-ready folder + provenance.json + learning curve)."""
 PROVENANCE_FILE = "provenance.json"
 LATENCY_BATCH = 32  # held-out images (and captions) in the timed retrieval batch
+DEMO_REG_LR = 0.05
+"""LR of the gates' log α and λ in the demo's pruning runs (at least): its schedules are far shorter than the
+official ones (retrieval 0.01 would leave the gates near their initial sparsity within 60-300 steps)."""
 
 # (image size, width, FFN, steps, batch, eval images, lr, ITM re-ranking k, latency repeats); the teacher recipe
 # (from scratch) is the one `demo-teacher` converges with.
+# `task_teacher_steps`: fine-tuning of the task teacher (--task other than retrieval; the student's task fine-tuning
+# and pruning take `prune_steps`).
 PROFILES = {
     "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=6000, distill_steps=200,
                     prune_steps=300, batch=32, eval_images=200, lr=1e-3, itm_k=8, latency_repeats=5,
-                    itm_negatives_warmup_steps=1000),
+                    itm_negatives_warmup_steps=1000, task_teacher_steps=300),
     "quick": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=120, distill_steps=40, prune_steps=60,
-                  batch=32, eval_images=64, lr=1e-3, itm_k=4, latency_repeats=3, itm_negatives_warmup_steps=30),
+                  batch=32, eval_images=64, lr=1e-3, itm_k=4, latency_repeats=3, itm_negatives_warmup_steps=30,
+                  task_teacher_steps=60),
 }
+TASK_PROFILES: dict[str, dict[str, dict]] = {}
+"""Per-task changes to PROFILES (task name → profile name → entries), for tasks whose steps or held-out size must
+differ from the shared values (e.g. an expensive evaluation)."""
 QUICK_CHANGES = {"teacher_steps": "--train_teacher steps", "distill_steps": "distillation steps",
-                 "prune_steps": "pruning steps", "itm_negatives_warmup_steps": "ITM-negatives warm-up steps",
-                 "eval_images": "held-out scenes", "itm_k": "ITM re-ranking top-k", "latency_repeats": "latency runs"}
+                 "prune_steps": "pruning steps (and the student's task fine-tuning)",
+                 "itm_negatives_warmup_steps": "ITM-negatives warm-up steps", "eval_images": "held-out scenes",
+                 "itm_k": "ITM re-ranking top-k", "latency_repeats": "latency runs",
+                 "task_teacher_steps": "task-teacher fine-tuning steps (--task other than retrieval)"}
 
 
 def quick_help() -> str:
@@ -61,9 +82,18 @@ def quick_help() -> str:
     if unknown:  # a new profile entry must be named here, or the help would hide a difference
         raise KeyError(f"demo PROFILES: describe {unknown} in QUICK_CHANGES")
     kept = [k for k in default if default[k] == quick[k]]
-    return ("Smoke run (~2 min; its numbers are not meaningful). Unchanged: the teacher, the model sizes and the "
-            "optimiser (" + ", ".join(f"{k} {default[k]}" for k in kept) + "). Changed: "
-            + ", ".join(f"{QUICK_CHANGES[k]} {default[k]} → {quick[k]}" for k in changed) + ".")
+    tasks = "; ".join(f"{task}: " + ", ".join(f"{k} {v}" for k, v in entries.get("quick", {}).items())
+                      for task, entries in TASK_PROFILES.items() if entries.get("quick"))
+    return ("Smoke run (2-3 min on one CPU core; its numbers are not meaningful). Unchanged: the teacher, the model "
+            "sizes and the optimiser (" + ", ".join(f"{k} {default[k]}" for k in kept) + "). Changed: "
+            + ", ".join(f"{QUICK_CHANGES[k]} {default[k]} → {quick[k]}" for k in changed) + "."
+            + (f" Per task ({tasks})." if tasks else ""))
+
+
+def demo_profile(task: str, quick: bool) -> dict:
+    """The profile a demo of `task` runs with: PROFILES' entry, changed by the task's TASK_PROFILES entry."""
+    name = "quick" if quick else "default"
+    return {**PROFILES[name], **TASK_PROFILES.get(task, {}).get(name, {})}
 
 
 @dataclass
@@ -71,18 +101,35 @@ class DemoArguments:
     """Arguments of `efficientvlm demo`."""
 
     output: str = field(default="demo_output", metadata={"help": "Output dir: report.json + Hub-ready folders."})
+    task: str = field(
+        default="retrieval",
+        metadata={"help": f"The task of the chain, one of {sorted(TASKS)}. Other than retrieval: the teacher is "
+                          "fine-tuned on the task first, the student is fine-tuned (unpruned) and pruned on it, the "
+                          "no-KD baselines are not run."},
+    )
     quick: bool = field(default=False, metadata={"help": quick_help()})
     seed: int = field(default=0, metadata={"help": "Seed of data order, new heads' init and gate noise."})
     target_sparsity: float = field(default=0.4, metadata={"help": "Global target sparsity of the pruning stage."})
     teacher: str = field(default=DEMO_TEACHER_DIR, metadata={"help": "Teacher checkpoint (default: the shipped one)."})
     train_teacher: bool = field(default=False, metadata={"help": "Train the teacher from scratch first."})
-    baselines: bool = field(default=True, metadata={"help": "Also run the no-KD baselines (student, pruned)."})
+    baselines: bool = field(
+        default=True, metadata={"help": "Also run the no-KD baselines (student, pruned); retrieval only."}
+    )
     teacher_steps: int | None = field(default=None, metadata={"help": "Steps of --train_teacher."})
     distill_steps: int | None = field(default=None, metadata={"help": "Override the distillation steps."})
-    prune_steps: int | None = field(default=None, metadata={"help": "Override the pruning steps."})
+    prune_steps: int | None = field(
+        default=None, metadata={"help": "Override the pruning steps (and the student's task fine-tuning steps)."}
+    )
+    task_teacher_steps: int | None = field(
+        default=None, metadata={"help": "Override the task teacher's fine-tuning steps (--task other than retrieval)."}
+    )
     overwrite: bool = field(default=True, metadata={"help": "Replace an existing output dir."})
 
     def __post_init__(self):
+        get_task(self.task)  # raises naming the registered tasks
+        for name in ("teacher_steps", "distill_steps", "prune_steps", "task_teacher_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"--target_sparsity must lie in [0, 1), got {self.target_sparsity}")
         if not self.train_teacher and not os.path.isfile(os.path.join(self.teacher, "config.json")):
@@ -103,9 +150,10 @@ def _training_args(cls, output_dir: str, steps: int, profile: dict, seed: int, *
     )
 
 
-def _demo_data(profile: dict) -> DataArguments:
-    """The demo's data: synthetic scenes at the profile's size, its held-out set and re-ranking depth."""
-    return DataArguments(image_size=profile["image_size"], eval_images=profile["eval_images"], itm_k=profile["itm_k"])
+def _demo_data(profile: dict, task: str = "retrieval") -> DataArguments:
+    """The demo's data for `task`: synthetic scenes at the profile's size, its held-out set and re-ranking depth."""
+    return DataArguments(task=task, image_size=profile["image_size"], eval_images=profile["eval_images"],
+                         itm_k=profile["itm_k"])
 
 
 def _teacher_args(output_dir: str, steps: int, profile: dict, seed: int) -> DistillationArguments:
@@ -114,23 +162,23 @@ def _teacher_args(output_dir: str, steps: int, profile: dict, seed: int) -> Dist
                           itm_negatives_warmup_steps=profile["itm_negatives_warmup_steps"])
 
 
-def _prune_args(output_dir: str, steps: int, profile: dict, args: DemoArguments) -> PruningArguments:
-    """The demo's pruning schedule: target ramp over the first third, masks frozen for the last 15 %."""
+def _prune_args(output_dir: str, steps: int, profile: dict, args: DemoArguments, **task_kd) -> PruningArguments:
+    """The demo's pruning schedule: target ramp over the first third, masks frozen for the last 15 %. Task-KD settings
+    not given in `task_kd` take the task's official values (`Task.prune_defaults`)."""
     return _training_args(
         PruningArguments, output_dir, steps, profile, args.seed, target_sparsity=args.target_sparsity,
-        sparsity_warmup_steps=steps // 3, reg_learning_rate=0.05, freeze_masks_step=int(steps * 0.85),
-        lambda_vlp=0.5, learning_rate=profile["lr"] / 2,
+        sparsity_warmup_steps=steps // 3, freeze_masks_step=int(steps * 0.85), **task_kd,
     )
 
 
 def _latency(models: dict, processor, data: DataArguments, eval_data: dict, repeats: int) -> dict:
-    """Retrieval-path latency of every model on the same held-out batch, repeats interleaved (as `measure_latency`),
-    and its speed-up over the teacher: median and range of the per-round ratios (`speedup_summary`)."""
-    from ..tasks import get_task
+    """Latency of every model on the task's inference path (`Task.workload`; retrieval: encode all, ITC, ITM
+    re-ranking) on the same held-out batch, repeats interleaved (as `measure_latency`), and its speed-up over the
+    teacher: median and range of the per-round ratios (`speedup_summary`)."""
     from .latency import measure_interleaved, speedup_summary, summarize
 
-    batch = min(LATENCY_BATCH, len(eval_data["images"]))
     task = get_task(data.task)
+    batch = min(LATENCY_BATCH, task.eval_size(eval_data))
     workloads = {name: task.workload(model.eval(), processor, data, eval_data, batch) for name, model in models.items()}
     times = measure_interleaved(workloads, repeats, warmup=1, device=next(models["teacher"].parameters()).device)
     out = {}
@@ -151,8 +199,6 @@ def _timed(timings: dict, name: str, fn):
 
 def _teacher(args: DemoArguments, work: str, profile: dict, data: DataArguments, eval_data, timings: dict):
     """(teacher model, its metrics, its folder, provenance): trained from scratch or loaded from the shipped folder."""
-    from modeling_efficientvlm import EfficientVLMForPreTraining
-
     if args.train_teacher:
         config_path = _write_teacher_config(work, profile, data)
         teacher_args = _teacher_args(os.path.join(work, "teacher"), args.teacher_steps or profile["teacher_steps"],
@@ -165,60 +211,70 @@ def _teacher(args: DemoArguments, work: str, profile: dict, data: DataArguments,
     teacher = EfficientVLMForPreTraining.from_pretrained(args.teacher).eval()
     metrics = _timed(timings, "teacher_eval", lambda: evaluate_model(teacher, _processor(args.teacher), data,
                                                                      eval_data))
-    provenance = {"source": os.path.abspath(args.teacher)}
-    path = os.path.join(args.teacher, PROVENANCE_FILE)
+    return teacher, metrics, args.teacher, _shipped_provenance(args.teacher)
+
+
+def _shipped_provenance(folder: str) -> dict:
+    """Where a given teacher comes from: its folder and, when it has one, its `provenance.json`."""
+    provenance = {"source": os.path.abspath(folder)}
+    path = os.path.join(folder, PROVENANCE_FILE)
     if os.path.isfile(path):
         with open(path) as f:
             provenance.update(json.load(f))
-    return teacher, metrics, args.teacher, provenance
+    return provenance
+
+
+@dataclass
+class Chain:
+    """What one demo chain produced: the models (teacher first) with their metrics, the expected sparsity of each
+    pruned model at export, the data they were scored on, the teacher's folder and provenance, and per model the
+    card texts ("recipe", "how_made", "summary"); the steps of each stage and the pruning run's task settings."""
+
+    models: dict
+    metrics: dict
+    expected: dict
+    data: DataArguments
+    eval_data: object
+    teacher_dir: str
+    provenance: dict
+    cards: dict
+    steps: dict
+    prune_settings: dict = field(default_factory=dict)
 
 
 def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
-    """Runs the chain and writes `report.json`; returns the report."""
+    """Runs the chain of `args.task` and writes `report.json` + Hub-ready folders; returns the report."""
     start = time.time()
-    profile = PROFILES["quick" if args.quick else "default"]
+    task = get_task(args.task)
+    profile = demo_profile(task.name, args.quick)
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists (pass --overwrite true)")
     work = os.path.join(args.output, "checkpoints")
-    data = _demo_data(profile)
-    eval_data = eval_set(data)
     timings: dict[str, float] = {}
-    teacher, teacher_metrics, teacher_dir, provenance = _teacher(args, work, profile, data, eval_data, timings)
-    processor = _processor(teacher_dir)
-    models, metrics, expected = {"teacher": teacher}, {"teacher": teacher_metrics}, {}
-    distill_steps = args.distill_steps or profile["distill_steps"]
-    prune_steps = args.prune_steps or profile["prune_steps"]
-
-    # general distillation, then retrieval fine-tuning with task KD + modal-adaptive pruning; no-KD baselines alike
-    runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
-    for student_name, pruned_name, kd in runs:
-        distill_args = _training_args(DistillationArguments, os.path.join(work, student_name), distill_steps, profile,
-                                      args.seed, lambda_vlp=0.6)
-        models[student_name], metrics[student_name] = _timed(timings, student_name, lambda: run_distill(
-            StudentArguments(teacher=teacher_dir, kd=kd), data, distill_args, eval_data))
-        prune_args = _prune_args(os.path.join(work, pruned_name), prune_steps, profile, args)
-        _timed(timings, pruned_name, lambda: run_prune(
-            PruneArguments(student=distill_args.output_dir, teacher=teacher_dir, kd=kd), data, prune_args,
-            eval_data=False))
-        models[pruned_name], expected[pruned_name] = load_pruned(prune_args.output_dir)  # materialize
-        metrics[pruned_name] = _timed(timings, f"{pruned_name}_eval", lambda: evaluate_model(
-            models[pruned_name], processor, data, eval_data))
-
-    latency = _timed(timings, "latency", lambda: _latency(models, processor, data, eval_data,
+    # a task whose teacher is the pre-training model (retrieval) uses the shipped teacher as its task teacher
+    fine_tuned = task.teacher_class is not EfficientVLMForPreTraining
+    chain = (_task_chain if fine_tuned else _retrieval_chain)(args, task, work, profile, timings)
+    processor = _processor(chain.teacher_dir)
+    latency = _timed(timings, "latency", lambda: _latency(chain.models, processor, chain.data, chain.eval_data,
                                                           profile["latency_repeats"]))
-    report = _report(models, metrics, latency, expected, args, profile, timings, provenance)
+    if fine_tuned:
+        report = _task_report(chain, task, latency, args, profile, timings)
+    else:
+        report = _report(chain.models, chain.metrics, latency, chain.expected, args, profile, timings,
+                         chain.provenance)
+        report["protocol"].update(task=task.name, metric=task.metric)
 
-    reference = f"the teacher `{os.path.basename(os.path.normpath(teacher_dir))}`"  # what cards measure against
-    for name, model in models.items():  # Hub-ready folders + report
+    teacher = chain.models["teacher"]
+    reference = f"the teacher `{os.path.basename(os.path.normpath(chain.teacher_dir))}`"  # what cards measure against
+    for name, model in chain.models.items():  # Hub-ready folders + report
         entry = report["models"][name]
         extra = {**{k: entry[k] for k in ("speedup", "speedup_min", "speedup_max")},
                  "speedup_runs": entry["latency_runs"], "speedup_baseline": reference, "reference_name": reference,
-                 "speed_protocol": report["protocol"]["latency"], "recipe": RECIPES[name], "how_made": HOW_MADE[name],
-                 "dataset_name": "efficientvlm-synthetic-scenes",
-                 "summary": f"EfficientVLM demo {name.replace('_', ' ')} for image-text retrieval on synthetic scenes."}
+                 "speed_protocol": report["protocol"]["latency"], "dataset_name": "efficientvlm-synthetic-scenes",
+                 **chain.cards[name]}
         _timed(timings, f"save_{name}", lambda: save_hub_ready(
             model, processor, os.path.join(args.output, name), f"efficientvlm-demo-{name.replace('_', '-')}",
-            teacher.config, metrics[name], extra))
+            teacher.config, chain.metrics[name], extra))
     report["stage_seconds"] = timings
     report["wall_time_s"] = time.time() - start
     with open(os.path.join(args.output, "report.json"), "w") as f:
@@ -226,6 +282,96 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     write(format_report(report))
     return report
+
+
+def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, timings: dict) -> Chain:
+    """The shipped (or trained) pre-training teacher is the task teacher; per run (KD, and the no-KD baselines):
+    general distillation → retrieval fine-tuning with task KD + modal-adaptive pruning → materialize → evaluate."""
+    data = _demo_data(profile, task.name)
+    eval_data = eval_set(data)
+    teacher, teacher_metrics, teacher_dir, provenance = _teacher(args, work, profile, data, eval_data, timings)
+    processor = _processor(teacher_dir)
+    models, metrics, expected = {"teacher": teacher}, {"teacher": teacher_metrics}, {}
+    distill_steps = args.distill_steps or profile["distill_steps"]
+    prune_steps = args.prune_steps or profile["prune_steps"]
+
+    runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
+    for student_name, pruned_name, kd in runs:
+        distill_args = _training_args(DistillationArguments, os.path.join(work, student_name), distill_steps, profile,
+                                      args.seed, lambda_vlp=0.6)
+        models[student_name], metrics[student_name] = _timed(timings, student_name, lambda: run_distill(
+            StudentArguments(teacher=teacher_dir, kd=kd), data, distill_args, eval_data))
+        # the demo's short schedule: a faster reg lr than the official 0.01, half the learning rate
+        prune_args = _prune_args(os.path.join(work, pruned_name), prune_steps, profile, args,
+                                 reg_learning_rate=DEMO_REG_LR,
+                                 lambda_vlp=0.5, learning_rate=profile["lr"] / 2)
+        _timed(timings, pruned_name, lambda: run_prune(
+            PruneArguments(student=distill_args.output_dir, teacher=teacher_dir, kd=kd), data, prune_args,
+            eval_data=False))
+        models[pruned_name], expected[pruned_name] = load_pruned(prune_args.output_dir)  # materialize
+        metrics[pruned_name] = _timed(timings, f"{pruned_name}_eval", lambda: evaluate_model(
+            models[pruned_name], processor, data, eval_data))
+    cards = {name: {"recipe": RECIPES[name], "how_made": HOW_MADE[name],
+                    "summary": f"EfficientVLM demo {name.replace('_', ' ')} for image-text retrieval on synthetic "
+                               "scenes."} for name in models}
+    return Chain(models, metrics, expected, data, eval_data, teacher_dir, provenance, cards,
+                 {"distill": distill_steps, "prune": prune_steps})
+
+
+def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timings: dict) -> Chain:
+    """The chain of a task whose teacher needs task fine-tuning (see the module docstring): task teacher, distilled
+    student fine-tuned on the task (unpruned), and the distilled student pruned on the task with task KD."""
+    data = _demo_data(profile, task.name)
+    eval_data = eval_set(data)
+    pretrained, provenance = _pretraining_teacher(args, work, profile, timings)
+    processor = _processor(pretrained)
+    steps = {"teacher_fine_tune": args.task_teacher_steps or profile["task_teacher_steps"],
+             "distill": args.distill_steps or profile["distill_steps"],
+             "student_fine_tune": args.prune_steps or profile["prune_steps"],
+             "prune": args.prune_steps or profile["prune_steps"]}
+    models, metrics = {}, {}
+
+    def fine_tune(name: str, init_from: str) -> str:  # the task loss only, from `init_from`
+        train_args = _training_args(DistillationArguments, os.path.join(work, f"{task.name}_{name}"),
+                                    steps[f"{name}_fine_tune"], profile, args.seed)
+        models[name], metrics[name] = _timed(timings, name, lambda: run_teacher(
+            TeacherArguments(init_from=init_from), data, train_args, eval_data))
+        return train_args.output_dir
+
+    teacher_dir = fine_tune("teacher", pretrained)
+    provenance = {"source": f"{os.path.abspath(pretrained)} fine-tuned for {task.name} in this run",
+                  "fine_tune_steps": steps["teacher_fine_tune"], "seed": args.seed, "pretrained": provenance}
+    # general distillation from the pre-training teacher, on image-caption pairs (task-agnostic)
+    distill_args = _training_args(DistillationArguments, os.path.join(work, "distilled"), steps["distill"], profile,
+                                  args.seed, lambda_vlp=0.6)
+    _timed(timings, "distill", lambda: run_distill(StudentArguments(teacher=pretrained), _demo_data(profile),
+                                                   distill_args, eval_data=False))
+    fine_tune("student", distill_args.output_dir)
+    # λ and cross-attention KD: the task's official values; the gates' lr at least the demo's (short schedules)
+    reg_lr = max(task.prune_defaults.get("reg_learning_rate", DEMO_REG_LR), DEMO_REG_LR)
+    prune_args = _prune_args(os.path.join(work, "pruned"), steps["prune"], profile, args, reg_learning_rate=reg_lr)
+    _timed(timings, "pruned", lambda: run_prune(
+        PruneArguments(student=distill_args.output_dir, teacher=teacher_dir), data, prune_args, eval_data=False))
+    models["pruned"], expected = load_pruned(prune_args.output_dir)  # materialize
+    task.prepare_model(models["pruned"], processor)
+    metrics["pruned"] = _timed(timings, "pruned_eval", lambda: evaluate_model(models["pruned"], processor, data,
+                                                                              eval_data))
+    title = task.card.title or task.name
+    cards = {name: {"recipe": TASK_RECIPES[name].format(task=title, **steps), "how_made": TASK_HOW_MADE[name],
+                    "summary": f"EfficientVLM demo {name} for {title} on synthetic scenes."} for name in models}
+    settings = {name: getattr(prune_args, name) for name in task.prune_defaults}  # as the trainer filled them
+    return Chain(models, metrics, {"pruned": expected}, data, eval_data, teacher_dir, provenance, cards, steps,
+                 settings)
+
+
+def _pretraining_teacher(args: DemoArguments, work: str, profile: dict, timings: dict) -> tuple[str, dict]:
+    """(folder, provenance) of the pre-training teacher a task chain starts from: the shipped one, or one trained
+    from scratch in this run (--train_teacher)."""
+    if args.train_teacher:
+        _, _, path, provenance = _teacher(args, work, profile, _demo_data(profile), False, timings)
+        timings["pretraining_teacher"] = timings.pop("teacher")  # "teacher" times the task fine-tuning
+        return path, provenance
+    return args.teacher, _shipped_provenance(args.teacher)
 
 
 def _processor(path: str):
@@ -250,17 +396,13 @@ def _write_teacher_config(work: str, profile: dict, data: DataArguments) -> str:
 def _report(models, metrics, latency, expected, args, profile, timings, provenance) -> dict:
     from ..method.structure import count_parameters
 
-    teacher_cfg = models["teacher"].config
-    device = next(models["teacher"].parameters()).device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     runs = latency["teacher"]["latency_runs"]
     out = {"models": {}, "protocol": {
         "latency": (
-            f"{device_name}, {torch.get_num_threads()} threads, float32, sdpa, batch of "
+            f"{_device_text(models)}, batch of "
             f"{latency['teacher']['batch_images']} held-out images × {latency['teacher']['batch_texts']} captions "
             f"(40 tokens); retrieval path: encode all, ITC all pairs, ITM on top-{profile['itm_k']} per query; "
-            f"{runs} timed runs after 1 warm-up, all models in one process, runs interleaved round robin; latency = "
-            f"median of the {runs} runs; speed-up = median (min–max) of the {runs} per-round ratios teacher / model"
+            f"{_runs_text(runs)}"
         ),
         "evaluation": f"{profile['eval_images']} held-out synthetic scenes, one unique caption each; ITM re-ranks "
                       f"the ITC top-{profile['itm_k']} (X-VLM match logit)",
@@ -272,25 +414,80 @@ def _report(models, metrics, latency, expected, args, profile, timings, provenan
                      "only (no teacher)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }, "teacher_provenance": provenance, "stage_seconds": timings}
+    out["models"] = _model_entries(models, metrics, latency, expected, "r_mean",
+                                   lambda model: count_parameters(model.config, ("itm",))["total"])
+    return out
+
+
+def _task_report(chain: Chain, task: Task, latency: dict, args: DemoArguments, profile: dict, timings: dict) -> dict:
+    """The report of a task chain: the retrieval report's shape, with the task's metrics and inference path."""
+    runs, batch = latency["teacher"]["latency_runs"], latency["teacher"]["batch_images"]
+    held_out = chain.metrics["teacher"].get("data", {}).get("description", "the held-out set")
+    protocol = {
+        "latency": f"{_device_text(chain.models)}; {task.workload_text(chain.data, batch)}; {_runs_text(runs)}",
+        "evaluation": f"{task.metric} ({task.card.title or task.name}) on {held_out}",
+        "task": task.name, "metric": task.metric,
+        "profile": "quick" if args.quick else "default", "seed": args.seed, "target_sparsity": args.target_sparsity,
+        "steps": chain.steps,
+        "prune_settings": chain.prune_settings,
+        "baselines": f"not run for {task.name}: the no-KD baselines (student_no_kd, pruned_no_kd) are part of the "
+                     "retrieval demo only",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
+    # every model of the chain is the task's model class: its real parameter count (tied weights once)
+    models = _model_entries(chain.models, chain.metrics, latency, chain.expected, task.metric,
+                            lambda model: sum(p.numel() for p in model.parameters()))
+    return {"models": models, "protocol": protocol, "teacher_provenance": chain.provenance, "stage_seconds": timings}
+
+
+def _device_text(models: dict) -> str:
+    """'<device>, <n> threads, float32, sdpa': where the latency was measured."""
+    device = next(models["teacher"].parameters()).device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    return f"{device_name}, {torch.get_num_threads()} threads, float32, sdpa"
+
+
+def _runs_text(runs: int) -> str:
+    return (f"{runs} timed runs after 1 warm-up, all models in one process, runs interleaved round robin; latency = "
+            f"median of the {runs} runs; speed-up = median (min–max) of the {runs} per-round ratios teacher / model")
+
+
+def _model_entries(models, metrics, latency, expected, metric: str, params) -> dict:
+    """Per model: parameters (`params(model)`), metrics, latency, sparsity and structure relative to the teacher, the
+    share of the teacher's `metric`; per pruned model also its sparsity relative to its student and the expected
+    sparsity at export."""
+    teacher_cfg, out = models["teacher"].config, {}
     for name, model in models.items():
-        entry = {"params": count_parameters(model.config, ("itm",))["total"], **metrics[name], **latency[name]}
+        entry = {"params": params(model), **metrics[name], **latency[name]}
         report = sparsity_report(model.config, teacher_cfg)
         entry["sparsity_vs_teacher"], entry["structure"] = report["sparsity"], report["structure"]
-        entry["r_mean_fraction_of_teacher"] = entry["r_mean"] / max(metrics["teacher"]["r_mean"], 1e-9)
-        out["models"][name] = entry
+        entry[f"{metric}_fraction_of_teacher"] = entry[metric] / max(metrics["teacher"][metric], 1e-9)
+        out[name] = entry
     for pruned_name, student_name in (("pruned", "student"), ("pruned_no_kd", "student_no_kd")):
-        if pruned_name in out["models"]:
-            entry = out["models"][pruned_name]
+        if pruned_name in out:
+            entry = out[pruned_name]
             entry["sparsity_vs_student"] = sparsity_report(models[pruned_name].config,
                                                            models[student_name].config)["sparsity"]
             entry["expected_sparsity_at_export"] = expected[pruned_name]
     return out
 
 
+TABLE_COLUMNS = {"retrieval": (("TR@1", "txt_r1", 6), ("TR@5", "txt_r5", 6), ("IR@1", "img_r1", 6),
+                               ("IR@5", "img_r5", 6), ("r_mean", "r_mean", 8), ("ITC only", "r_mean_itc", 9))}
+"""The metric columns of `format_report` per task (header, key, width); other tasks: their card's report keys."""
+
+
+def _table_columns(task: Task) -> tuple:
+    return TABLE_COLUMNS.get(task.name) or tuple((key, key, max(8, len(key) + 2)) for key in task.card.report_keys)
+
+
 def format_report(report: dict) -> str:
-    """The demo's table: per model parameters, R@K, r_mean (ITM and ITC-only), share of the teacher, latency."""
-    head = (f"{'model':<14}{'params':>8}{'TR@1':>6}{'TR@5':>6}{'IR@1':>6}{'IR@5':>6}{'r_mean':>8}{'ITC only':>9}"
-            f"{'% teacher':>10}{'latency ms':>11}{'speedup':>8}{'[min-max]':>12}"
+    """The demo's table: per model parameters, the task's metrics (retrieval: R@K, r_mean with ITM and ITC-only),
+    share of the teacher's metric, latency."""
+    task = get_task(report["protocol"].get("task", "retrieval"))
+    metric, columns = task.metric, _table_columns(task)
+    head = (f"{'model':<14}{'params':>8}" + "".join(f"{title:>{width}}" for title, _, width in columns)
+            + f"{'% teacher':>10}{'latency ms':>11}{'speedup':>8}{'[min-max]':>12}"
             "  sparsity vs student (v/t/f, total)")
     lines = [head]
     for name in [n for n in MODEL_ORDER if n in report["models"]]:
@@ -298,15 +495,14 @@ def format_report(report: dict) -> str:
         s = r.get("sparsity_vs_student") or {}
         sparsity = f"{s['vision']:.2f}/{s['text']:.2f}/{s['fusion']:.2f}, {s['total']:.2f}" if s else "-"
         lines.append(
-            f"{name:<14}{r['params'] / 1e6:>7.2f}M{r['txt_r1']:>6.1f}{r['txt_r5']:>6.1f}{r['img_r1']:>6.1f}"
-            f"{r['img_r5']:>6.1f}{r['r_mean']:>8.1f}{r['r_mean_itc']:>9.1f}{r['r_mean_fraction_of_teacher']:>10.1%}"
-            f"{r['latency_ms']:>11.1f}{r['speedup']:>8.2f}"
+            f"{name:<14}{r['params'] / 1e6:>7.2f}M" + "".join(f"{r[key]:>{width}.1f}" for _, key, width in columns)
+            + f"{r[f'{metric}_fraction_of_teacher']:>10.1%}{r['latency_ms']:>11.1f}{r['speedup']:>8.2f}"
             f"{'[' + format(r['speedup_min'], '.2f') + '-' + format(r['speedup_max'], '.2f') + ']':>12}  {sparsity}"
         )
     p, pruned = report["protocol"], report["models"]["pruned"]
     source = report["teacher_provenance"].get("source", "?")
     lines += ["", f"Teacher: {source}.", f"Latency: {p['latency']}.", f"Evaluation: {p['evaluation']}.",
-              f"Pruned keeps {pruned['r_mean_fraction_of_teacher']:.1%} of the teacher's r_mean at "
+              f"Pruned keeps {pruned[f'{metric}_fraction_of_teacher']:.1%} of the teacher's {metric} at "
               f"{pruned['speedup']:.2f}x speed-up with {pruned['params'] / report['models']['teacher']['params']:.0%} "
               f"of its parameters; wall time {report['wall_time_s']:.0f} s.",
               "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()) + "."]
@@ -330,6 +526,22 @@ HOW_MADE = {
     "pruned": "distilled and then modal-adaptively pruned (and physically materialized)",
     "student_no_kd": "initialised from every other teacher layer and trained without distillation (baseline)",
     "pruned_no_kd": "pruned without distillation from the no-KD student (baseline)",
+}
+TASK_RECIPES = {
+    "teacher": "The demo's pre-training teacher (trained to convergence on synthetic scenes, see "
+               "teacher_provenance) fine-tuned on {task} with the task loss for {teacher_fine_tune} steps.",
+    "student": "Half-depth student (layer i ← teacher layer 2i+1 per encoder), general distillation from the "
+               "pre-training teacher ({distill} steps, 0.6·VLP + 0.4·KD), then fine-tuned on {task} with the task loss "
+               "for {student_fine_tune} steps, unpruned: the reference for the pruned model.",
+    "pruned": "The same distilled student fine-tuned on {task} for {prune} steps with task KD from the {task} teacher "
+              "(the task's official KD settings) and hard-concrete gates on heads and FFN neurons of all encoders, one "
+              "global Lagrangian target (modal-adaptive), then materialized into a smaller dense model.",
+}
+TASK_HOW_MADE = {
+    "teacher": "fine-tuned on the task from the EfficientVLM demo's pre-training teacher",
+    "student": "distilled from the demo teacher into half the layers, then fine-tuned on the task",
+    "pruned": "distilled, then fine-tuned on the task with task KD and modal-adaptively pruned (and physically "
+              "materialized)",
 }
 
 __all__ = ["DEMO_TEACHER_DIR", "DemoArguments", "format_report", "run_demo"]

@@ -274,7 +274,7 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
         data,
         template_path=CARD_TEMPLATE,
         model_name=model_name,
-        model_summary=extra.get("summary", "An EfficientVLM image-text retrieval model."),
+        model_summary=extra.get("summary", f"An EfficientVLM {(card.title or card.tag).lower()} model."),
         how_made=extra.get("how_made", "trained with the EfficientVLM package"),
         speed_protocol=extra.get("speed_protocol", "not measured for this export (run `efficientvlm bench`)."),
         usage_automodel=card.usage.format(repo=repo),

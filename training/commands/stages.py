@@ -41,7 +41,7 @@ class DataSourceArguments:
     dataset: str = field(
         default="synthetic",
         metadata={"help": "'synthetic' (built-in rendered scenes) or a JSON file: ALBEF/X-VLM image-caption pairs "
-                          "(retrieval) or X-VLM NLVR2 records (nlvr2)."},
+                          "(retrieval; captioning: the same or COCO Karpathy records) or X-VLM NLVR2 records (nlvr2)."},
     )
     image_root: str | None = field(
         default=None,
@@ -66,7 +66,8 @@ class DataSourceArguments:
     )
     max_length: int = field(default=40, metadata={"help": "Maximum caption length in tokens."})
     eval_images: int = field(
-        default=100, metadata={"help": "Size of the held-out synthetic set (images for retrieval, items for nlvr2)."}
+        default=100,
+        metadata={"help": "Size of the held-out synthetic set (images for retrieval and captioning, items for nlvr2)."},
     )
     eval_seed: int = field(
         default=10_000,
@@ -326,6 +327,7 @@ def evaluate_checkpoint(args: EvaluateArguments) -> dict:
     processor = load_processor(args, args.model)
     model = load_task_model(args.model, args.task).eval()
     check_vocab(model.config, processor, f"evaluate --model {args.model}")
+    get_task(args.task).prepare_model(model, processor)
     return evaluate_model(model, processor, args)
 
 
@@ -383,6 +385,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     built_from = [("--init_from", teacher.init_from), ("--config", teacher.config),
                   ("--text_model", teacher.text_model), ("--preset", teacher.preset)]
     check_vocab(model.config, processor, "teacher {} {}".format(*next(pair for pair in built_from if pair[1])))
+    task.prepare_model(model, processor)
     callbacks = []
     if teacher.eval_every:
         from .learning_curve import HeldOutCurveCallback
@@ -435,6 +438,7 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     torch.manual_seed(args.seed)  # a new task head (NLVR2) starts the same in every run with this seed
     student = load_task_model(prune.student, data.task)
     check_vocab(student.config, processor, f"prune --student {prune.student}")
+    get_task(data.task).prepare_model(student, processor)
     if teacher is not None:
         check_vocab(teacher.config, processor, f"prune --teacher {prune.teacher}")
     gated = make_gated_model(student, args)

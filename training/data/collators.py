@@ -161,4 +161,53 @@ class NLVR2Collator:
                 "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-__all__ = ["NLVR2Collator", "RetrievalCollator", "mask_tokens"]
+CAPTION_PROMPT = "a picture of "
+"""The captioning prompt (X-VLM): every caption is trained and generated after it; its tokens are not in the loss."""
+
+
+def caption_prompt_ids(tokenizer: Any, prompt: str = CAPTION_PROMPT) -> list[int]:
+    """[CLS] + the prompt's tokens (no [SEP]): the ids every caption starts from (`config.caption_prompt_ids`)."""
+    return [tokenizer.cls_token_id] + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+class CaptioningCollator:
+    """Collates image-caption items {"image": PIL image | path, "caption": str} for teacher-forced captioning.
+
+    Each text is `prompt + caption`, tokenized as "[CLS] <prompt> <caption> [SEP] [PAD]...". Labels are the input
+    ids with -100 on [CLS] + the prompt's tokens and on padding (the caption's tokens and its [SEP] are predicted; the
+    model shifts them internally).
+
+    Returns dict: pixel_values (B, C, H, W), input_ids / attention_mask / labels (B, T).
+
+    Args:
+        processor: an `EfficientVLMProcessor` (or anything with its call interface and `.tokenizer`).
+        max_length: maximum length in tokens, prompt included (X-VLM: 40).
+        prompt: the caption prompt.
+    """
+
+    def __init__(self, processor: Any, max_length: int = 40, prompt: str = CAPTION_PROMPT):
+        self.processor, self.max_length, self.prompt = processor, max_length, prompt
+        self.prompt_ids = torch.tensor(caption_prompt_ids(processor.tokenizer, prompt))  # (P,)
+        if len(self.prompt_ids) + 2 > max_length:  # [SEP] and at least one caption token must fit
+            raise ValueError(f"max_length {max_length} leaves no room for a caption after the {len(self.prompt_ids)} "
+                             f"prompt tokens of {prompt!r}")
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        images = [load_image(image) for image in _images(items, "image")]
+        texts = [self.prompt + caption.strip() for caption in _texts(items, "caption")]
+        encoded = self.processor(images=images, text=texts, padding="longest", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        n = len(self.prompt_ids)
+        if not bool((input_ids[:, :n] == self.prompt_ids).all()):
+            # a tokenizer that merges the prompt's last word with the caption's first would shift the labels
+            raise ValueError(f"the tokenizer does not keep the prompt {self.prompt!r} as its own tokens "
+                             f"{self.prompt_ids.tolist()} before the captions")
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :n] = -100
+        return {"pixel_values": encoded["pixel_values"], "input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": labels}
+
+
+__all__ = ["CAPTION_PROMPT", "CaptioningCollator", "NLVR2Collator", "RetrievalCollator", "caption_prompt_ids",
+           "mask_tokens"]

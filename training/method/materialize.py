@@ -104,6 +104,8 @@ def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1
         _prune_encoder(state, model.config, modality, getattr(masks, modality))
     config = pruned_config(model.config, masks)
     pruned = type(model)._from_config(config, attn_implementation=model.config._attn_implementation or "sdpa")
+    if getattr(model, "generation_config", None) is not None:  # decoding settings (end token, beams) travel along
+        pruned.generation_config = copy.deepcopy(model.generation_config)
     pruned = pruned.to(dtype=next(model.parameters()).dtype, device=next(model.parameters()).device)
     missing, unexpected = pruned.load_state_dict(state, strict=False)
     tied = set(getattr(pruned, "_tied_weights_keys", None) or {})

@@ -1,4 +1,4 @@
-"""The task registry: one module per task (`retrieval`, `nlvr2`), each exporting a `Task` as `TASK`.
+"""The task registry: one module per task (`retrieval`, `nlvr2`, `captioning`), each exporting a `Task` as `TASK`.
 
 Adding a task = one new module here + one line in `TASKS`.
 """
@@ -6,10 +6,11 @@ Adding a task = one new module here + one line in `TASKS`.
 from __future__ import annotations
 
 from .base import ModelCardSpec, Task
+from .captioning import TASK as CAPTIONING
 from .nlvr2 import TASK as NLVR2
 from .retrieval import TASK as RETRIEVAL
 
-TASKS: dict[str, Task] = {task.name: task for task in (RETRIEVAL, NLVR2)}
+TASKS: dict[str, Task] = {task.name: task for task in (RETRIEVAL, NLVR2, CAPTIONING)}
 
 
 def get_task(name: str | Task) -> Task:

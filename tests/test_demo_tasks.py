@@ -1,0 +1,91 @@
+"""`efficientvlm demo --task <task> --quick` for the tasks whose teacher is fine-tuned first (nlvr2, captioning): the
+whole chain with a few steps per stage, report.json with the task's metric per model, Hub-ready folders."""
+
+import json
+
+import pytest
+
+from efficientvlm.training.commands import demo
+from efficientvlm.training.commands.cli import main
+from efficientvlm.training.tasks import TASKS, get_task
+
+MODELS = {"teacher", "student", "pruned"}
+STEPS = {"teacher_fine_tune": 2, "distill": 2, "student_fine_tune": 3, "prune": 3}
+ARCHITECTURE = {"nlvr2": "EfficientVLMForVisualReasoning", "captioning": "EfficientVLMForConditionalGeneration"}
+
+
+def _run_demo(task: str, out) -> dict:
+    """The quick demo with tiny step overrides, 8 held-out items and one timed run (profile entries of the task)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(demo.TASK_PROFILES, task, {"quick": {"eval_images": 8, "latency_repeats": 1}})
+        assert main(["demo", "--task", task, "--quick", "--output", str(out), "--task_teacher_steps", "2",
+                     "--distill_steps", "2", "--prune_steps", "3"]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURE))
+def task_demo(request, tmp_path_factory):
+    task = request.param
+    if task not in TASKS:
+        pytest.skip(f"task {task!r} is not registered in training/tasks/__init__.py yet")
+    out = tmp_path_factory.mktemp(f"demo_{task}") / "run"
+    return task, out, _run_demo(task, out)
+
+
+def test_report_has_the_task_metric_per_model(task_demo):
+    task, _, report = task_demo
+    metric, models = get_task(task).metric, report["models"]
+    assert set(models) == MODELS  # no-KD baselines are retrieval's only, and the report says so
+    assert "not run" in report["protocol"]["baselines"]
+    assert (report["protocol"]["task"], report["protocol"]["metric"]) == (task, metric)
+    for name, entry in models.items():
+        for key in ("params", metric, "latency_ms", "speedup", "speedup_min", "speedup_max", "sparsity_vs_teacher",
+                    "structure", f"{metric}_fraction_of_teacher"):
+            assert key in entry, f"{name}: {key}"
+        assert entry[metric] >= 0  # percent; CIDEr may exceed 100
+        assert entry["data"].get("items", entry["data"].get("images")) == 8  # the held-out set of the profile
+    assert models["teacher"]["speedup"] == 1.0 and models["teacher"][f"{metric}_fraction_of_teacher"] == 1.0
+    # half depth, then materialized: the pruned model is physically smaller than its unpruned student
+    assert models["pruned"]["params"] < models["student"]["params"] < models["teacher"]["params"]
+    sparsity = models["pruned"]["sparsity_vs_student"]
+    assert set(sparsity) == {"vision", "text", "fusion", "total"} and sparsity["total"] > 0
+    assert set(models["pruned"]["expected_sparsity_at_export"]) == {"vision", "text", "fusion", "total"}
+    assert "sparsity_vs_student" not in models["student"]
+
+
+def test_report_says_how_each_model_was_made(task_demo):
+    task, _, report = task_demo
+    protocol = report["protocol"]
+    assert protocol["steps"] == STEPS and protocol["profile"] == "quick"
+    # pruning: the task's official λ and cross-attention KD, the gates at least as fast as the demo's schedule needs
+    official = get_task(task).prune_defaults
+    settings = protocol["prune_settings"]
+    assert settings["lambda_vlp"] == official["lambda_vlp"]
+    assert settings["cross_attention_kd"] == official["cross_attention_kd"]
+    assert settings["reg_learning_rate"] == max(official["reg_learning_rate"], demo.DEMO_REG_LR)
+    provenance = report["teacher_provenance"]
+    assert f"fine-tuned for {task}" in provenance["source"] and provenance["fine_tune_steps"] == 2
+    assert provenance["pretrained"]["source"].endswith("demo_teacher")  # the shipped pre-training teacher
+    assert get_task(task).workload_text(demo._demo_data(demo.PROFILES["quick"], task), 8) in protocol["latency"]
+    assert {"teacher", "distill", "student", "pruned", "pruned_eval", "latency"} <= set(report["stage_seconds"])
+
+
+def test_hub_ready_folders_hold_the_task_models(task_demo):
+    task, out, report = task_demo
+    assert not (out / "checkpoints").exists()  # the intermediate runs are removed
+    for name in MODELS:
+        folder = out / name
+        for file in ("model.safetensors", "config.json", "README.md", "structure.png", "processor_config.json",
+                     "modeling_efficientvlm.py", "pipeline_efficientvlm.py"):
+            assert (folder / file).exists(), f"{name}/{file}"
+        card = (folder / "README.md").read_text()
+        assert get_task(task).card.tag in card and f"EfficientVLM demo {name}" in card
+        # each folder is the task's model, rebuilt by its config alone (the pruned one: materialized sizes)
+        model = get_task(task).model_class.from_pretrained(str(folder))
+        assert type(model).__name__ == ARCHITECTURE[task]
+        assert sum(p.numel() for p in model.parameters()) == report["models"][name]["params"]
+    pruned, student = (json.loads((out / name / "config.json").read_text()) for name in ("pruned", "student"))
+    widths = [sum(sum(config[key]["intermediate_size"]) for key in ("vision_config", "text_config",
+                                                                    "fusion_encoder_config"))
+              for config in (pruned, student)]
+    assert widths[0] < widths[1]
