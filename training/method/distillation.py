@@ -71,6 +71,26 @@ def attention_kd(
     return sum(terms) / len(terms) if terms else torch.zeros(())
 
 
+def forward_with_teacher(student, teacher, inputs: dict, args, masks=None):
+    """The student's forward on a supervised batch (its own task loss from `inputs["labels"]`) and, with a teacher,
+    the teacher's forward on the same inputs (no grad, no masks), asking for attention maps / hidden states only when
+    their KD weight is on (the fusion output then also carries the cross-attention maps).
+
+    Returns:
+        (student output, teacher output or None, use_attn, use_hidden).
+    """
+    use_attn = teacher is not None and args.alpha_attn > 0
+    use_hidden = teacher is not None and args.beta_hidden > 0
+    model_inputs = {key: inputs[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+    model_inputs.update(output_attentions=use_attn, output_hidden_states=use_hidden)
+    s_out = student(**model_inputs, labels=inputs["labels"], pruning_masks=masks)
+    if teacher is None:
+        return s_out, None, use_attn, use_hidden
+    with torch.no_grad():
+        t_out = teacher(**model_inputs)
+    return s_out, t_out, use_attn, use_hidden
+
+
 def hidden_kd(student: dict, teacher: dict, pairs: dict, image_weight: float) -> torch.Tensor:
     """Σ over encoders of the hidden-state KD, the vision term weighted by `image_weight`."""
     total = torch.zeros(())

@@ -26,7 +26,7 @@ from modeling_efficientvlm import EfficientVLMForConditionalGeneration
 
 from ..data.collators import CAPTION_PROMPT, caption_prompt_ids
 from ..method import losses as L
-from ..method.distillation import attention_kd, hidden_kd
+from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd
 from .base import ModelCardSpec, Task
 
 CAPTIONING_LAMBDA = 0.7
@@ -109,21 +109,10 @@ def captioning_losses(
     missing = [key for key in ("pixel_values", "input_ids", "attention_mask", "labels") if key not in inputs]
     if missing:
         raise KeyError(f"captioning batches need {missing} (got keys {sorted(inputs)}); use CaptioningCollator")
-    use_attn = teacher is not None and args.alpha_attn > 0
-    use_hidden = teacher is not None and args.beta_hidden > 0
-    model_inputs = {
-        "pixel_values": inputs["pixel_values"],
-        "input_ids": inputs["input_ids"],
-        "attention_mask": inputs["attention_mask"],
-        "output_attentions": use_attn,  # the fusion output then also carries the cross-attention maps
-        "output_hidden_states": use_hidden,
-    }
-    s_out = student(**model_inputs, labels=inputs["labels"], pruning_masks=masks)
+    s_out, t_out, use_attn, use_hidden = forward_with_teacher(student, teacher, inputs, args, masks)
     task = {"lm": s_out.loss}
     if teacher is None:
         return L.combine_losses(task, {}, 1.0, 0.0, 0.0, 0.0)
-    with torch.no_grad():
-        t_out = teacher(**model_inputs)
     predicted = (inputs["labels"][:, 1:] != -100).to(s_out.logits.device)  # (B, T - 1): logits[:, t] → labels[:, t+1]
     kd = {"logits": L.logit_kd_loss(s_out.logits[:, :-1][predicted], t_out.logits[:, :-1][predicted],
                                     args.kd_temperature)}
@@ -147,17 +136,10 @@ def train_data(data, processor, seed: int, mlm: bool):
     from ..data.collators import CaptioningCollator
 
     collator = CaptioningCollator(processor, max_length=data.max_length)
-    if data.dataset == "synthetic":
-        from ..data.scenes import SyntheticCaptioningDataset
+    from ..data.scenes import SyntheticCaptioningDataset
+    from .retrieval import caption_pairs
 
-        return SyntheticCaptioningDataset(seed=seed, image_size=data.image_size), collator
-    from ..data.files import load_albef_json
-    from .retrieval import _held_out_rows
-
-    rows = load_albef_json(data.dataset, data.image_root, split_captions=True)
-    if not data.eval_dataset:
-        rows = rows.select(_held_out_rows(data, rows["image_id"], keep_held_out=False))
-    return rows, collator
+    return caption_pairs(data, seed, SyntheticCaptioningDataset), collator
 
 
 def eval_data(data) -> dict:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from modeling_efficientvlm import EfficientVLMForVisualReasoning
 
 from ..method import losses as L
-from ..method.distillation import attention_kd, hidden_kd
+from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd
 from .base import ModelCardSpec, Task
 
 NLVR2_LAMBDA = 0.8
@@ -70,21 +70,10 @@ def nlvr2_losses(
     """
     if "labels" not in inputs:
         raise KeyError(f"NLVR2 batches need 'labels' (got keys {sorted(inputs)})")
-    use_attn = teacher is not None and args.alpha_attn > 0
-    use_hidden = teacher is not None and args.beta_hidden > 0
-    model_inputs = {
-        "pixel_values": inputs["pixel_values"],
-        "input_ids": inputs["input_ids"],
-        "attention_mask": inputs["attention_mask"],
-        "output_attentions": use_attn,  # the fusion output then also carries the cross-attention maps
-        "output_hidden_states": use_hidden,
-    }
-    s_out = student(**model_inputs, labels=inputs["labels"], pruning_masks=masks)
+    s_out, t_out, use_attn, use_hidden = forward_with_teacher(student, teacher, inputs, args, masks)
     task = {"task": s_out.loss}
     if teacher is None:
         return L.combine_losses(task, {}, 1.0, 0.0, 0.0, 0.0)
-    with torch.no_grad():
-        t_out = teacher(**model_inputs)
     device = s_out.logits.device
     kd = {"logits": L.logit_kd_loss(s_out.logits, t_out.logits, args.kd_temperature)}
     student_encoders, teacher_encoders = _encoder_outputs(s_out), _encoder_outputs(t_out)

@@ -139,16 +139,22 @@ def train_data(data, processor, seed: int, mlm: bool):
         processor, max_length=data.max_length, mlm_probability=data.mlm_probability if mlm else 0.0,
         max_masks=data.max_masks,
     )
-    if data.dataset == "synthetic":
-        from ..data.scenes import SyntheticRetrievalDataset
+    from ..data.scenes import SyntheticRetrievalDataset
 
-        return SyntheticRetrievalDataset(seed=seed, image_size=data.image_size), collator
+    return caption_pairs(data, seed, SyntheticRetrievalDataset), collator
+
+
+def caption_pairs(data, seed: int, synthetic: type):
+    """The training pairs of an image-caption task: `synthetic(seed=, image_size=)` streaming the built-in scenes, or
+    the JSON `--dataset` one row per caption, less its held-out images when there is no `--eval_dataset`."""
+    if data.dataset == "synthetic":
+        return synthetic(seed=seed, image_size=data.image_size)
     from ..data.files import load_albef_json
 
     rows = load_albef_json(data.dataset, data.image_root, split_captions=True)
     if not data.eval_dataset:
         rows = rows.select(_held_out_rows(data, rows["image_id"], keep_held_out=False))
-    return rows, collator
+    return rows
 
 
 def _held_out_rows(data, image_ids: list[int], keep_held_out: bool) -> list[int]:
