@@ -32,4 +32,12 @@ def split_rows(ids: list[int], held_out: list[int], keep_held_out: bool) -> list
     return [row for row, record in enumerate(ids) if (record in held) == keep_held_out]
 
 
-__all__ = ["holdout_indices", "holdout_size", "split_rows"]
+def held_out_rows(data, ids, keep_held_out: bool) -> list[int]:
+    """Rows of a JSON `--dataset` whose record id (`ids[row]`: the image of a caption pair, or the NLVR2 item; ids
+    are 0..K-1) is (keep_held_out=True) or is not held out, by `data`'s --holdout_fraction / --holdout_max /
+    --eval_seed — the same records in every stage and task."""
+    held_out = holdout_indices(len(set(ids)), data.holdout_fraction, data.holdout_max, data.eval_seed)
+    return split_rows(ids, held_out, keep_held_out)
+
+
+__all__ = ["held_out_rows", "holdout_indices", "holdout_size", "split_rows"]

@@ -101,17 +101,10 @@ def train_data(data, processor, seed: int, mlm: bool):
 
         return SyntheticNLVR2Dataset(seed=seed, image_size=data.image_size, level=data.nlvr2_level), collator
     from ..data.files import load_nlvr2_json
+    from ..data.holdout import held_out_rows
 
     items = load_nlvr2_json(data.dataset, data.image_root)
-    return (items if data.eval_dataset else items.select(_held_out_rows(data, len(items), False))), collator
-
-
-def _held_out_rows(data, n: int, keep_held_out: bool) -> list[int]:
-    """Items of `--dataset` that are (or are not) held out for evaluation (`--holdout_fraction`, `--eval_seed`)."""
-    from ..data.holdout import holdout_indices, split_rows
-
-    held_out = holdout_indices(n, data.holdout_fraction, data.holdout_max, data.eval_seed)
-    return split_rows(list(range(n)), held_out, keep_held_out)
+    return (items if data.eval_dataset else items.select(held_out_rows(data, range(len(items)), False))), collator
 
 
 def eval_data(data) -> list:
@@ -119,11 +112,12 @@ def eval_data(data) -> list:
     training, else held-out synthetic pairs."""
     if data.eval_dataset or data.dataset != "synthetic":
         from ..data.files import load_nlvr2_json
+        from ..data.holdout import held_out_rows
 
         if data.eval_dataset:
             return load_nlvr2_json(data.eval_dataset, data.image_root)
         items = load_nlvr2_json(data.dataset, data.image_root, check_images=False)
-        return items.select(_held_out_rows(data, len(items), True))
+        return items.select(held_out_rows(data, range(len(items)), True))
     from ..data.scenes import make_nlvr2_eval_set
 
     return make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size,

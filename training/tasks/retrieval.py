@@ -153,16 +153,10 @@ def caption_pairs(data, seed: int, synthetic: type):
 
     rows = load_albef_json(data.dataset, data.image_root, split_captions=True)
     if not data.eval_dataset:
-        rows = rows.select(_held_out_rows(data, rows["image_id"], keep_held_out=False))
+        from ..data.holdout import held_out_rows
+
+        rows = rows.select(held_out_rows(data, rows["image_id"], keep_held_out=False))
     return rows
-
-
-def _held_out_rows(data, image_ids: list[int], keep_held_out: bool) -> list[int]:
-    """Rows of `--dataset` whose image is (or is not) one of the images held out for evaluation."""
-    from ..data.holdout import holdout_indices, split_rows
-
-    held_out = holdout_indices(len(set(image_ids)), data.holdout_fraction, data.holdout_max, data.eval_seed)
-    return split_rows(image_ids, held_out, keep_held_out)
 
 
 def eval_data(data) -> dict:
@@ -174,9 +168,10 @@ def eval_data(data) -> dict:
         return load_retrieval_eval_set(data.eval_dataset, data.image_root)
     if data.dataset != "synthetic":
         from ..data.files import LazyImageList, load_albef_json
+        from ..data.holdout import held_out_rows
 
         rows = load_albef_json(data.dataset, data.image_root, split_captions=False, check_images=False)
-        rows = rows.select(_held_out_rows(data, rows["image_id"], keep_held_out=True))
+        rows = rows.select(held_out_rows(data, rows["image_id"], keep_held_out=True))
         held_out: dict = {"images": LazyImageList(rows["image"]), "captions": [], "img2txt": [], "txt2img": []}
         for index, captions in enumerate(rows["caption"]):  # images stay on disk until a batch is encoded
             start = len(held_out["captions"])
