@@ -12,13 +12,16 @@ import math
 from typing import ClassVar
 
 from transformers import PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.activations import ACT2FN
 
 __all__ = [
     "EfficientVLMConfig",
+    "EfficientVLMDecoderConfig",
     "EfficientVLMFusionConfig",
     "EfficientVLMTextConfig",
     "EfficientVLMVisionConfig",
+    "decoder_config_from_fusion",
 ]
 
 
@@ -304,6 +307,14 @@ class EfficientVLMFusionConfig(EfficientVLMTextConfig):
             come from text tokens, keys/values from image tokens of width ``encoder_hidden_size``.
         encoder_hidden_size: width of the image tokens the cross-attention reads (the vision hidden size; the parent
             config keeps it in sync).
+        shared_cross_kv: X-VLM's NLVR2 structure. The layers come in pairs (2l, 2l+1), two copies of one original
+            fusion layer: copy 2l cross-attends to image 0, copy 2l+1 to image 1, and the pair SHARES its
+            cross-attention key / value projections (one module, one tensor); self-attention, cross q / out, FFN and
+            LayerNorms are separate, so the two copies may be pruned differently. Needs an even
+            ``num_hidden_layers`` and equal ``num_cross_attention_heads`` within each pair. Pruning: the cross heads of
+            a pair have ONE gate (tied), because head h of both copies reads the same K/V rows — untied gates could
+            keep head h in one copy only, and the shared K/V rows could then be neither removed nor sliced to one
+            common shape; self heads and FFN neurons of the two copies have their own gates.
     The fusion encoder has no embeddings: it reads the text encoder's output, so ``vocab_size`` and the position
     fields are unused here.
     """
@@ -325,11 +336,73 @@ class EfficientVLMFusionConfig(EfficientVLMTextConfig):
         num_cross_attention_heads: int | list[int] = 12,
         encoder_hidden_size: int = 768,
         num_hidden_layers: int = 6,
+        shared_cross_kv: bool = False,
         **kwargs,
     ):
         self.num_cross_attention_heads = num_cross_attention_heads
         self.encoder_hidden_size = encoder_hidden_size
+        self.shared_cross_kv = shared_cross_kv
         super().__init__(num_hidden_layers=num_hidden_layers, **kwargs)
+
+    def validate(self) -> None:
+        """The text-config checks, plus the pair structure of `shared_cross_kv`."""
+        super().validate()
+        name = _field_name(self, "shared_cross_kv")
+        if not isinstance(self.shared_cross_kv, bool):
+            raise ValueError(f"{name} must be a bool, got {self.shared_cross_kv!r}")
+        if not self.shared_cross_kv:
+            return
+        if self.num_hidden_layers % 2:
+            raise ValueError(
+                f"{name} = True needs an even {_field_name(self, 'num_hidden_layers')} (pairs of copies), got "
+                f"{self.num_hidden_layers}"
+            )
+        heads = self.num_cross_attention_heads
+        for even in range(0, self.num_hidden_layers, 2):
+            if heads[even] != heads[even + 1]:
+                raise ValueError(
+                    f"{_field_name(self, 'num_cross_attention_heads')}[{even}] = {heads[even]} and [{even + 1}] = "
+                    f"{heads[even + 1]} differ, but layers {even} and {even + 1} are one pair sharing its "
+                    f"cross-attention keys / values ({name} = True): a pair needs equal cross-attention heads"
+                )
+
+
+class EfficientVLMDecoderConfig(EfficientVLMFusionConfig):
+    r"""VQA answer decoder (X-VLM's ``text_decoder``, a causal BERT LM-head model): its own word / position / type
+    embeddings, then post-LayerNorm layers with CAUSAL self-attention, cross-attention to the fusion encoder's output
+    and an FFN; an MLM-style head tied to its own word embeddings predicts the next answer token.
+
+    Same fields as the fusion config, read differently: ``vocab_size``, ``max_position_embeddings``,
+    ``type_vocab_size`` and ``pad_token_id`` size the decoder's embeddings (the text tokenizer's), and
+    ``encoder_hidden_size`` is the width the cross-attention reads, i.e. the FUSION encoder's hidden size (the parent
+    config checks both). Per-layer heads / cross heads / FFN sizes are lists like every encoder's, so a pruned decoder
+    round-trips through ``from_pretrained``. `decoder_config_from_fusion` builds the default one.
+    """
+
+    model_type = "efficientvlm_decoder_model"
+    base_config_key = "decoder_config"
+
+    def __init__(self, **kwargs):
+        # an explicit __init__: transformers replaces a config subclass without one by a plain dataclass __init__,
+        # which would skip the parent's normalisation and validation
+        super().__init__(**kwargs)
+
+
+def decoder_config_from_fusion(config: "EfficientVLMConfig") -> EfficientVLMDecoderConfig:
+    """The answer decoder a VQA model gets when its config has none (X-VLM: as many layers as the fusion encoder,
+    initialised from it): the fusion encoder's per-layer sizes and widths, the text encoder's vocabulary / positions,
+    cross-attention over the fusion output (``encoder_hidden_size`` = fusion hidden size)."""
+    fusion, text = config.fusion_encoder_config, config.text_config
+    values = {k: v for k, v in fusion.to_dict().items() if k not in ("model_type", "transformers_version")}
+    values.pop("shared_cross_kv", None)  # NLVR2's paired fusion layers; a decoder layer owns its cross K/V
+    values.update(
+        vocab_size=text.vocab_size,
+        max_position_embeddings=text.max_position_embeddings,
+        type_vocab_size=text.type_vocab_size,
+        pad_token_id=text.pad_token_id,
+        encoder_hidden_size=fusion.hidden_size,
+    )
+    return EfficientVLMDecoderConfig(**values)
 
 
 class EfficientVLMConfig(PretrainedConfig):
@@ -345,6 +418,9 @@ class EfficientVLMConfig(PretrainedConfig):
         temperature_init: initial ITC temperature (X-VLM: 0.07).
         temperature_min / temperature_max: clamp range applied to the learnable temperature in every forward.
         tie_word_embeddings: tie the MLM decoder to the text word embeddings (BERT default).
+        decoder_config: dict, EfficientVLMDecoderConfig or None: the VQA answer decoder (None for every other model;
+            `EfficientVLMForQuestionAnswering` fills it in from the fusion config). Its ``encoder_hidden_size`` must
+            equal the fusion hidden size and its vocabulary the text vocabulary.
 
     Example:
         >>> config = EfficientVLMConfig(vision_config={"num_attention_heads": [12, 8, 0]}, ...)  # doctest: +SKIP
@@ -355,6 +431,8 @@ class EfficientVLMConfig(PretrainedConfig):
         "vision_config": EfficientVLMVisionConfig,
         "text_config": EfficientVLMTextConfig,
         "fusion_encoder_config": EfficientVLMFusionConfig,
+        # optional (None for every non-VQA model); listed so the attention implementation reaches it like the others
+        "decoder_config": SubConfigSpec(EfficientVLMDecoderConfig, optional=True),
     }
 
     def __init__(
@@ -367,8 +445,10 @@ class EfficientVLMConfig(PretrainedConfig):
         temperature_min: float = 0.001,
         temperature_max: float = 0.5,
         tie_word_embeddings: bool = True,
+        decoder_config: dict | EfficientVLMDecoderConfig | None = None,
         **kwargs,
     ):
+        self.decoder_config = None if decoder_config is None else _as_config(EfficientVLMDecoderConfig, decoder_config)
         self.vision_config = _as_config(EfficientVLMVisionConfig, vision_config)
         self.text_config = _as_config(EfficientVLMTextConfig, text_config)
         fusion = _as_config(EfficientVLMFusionConfig, fusion_encoder_config)
@@ -387,6 +467,8 @@ class EfficientVLMConfig(PretrainedConfig):
         """Checks the cross-encoder contracts; each sub-config validated itself on construction."""
         for sub in (self.vision_config, self.text_config, self.fusion_encoder_config):
             sub.validate()
+        if self.decoder_config is not None:
+            self._validate_decoder()
         _check_int(self, "embed_dim", 1, MAX_WIDTH, "MAX_WIDTH")
         for field in ("temperature_init", "temperature_min", "temperature_max"):
             _check_float(self, field, 0.0, MAX_TEMPERATURE, low_open=True)
@@ -404,6 +486,23 @@ class EfficientVLMConfig(PretrainedConfig):
             raise ValueError(
                 f"fusion_encoder_config.encoder_hidden_size ({self.fusion_encoder_config.encoder_hidden_size}) must equal "
                 f"vision_config.hidden_size ({self.vision_config.hidden_size}): cross-attention reads image tokens"
+            )
+
+    def _validate_decoder(self) -> None:
+        """The answer decoder reads the fusion output and predicts the text tokenizer's ids."""
+        decoder, fusion = self.decoder_config, self.fusion_encoder_config
+        if not isinstance(decoder, PretrainedConfig):
+            raise ValueError(f"decoder_config must be None, a dict or a config object, got {type(decoder).__name__}")
+        decoder.validate()
+        if decoder.encoder_hidden_size != fusion.hidden_size:
+            raise ValueError(
+                f"decoder_config.encoder_hidden_size ({decoder.encoder_hidden_size}) must equal "
+                f"fusion_encoder_config.hidden_size ({fusion.hidden_size}): the decoder cross-attends to the fusion output"
+            )
+        if decoder.vocab_size != self.text_config.vocab_size:
+            raise ValueError(
+                f"decoder_config.vocab_size ({decoder.vocab_size}) must equal text_config.vocab_size "
+                f"({self.text_config.vocab_size}): questions and answers share one tokenizer"
             )
 
     def to_dict(self) -> dict:

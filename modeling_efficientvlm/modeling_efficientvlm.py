@@ -12,6 +12,7 @@ A sub-layer with no heads / no FFN neurons (by config, or because its mask is al
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,9 +28,11 @@ from transformers.utils import ModelOutput
 
 from .configuration_efficientvlm import (
     EfficientVLMConfig,
+    EfficientVLMDecoderConfig,
     EfficientVLMFusionConfig,
     EfficientVLMTextConfig,
     EfficientVLMVisionConfig,
+    decoder_config_from_fusion,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,11 +106,13 @@ class EncoderPruningMasks:
 
 @dataclass
 class PruningMasks:
-    """The `pruning_masks` argument of every EfficientVLM forward: one `EncoderPruningMasks` per encoder."""
+    """The `pruning_masks` argument of every EfficientVLM forward: one `EncoderPruningMasks` per encoder (and the
+    VQA answer decoder's, read only by `EfficientVLMForQuestionAnswering`)."""
 
     vision: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
     text: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
     fusion: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
+    decoder: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
 
 
 def _removed(num_units: int, mask: torch.Tensor | None) -> bool:
@@ -273,22 +278,25 @@ def _run_layers(
     masks: EncoderPruningMasks | None,
     output_attentions: bool,
     output_hidden_states: bool,
-    encoder_hidden_states: torch.Tensor | None = None,
-    encoder_attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    encoder_attention_mask: torch.Tensor | tuple[torch.Tensor | None, ...] | None = None,
     past_key_values: Cache | None = None,
     cache_offset: int = 0,
 ) -> EfficientVLMEncoderOutput:
     """Runs a layer stack and collects hidden states / attention probabilities (shared by the three encoders).
 
     With `past_key_values`, layer i caches its self-attention at index `cache_offset + i` (decoder use).
+    `encoder_hidden_states` / `encoder_attention_mask` given as a tuple of n: layer i cross-attends to entry i mod n
+    (X-VLM's NLVR2: copy 2l reads image 0, copy 2l + 1 image 1).
     """
     all_hidden = [hidden_states] if output_hidden_states else None
     self_attns, cross_attns = [], []
+    pick = lambda x, i: x[i % len(x)] if isinstance(x, tuple) else x  # noqa: E731
     for i, layer in enumerate(layers):
         layer_masks = masks.layer(i) if masks is not None else (None, None, None)
         hidden_states, self_probs, cross_probs = layer(
-            hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, layer_masks, output_attentions,
-            past_key_values, cache_offset + i,
+            hidden_states, attention_mask, pick(encoder_hidden_states, i), pick(encoder_attention_mask, i),
+            layer_masks, output_attentions, past_key_values, cache_offset + i,
         )
         self_attns.append(self_probs)
         cross_attns.append(cross_probs)
@@ -484,8 +492,27 @@ class EfficientVLMTextTransformer(nn.Module):
         )
 
 
+def shared_cross_kv_keys(config: EfficientVLMFusionConfig, prefix: str = "fusion_model.") -> dict[str, str]:
+    """{odd copy's cross-attention key / value parameter: the even copy's} of a `shared_cross_kv` fusion config (the
+    tensors the pair shares; empty otherwise). The even copy 2l owns them; copy 2l + 1 holds the same module."""
+    if not getattr(config, "shared_cross_kv", False):
+        return {}
+    return {
+        f"{prefix}layers.{even + 1}.cross_attn.{proj}.{param}": f"{prefix}layers.{even}.cross_attn.{proj}.{param}"
+        for even in range(0, config.num_hidden_layers, 2)
+        if config.num_cross_attention_heads[even]
+        for proj in ("k_proj", "v_proj")
+        for param in ("weight", "bias")
+    }
+
+
 class EfficientVLMFusionTransformer(nn.Module):
-    """BERT fusion encoder: self-attention over text, cross-attention to image tokens, FFN (no embeddings)."""
+    """BERT fusion encoder: self-attention over text, cross-attention to image tokens, FFN (no embeddings).
+
+    With `config.shared_cross_kv` (X-VLM's NLVR2 structure) layers 2l and 2l + 1 are two copies of one original layer:
+    copy 2l cross-attends to image 0, copy 2l + 1 to image 1, and the pair shares ONE cross-attention k_proj / v_proj
+    module (the same object in both layers, so one tensor); everything else is per copy.
+    """
 
     def __init__(self, config: EfficientVLMFusionConfig):
         super().__init__()
@@ -493,13 +520,19 @@ class EfficientVLMFusionTransformer(nn.Module):
         self.layers = nn.ModuleList(
             EfficientVLMLayer(config, i, pre_norm=False, cross_attention=True) for i in range(config.num_hidden_layers)
         )
+        if getattr(config, "shared_cross_kv", False):
+            for even in range(0, len(self.layers), 2):
+                owner, copy = self.layers[even], self.layers[even + 1]
+                if owner.num_cross_heads:  # the config guarantees equal cross heads within a pair
+                    copy.cross_attn.k_proj = owner.cross_attn.k_proj
+                    copy.cross_attn.v_proj = owner.cross_attn.v_proj
 
     def forward(
         self,
         text_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        image_hidden_states: torch.Tensor,
-        image_attention_mask: torch.Tensor | None = None,
+        image_hidden_states: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        image_attention_mask: torch.Tensor | tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
         masks: EncoderPruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
@@ -509,10 +542,25 @@ class EfficientVLMFusionTransformer(nn.Module):
     ) -> EfficientVLMEncoderOutput:
         """text (B, T, D_text) + image (B, N, D_vision) → fused text tokens (B, T, D_text).
 
+        With `config.shared_cross_kv`, `image_hidden_states` is the pair (image 0 (B, N, D_vision), image 1) (and
+        `image_attention_mask` None or a pair): layer i reads image i mod 2.
         `causal=True`: causal self-attention (the captioning decoder); `past_key_values` caches the self-attention of
         layer i at index `cache_offset + i` (cross-attention keys / values are recomputed from the image tokens).
         """
         dtype = text_hidden_states.dtype
+        paired = isinstance(image_hidden_states, (tuple, list))
+        if bool(getattr(self.config, "shared_cross_kv", False)) != paired or (paired and len(image_hidden_states) != 2):
+            raise ValueError(
+                "a fusion encoder with shared_cross_kv (NLVR2) reads a pair of image token tensors (image 0, image 1); "
+                f"any other reads one tensor; got {type(image_hidden_states).__name__} with shared_cross_kv = "
+                f"{getattr(self.config, 'shared_cross_kv', False)}"
+            )
+        if paired:
+            image_hidden_states = tuple(image_hidden_states)
+            image_masks = (None, None) if image_attention_mask is None else tuple(image_attention_mask)
+            image_attention_mask = tuple(_additive_mask(m, dtype) for m in image_masks)  # (mask 0, mask 1)
+        else:
+            image_attention_mask = _additive_mask(image_attention_mask, dtype)
         if causal:
             past = past_key_values.get_seq_length(cache_offset) if past_key_values is not None else 0
             length = text_hidden_states.shape[1]
@@ -527,7 +575,7 @@ class EfficientVLMFusionTransformer(nn.Module):
             output_attentions,
             output_hidden_states,
             encoder_hidden_states=image_hidden_states,
-            encoder_attention_mask=_additive_mask(image_attention_mask, dtype),
+            encoder_attention_mask=image_attention_mask,
             past_key_values=past_key_values,
             cache_offset=cache_offset,
         )
@@ -547,6 +595,8 @@ HUB_AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_efficientvlm.EfficientVLMForVisualReasoning",
     # the built-in image-text-to-text pipeline (transformers 5's name for "image-to-text") loads this class
     "AutoModelForImageTextToText": "modeling_efficientvlm.EfficientVLMForConditionalGeneration",
+    # the built-in visual-question-answering pipeline loads this class (generative: it calls `generate`)
+    "AutoModelForVisualQuestionAnswering": "modeling_efficientvlm.EfficientVLMForQuestionAnswering",
 }
 
 
@@ -559,11 +609,29 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["EfficientVLMLayer", "EfficientVLMVisionEmbeddings", "EfficientVLMTextEmbeddings"]
+    # the pre-training box head (X-VLM's L_BBOX) is dropped by every other class without an "UNEXPECTED" report;
+    # a subclass that sets its own list keeps this entry
+    _keys_to_ignore_on_load_unexpected = [r"^bbox_head\.", r"^decoder_model\."]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves safetensors + config + remote code; `auto_map` always lists every EfficientVLM Auto class."""
         self.config.auto_map = {**HUB_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def post_init(self):
+        """Declares the K/V tensors a `shared_cross_kv` fusion pair shares as tied weights (odd copy → even copy), so
+        safetensors stores them once and `from_pretrained` loads the one tensor; then transformers' `post_init`."""
+        shared = shared_cross_kv_keys(self.config.fusion_encoder_config)
+        if shared:  # instance attribute: the shared keys depend on the config
+            self._tied_weights_keys = {**(type(self)._tied_weights_keys or {}), **shared}
+        super().post_init()
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        """transformers' tied keys plus the shared cross K/V (tied by the module structure, whatever
+        `tie_word_embeddings` says, which is all transformers consults)."""
+        tied = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+        tied.update(shared_cross_kv_keys(self.config.fusion_encoder_config))
+        return tied
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -844,7 +912,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
 
     ITM_SCORES = ITM_SCORES  # what `rerank` / `itm_pair_scores` accept as `itm_score`
     # a pre-training checkpoint's MLM head is expected to be dropped here: no "UNEXPECTED" load report for it
-    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\."]
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\.", r"^bbox_head\.", r"^decoder_model\."]
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
@@ -1116,14 +1184,55 @@ class EfficientVLMMLMHead(nn.Module):
 
 
 class EfficientVLMForPreTraining(EfficientVLMForImageTextRetrieval):
-    """ITC + ITM + MLM (the MLM runs the fusion encoder on masked text against the paired image)."""
+    """ITC + ITM + MLM + X-VLM's box head (the MLM runs the fusion encoder on masked text against the paired image).
+
+    `bbox_head` (X-VLM's `build_mlp`: Linear(d, 2d) → LayerNorm → GELU → Linear(2d, 4), d = text width) reads the
+    fusion [CLS] of (image, phrase about one object) and `predict_boxes` squashes it by a sigmoid into the object's box
+    (cx, cy, w, h) ∈ [0, 1]⁴ (L_BBOX). A checkpoint without the head loads with it freshly initialised.
+    """
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
         self.mlm_head = EfficientVLMMLMHead(self.config.text_config)
+        width = self.config.text_config.hidden_size
+        # built without advancing the CPU RNG: `post_init` then draws every other weight exactly as before the box
+        # head existed (seeded models and runs reproduce), and the box head's own weights last
+        with torch.random.fork_rng(devices=[]):
+            self.bbox_head = nn.Sequential(
+                nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, 4)
+            )
         self.post_init()
+
+    def predict_boxes(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """Boxes (B, 4) = sigmoid(bbox_head(fusion [CLS])) as (cx, cy, w, h) in [0, 1], image-normalised.
+
+        Args:
+            input_ids: (B, T) phrases, each describing one object of its image ("the small red circle").
+            attention_mask: (B, T) 1 = token / 0 = padding.
+            pixel_values: (B, C, H, W) images; or give `image_tokens` already encoded.
+            image_tokens: (B, 1 + N, D_vision) vision encoder outputs (what the pre-training step has cached).
+            pruning_masks: masks of a gated model (None = dense).
+            interpolate_pos_encoding: allow image sizes other than the config's.
+        """
+        if (pixel_values is None) == (image_tokens is None):
+            raise ValueError("predict_boxes needs exactly one of pixel_values and image_tokens")
+        if image_tokens is None:
+            image_tokens = self.encode_image(
+                pixel_values, pruning_masks, interpolate_pos_encoding=interpolate_pos_encoding
+            ).last_hidden_state
+        text = self.encode_text(input_ids, attention_mask, pruning_masks)
+        fused = self.fuse(text.last_hidden_state, attention_mask, image_tokens, pruning_masks=pruning_masks)
+        return self.bbox_head(fused.last_hidden_state[:, 0]).sigmoid()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.mlm_head.decoder
@@ -1200,12 +1309,12 @@ class EfficientVLMVisualReasoningOutput(ModelOutput):
 
     Args:
         loss: cross-entropy of `logits` against `labels`, when labels are given.
-        logits: (B, 2) statement false / true (index 1 = true).
-        vision_model_output: vision encoder output for the 2B images, pair-adjacent (row 2b = left, 2b + 1 = right
-            image of item b).
+        logits: (B, num_labels) classifier logits (NLVR2: statement false / true, index 1 = true).
+        vision_model_output: vision encoder output for the 2B images, pair-adjacent (row 2b = image 0, 2b + 1 =
+            image 1 of item b).
         text_model_output: text encoder output for the B statements.
-        fusion_model_output: fusion encoder output for the 2B (statement, image) pairs, in the vision order (row 2b
-            fuses statement b with the left image, 2b + 1 with the right one).
+        fusion_model_output: fusion encoder output for the B statements (2L layers: copy 2l read image 0, copy
+            2l + 1 image 1).
     """
 
     loss: torch.Tensor | None = None
@@ -1215,21 +1324,165 @@ class EfficientVLMVisualReasoningOutput(ModelOutput):
     fusion_model_output: EfficientVLMEncoderOutput | None = None
 
 
-class EfficientVLMForVisualReasoning(EfficientVLMModel):
-    """NLVR2: two images + a statement → true / false (X-VLM's NLVR2 head on the pre-training fusion encoder).
+NLVR_ENCODER_PREFIXES = ("vision_model.", "text_model.", "fusion_model.")
+"""Weights a single-fusion checkpoint gives the NLVR2 model; its other tensors (ITC projections, temperature, heads)
+load by name where the NLVR2 class has them (`vision_proj`, `text_proj`, `temp`) and are dropped otherwise."""
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
-    The statement is fused with each image by the SAME fusion encoder (one weight set, two passes batched as 2B rows),
-    and `nlvr_head` (Linear(2d, 2d) → LayerNorm → GELU → Linear(2d, 2), d = text width) classifies the concatenated
-    fusion [CLS] states [left; right]. Weight names are shared with the other EfficientVLM classes, so retrieval /
-    pre-training checkpoints load (the ITM / MLM heads are dropped, `nlvr_head` is initialised).
-    """
+
+def nlvr_config(config: EfficientVLMConfig) -> EfficientVLMConfig:
+    """A copy of `config` with X-VLM's NLVR2 fusion: each fusion layer l becomes the pair (2l, 2l + 1) with shared
+    cross-attention keys / values (`shared_cross_kv`), per-layer sizes duplicated. A config already in that form is
+    copied unchanged."""
+    import copy
+
+    config = copy.deepcopy(config)
+    fusion = config.fusion_encoder_config
+    if not fusion.shared_cross_kv:
+        for name in fusion.per_layer_fields:
+            setattr(fusion, name, [size for size in getattr(fusion, name) for _ in range(2)])
+        fusion.num_hidden_layers *= 2
+        fusion.shared_cross_kv = True
+        fusion.validate()
+    return config
+
+
+def duplicate_fusion_state(state: dict[str, torch.Tensor], prefix: str = "fusion_model.") -> dict[str, torch.Tensor]:
+    """A single-fusion state dict in the NLVR2 layout: every `<prefix>layers.l.*` tensor becomes `layers.2l.*` and
+    `layers.2l+1.*` (the same tensor: the copies start equal; loading copies the values). Other keys unchanged."""
+    out = {}
+    head = prefix + "layers."
+    for name, tensor in state.items():
+        if not name.startswith(head):
+            out[name] = tensor
+            continue
+        layer, rest = name[len(head) :].split(".", 1)
+        for copy_index in (0, 1):
+            out[f"{head}{2 * int(layer) + copy_index}.{rest}"] = tensor
+    return out
+
+
+class _SingleFusionEncoders(EfficientVLMModel):
+    """Loads the encoders of a single-fusion (retrieval / pre-training) checkpoint for `EfficientVLMForVisualReasoning`
+    (other classes' heads are dropped quietly; an `nlvr_head` is reported, see `from_pretrained`)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^(?!nlvr_head\.)"]
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
-        width = 2 * self.config.text_config.hidden_size  # concatenated [CLS] of the two fusion passes
-        self.nlvr_head = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, 2))
+        self.post_init()
+
+
+class EfficientVLMForVisualReasoning(EfficientVLMModel):
+    """NLVR2 as X-VLM builds it: two images + a statement → true / false (or `config.num_labels` classes).
+
+    One text stream; the fusion encoder is X-VLM's duplicated NLVR2 fusion (`shared_cross_kv`): fusion layer l of the
+    pre-trained model becomes layers 2l (cross-attends to image 0) and 2l + 1 (image 1), the two copies sharing the
+    cross-attention key / value projections. `nlvr_head` = Linear(d, 2d) → LayerNorm → GELU → Linear(2d, num_labels)
+    (d = text width) reads the single fusion [CLS]. `config.num_labels` (transformers' field, default 2) sets the
+    classes: 2 for NLVR2, 3 for X-VLM's text-agnostic NLVR domain pre-training.
+
+    Building it from a retrieval / pre-training checkpoint (single fusion): `from_pretrained(path)` duplicates each
+    fusion layer (both copies = layer l; `nlvr_head` new); in memory, `from_single_fusion(model)`. The constructor
+    also accepts a single-fusion config (duplicated by `nlvr_config`, weights random).
+    """
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(nlvr_config(config))
+        width = self.config.text_config.hidden_size
+        labels = self.config.num_labels
+        self.nlvr_head = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, labels)
+        )
         if type(self) is EfficientVLMForVisualReasoning:
             self.post_init()
+
+    @classmethod
+    def from_single_fusion(cls, model: EfficientVLMModel, num_labels: int | None = None):
+        """The NLVR2 model of a single-fusion EfficientVLM model (any class): encoders, ITC projections and temperature
+        copied, each fusion layer l copied into layers 2l and 2l + 1 (K/V shared), `nlvr_head` freshly initialised.
+
+        Args:
+            model: an EfficientVLM model whose fusion config has `shared_cross_kv` False.
+            num_labels: classes of the new head (default `model.config.num_labels`, i.e. 2).
+
+        Raises:
+            ValueError: `model` already has the NLVR2 fusion, or holds an old-format NLVR2 head.
+        """
+        if model.config.fusion_encoder_config.shared_cross_kv:
+            raise ValueError("the model already has the NLVR2 (shared_cross_kv) fusion: load it directly")
+        if any(name.startswith("nlvr_head.") for name in model.state_dict()):
+            raise ValueError(_old_nlvr_message(type(model).__name__))
+        config = nlvr_config(model.config)
+        if num_labels is not None:
+            config.num_labels = num_labels
+        reference = next(model.parameters())
+        out = cls(config).to(device=reference.device, dtype=reference.dtype)
+        own = out.state_dict()
+        state = {k: v for k, v in duplicate_fusion_state(model.state_dict()).items() if k in own}
+        missing, _ = out.load_state_dict(state, strict=False)
+        lost = [k for k in missing if not k.startswith("nlvr_head.")]
+        if lost:
+            raise ValueError(f"{type(model).__name__} lacks weights the NLVR2 model needs: {lost}")
+        return out.train(model.training)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a single-fusion (retrieval / pre-training) checkpoint is converted on
+        the way in (`from_single_fusion`). An NLVR2 checkpoint of the former concatenated-[CLS] design raises.
+
+        `num_labels=` sets the head's classes of a converted checkpoint; with `output_loading_info=True` the report
+        of a conversion lists the new `nlvr_head` keys as missing and the checkpoint's unused tensors as unexpected.
+        """
+        config = kwargs.get("config")
+        if not hasattr(config, "fusion_encoder_config"):
+            hub = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config = EfficientVLMConfig.from_pretrained(config or pretrained_model_name_or_path, **hub)
+        if config.fusion_encoder_config.shared_cross_kv:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if "EfficientVLMForVisualReasoning" in (getattr(config, "architectures", None) or []):
+            raise ValueError(_old_nlvr_message(str(pretrained_model_name_or_path)))
+        want_info = kwargs.pop("output_loading_info", False)
+        num_labels = kwargs.pop("num_labels", None)
+        base, info = _SingleFusionEncoders.from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if any(key.startswith("nlvr_head.") for key in info["unexpected_keys"]):
+            raise ValueError(_old_nlvr_message(str(pretrained_model_name_or_path)))
+        model = cls.from_single_fusion(base, num_labels).eval()
+        if not want_info:
+            return model
+        report = dict(info)
+        report["missing_keys"] = sorted(k for k in model.state_dict() if k.startswith("nlvr_head."))
+        return model, report
+
+    def pair_logits(
+        self,
+        text_tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image0_tokens: torch.Tensor,
+        image1_tokens: torch.Tensor,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, EfficientVLMEncoderOutput]:
+        """Classifier logits (B, num_labels) of (statement, image 0, image 1) from encoded tokens, and the fusion
+        output.
+
+        Args:
+            text_tokens: (B, T, D_text) text encoder output.
+            attention_mask: (B, T) 1 = token / 0 = padding.
+            image0_tokens / image1_tokens: (B, 1 + N, D_vision) vision encoder outputs of the two images.
+        """
+        fused = self.fuse(
+            text_tokens,
+            attention_mask,
+            (image0_tokens, image1_tokens),
+            pruning_masks=pruning_masks,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        return self.nlvr_head(fused.last_hidden_state[:, 0]), fused
 
     def forward(
         self,
@@ -1243,26 +1496,26 @@ class EfficientVLMForVisualReasoning(EfficientVLMModel):
         interpolate_pos_encoding: bool = False,
         **kwargs,
     ) -> EfficientVLMVisualReasoningOutput:
-        """Classifies (left image, right image, statement) triples.
+        """Classifies (image 0, image 1, statement) triples.
 
         Args:
             pixel_values: (B, 2, C, H, W), index 0 = left image.
             input_ids: (B, T) statements.
             attention_mask: (B, T) 1 = token / 0 = padding.
-            labels: (B,) 0 = false / 1 = true; adds the cross-entropy `loss`.
-            pruning_masks: applied to every encoder (both fusion passes share the fusion masks).
+            labels: (B,) class indices (NLVR2: 0 = false / 1 = true); adds the cross-entropy `loss`.
+            pruning_masks: masks of all three encoders (fusion: per layer of the 2L copies).
             output_attentions / output_hidden_states: per-encoder probabilities / states (for KD).
             interpolate_pos_encoding: allow image sizes other than the config's.
 
         Returns:
-            `EfficientVLMVisualReasoningOutput` with logits (B, 2); the fusion output covers 2B rows.
+            `EfficientVLMVisualReasoningOutput` with logits (B, num_labels).
         """
         if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
             raise ValueError(
                 f"pixel_values must be (B, 2, C, H, W) (left, right image), got {tuple(pixel_values.shape)}"
             )
         batch = pixel_values.shape[0]
-        # one vision pass over the 2B images; flatten keeps each item's pair adjacent (2b = left, 2b + 1 = right)
+        # one vision pass over the 2B images; flatten keeps each item's pair adjacent (2b = image 0, 2b + 1 = image 1)
         vision = self.encode_image(
             pixel_values.flatten(0, 1),
             pruning_masks,
@@ -1277,23 +1530,25 @@ class EfficientVLMForVisualReasoning(EfficientVLMModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        # one fusion pass over 2B rows: each statement repeated for its two images, in the same pair-adjacent order
-        pair_mask = None if attention_mask is None else attention_mask.repeat_interleave(2, dim=0)
-        fused = self.fuse(
-            text.last_hidden_state.repeat_interleave(2, dim=0),
-            pair_mask,
-            vision.last_hidden_state,
-            pruning_masks=pruning_masks,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+        images = vision.last_hidden_state.unflatten(0, (batch, 2))  # (B, 2, 1 + N, D_vision)
+        logits, fused = self.pair_logits(
+            text.last_hidden_state, attention_mask, images[:, 0], images[:, 1], pruning_masks,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         )
-        pair_cls = fused.last_hidden_state[:, 0].reshape(batch, -1)  # (B, 2d) = [CLS_left ; CLS_right]
-        logits = self.nlvr_head(pair_cls)
         loss = None if labels is None else F.cross_entropy(logits, labels.to(logits.device).long())
         return EfficientVLMVisualReasoningOutput(
             loss=loss, logits=logits, vision_model_output=vision, text_model_output=text, fusion_model_output=fused
         )
 
+
+def _old_nlvr_message(source: str) -> str:
+    return (
+        f"{source} is an NLVR2 checkpoint of the former EfficientVLM design (one fusion encoder run once per image, "
+        "nlvr_head on the concatenated [CLS] pair, width 2d). EfficientVLMForVisualReasoning now has X-VLM's structure "
+        "(fusion layers duplicated per image with shared cross-attention keys / values, head on the single [CLS]), "
+        "so these weights cannot be reused as they are: re-run `efficientvlm teacher --task nlvr2` / `prune --task "
+        "nlvr2` from the retrieval / pre-training checkpoint it was fine-tuned from"
+    )
 
 
 @dataclass
@@ -1364,7 +1619,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
 
     main_input_name = "input_ids"  # generate's token stream; the image enters as pixel_values / image_tokens
     _tied_weights_keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
-    _keys_to_ignore_on_load_unexpected = [r"^itm_head\.", r"^nlvr_head\."]
+    _keys_to_ignore_on_load_unexpected = [r"^itm_head\.", r"^nlvr_head\.", r"^bbox_head\.", r"^decoder_model\."]
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
@@ -1550,25 +1805,520 @@ class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
         return output
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Visual question answering
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EfficientVLMQuestionAnsweringOutput(ModelOutput):
+    """Output of `EfficientVLMForQuestionAnswering`.
+
+    Args:
+        loss: Σ_a weight_a · (token-summed next-token cross-entropy of answer a) / number of questions (X-VLM), when
+            `labels` or `answer_weights` are given.
+        logits: (A, L, V) answer-decoder logits (position t predicts answer token t + 1).
+        answer_loss: (A,) each answer's token-summed cross-entropy (unweighted), when the loss is computed.
+        cache: the `Cache` of the decoder self-attention when caching (decoding); also readable as
+            `output.past_key_values`.
+        question_states: (B, T, D) the fusion encoder's output the decoder cross-attends to.
+        question_attention_mask: (B, T) the question mask over those states.
+        vision_model_output / text_model_output / fusion_model_output: encoder outputs (None when `question_states`
+            were given).
+        decoder_model_output: the answer decoder's output: hidden_states, attentions (causal self-attention) and
+            cross_attentions (to the fusion output) when asked (KD).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    answer_loss: torch.Tensor | None = None
+    cache: Cache | None = None
+    question_states: torch.Tensor | None = None
+    question_attention_mask: torch.Tensor | None = None
+    vision_model_output: EfficientVLMEncoderOutput | None = None
+    text_model_output: EfficientVLMEncoderOutput | None = None
+    fusion_model_output: EfficientVLMEncoderOutput | None = None
+    decoder_model_output: EfficientVLMEncoderOutput | None = None
+
+
+VQA_GENERATION_DEFAULTS = {"max_new_tokens": 10}
+"""Free answer generation: greedy, at most 10 new tokens (VQA answers are 1-3 words), unless the call or the
+generation config sets them."""
+
+
+def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(A,) next-token cross-entropy of each answer SUMMED over its tokens (X-VLM's `reduction='none'` LM loss):
+    Σ_t CE(logits[a, t − 1], labels[a, t]) over the non-ignored (≠ −100) labels, in float32.
+
+    Args:
+        logits: (A, L, V).
+        labels: (A, L) token ids, -100 where ignored (the start token is never a target: it has no predecessor).
+    """
+    shifted = logits[:, :-1].float()  # (A, L − 1, V)
+    targets = labels[:, 1:].to(shifted.device)
+    loss = F.cross_entropy(
+        shifted.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none", label_smoothing=label_smoothing
+    )
+    return loss.view(targets.shape).sum(dim=1)
+
+
+class EfficientVLMAnswerDecoder(nn.Module):
+    """The VQA answer decoder (X-VLM's `text_decoder`, a causal BERT LM-head model): its own BERT embeddings, post-norm
+    `EfficientVLMLayer`s with causal self-attention, cross-attention to the fusion output and an FFN, and `lm_head`
+    (an `EfficientVLMMLMHead` whose decoder is tied to `embeddings.word_embeddings`)."""
+
+    def __init__(self, config: EfficientVLMDecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = EfficientVLMTextEmbeddings(config)
+        self.layers = nn.ModuleList(
+            EfficientVLMLayer(config, i, pre_norm=False, cross_attention=True) for i in range(config.num_hidden_layers)
+        )
+        self.lm_head = EfficientVLMMLMHead(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        masks: EncoderPruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        past_key_values: Cache | None = None,
+    ) -> EfficientVLMEncoderOutput:
+        """Answer tokens (A, T) (with a cache: only the new ones) + question states (A, S, D_fusion) → (A, T, D).
+
+        attention_mask (A, S_past + T) covers the cached and the new answer tokens; layer i caches at index i.
+        """
+        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        hidden = self.embeddings(input_ids, None, past)
+        self_mask = _causal_mask(attention_mask, input_ids.shape[1], past, hidden.dtype, hidden.device)
+        return _run_layers(
+            self.layers, hidden, self_mask, masks, output_attentions, output_hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=_additive_mask(encoder_attention_mask, hidden.dtype),
+            past_key_values=past_key_values,
+        )
+
+
+def _quiet_decoder_tie_warning(record: logging.LogRecord) -> bool:
+    """Drops transformers' "checkpoint seem corrupted" tie warning about the answer decoder's word embeddings: a
+    checkpoint without a decoder has neither tied tensor, and `init_decoder_from_encoders` fills both right after."""
+    message = record.getMessage()
+    return not ("seem corrupted" in message and "decoder_model.embeddings.word_embeddings" in message)
+
+
+class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
+    """VQA (X-VLM / EfficientVLM `EffXVLMForVQA`): the text and fusion encoders read (question, image) exactly as for
+    retrieval, and an answer decoder (`decoder_model`, `EfficientVLMAnswerDecoder`) generates the answer while
+    cross-attending to the fusion output.
+
+    The decoder has its OWN embeddings and LM head (tied to the decoder's word embeddings), as X-VLM's
+    `BertLMHeadModel` has: sharing the text encoder's embeddings would tie the question encoder's input table to the
+    answer head, which X-VLM does not do, and own tensors keep an X-VLM `text_decoder.*` checkpoint a 1:1 mapping.
+    It has as many layers as the fusion encoder (`config.decoder_config`, per-layer sizes like every encoder).
+
+    A checkpoint without a decoder (`decoder_config` None: retrieval / pre-training / distilled student) gets
+    `decoder_config_from_fusion(config)`, and `from_pretrained` initialises the decoder from it as X-VLM does: decoder
+    embeddings ← text embeddings, decoder layer l ← fusion layer l, `lm_head` ← `mlm_head` when the checkpoint has one
+    (see `init_decoder_from_encoders`). ITM / NLVR / box heads of such checkpoints are dropped silently.
+
+    Inference: `rank_answers` (the paper's: first-token probability of every candidate → top-k → full-sequence
+    log-likelihood → argmax) or `generate` (free answers, KV cache over the decoder's self-attention).
+    """
+
+    main_input_name = "input_ids"  # generate's token stream (the answer); the question enters through `generate`
+    _tied_weights_keys = {"decoder_model.lm_head.decoder.weight": "decoder_model.embeddings.word_embeddings.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"^itm_head\.", r"^nlvr_head\.", r"^bbox_head\.", r"^mlm_head\."]
+    MLM_HEAD_KEY_MAPPING = {r"^mlm_head\.": "decoder_model.lm_head."}
+    """`from_pretrained` key mapping: a pre-training checkpoint's MLM head initialises the answer LM head (X-VLM)."""
+
+    def __init__(self, config: EfficientVLMConfig):
+        super().__init__(config)
+        config = self.config
+        # a checkpoint without a decoder: its sizes come from the fusion encoder, its weights from
+        # `init_decoder_from_encoders` (called by `from_pretrained`)
+        self._decoder_from_encoders = config.decoder_config is None
+        if self._decoder_from_encoders:
+            config.decoder_config = decoder_config_from_fusion(config)
+        # the attention implementation reaches a decoder config set after the config was built (or just now)
+        config._attn_implementation = config._attn_implementation
+        config.validate()
+        self.decoder_model = EfficientVLMAnswerDecoder(config.decoder_config)
+        self.post_init()
+        if self._decoder_from_encoders:  # its weights come from the encoders, not the checkpoint: no MISSING report
+            self._keys_to_ignore_on_load_missing = {*(self._keys_to_ignore_on_load_missing or ()), r"^decoder_model\."}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a checkpoint without decoder weights gets its decoder initialised from
+        its encoders (`init_decoder_from_encoders`; `mlm_head.*` is loaded into `decoder_model.lm_head`)."""
+        kwargs.setdefault("key_mapping", dict(cls.MLM_HEAD_KEY_MAPPING))
+        loader_log = logging.getLogger("transformers.modeling_utils")
+        loader_log.addFilter(_quiet_decoder_tie_warning)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        finally:
+            loader_log.removeFilter(_quiet_decoder_tie_warning)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info
+        if model._decoder_from_encoders:
+            model.init_decoder_from_encoders()
+        return loaded
+
+    @torch.no_grad()
+    def init_decoder_from_encoders(self) -> None:
+        """X-VLM's VQA initialisation: decoder embeddings ← text embeddings, decoder layer l ← fusion layer l.
+
+        Every tensor of a decoder layer is copied from the fusion layer's tensor of the same name and shape. The
+        cross-attention keys / values read the vision width in the fusion encoder but the fusion width in the decoder:
+        when the two widths differ (not in X-VLM, where both are 768) those two projections keep their initialisation.
+
+        Raises:
+            ValueError: the decoder's per-layer sizes differ from the fusion encoder's (naming the field).
+        """
+        decoder, fusion = self.config.decoder_config, self.config.fusion_encoder_config
+        for field in ("num_hidden_layers", "hidden_size", "head_dim", *fusion.per_layer_fields):
+            if getattr(decoder, field) != getattr(fusion, field):
+                raise ValueError(
+                    f"decoder_config.{field} ({getattr(decoder, field)}) differs from fusion_encoder_config.{field} "
+                    f"({getattr(fusion, field)}): the decoder can only be initialised from a fusion encoder of its shape"
+                )
+        self.decoder_model.embeddings.load_state_dict(self.text_model.embeddings.state_dict())
+        for target, source in zip(self.decoder_model.layers, self.fusion_model.layers):
+            source_state = source.state_dict()
+            for name, tensor in target.state_dict().items():
+                if name in source_state and source_state[name].shape == tensor.shape:
+                    tensor.copy_(source_state[name])
+        self._decoder_from_encoders = False
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder_model.lm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.decoder_model.lm_head.decoder = value
+
+    def encode_question(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[EfficientVLMEncoderOutput, EfficientVLMEncoderOutput, EfficientVLMEncoderOutput]:
+        """(vision, text, fusion) outputs of (image, question) pairs, as the retrieval model's ITM path computes them."""
+        if pixel_values is None or input_ids is None:
+            raise ValueError("pass pixel_values and input_ids (the questions), or precomputed question_states")
+        vision = self.encode_image(pixel_values, pruning_masks, output_attentions, output_hidden_states,
+                                   interpolate_pos_encoding)
+        text = self.encode_text(input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states)
+        fused = self.fuse(text.last_hidden_state, attention_mask, vision.last_hidden_state, pruning_masks,
+                          output_attentions, output_hidden_states)
+        return vision, text, fused
+
+    def decode(
+        self,
+        answer_input_ids: torch.Tensor,
+        answer_attention_mask: torch.Tensor | None,
+        question_states: torch.Tensor,
+        question_attention_mask: torch.Tensor | None,
+        answer_question_index: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        past_key_values: Cache | None = None,
+    ) -> tuple[torch.Tensor, EfficientVLMEncoderOutput]:
+        """Answer logits (A, T, V) and the decoder output; answer a reads question row answer_question_index[a]
+        (None: row a, so A must equal the number of questions)."""
+        if answer_question_index is not None:
+            index = answer_question_index.to(question_states.device).long()
+            question_states = question_states.index_select(0, index)
+            if question_attention_mask is not None:
+                question_attention_mask = question_attention_mask.index_select(0, index.to(question_attention_mask.device))
+        elif question_states.shape[0] != answer_input_ids.shape[0]:
+            raise ValueError(
+                f"{answer_input_ids.shape[0]} answers for {question_states.shape[0]} questions: pass "
+                "answer_question_index (A,), the question row of each answer"
+            )
+        masks = pruning_masks.decoder if pruning_masks is not None else None
+        decoded = self.decoder_model(
+            answer_input_ids, answer_attention_mask, question_states, question_attention_mask, masks,
+            output_attentions, output_hidden_states, past_key_values,
+        )
+        return self.decoder_model.lm_head(decoded.last_hidden_state), decoded
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        answer_input_ids: torch.Tensor | None = None,
+        answer_attention_mask: torch.Tensor | None = None,
+        answer_weights: torch.Tensor | None = None,
+        answer_question_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        question_states: torch.Tensor | None = None,
+        question_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        pruning_masks: PruningMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        label_smoothing: float = 0.0,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool = True,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> EfficientVLMQuestionAnsweringOutput:
+        """Teacher-forced answer logits given (image, question); the weighted LM loss when labels / weights are given.
+
+        Args:
+            pixel_values: (B, C, H, W) images; input_ids / attention_mask: (B, T) questions.
+            answer_input_ids / answer_attention_mask: (A, L) "[CLS] answer [SEP] [PAD]..." (with a cache: only the new
+                tokens, and the mask covers cached + new). None: only the encoders run.
+            answer_weights: (A,) annotator weight of each answer (None = 1).
+            answer_question_index: (A,) long, the question row of each answer (None: A == B, answer a ↔ question a).
+            labels: (A, L) targets, -100 where ignored; default `answer_input_ids` with -100 at padding. Shifted here.
+            question_states / question_attention_mask: a precomputed fusion output (B, T, D) and its mask; skips the
+                encoders (decoding steps, ranking).
+            past_key_values / cache: a `Cache` of the decoder self-attention (aliases); `use_cache=True` without one
+                starts a `DynamicCache`.
+            pruning_masks: masks of the three encoders and the decoder (None = dense).
+            output_attentions / output_hidden_states: per-encoder and decoder probabilities / states (KD).
+            label_smoothing: ε of the answer cross-entropy (default 0).
+
+        The loss (when `labels` or `answer_weights` is given) is X-VLM's: Σ_a w_a · Σ_t CE_a,t / B.
+        """
+        vision = text = fused = None
+        if question_states is None:
+            vision, text, fused = self.encode_question(
+                pixel_values, input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states,
+                interpolate_pos_encoding,
+            )
+            question_states, question_attention_mask = fused.last_hidden_state, attention_mask
+        output = EfficientVLMQuestionAnsweringOutput(
+            question_states=question_states, question_attention_mask=question_attention_mask,
+            vision_model_output=vision, text_model_output=text, fusion_model_output=fused,
+        )
+        if answer_input_ids is None:
+            return output
+        cache = cache if cache is not None else past_key_values
+        use_cache = cache is not None if use_cache is None else use_cache
+        cache = (cache if cache is not None else DynamicCache()) if use_cache else None
+        if cache is not None:
+            _extend_cache(cache, len(self.decoder_model.layers))
+        output.logits, output.decoder_model_output = self.decode(
+            answer_input_ids, answer_attention_mask, question_states, question_attention_mask, answer_question_index,
+            pruning_masks, output_attentions, output_hidden_states, cache,
+        )
+        output.cache = cache
+        if labels is not None or answer_weights is not None:
+            if labels is None:
+                labels = answer_input_ids if answer_attention_mask is None else answer_input_ids.masked_fill(
+                    answer_attention_mask == 0, -100)
+            output.answer_loss = answer_token_loss(output.logits, labels, label_smoothing)
+            weights = torch.ones_like(output.answer_loss) if answer_weights is None else answer_weights
+            output.loss = (weights.to(output.answer_loss) * output.answer_loss).sum() / question_states.shape[0]
+        return output
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **kwargs) -> dict:
+        """transformers' preparation (cache slicing), with the generated stream renamed to the answer inputs."""
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        inputs["answer_input_ids"] = inputs.pop("input_ids")
+        if "attention_mask" in inputs:
+            inputs["answer_attention_mask"] = inputs.pop("attention_mask")
+        return inputs
+
+    @torch.no_grad()
+    def answer_log_likelihood(
+        self,
+        question_states: torch.Tensor,
+        question_attention_mask: torch.Tensor | None,
+        answer_input_ids: torch.Tensor,
+        answer_attention_mask: torch.Tensor,
+        answer_question_index: torch.Tensor | None = None,
+        pruning_masks: PruningMasks | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """(A,) full-sequence log-likelihood Σ_{t ≥ 1} log p(answer_t | answer_<t, question) of each answer over its
+        non-padding tokens after the start token ([SEP] included), in float32; `batch_size` answers per pass."""
+        total = answer_input_ids.shape[0]
+        index = answer_question_index
+        if index is None:
+            index = torch.arange(total, device=answer_input_ids.device)
+        out = torch.empty(total, dtype=torch.float32, device=question_states.device)
+        step = batch_size or max(total, 1)
+        for start in range(0, total, step):
+            ids, mask = answer_input_ids[start : start + step], answer_attention_mask[start : start + step]
+            length = max(int(mask.sum(1).max()), 1)  # right padding: trim to the longest answer of the batch
+            ids, mask = ids[:, :length], mask[:, :length]
+            logits, _ = self.decode(ids, mask, question_states, question_attention_mask, index[start : start + step],
+                                    pruning_masks)
+            out[start : start + ids.shape[0]] = -answer_token_loss(logits, ids.masked_fill(mask == 0, -100))
+        return out
+
+    @torch.no_grad()
+    def rank_answers(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        answer_ids: torch.Tensor | None = None,
+        answer_attention_mask: torch.Tensor | None = None,
+        k: int = 128,
+        pruning_masks: PruningMasks | None = None,
+        batch_size: int | None = None,
+        interpolate_pos_encoding: bool = False,
+        question_states: torch.Tensor | None = None,
+        question_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's answer ranking over a fixed answer list, batched over the questions.
+
+        1. one decoder step from the start token gives every candidate's first-token probability;
+        2. each question keeps its k most probable candidates;
+        3. those are re-scored by their full-sequence log-likelihood (`answer_log_likelihood`) and sorted.
+        X-VLM adds the first token's log-probability a second time in step 3 (it is already in the sequence
+        likelihood); here every token counts once, so with k = A the result is exactly the full-likelihood argmax.
+
+        Args:
+            pixel_values / input_ids / attention_mask: images and questions (B, ...), or `question_states` /
+                `question_attention_mask` (the fusion output, e.g. from `forward` without answers).
+            answer_ids: (A, L) the candidates "[CLS] answer [SEP] [PAD]..." (one start token for all, L >= 2).
+            answer_attention_mask: (A, L) 1 = token / 0 = padding.
+            k: candidates re-scored per question (X-VLM: 128), clamped to A.
+            pruning_masks: masks of a gated model (None = dense).
+            batch_size: (question, answer) pairs per decoder pass in step 3 (None = all B·k at once).
+
+        Returns:
+            (scores (B, k), indices (B, k)) best first: full-sequence log-likelihoods and the candidates' rows in
+            `answer_ids`; `indices[:, 0]` is the predicted answer.
+        """
+        if answer_ids is None or answer_attention_mask is None:
+            raise ValueError("rank_answers needs answer_ids and answer_attention_mask (the candidate answer list)")
+        if answer_ids.ndim != 2 or answer_ids.shape[1] < 2 or answer_ids.shape[0] == 0:
+            raise ValueError(f"answer_ids must be (A >= 1, L >= 2): start token + answer, got {tuple(answer_ids.shape)}")
+        if not bool((answer_ids[:, 0] == answer_ids[0, 0]).all()):
+            raise ValueError("every candidate in answer_ids must begin with the same start token ([CLS])")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if question_states is None:
+            _, _, fused = self.encode_question(pixel_values, input_ids, attention_mask, pruning_masks,
+                                               interpolate_pos_encoding=interpolate_pos_encoding)
+            question_states, question_attention_mask = fused.last_hidden_state, attention_mask
+        num_questions, num_answers = question_states.shape[0], answer_ids.shape[0]
+        k = min(k, num_answers)
+        start = answer_ids[:1, :1].expand(num_questions, 1)
+        first_logits, _ = self.decode(start, torch.ones_like(start), question_states, question_attention_mask,
+                                      pruning_masks=pruning_masks)
+        first = first_logits[:, 0].float().log_softmax(dim=-1)[:, answer_ids[:, 1]]  # (B, A)
+        top = first.topk(k, dim=1).indices  # (B, k)
+        rows = torch.arange(num_questions, device=top.device).repeat_interleave(k)
+        scores = self.answer_log_likelihood(
+            question_states, question_attention_mask, answer_ids[top.flatten()],
+            answer_attention_mask[top.flatten()], rows, pruning_masks, batch_size,
+        ).view(num_questions, k)
+        scores, order = scores.sort(dim=1, descending=True)
+        return scores, top.gather(1, order)
+
+    def _vqa_generation_defaults(self, kwargs: dict) -> dict:
+        """`VQA_GENERATION_DEFAULTS` (+ the text pad id) for what neither `kwargs` nor the generation config sets."""
+        config = kwargs.get("generation_config") or self.generation_config
+        library = GenerationConfig()
+        defaults = {
+            key: value
+            for key, value in VQA_GENERATION_DEFAULTS.items()
+            if key not in kwargs and getattr(config, key, None) == getattr(library, key, None)
+        }
+        if "max_length" in kwargs or getattr(config, "max_length", None) != library.max_length:
+            defaults.pop("max_new_tokens", None)  # an explicit max_length wins
+        pad = self.config.text_config.pad_token_id
+        if "pad_token_id" not in kwargs and getattr(config, "pad_token_id", None) is None and pad is not None:
+            defaults["pad_token_id"] = pad
+        return defaults
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        answer_input_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Free-form answers with transformers' `generate` (greedy by default; every decoding option works).
+
+        The encoders run once on (image, question); every decoding step runs only the decoder, with a KV cache over
+        its self-attention (the fusion output is repeated for beams by transformers).
+
+        Args:
+            pixel_values: (B, C, H, W) images; input_ids / attention_mask: (B, T) the QUESTIONS (or pass
+                `question_states=` / `question_attention_mask=`).
+            answer_input_ids: (B, P) answer prefix; default the start token `generation_config.bos_token_id` ([CLS]).
+            **kwargs: `generate` arguments (eos / pad from the generation config; max_new_tokens 10 unless set),
+                `pruning_masks`, `interpolate_pos_encoding`, `answer_attention_mask`.
+
+        Returns:
+            (B·num_return_sequences, N) the generated tokens AFTER the prefix (or a `GenerateOutput` whose
+            `sequences` are cut the same way).
+        """
+        interpolate = kwargs.pop("interpolate_pos_encoding", False)
+        states, question_mask = kwargs.pop("question_states", None), kwargs.pop("question_attention_mask", None)
+        if states is None:
+            _, _, fused = self.encode_question(pixel_values, input_ids, attention_mask, kwargs.get("pruning_masks"),
+                                               interpolate_pos_encoding=interpolate)
+            states, question_mask = fused.last_hidden_state, attention_mask
+        if question_mask is None:
+            question_mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        if answer_input_ids is None:
+            bos = (kwargs.get("generation_config") or self.generation_config).bos_token_id
+            if bos is None:
+                raise ValueError(
+                    "generation_config.bos_token_id is not set (the answer start token, [CLS]): set it from the "
+                    "tokenizer or pass answer_input_ids"
+                )
+            answer_input_ids = torch.full((states.shape[0], 1), int(bos), dtype=torch.long, device=states.device)
+        answer_mask = kwargs.pop("answer_attention_mask", None)
+        kwargs["attention_mask"] = torch.ones_like(answer_input_ids) if answer_mask is None else answer_mask
+        kwargs = {**self._vqa_generation_defaults(kwargs), **kwargs}
+        output = super().generate(
+            input_ids=answer_input_ids, question_states=states, question_attention_mask=question_mask, **kwargs
+        )
+        prefix = answer_input_ids.shape[1]
+        if isinstance(output, torch.Tensor):
+            return output[:, prefix:]
+        output.sequences = output.sequences[:, prefix:]
+        return output
+
+
 __all__ = [
     "ITM_SCORES",
     "NOT_CANDIDATE_SCORE",
     "CAPTION_GENERATION_DEFAULTS",
+    "VQA_GENERATION_DEFAULTS",
+    "EfficientVLMAnswerDecoder",
     "EfficientVLMAttention",
     "EfficientVLMCaptioningOutput",
     "EfficientVLMEncoderOutput",
     "EfficientVLMForConditionalGeneration",
     "EfficientVLMForImageTextRetrieval",
     "EfficientVLMForPreTraining",
+    "EfficientVLMForQuestionAnswering",
     "EfficientVLMForVisualReasoning",
     "EfficientVLMLayer",
     "EfficientVLMMLP",
     "EfficientVLMModel",
     "EfficientVLMOutput",
     "EfficientVLMPreTrainedModel",
+    "EfficientVLMQuestionAnsweringOutput",
     "EfficientVLMVisualReasoningOutput",
+    "duplicate_fusion_state",
+    "nlvr_config",
+    "shared_cross_kv_keys",
     "EncoderPruningMasks",
     "PruningMasks",
+    "answer_token_loss",
     "itm_match_scores",
     "shifted_lm_loss",
 ]
@@ -1580,3 +2330,4 @@ EfficientVLMForImageTextRetrieval.register_for_auto_class("AutoModel")
 EfficientVLMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")
 EfficientVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+EfficientVLMForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModel, Pipeline
+from transformers import AutoModel, AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .processing_efficientvlm import open_image, prepare_images
@@ -471,6 +471,118 @@ class ImageTextRetrievalPipeline(Pipeline):
             self.processor.save_pretrained(save_directory)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Visual question answering
+# ----------------------------------------------------------------------------------------------------------------------
+
+VQA_TASK = "visual-question-answering"
+VQA_AUTO_CLASS = "AutoModelForVisualQuestionAnswering"
+DEFAULT_RANK_K = 128  # answers re-scored by their full log-likelihood (X-VLM's k_test)
+
+
+class VisualQuestionAnsweringPipeline(Pipeline):
+    """Answers a question about an image by ranking the model's answer list (`config.answer_list`), as the paper does.
+
+    transformers 5 removed its own "visual-question-answering" pipeline (it only served classification-style VQA
+    heads); this one is registered under that task name, so `pipeline("visual-question-answering", model=folder,
+    trust_remote_code=True)` loads it from the model folder (`custom_pipelines` in config.json).
+
+    Ranking (`model.rank_answers`): the first-token probability of every answer of the list, the `rank_k` best
+    re-scored by their full-sequence log-likelihood. `score` is the softmax of those log-likelihoods over the re-scored
+    candidates (the probability the model gives each answer among them).
+
+    Call: `vqa(image, question="...", top_k=1, rank_k=128)` or `vqa({"image": ..., "question": ...})`; a list of
+    such dicts (or of images with a list of questions) gives a list of results. Images: PIL images, numpy arrays, or
+    local file paths (`str` / `pathlib.Path`; nothing is downloaded).
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError("VisualQuestionAnsweringPipeline needs a `processor` (EfficientVLMProcessor)")
+        if not callable(getattr(self.model, "rank_answers", None)):
+            raise TypeError(f"{type(self.model).__name__} has no `rank_answers`; load a VQA checkpoint "
+                            "(EfficientVLMForQuestionAnswering)")
+        answers = getattr(self.model.config, "answer_list", None)
+        if not answers:
+            raise ValueError("the model's config has no `answer_list` (the answers it ranks): set "
+                             "model.config.answer_list = [...] and save the model again")
+        self.answer_list = list(answers)
+        tokens = self.processor.tokenizer(self.answer_list, padding="longest", return_tensors="pt")
+        self._answer_tokens = (tokens["input_ids"], tokens["attention_mask"])
+
+    def _sanitize_parameters(self, top_k: int | None = None, rank_k: int | None = None,
+                             **unknown: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Splits call / constructor keyword arguments into preprocess, forward and postprocess parameters."""
+        if unknown:
+            raise TypeError(f"Unknown argument(s) for {type(self).__name__}: {sorted(unknown)}")
+        forward: dict[str, Any] = {}
+        postprocess: dict[str, Any] = {}
+        for name, value, target in (("top_k", top_k, postprocess), ("rank_k", rank_k, forward)):
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"{name} must be a positive int, got {value!r}")
+                target[name] = value
+        return {}, forward, postprocess
+
+    def __call__(self, image: Any, question: str | list[str] | None = None, **kwargs: Any) -> Any:
+        """Answers `question` about `image` (see the class docstring); returns [{"answer", "score"}, ...] best first
+        (top_k of them), or one such list per question when given lists."""
+        if isinstance(image, dict):
+            inputs: Any = image
+        elif isinstance(image, (list, tuple)) and image and all(isinstance(item, dict) for item in image):
+            inputs = list(image)
+        elif isinstance(image, (list, tuple)) or isinstance(question, (list, tuple)):
+            images = list(image) if isinstance(image, (list, tuple)) else [image] * len(question)  # type: ignore
+            questions = list(question) if isinstance(question, (list, tuple)) else [question] * len(images)
+            if len(images) != len(questions):
+                raise ValueError(f"{len(images)} images and {len(questions)} questions: give one question per image")
+            inputs = [{"image": i, "question": q} for i, q in zip(images, questions)]
+        else:
+            inputs = {"image": image, "question": question}
+        return super().__call__(inputs, **kwargs)
+
+    def preprocess(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Checks one (image, question) pair and encodes it with the processor."""
+        if not isinstance(inputs, dict) or "image" not in inputs or "question" not in inputs:
+            raise ValueError("each input must be an image with a `question=` (or a dict with 'image' and 'question')")
+        question, image = inputs["question"], inputs["image"]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"the question must be a non-empty string, got {question!r}")
+        if not isinstance(image, (str, *IMAGE_TYPES)):
+            raise TypeError(f"the image must be a PIL image, a numpy array or a local file path, got "
+                            f"{type(image).__name__}")
+        if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
+            raise FileNotFoundError(f"image file not found: {os.fspath(image)!r} (URLs are not downloaded)")
+        encoded = self.processor(images=[_load_image(image)], text=[question], return_tensors="pt")
+        return {key: encoded[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+
+    def _forward(self, model_inputs: dict[str, Any], rank_k: int = DEFAULT_RANK_K) -> dict[str, Any]:
+        """Ranks the answer list for one question (top `rank_k` by first-token probability, then full likelihood)."""
+        device = next(self.model.parameters()).device
+        answer_ids, answer_mask = (tensor.to(device) for tensor in self._answer_tokens)
+        dtype = next(self.model.parameters()).dtype
+        scores, indices = self.model.rank_answers(
+            pixel_values=model_inputs["pixel_values"].to(device=device, dtype=dtype),
+            input_ids=model_inputs["input_ids"].to(device), attention_mask=model_inputs["attention_mask"].to(device),
+            answer_ids=answer_ids, answer_attention_mask=answer_mask, k=rank_k,
+        )
+        return {"scores": scores[0], "indices": indices[0]}
+
+    def postprocess(self, model_outputs: dict[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
+        """The `top_k` best answers with their probability among the re-scored candidates."""
+        probabilities = model_outputs["scores"].float().softmax(dim=0)
+        indices = model_outputs["indices"].tolist()
+        return [{"answer": self.answer_list[index], "score": float(probability)}
+                for index, probability in zip(indices[:top_k], probabilities[:top_k].tolist())]
+
+
 def _add_zero_shot_auto_map(model: Any) -> None:
     """Maps AutoModelForZeroShotImageClassification (if unmapped) in a remote-code model's config `auto_map`.
 
@@ -512,6 +624,10 @@ def save_pipeline_files(model_dir: str | os.PathLike) -> None:
         **(config.get("custom_pipelines") or {}),
         TASK: {"impl": f"{module}.{ImageTextRetrievalPipeline.__name__}", "pt": ["AutoModel"], "type": "multimodal"},
     }
+    if config.get("decoder_config"):  # a VQA model (answer decoder): the visual-question-answering pipeline too
+        config["custom_pipelines"][VQA_TASK] = {
+            "impl": f"{module}.{VisualQuestionAnsweringPipeline.__name__}", "pt": [VQA_AUTO_CLASS], "type": "multimodal"
+        }
     auto_map = config.get("auto_map") or {}
     if "AutoModel" in auto_map and ZERO_SHOT_AUTO_CLASS not in auto_map:
         auto_map[ZERO_SHOT_AUTO_CLASS] = auto_map["AutoModel"]
@@ -528,4 +644,9 @@ PIPELINE_REGISTRY.register_pipeline(
     TASK, pipeline_class=ImageTextRetrievalPipeline, pt_model=AutoModel, type="multimodal"
 )
 
-__all__ = ["ImageTextRetrievalPipeline", "save_pipeline_files"]
+PIPELINE_REGISTRY.register_pipeline(
+    VQA_TASK, pipeline_class=VisualQuestionAnsweringPipeline, pt_model=AutoModelForVisualQuestionAnswering,
+    type="multimodal",
+)
+
+__all__ = ["ImageTextRetrievalPipeline", "VisualQuestionAnsweringPipeline", "save_pipeline_files"]

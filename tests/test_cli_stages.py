@@ -82,3 +82,33 @@ def test_export_names_its_reference_and_counts_it_with_the_same_head(chain, caps
     assert structure["reference_name"] == "teacher"
     assert structure["params"] == structure["reference_params"]
     assert "0.09M (100.0% of teacher: 0.09M)" in (out / "README.md").read_text()
+
+
+def test_flops_budget_prune_records_budget_and_achieved_fractions(chain, capsys):
+    """`prune --budget flops` weighs units by their FLOPs on the retrieval path; the export's structure.json records
+    the budget kind, its target and the kept shares of parameters and path FLOPs of the materialized model (a params
+    run records its kind too, with the FLOPs on the task's default path)."""
+    from efficientvlm.training.method.cost import path_from_json, prunable_flops
+    from efficientvlm.training.method.structure import prunable_parameters
+    from modeling_efficientvlm import EfficientVLMConfig
+
+    out = chain / "pruned_flops"
+    assert main(["prune", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
+                 "--output_dir", str(out), "--max_steps", "3", "--target_sparsity", "0.3", "--budget", "flops",
+                 "--budget_path", "images=100,texts=500,k=16,text_length=12", "--reg_learning_rate", "0.5",
+                 *COMMON]) == 0
+    assert main(["export", "--checkpoint", str(out), "--output_dir", str(chain / "export_flops")]) == 0
+    capsys.readouterr()
+    structure = json.loads((chain / "export_flops" / "structure.json").read_text())
+    budget = structure["budget"]
+    assert budget["kind"] == "flops" and budget["target_sparsity"] == 0.3
+    assert budget["path"]["fusion"] == [[(100 + 500) * 16, 12, 12, 1 + (32 // 8) ** 2]]
+    student = EfficientVLMConfig.from_pretrained(chain / "student")
+    pruned = EfficientVLMConfig.from_pretrained(chain / "export_flops")
+    path = path_from_json(budget["path"])
+    assert budget["achieved"]["flops"] == prunable_flops(pruned, path)["total"] / prunable_flops(student, path)["total"]
+    assert budget["achieved"]["params"] == (
+        prunable_parameters(pruned)["total"] / prunable_parameters(student)["total"])
+    assert main(["export", "--checkpoint", str(chain / "pruned"), "--output_dir", str(chain / "export_params")]) == 0
+    params_budget = json.loads((chain / "export_params" / "structure.json").read_text())["budget"]
+    assert params_budget["kind"] == "params" and 0 < params_budget["achieved"]["flops"] <= 1

@@ -54,10 +54,27 @@ def test_resolve_split_errors_name_the_cause(split, message):
 
 
 def test_strategy_targets_and_default_manual_splits():
-    assert strategy_targets("learned", {}, 0.4) == {"vision_target": None, "text_target": None, "fusion_target": None}
-    assert strategy_targets("uniform", {}, 0.4) == {"vision_target": 0.4, "text_target": 0.4, "fusion_target": 0.4}
+    config = tiny_config()
+    assert strategy_targets("learned", {}, 0.4, config) == {
+        "vision_target": None, "text_target": None, "fusion_target": None}
+    assert strategy_targets("uniform", {}, 0.4, config) == {
+        "vision_target": 0.4, "text_target": 0.4, "fusion_target": 0.4}
     split = {"vision": 0.2, "text": 0.5, "fusion": 0.5}
-    assert strategy_targets("manual", split, 0.4) == {"vision_target": 0.2, "text_target": 0.5, "fusion_target": 0.5}
+    assert strategy_targets("manual", split, 0.4, config) == {
+        "vision_target": 0.2, "text_target": 0.5, "fusion_target": 0.5}
+
+
+def test_vqa_splits_name_the_answer_decoder():
+    """A VQA model's answer decoder is a fourth stack: manual splits must name it, uniform holds it to the target."""
+    from modeling_efficientvlm.configuration_efficientvlm import decoder_config_from_fusion
+
+    config = tiny_config()
+    config.decoder_config = decoder_config_from_fusion(config)
+    assert strategy_targets("uniform", {}, 0.4, config)["decoder_target"] == 0.4
+    split = resolve_split("vision=0.1,text=auto,fusion=auto,decoder=auto", config, 0.4)
+    assert set(split) == {"vision", "text", "fusion", "decoder"}
+    with pytest.raises(ValueError, match=r"does not name \['decoder'\]"):
+        resolve_split("vision=0.1,text=auto,fusion=auto", config, 0.4)
     assert default_manual_split("retrieval", 0.4) == "vision=0.2,text=auto,fusion=auto"
     assert default_manual_split("nlvr2", 0.4) == "vision=auto,text=auto,fusion=0.6"
 

@@ -1,5 +1,6 @@
 """The FLOPs cost model (training.method.cost) against torch's own FLOP counter on the real forward passes."""
 
+import pytest
 import torch
 from tests.conftest import ragged_config
 from torch.utils.flop_counter import FlopCounterMode
@@ -68,3 +69,71 @@ def test_retrieval_path_puts_the_pair_count_on_fusion():
     costs = unit_costs(config, path)
     # a fusion FFN neuron runs on 240 pairs × 12 tokens; a text FFN neuron on 50 texts × 12 tokens
     assert costs["fusion.ffn.0"] / costs["text.ffn.0"] == 240 / 50
+
+
+def _lagrangian_game(l0, steps: int = 400) -> None:
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([
+        {"params": l0.gate_parameters(), "lr": 0.1, "weight_decay": 0.0},
+        {"params": l0.lambda_parameters(), "lr": 0.1, "weight_decay": 0.0, "maximize": True},
+    ])
+    for step in range(steps):
+        opt.zero_grad()
+        loss, logs = l0.lagrangian(step)
+        loss.backward()
+        opt.step()
+        l0.clamp_()
+    return logs
+
+
+def test_flops_budget_reaches_its_target_and_differs_from_params():
+    """The Lagrangian game with a FLOPs budget lands within 0.03 of the target in FLOPs of the path; the kept
+    parameters are a different number (the budget weighs fusion units by their pair count), and the exact FLOPs of
+    the deterministic structure (materialized config) agree with the expectation."""
+    from efficientvlm.training.method.cost import path_to_json, prunable_flops
+    from efficientvlm.training.method.l0 import ModalL0Module
+    from efficientvlm.training.method.materialize import pruned_config
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    path = retrieval_path(config, num_images=10, num_texts=50, text_length=12, k=8)
+    l0 = ModalL0Module(config, target_sparsity=0.5, budget="flops", cost_path=path_to_json(path))
+    logs = _lagrangian_game(l0)
+    flops_sparsity = float(l0.expected_budget_sparsity()["total"].detach())
+    assert flops_sparsity == pytest.approx(0.5, abs=0.03)
+    assert logs["expected_flops_sparsity_total"] == pytest.approx(flops_sparsity, abs=0.01)
+    assert abs(float(l0.expected_sparsity()["total"].detach()) - flops_sparsity) > 0.03
+    # push the gates to 0/1 so that the expectation is the count of the deterministic structure
+    with torch.no_grad():
+        for gate in l0.gates.values():
+            gate.log_alpha.copy_(torch.where(gate.log_alpha > 0, 50.0, -50.0))
+    kept = prunable_flops(pruned_config(config, l0.deterministic_masks()), path)["total"]
+    full = prunable_flops(config, path)["total"]
+    assert 1 - kept / full == pytest.approx(float(l0.expected_budget_sparsity()["total"].detach()), abs=1e-3)
+
+
+def test_flops_budget_settings_round_trip_and_errors(tmp_path):
+    from efficientvlm.training.method.cost import path_to_json, task_path
+    from efficientvlm.training.method.l0 import ModalL0Module
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    path = path_to_json(task_path("retrieval", config, "images=4,texts=20,k=2,text_length=9"))
+    assert path["fusion"] == [[48, 9, 9, 17]]
+    l0 = ModalL0Module(config, target_sparsity=0.3, budget="flops", cost_path=path)
+    file = str(tmp_path / "gates.safetensors")
+    l0.save(file)
+    loaded = ModalL0Module.from_file(file, config)
+    assert loaded.budget == "flops" and loaded.cost_path == path and loaded.unit_costs == l0.unit_costs
+    with pytest.raises(ValueError, match="required by budget='flops'"):
+        ModalL0Module(config, budget="flops")
+    with pytest.raises(ValueError, match="budget must be one of"):
+        ModalL0Module(config, budget="latency")
+    with pytest.raises(ValueError, match=r"unknown size 'pairs' for retrieval"):
+        task_path("retrieval", config, "pairs=3")
+    with pytest.raises(ValueError, match="k must be an integer >= 0"):
+        task_path("retrieval", config, "k=-1")
+    with pytest.raises(ValueError, match="no inference-path model for task 'captioning'"):
+        task_path("captioning", config)
+    with pytest.raises(ValueError, match=r"must be \[count, tokens, self_keys, cross_keys\]"):
+        ModalL0Module(config, budget="flops", cost_path={"fusion": [[1, 2, 3]]})

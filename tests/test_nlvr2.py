@@ -18,7 +18,7 @@ from efficientvlm.training.data.collators import NLVR2Collator
 from efficientvlm.training.data.scenes import make_nlvr2_eval_set
 from efficientvlm.training.method.arguments import DistillationArguments
 from efficientvlm.training.method.distillation import layer_maps
-from efficientvlm.training.tasks.nlvr2 import NLVR2_LAMBDA, evaluate_nlvr2, fusion_pairs, nlvr2_losses
+from efficientvlm.training.tasks.nlvr2 import NLVR2_LAMBDA, evaluate_nlvr2, nlvr2_losses
 
 BATCH, LENGTH = 3, 7
 
@@ -63,31 +63,37 @@ def test_shapes_and_loss():
     assert out.vision_model_output.last_hidden_state.shape == (2 * BATCH, 17, 32)  # one pass over the 2B images
     assert out.text_model_output.last_hidden_state.shape == (BATCH, LENGTH, 24)
     fusion = out.fusion_model_output
-    assert fusion.last_hidden_state.shape == (2 * BATCH, LENGTH, 24)  # one fusion pass over 2B pairs
-    assert fusion.attentions[0].shape == (2 * BATCH, 4, LENGTH, LENGTH)
-    assert fusion.cross_attentions[0].shape == (2 * BATCH, 4, LENGTH, 17)
-    assert len(fusion.hidden_states) == 3
-    assert model.nlvr_head[0].in_features == 48 and model.nlvr_head[-1].out_features == 2
+    assert fusion.last_hidden_state.shape == (BATCH, LENGTH, 24)  # one text stream through the duplicated fusion
+    assert fusion.attentions[0].shape == (BATCH, 4, LENGTH, LENGTH)
+    assert fusion.cross_attentions[1].shape == (BATCH, 4, LENGTH, 17)
+    assert len(fusion.hidden_states) == 5  # embeddings + 2 fusion layers x 2 copies
+    assert model.nlvr_head[0].in_features == 24 and model.nlvr_head[-1].out_features == 2
     assert _forward(model, batch).loss is None
     with pytest.raises(ValueError, match=r"\(B, 2, C, H, W\)"):
         _forward(model, {**batch, "pixel_values": batch["pixel_values"][:, 0]})
 
 
-def test_both_images_use_the_same_fusion_weights_and_concat_order():
-    """Recompute by hand: each image fused separately by the one fusion encoder, head on [CLS_left ; CLS_right]."""
+def test_copy_2l_reads_image_0_and_copy_2l_plus_1_image_1():
+    """Recompute by hand: the statement runs through the fusion layers in order, layer i cross-attending to image
+    i mod 2 (X-VLM's (layer_num − fusion_layer) % 2), and the head reads the single [CLS]."""
     model, batch = _model(), _batch()
     left, right = batch["pixel_values"][:, 0], batch["pixel_values"][:, 1]
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+    def by_hand(first, second):
+        images = (model.encode_image(first).last_hidden_state, model.encode_image(second).last_hidden_state)
+        hidden = model.encode_text(ids, mask).last_hidden_state
+        for i, layer in enumerate(model.fusion_model.layers):
+            hidden = layer(hidden, additive, images[i % 2])[0]
+        return model.nlvr_head(hidden[:, 0])
+
     with torch.no_grad():
-        text = model.encode_text(ids, mask).last_hidden_state
-        cls_left = model.fuse(text, mask, model.encode_image(left).last_hidden_state).last_hidden_state[:, 0]
-        cls_right = model.fuse(text, mask, model.encode_image(right).last_hidden_state).last_hidden_state[:, 0]
-        expected = model.nlvr_head(torch.cat([cls_left, cls_right], dim=-1))
-        expected_swapped = model.nlvr_head(torch.cat([cls_right, cls_left], dim=-1))
+        expected, expected_swapped = by_hand(left, right), by_hand(right, left)
     swapped = {**batch, "pixel_values": batch["pixel_values"].flip(1)}
     torch.testing.assert_close(_forward(model, batch).logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_forward(model, swapped).logits, expected_swapped, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(expected, expected_swapped, atol=1e-4)  # the head does see the order
+    assert not torch.allclose(expected, expected_swapped, atol=1e-4)  # the model does see the order
 
 
 def test_retrieval_checkpoint_loads(tmp_path):
@@ -96,9 +102,13 @@ def test_retrieval_checkpoint_loads(tmp_path):
     retrieval.save_pretrained(tmp_path)
     model, info = EfficientVLMForVisualReasoning.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] and all(k.startswith("nlvr_head.") for k in info["missing_keys"])
-    assert info["unexpected_keys"] and all(k.startswith("itm_head.") for k in info["unexpected_keys"])
+    assert not info["unexpected_keys"]  # the ITM head is dropped quietly
+    assert model.config.fusion_encoder_config.num_hidden_layers == 4  # each fusion layer duplicated
     source = retrieval.state_dict()
     for name, tensor in model.state_dict().items():
+        if name.startswith("fusion_model.layers."):
+            layer, rest = name[len("fusion_model.layers."):].split(".", 1)
+            name = f"fusion_model.layers.{int(layer) // 2}.{rest}"
         if not name.startswith("nlvr_head."):
             torch.testing.assert_close(tensor, source[name], atol=0, rtol=0, msg=name)
     assert torch.isfinite(_forward(model.eval(), _batch()).logits).all()
@@ -136,6 +146,8 @@ def test_remote_code_round_trip_as_sequence_classification(tmp_path):
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert type(model).__name__ == "EfficientVLMForVisualReasoning"
+        layers = model.fusion_model.layers  # the remote code shares the pair's cross K/V module too
+        assert layers[1].cross_attn.k_proj is layers[0].cross_attn.k_proj
         with torch.no_grad():
             logits = model(**torch.load(path + "/inputs.pt", weights_only=True)).logits
         print(json.dumps(logits.tolist()))
@@ -159,11 +171,6 @@ def test_collated_synthetic_batch_and_evaluate_nlvr2(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- the losses
-def test_fusion_pairs():
-    image_idx, text_idx = fusion_pairs(3)
-    assert image_idx.tolist() == [0, 1, 2, 3, 4, 5] and text_idx.tolist() == [0, 0, 1, 1, 2, 2]
-
-
 def test_kd_is_exactly_zero_when_student_equals_teacher(tmp_path):
     teacher = _model()
     student = copy.deepcopy(teacher)

@@ -11,14 +11,17 @@ from modeling_efficientvlm import (
 )
 from tests.conftest import ragged_config, run_clean_python, tiny_config, tiny_inputs
 from efficientvlm.training.method.materialize import materialize
-from efficientvlm.training.method.structure import count_parameters, encoder_flops, prunable_parameters, unit_groups
+from efficientvlm.training.method.structure import (
+    PRETRAINING_HEADS, count_parameters, encoder_flops, prunable_parameters, unit_groups,
+)
 from efficientvlm.training.method.student import default_init_map, init_student_from_teacher
 
 
 @pytest.mark.parametrize("config_fn", [tiny_config, ragged_config])
 @pytest.mark.parametrize(
     "cls, heads",
-    [(EfficientVLMModel, ()), (EfficientVLMForImageTextRetrieval, ("itm",)), (EfficientVLMForPreTraining, ("itm", "mlm"))],
+    [(EfficientVLMModel, ()), (EfficientVLMForImageTextRetrieval, ("itm",)),
+     (EfficientVLMForPreTraining, PRETRAINING_HEADS)],
 )
 def test_parameter_count_matches_brute_force(config_fn, cls, heads):
     model = cls(config_fn())
@@ -137,7 +140,7 @@ def test_materialize_equivalence_and_size(seed, scaled):
     dense = pruned(**inputs, compute_itm=True, mlm_input_ids=inputs["input_ids"])
     for name in ("logits_per_image", "itm_logits", "mlm_logits"):
         torch.testing.assert_close(getattr(dense, name), getattr(masked, name), atol=1e-5, rtol=1e-5)
-    assert pruned.num_parameters() == count_parameters(pruned.config, ("itm", "mlm"))["total"]
+    assert pruned.num_parameters() == count_parameters(pruned.config, PRETRAINING_HEADS)["total"]
     assert pruned.num_parameters() < model.num_parameters()
 
 

@@ -26,9 +26,9 @@ from ..method.l0 import masks_from_values
 from ..method.structure import (
     ENCODER_CONFIG_KEYS,
     ENCODER_MODULES,
-    MODALITIES,
     UNIT_KINDS,
     UnitGroup,
+    modalities,
     prunable_parameters,
     unit_groups,
 )
@@ -71,14 +71,26 @@ def unit_importance(model, method: str = "magnitude", l0=None) -> dict[str, torc
 
 def encoder_masks(config, modality: str, ratio: float, importance: dict[str, torch.Tensor]) -> PruningMasks:
     """Masks removing `ratio` of one encoder's prunable parameters (least important units first); others untouched."""
-    if modality not in MODALITIES:
-        raise ValueError(f"encoder must be one of {list(MODALITIES)}, got {modality!r}")
+    if modality not in modalities(config):
+        raise ValueError(f"encoder must be one of {list(modalities(config))}, got {modality!r}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must lie in [0, 1), got {ratio}")
     groups = [g for g in unit_groups(config) if g.size > 0]
     values = {g.name: torch.ones(g.size) for g in groups}
-    candidates = [(float(importance[g.name][i]), g.name, i, g.unit_params)
-                  for g in groups if g.modality == modality for i in range(g.size)]
+    # an NLVR2 pair's cross heads read one K/V (`kv_shared_with`): they go together (one mask, joint size and score)
+    partner = {g.gate_name: g for g in groups if g.kv_shared_with is not None}
+    for g in partner.values():
+        values[g.name] = values[g.gate_name]
+
+    def unit(g, i: int) -> tuple[float, str, int, int]:
+        other = partner.get(g.name)
+        if other is None:
+            return float(importance[g.name][i]), g.name, i, g.unit_params
+        score = (float(importance[g.name][i]) + float(importance[other.name][i])) / 2
+        return score, g.name, i, g.unit_params + other.unit_params
+
+    candidates = [unit(g, i) for g in groups if g.modality == modality and g.kv_shared_with is None
+                  for i in range(g.size)]
     budget = ratio * sum(g.size * g.unit_params for g in groups if g.modality == modality)
     removed = 0
     for _, name, index, params in sorted(candidates):
@@ -86,7 +98,7 @@ def encoder_masks(config, modality: str, ratio: float, importance: dict[str, tor
             break
         values[name][index] = 0.0
         removed += params
-    num_layers = {m: getattr(config, key).num_hidden_layers for m, key in ENCODER_CONFIG_KEYS.items()}
+    num_layers = {m: getattr(config, ENCODER_CONFIG_KEYS[m]).num_hidden_layers for m in modalities(config)}
     return masks_from_values(groups, num_layers, values)
 
 
@@ -147,12 +159,13 @@ def analyze_modules(
     from ..method.materialize import materialize, pruned_config
 
     total = prunable_parameters(model.config)
-    bar = tqdm(total=len(MODALITIES) * len(ratios), desc="analyze-modules", disable=not show_progress)
+    stacks = modalities(model.config)  # the three encoders (+ the VQA answer decoder)
+    bar = tqdm(total=len(stacks) * len(ratios), desc="analyze-modules", disable=not show_progress)
     out = {"baseline": evaluate(model, None), "curves": {}}
     if recover is not None:
         out["baseline_recovered"] = evaluate(recover(model), None)
         out["recovered_curves"] = {}
-    for modality in MODALITIES:
+    for modality in stacks:
         curve, recovered = [], []
         for ratio in ratios:
             bar.set_postfix(encoder=modality, ratio=ratio)

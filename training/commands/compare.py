@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..method.structure import MODALITIES, prunable_parameters
+from ..method.structure import modalities, prunable_parameters
 from ..tasks import get_task
 from .latency import measure_interleaved, summarize
 
@@ -55,7 +55,7 @@ class CompareArguments:
 def resolve_split(split: str, config, target: float) -> dict[str, float]:
     """Per-encoder sparsity from 'vision=0.2,text=auto,fusion=auto' such that the total equals `target`.
 
-    Every encoder must be named once. `auto` encoders share one ratio r solved from
+    Every encoder of `config` (and the VQA answer decoder) must be named once. `auto` encoders share one ratio r solved from
     Σ_fixed r_m·P_m + r·Σ_auto P_m = target·Σ P_m (P_m: the encoder's prunable parameters). Without `auto` the
     weighted total must already equal the target within 0.01.
 
@@ -63,11 +63,12 @@ def resolve_split(split: str, config, target: float) -> dict[str, float]:
         ValueError: naming the entry, the solved ratio or the total when they are out of range.
     """
     params = prunable_parameters(config)
+    stacks = modalities(config)  # the three encoders (+ the answer decoder of a VQA model)
     ratios: dict[str, float | None] = {}
     for item in split.split(","):
         name, _, value = (part.strip() for part in item.partition("="))
-        if name not in MODALITIES or not value or name in ratios:
-            raise ValueError(f"--manual_split entries must name each of {list(MODALITIES)} once as "
+        if name not in stacks or not value or name in ratios:
+            raise ValueError(f"--manual_split entries must name each of {list(stacks)} once as "
                              f"encoder=ratio or encoder=auto, got {item!r} in {split!r}")
         if value == "auto":
             ratios[name] = None
@@ -78,12 +79,12 @@ def resolve_split(split: str, config, target: float) -> dict[str, float]:
             raise ValueError(f"--manual_split {name}={value!r}: expected a number or 'auto'") from error
         if not 0.0 <= ratios[name] < 1.0:
             raise ValueError(f"--manual_split {name}={value}: a sparsity must lie in [0, 1)")
-    missing = [m for m in MODALITIES if m not in ratios]
+    missing = [m for m in stacks if m not in ratios]
     if missing:
         raise ValueError(f"--manual_split {split!r} does not name {missing} (use encoder=auto to solve for it)")
     fixed = sum(r * params[m] for m, r in ratios.items() if r is not None)
     auto = [m for m, r in ratios.items() if r is None]
-    shares = ", ".join(f"{m} {params[m] / params['total']:.1%}" for m in MODALITIES)
+    shares = ", ".join(f"{m} {params[m] / params['total']:.1%}" for m in stacks)
     if auto:
         shared = (target * params["total"] - fixed) / sum(params[m] for m in auto)
         if not 0.0 <= shared < 1.0:
@@ -92,13 +93,13 @@ def resolve_split(split: str, config, target: float) -> dict[str, float]:
                 f"{target}, outside [0, 1) (prunable-parameter shares: {shares})"
             )
         ratios.update({m: shared for m in auto})
-    total = sum(ratios[m] * params[m] for m in MODALITIES) / params["total"]
+    total = sum(ratios[m] * params[m] for m in stacks) / params["total"]
     if abs(total - target) > 0.01:
         raise ValueError(
             f"--manual_split {split!r} totals {total:.3f}, not the target {target} (prunable-parameter shares: "
             f"{shares}); give one encoder as 'auto'"
         )
-    return {m: float(ratios[m]) for m in MODALITIES}
+    return {m: float(ratios[m]) for m in stacks}
 
 
 def default_manual_split(task: str, target: float) -> str:
@@ -107,12 +108,13 @@ def default_manual_split(task: str, target: float) -> str:
     return get_task(task).manual_split.format(half=round(target / 2, 4), more=round(more, 4))
 
 
-def strategy_targets(strategy: str, split: dict[str, float], target: float) -> dict[str, float | None]:
+def strategy_targets(strategy: str, split: dict[str, float], target: float, config) -> dict[str, float | None]:
     """PruningArguments fields for one strategy (per-encoder targets, or None = follow the global target)."""
+    stacks = modalities(config)
     if strategy == "learned":
-        return {f"{m}_target": None for m in MODALITIES}
-    ratios = {m: target for m in MODALITIES} if strategy == "uniform" else split
-    return {f"{m}_target": ratios[m] for m in MODALITIES}
+        return {f"{m}_target": None for m in stacks}
+    ratios = {m: target for m in stacks} if strategy == "uniform" else split
+    return {f"{m}_target": ratios[m] for m in stacks}
 
 
 def measure_latency(models: dict, processor, data, eval_data, batch: int, repeats: int, warmup: int = 2) -> dict:
@@ -155,7 +157,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     for strategy in strategies:
         run_args = copy.copy(args)
         run_args.output_dir = os.path.join(root, strategy)
-        for name, value in strategy_targets(strategy, manual, target).items():
+        for name, value in strategy_targets(strategy, manual, target, student.config).items():
             setattr(run_args, name, value)
         write(f"[{strategy}] pruning to total sparsity {target} with targets {run_args.modality_targets or 'global'}")
         start = time.time()
@@ -178,6 +180,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         results[strategy]["speedup_vs_student"] = base / latency[strategy]["median_ms"]
     report = {
         "task": data.task, "metric": metric, "target_sparsity": target, "manual_split": split_text,
+        "modalities": list(modalities(student.config)),
         "student": {"metric": student_metrics[metric], "metrics": student_metrics,
                     "params": sum(p.numel() for p in student.parameters()), "latency": latency["student (unpruned)"],
                     "checkpoint": prune.student},
@@ -242,15 +245,16 @@ def plot_comparison(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["strategies"])
+    stacks = report.get("modalities", ["vision", "text", "fusion"])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         entry = report["strategies"][name]
-        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(MODALITIES))]
-        ax.bar(xs, [entry["sparsity"][m] for m in MODALITIES], width,
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(stacks))]
+        ax.bar(xs, [entry["sparsity"][m] for m in stacks], width,
                label=f"{name}: {report['metric']} {entry['metric']:.1f}")
     ax.axhline(report["target_sparsity"], color="gray", linestyle=":", linewidth=1, label="total target")
-    ax.set_xticks(range(len(MODALITIES)), MODALITIES)
+    ax.set_xticks(range(len(stacks)), stacks)
     ax.set_ylabel("sparsity (share of prunable params removed)")
     ax.set_title(f"{report['task']}: split at total sparsity {report['target_sparsity']}", fontsize=10)
     ax.legend(fontsize=8)

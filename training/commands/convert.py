@@ -3,9 +3,11 @@
 Two entry points:
 
 * `convert_xvlm_checkpoint`: an X-VLM (CLIP-ViT variant) or official EfficientVLM `.pth` checkpoint → an EfficientVLM
-  model (and optionally a Hub-ready folder). The layout (pre-training `text_encoder.bert.…` or retrieval
-  `text_encoder.…`), depths, widths, head counts, image size and vocabulary are read from the tensors; every key is
-  mapped or explicitly ignored (with a reason), and unknown or missing keys raise a `ValueError` that lists them.
+  model (and optionally a Hub-ready folder). The layout (pre-training `text_encoder.bert.…`, retrieval
+  `text_encoder.…`, or NLVR2: `text_encoder.…` with each fusion layer duplicated, the copies sharing
+  `crossattention.self.{key,value}`, and `cls_head` / `ta_head`), depths, widths, head counts, image size and
+  vocabulary are read from the tensors; every key is mapped or explicitly ignored (with a reason), and unknown or
+  missing keys raise a `ValueError` that lists them.
 * `from_vision_text_pretrained`: a fresh EfficientVLM whose vision encoder comes from a CLIP / ViT vision tower and
   whose text + fusion encoders come from one BERT (layers `0..n_text-1` → text, the rest → fusion, cross-attention
   and the ITC / ITM heads freshly initialised), as X-VLM initialises its teacher.
@@ -32,6 +34,8 @@ from modeling_efficientvlm import (
     EfficientVLMConfig,
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForPreTraining,
+    EfficientVLMForQuestionAnswering,
+    EfficientVLMForVisualReasoning,
     EfficientVLMVisionConfig,
 )
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMVisionEmbeddings
@@ -100,8 +104,13 @@ _VIT_LAYER_NAMES = {
 # X-VLM keys that have no counterpart in EfficientVLM, with the reason they are dropped
 _XVLM_IGNORED = (
     (re.compile(r"(^|\.)position_ids$"), "position-id buffer (rebuilt by the model)"),
-    (re.compile(r"^bbox_head\."), "X-VLM box-regression head (pre-training only; EfficientVLM has no grounding head)"),
     (re.compile(r"^text_encoder\.(bert\.)?pooler\."), "BERT pooler (unused by X-VLM)"),
+    (re.compile(r"^text_decoder\.bert\.pooler\."), "BERT pooler of the VQA answer decoder (unused by X-VLM)"),
+    (
+        re.compile(r"^ta_head\."),
+        "NLVR domain pre-training head (Linear(d, 3), text-agnostic pair classes); the NLVR2 head starts fresh, as "
+        "X-VLM's fine-tuning starts its cls_head",
+    ),
     (
         re.compile(r"^l0_module\."),
         "L0 pruning gates / Lagrange multipliers: the converted model is the dense (unpruned) network; the tensors "
@@ -116,7 +125,8 @@ class ConversionReport:
 
     Args:
         source: the checkpoint path (or "<state dict>").
-        layout: "pretrain" (`text_encoder.bert.…` + MLM head) or "retrieval" (`text_encoder.…`).
+        layout: "pretrain" (`text_encoder.bert.…` + MLM head), "retrieval" (`text_encoder.…`) or "nlvr2"
+            (`text_encoder.…` with X-VLM's duplicated fusion layers and `cls_head` / `ta_head`).
         model_class: the EfficientVLM class built.
         source_image_size: image size the checkpoint's position table was trained at.
         image_size: image size of the converted model (differs when the table was interpolated).
@@ -360,10 +370,79 @@ def xvlm_config_from_state_dict(state: StateDict, head_dim: int = 64) -> Efficie
     )
     decoder = state.get("text_encoder.cls.predictions.decoder.weight")
     tied = decoder is None or torch.equal(decoder, words)
+    extra = {}
+    if _is_nlvr(state):  # X-VLM's NLVR2 model has no ITC projections (its domain pre-training has vision_proj)
+        fusion["shared_cross_kv"] = True
+        _check_shared_kv(state, prefix, split, len(heads))
+        if "cls_head.3.weight" in state:
+            extra["num_labels"] = state["cls_head.3.weight"].shape[0]
+        embed_dim = state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256
+    elif _is_vqa(state):  # X-VLM's VQA model has no ITC projections; its answer decoder is `text_decoder.*`
+        extra["decoder_config"] = _xvlm_decoder_config(state, head_dim, fusion["hidden_size"])
+        embed_dim = state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256
+    else:
+        embed_dim = _require(state, "vision_proj.weight").shape[0]
     return EfficientVLMConfig(
-        vision_config=vision, text_config=text, fusion_encoder_config=fusion,
-        embed_dim=_require(state, "vision_proj.weight").shape[0], tie_word_embeddings=tied,
+        vision_config=vision, text_config=text, fusion_encoder_config=fusion, embed_dim=embed_dim,
+        tie_word_embeddings=tied, **extra,
     )
+
+
+_DECODER_PREFIX = "text_decoder.bert."
+"""X-VLM / EfficientVLM VQA answer decoder (`BertLMHeadModel`): `text_decoder.bert.{embeddings,encoder.layer.N}.*`
+and its LM head `text_decoder.cls.predictions.*`."""
+
+
+def _is_vqa(state: StateDict) -> bool:
+    """X-VLM / EfficientVLM VQA layout: an answer decoder `text_decoder.*` beside the encoders."""
+    return any(k.startswith("text_decoder.") for k in state)
+
+
+def _xvlm_decoder_config(state: StateDict, head_dim: int, fusion_width: int) -> dict[str, Any]:
+    """The answer decoder's sub-config from `text_decoder.bert.*` shapes (every layer cross-attends to the fusion
+    output, so its cross-attention keys / values read the fusion width)."""
+    split, heads, cross_heads, widths = _xvlm_bert_layers(state, _DECODER_PREFIX, head_dim)
+    if split != 0:
+        raise ValueError(f"{_DECODER_PREFIX}encoder.layer.0 has no crossattention: every layer of the VQA answer "
+                         "decoder cross-attends to the fusion output")
+    words = _require(state, f"{_DECODER_PREFIX}embeddings.word_embeddings.weight")
+    head = state.get("text_decoder.cls.predictions.decoder.weight")
+    if head is not None and not torch.equal(head, words):
+        raise ValueError("text_decoder.cls.predictions.decoder.weight differs from text_decoder.bert.embeddings."
+                         "word_embeddings.weight: X-VLM ties them and EfficientVLM's answer LM head is tied")
+    return dict(
+        hidden_size=words.shape[1], head_dim=head_dim, vocab_size=words.shape[0], num_hidden_layers=len(heads),
+        num_attention_heads=heads, num_cross_attention_heads=cross_heads, intermediate_size=widths,
+        encoder_hidden_size=fusion_width,
+        max_position_embeddings=_require(state, f"{_DECODER_PREFIX}embeddings.position_embeddings.weight").shape[0],
+        type_vocab_size=_require(state, f"{_DECODER_PREFIX}embeddings.token_type_embeddings.weight").shape[0],
+    )
+
+
+def _is_nlvr(state: StateDict) -> bool:
+    """X-VLM / EfficientVLM NLVR2 layout: `cls_head` (fine-tuned) or `ta_head` (NLVR domain pre-training)."""
+    return any(k.startswith(("cls_head.", "ta_head.")) for k in state)
+
+
+def _check_shared_kv(state: StateDict, prefix: str, split: int, depth: int) -> None:
+    """X-VLM's NLVR2 fusion: BERT layers split + 2l and split + 2l + 1 are the copies of fusion layer l and share
+    their cross-attention key / value (`share_cross_attention`: both keys hold the one tensor)."""
+    if (depth - split) % 2:
+        raise ValueError(
+            f"NLVR2 checkpoint with {depth - split} fusion layers (text_encoder.encoder.layer.{split}..{depth - 1}): "
+            "X-VLM duplicates every fusion layer, so the count must be even"
+        )
+    layer = f"{prefix}encoder.layer."
+    for first in range(split, depth, 2):
+        for name in ("key", "value"):
+            for param in ("weight", "bias"):
+                a = state.get(f"{layer}{first}.crossattention.self.{name}.{param}")
+                b = state.get(f"{layer}{first + 1}.crossattention.self.{name}.{param}")
+                if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                    raise ValueError(
+                        f"{layer}{first}/{first + 1}.crossattention.self.{name}.{param} differ, but the two copies of "
+                        "an NLVR2 fusion layer share their cross-attention key / value: not an X-VLM NLVR2 checkpoint"
+                    )
 
 
 def _xvlm_target(key: str, prefix: str, num_text_layers: int) -> str | None:
@@ -388,8 +467,19 @@ def _xvlm_target(key: str, prefix: str, num_text_layers: int) -> str | None:
     if key.startswith("text_encoder.cls.predictions."):
         rest = _MLM_NAMES.get(key[len("text_encoder.cls.predictions.") :])
         return None if rest is None else f"mlm_head.{rest}"
-    if key == "temp" or key.startswith(("vision_proj.", "text_proj.", "itm_head.")):
-        return key
+    if key.startswith(_DECODER_PREFIX + "embeddings."):
+        rest = key[len(_DECODER_PREFIX + "embeddings.") :]
+        return f"decoder_model.embeddings.{rest}" if rest.split(".")[0] in _BERT_EMBEDDINGS else None
+    if m := re.match(re.escape(_DECODER_PREFIX) + r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", key):
+        name = _BERT_LAYER_NAMES.get(m.group(2))
+        return None if name is None else f"decoder_model.layers.{m.group(1)}.{name}.{m.group(3)}"
+    if key.startswith("text_decoder.cls.predictions."):
+        rest = _MLM_NAMES.get(key[len("text_decoder.cls.predictions.") :])
+        return None if rest is None else f"decoder_model.lm_head.{rest}"
+    if key.startswith("cls_head."):  # X-VLM's NLVR2 build_mlp: the same Sequential indices {0, 1, 3}
+        return "nlvr_head." + key[len("cls_head.") :]
+    if key == "temp" or key.startswith(("vision_proj.", "text_proj.", "itm_head.", "bbox_head.")):
+        return key  # bbox_head: X-VLM's box head (L_BBOX), same Sequential indices {0, 1, 3}
     return None
 
 
@@ -406,6 +496,14 @@ def _ignore_reason(key: str, state: StateDict) -> str | None:
                 "them and EfficientVLM keeps one MLM bias (mlm_head.bias)"
             )
         return "tied to text_encoder.cls.predictions.bias (→ mlm_head.bias)"
+    if key == "text_decoder.cls.predictions.decoder.bias":
+        bias = state.get("text_decoder.cls.predictions.bias")
+        if bias is None or not torch.equal(bias, state[key]):
+            raise ValueError(
+                "text_decoder.cls.predictions.decoder.bias differs from text_decoder.cls.predictions.bias: BERT ties "
+                "them and EfficientVLM keeps one answer-head bias (decoder_model.lm_head.bias)"
+            )
+        return "tied to text_decoder.cls.predictions.bias (→ decoder_model.lm_head.bias)"
     return None
 
 
@@ -447,9 +545,17 @@ def _build_xvlm_model(
         config.vision_config.image_size = image_size
         config.vision_config.validate()
     has_mlm = any(k.startswith("mlm_head.") for k in mapped)
-    cls = EfficientVLMForPreTraining if has_mlm else EfficientVLMForImageTextRetrieval
+    fresh = r"bbox_head\."  # a pre-training layout without one: fresh
+    if config.fusion_encoder_config.shared_cross_kv:
+        cls, layout = EfficientVLMForVisualReasoning, "nlvr2"
+        fresh = r"vision_proj\.|text_proj\.|temp$|nlvr_head\."  # absent from NLVR2 layouts (unused by NLVR2)
+    elif config.decoder_config is not None:
+        cls, layout = EfficientVLMForQuestionAnswering, "vqa"
+        fresh = r"vision_proj\.|text_proj\.|temp$"  # absent from X-VLM's VQA model (unused by VQA)
+    else:
+        cls = EfficientVLMForPreTraining if has_mlm else EfficientVLMForImageTextRetrieval
     model = cls(config)
-    _load_exact(model, mapped, sources)
+    _load_exact(model, mapped, sources, re.compile(fresh))
     return model.eval(), layout, source_size, mapped, ignored
 
 
@@ -476,8 +582,10 @@ def convert_xvlm_checkpoint(
         return_report: also return the `ConversionReport`.
 
     Returns:
-        `EfficientVLMForPreTraining` when the checkpoint has an MLM head, else `EfficientVLMForImageTextRetrieval`,
-        in eval mode (and the report when `return_report`).
+        `EfficientVLMForPreTraining` when the checkpoint has an MLM head, `EfficientVLMForVisualReasoning` for an
+        NLVR2 checkpoint (duplicated fusion layers with shared cross K/V, `cls_head` → `nlvr_head`; ITC projections
+        absent there are initialised fresh), else `EfficientVLMForImageTextRetrieval`, in eval mode (and the report
+        when `return_report`).
 
     Raises:
         ValueError: unknown keys, missing keys, shape mismatches, or a head_dim that does not divide a projection.
@@ -755,8 +863,8 @@ def from_vision_text_pretrained(
             position table; other shape changes raise).
 
     Returns:
-        `EfficientVLMForPreTraining` in eval mode; ITC projections, temperature, ITM head (and the MLM head when the
-        text model has none) freshly initialised.
+        `EfficientVLMForPreTraining` in eval mode; ITC projections, temperature, ITM and box heads (and the MLM
+        head when the text model has none) freshly initialised.
 
     Raises:
         ValueError: unsupported model types, unknown / missing keys, shape mismatches, or a ViT while the config has
@@ -783,7 +891,7 @@ def from_vision_text_pretrained(
         new_size = config.vision_config.image_size
         mapped[table] = interpolate_position_table(mapped[table], vision_cfg["patch_size"], new_size)
     cross = r"fusion_model\.layers\.\d+\.(cross_attn|layer_norm_cross)\."
-    fresh = [r"vision_proj\.", r"text_proj\.", r"temp$", r"itm_head\.", cross]
+    fresh = [r"vision_proj\.", r"text_proj\.", r"temp$", r"itm_head\.", r"bbox_head\.", cross]
     if head_state is None:
         fresh.append(r"mlm_head\.")
     if kind == "vit":

@@ -13,13 +13,15 @@ from importlib import resources
 
 import torch
 
+from modeling_efficientvlm import EfficientVLMConfig
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 from .atomic import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
-from ..method.l0 import ModalL0Module
+from ..method.cost import path_from_json, path_to_json, prunable_flops, task_path
+from ..method.l0 import ModalL0Module, read_gates_file
 from ..method.materialize import materialize
-from ..method.structure import MODALITIES, count_parameters, prunable_parameters, structure_table
+from ..method.structure import VQA_HEADS, count_parameters, modalities, prunable_parameters, structure_table
 from ..tasks import task_of_model
 from ..method.l0 import GATES_FILE
 
@@ -128,15 +130,47 @@ def load_pruned(checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
     return pruned, {k: float(v.detach()) for k, v in l0.expected_sparsity().items()}
 
 
+def budget_report(checkpoint: str, pruned) -> dict | None:
+    """The pruning budget of a gated checkpoint and what the materialized model achieved against the gated student:
+    {"kind": "params" | "flops", "target_sparsity", "path" (FLOPs: the inference path it was measured on),
+    "achieved": {"params": kept share of the prunable parameters, "flops": kept share of the prunable FLOPs on the
+    path}}. A params-budget run is measured on its task's default path (None when the task has no path model)."""
+    gates = os.path.join(checkpoint, GATES_FILE)
+    if not os.path.isfile(gates):
+        return None
+    settings, _ = read_gates_file(gates)
+    student = EfficientVLMConfig.from_pretrained(checkpoint)
+    kind = settings.get("budget", "params")
+    if "cost_path" in settings:
+        path = path_from_json(settings["cost_path"])
+    else:
+        try:
+            path = task_path(task_of_model(pruned).name, student)
+        except ValueError:
+            path = None
+    kept_params = prunable_parameters(pruned.config)["total"] / prunable_parameters(student)["total"]
+    report = {"kind": kind, "target_sparsity": settings.get("target_sparsity"),
+              "achieved": {"params": kept_params}}
+    if path is not None:
+        report["path"] = path_to_json(path)
+        report["achieved"]["flops"] = prunable_flops(pruned.config, path)["total"] / prunable_flops(student, path)["total"]
+    return report
+
+
 def sparsity_report(model_config, reference_config=None) -> dict:
-    """Parameters and realised sparsity per modality of a (materialized) config relative to a reference."""
+    """Parameters and realised sparsity per modality (`modalities`: + "decoder" for VQA) of a (materialized) config
+    relative to a reference. Parameters count the retrieval heads, or the answer decoder's for a VQA config."""
     reference_config = reference_config or model_config
     ours, ref = prunable_parameters(model_config), prunable_parameters(reference_config)
-    report = {m: 1 - ours[m] / ref[m] if ref[m] else 0.0 for m in MODALITIES}
+    report = {m: 1 - ours[m] / ref[m] if ref.get(m) else 0.0 for m in modalities(model_config)}
     report["total"] = 1 - ours["total"] / ref["total"]
+
+    def heads(config) -> tuple[str, ...]:
+        return VQA_HEADS if "decoder" in modalities(config) else ("itm",)
+
     return {
-        "params": count_parameters(model_config)["total"],
-        "reference_params": count_parameters(reference_config)["total"],
+        "params": count_parameters(model_config, heads(model_config))["total"],
+        "reference_params": count_parameters(reference_config, heads(reference_config))["total"],
         "sparsity": report,
         "structure": structure_table(model_config),
     }
@@ -169,8 +203,9 @@ def structure_figure(config, reference_config=None, reference_name: str | None =
 
     table, ref = structure_table(config), structure_table(reference_config or config)
     reference_name = reference_name or reference_label(reference_config)
-    fig, axes = plt.subplots(1, len(MODALITIES), figsize=(13, 3.8), sharey=True)
-    for ax, modality in zip(axes, MODALITIES):
+    stacks = modalities(config)  # the encoders (+ the VQA answer decoder)
+    fig, axes = plt.subplots(1, len(stacks), figsize=(13 * len(stacks) / 3, 3.8), sharey=True)
+    for ax, modality in zip(axes, stacks):
         kinds = [k for k in STRUCTURE_KINDS if k in table[modality]]
         layers, width = len(table[modality]["ffn"]), 0.8 / len(kinds)
         for j, kind in enumerate(kinds):
@@ -328,7 +363,7 @@ def save_hub_ready(
         report["eval"] = metrics or {}
         report.update({k: v for k, v in extra.items() if k in (
             "speedup", "speedup_min", "speedup_max", "speedup_runs", "speedup_baseline", "reference_name",
-            "expected_sparsity")})
+            "expected_sparsity", "budget")})
         with open(os.path.join(tmp, STRUCTURE_FILE), "w") as f:
             json.dump(report, f, indent=2)
         plot_structure(model.config, os.path.join(tmp, "structure.png"), reference_config,
@@ -358,6 +393,7 @@ def run_export(args: ExportArguments, extra: dict | None = None) -> dict:
     extra = dict(extra or {})
     if expected:
         extra["expected_sparsity"] = expected
+        extra["budget"] = budget_report(args.checkpoint, model)
     if args.reference:  # a config read on its own has no name_or_path: name the reference by its folder
         extra.setdefault("reference_name", os.path.basename(os.path.normpath(args.reference)))
     name = args.model_name or os.path.basename(os.path.abspath(args.output_dir))

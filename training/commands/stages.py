@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -375,10 +376,12 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
             teacher.vision_model, teacher.text_model, teacher.num_text_layers,
             vision_config={"image_size": data.image_size},
         )
-        if model_cls is not EfficientVLMForPreTraining:  # same weight names: keep the encoders, add the task head
-            task_model = model_cls(model.config)
-            task_model.load_state_dict(model.state_dict(), strict=False)
-            model = task_model
+        if model_cls is not EfficientVLMForPreTraining:
+            # through the task class's own from_pretrained, which converts a pre-training checkpoint (NLVR2
+            # duplicates the fusion layers, VQA builds its answer decoder from them) and adds the task head
+            with tempfile.TemporaryDirectory(prefix="efficientvlm-init-") as folder:
+                model.save_pretrained(folder)
+                model = model_cls.from_pretrained(folder)
     else:
         torch.manual_seed(args.seed)
         model = model_cls(teacher_config(teacher, data, len(processor.tokenizer)))
@@ -441,7 +444,7 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     get_task(data.task).prepare_model(student, processor)
     if teacher is not None:
         check_vocab(teacher.config, processor, f"prune --teacher {prune.teacher}")
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, data.task)
     _, metrics = _train_and_evaluate(EfficientVLMPruningTrainer, gated, teacher, processor, data, args, 2, eval_data,
                                      layer_map=load_layer_map(prune.student))
     return gated, metrics

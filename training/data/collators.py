@@ -7,6 +7,7 @@ arguments (padding, truncation, max_length, return_tensors) go to the tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -80,15 +81,50 @@ def _images(items: list[dict], key: str) -> list:
         raise ValueError(f"batch item {index} has no {key!r} (keys: {sorted(items[index])})") from error
 
 
+NO_BOX = (0.5, 0.5, 1.0, 1.0)
+"""Placeholder target of a row without a region (X-VLM's whole-image box); `has_box` keeps it out of L_BBOX."""
+
+
+def box_in_center_crop(box: Sequence[float], width: int, height: int,
+                       min_visible: float = 0.5) -> tuple[float, float, float, float] | None:
+    """Maps a box normalised to a `width` x `height` image into the square centre crop the processor takes (short
+    side resized to the model's size, then centre-cropped), clipped to the crop.
+
+    Args:
+        box: (cx, cy, w, h) normalised to the original image.
+        width / height: the original image's size in pixels.
+        min_visible: the smallest share of the box's area that must stay inside the crop (X-VLM keeps a region
+            cut by its random crop when more than half of it is left).
+
+    Returns:
+        (cx, cy, w, h) normalised to the crop, or None when less than `min_visible` of the box is inside it.
+    """
+    side = min(width, height)
+    scale_x, scale_y = width / side, height / side  # original-normalised → crop-normalised
+    shift_x, shift_y = (width - side) / 2 / side, (height - side) / 2 / side
+    cx, cy, w, h = box
+    x0, x1 = (cx - w / 2) * scale_x - shift_x, (cx + w / 2) * scale_x - shift_x
+    y0, y1 = (cy - h / 2) * scale_y - shift_y, (cy + h / 2) * scale_y - shift_y
+    cx0, cx1, cy0, cy1 = max(x0, 0.0), min(x1, 1.0), max(y0, 0.0), min(y1, 1.0)
+    if cx1 <= cx0 or cy1 <= cy0 or (cx1 - cx0) * (cy1 - cy0) < min_visible * (x1 - x0) * (y1 - y0):
+        return None
+    return (cx0 + cx1) / 2, (cy0 + cy1) / 2, cx1 - cx0, cy1 - cy0
+
+
 class RetrievalCollator:
-    """Collates image-text items for ITC/ITM/MLM training and retrieval.
+    """Collates image-text items for ITC/ITM/MLM(/BBOX) training and retrieval.
 
     Items: {"image": PIL image | path | datasets.Image dict, "caption": str} and optionally
-    "negative_caption" (str; all items or none) and "image_id" (int; all items or none).
+    "negative_caption" (str; all items or none), "image_id" (int; all items or none) and region annotations for
+    X-VLM's L_BBOX: "region_phrases" (list of str) with "region_boxes" (list of (cx, cy, w, h) normalised to the
+    image), one box per phrase; an item without them (or with empty lists) has no box.
 
     Returns dict: pixel_values (B, C, H, W), input_ids / attention_mask (B, T); with mlm_probability > 0 also
     mlm_input_ids / mlm_labels (B, T); with negative captions negative_input_ids / negative_attention_mask (B, T');
-    with image ids image_ids (B,) (for ITC targets when an image has several captions).
+    with image ids image_ids (B,) (for ITC targets when an image has several captions); when any item has regions,
+    box_input_ids / box_attention_mask (B, T'') (one region per item, drawn at random among its regions after the
+    MLM masking; the caption where the item has none), boxes (B, 4) float (cx, cy, w, h) in the processed image's
+    coordinates (`box_in_center_crop`; `NO_BOX` where none) and has_box (B,) bool.
 
     Args:
         processor: an `EfficientVLMProcessor` (or anything with its call interface and `.tokenizer`).
@@ -121,7 +157,33 @@ class RetrievalCollator:
                 raise ValueError(f"{present} of {len(items)} batch items have {key!r}: give it to all or none")
             if present:
                 batch.update(build(items))
+        if any("region_phrases" in item for item in items):
+            batch.update(self._regions(items, [image.size for image in images]))
         return batch
+
+    def _regions(self, items: list[dict], sizes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """One (phrase, box) per item for L_BBOX; the box follows the processor's centre crop."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        crop = bool(getattr(image_processor, "do_center_crop", True))
+        phrases, boxes, has_box = [], [], []
+        for index, (item, (width, height)) in enumerate(zip(items, sizes)):
+            item_phrases, item_boxes = item.get("region_phrases") or [], item.get("region_boxes") or []
+            if len(item_phrases) != len(item_boxes):
+                raise ValueError(f"batch item {index}: {len(item_phrases)} region_phrases but {len(item_boxes)} "
+                                 "region_boxes (one box per phrase)")
+            phrase, box = item["caption"], None
+            if item_phrases:
+                pick = int(torch.randint(len(item_phrases), (1,), generator=self.generator)) if len(
+                    item_phrases) > 1 else 0
+                box = item_boxes[pick]
+                box = box_in_center_crop(box, width, height) if crop else tuple(box)
+                phrase = item_phrases[pick] if box is not None else phrase
+            phrases.append(phrase)
+            boxes.append(box if box is not None else NO_BOX)
+            has_box.append(box is not None)
+        encoded = self._encode(phrases)
+        return {"box_input_ids": encoded["input_ids"], "box_attention_mask": encoded["attention_mask"],
+                "boxes": torch.tensor(boxes, dtype=torch.float32), "has_box": torch.tensor(has_box)}
 
     def _negatives(self, items: list[dict]) -> dict[str, torch.Tensor]:
         encoded = self._encode(_texts(items, "negative_caption"))
@@ -209,5 +271,5 @@ class CaptioningCollator:
                 "labels": labels}
 
 
-__all__ = ["CAPTION_PROMPT", "CaptioningCollator", "NLVR2Collator", "RetrievalCollator", "caption_prompt_ids",
-           "mask_tokens"]
+__all__ = ["CAPTION_PROMPT", "NO_BOX", "CaptioningCollator", "NLVR2Collator", "RetrievalCollator", "box_in_center_crop",
+           "caption_prompt_ids", "mask_tokens"]

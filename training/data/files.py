@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -135,19 +136,78 @@ def _with_skipped(dataset: datasets.Dataset, skipped: list[str]) -> datasets.Dat
 
 
 # ------------------------------------------------------------------------------------------------- ALBEF JSON
+Regions = tuple[list[str], list[list[float]]]
+"""(phrases, boxes): one normalised (cx, cy, w, h) box per phrase."""
+
+
+def _image_size(path: str, index: int, where: str) -> tuple[int, int]:
+    """(width, height) from the image header (no decode)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as error:  # PIL raises several types for bad data
+        raise ValueError(f"{where}: record {index} field 'image': cannot read the size of {path!r} (needed to "
+                         f"normalise its 'elems' boxes): {error}") from error
+
+
+def _region_box(value: Any, index: int, k: int, where: str, width: int, height: int) -> list[float]:
+    """An X-VLM "bb" [x, y, w, h] (pixels, top-left corner) → [cx, cy, w, h] normalised by the image size."""
+    numbers = isinstance(value, list) and len(value) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not numbers or not (value[0] >= 0 and value[1] >= 0 and value[2] > 0 and value[3] > 0
+                           and value[0] + value[2] <= width and value[1] + value[3] <= height):
+        raise ValueError(f"{where}: record {index} field 'elems'[{k}].bb = {value!r}: must be [x, y, w, h] in pixels "
+                         f"with x, y >= 0, w, h > 0, x + w <= {width} and y + h <= {height} (the image's width and "
+                         "height)")
+    x, y, w, h = (float(v) for v in value)
+    return [(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+
+
+def _regions(record: dict, index: int, where: str, path: str) -> Regions:
+    """The region annotations of an X-VLM record (its optional "elems"), as phrases with normalised boxes.
+
+    Each elem {"bb": [x, y, w, h], "caption": str | [str, ...], "attributes"?: str | [str, ...]} gives one phrase per
+    caption (X-VLM prefixes one of the attributes: here every "attribute caption" combination), all with its box.
+    """
+    elems = record.get("elems")
+    if elems is None:
+        return [], []
+    if not isinstance(elems, list):
+        raise ValueError(f"{where}: record {index} field 'elems' must be a list of {{'bb', 'caption'}} objects")
+    width, height = _image_size(path, index, where) if elems else (0, 0)
+    phrases: list[str] = []
+    boxes: list[list[float]] = []
+    for k, elem in enumerate(elems):
+        if not isinstance(elem, dict) or "bb" not in elem or "caption" not in elem:
+            raise ValueError(f"{where}: record {index} field 'elems'[{k}] must be an object with 'bb' and 'caption'")
+        box = _region_box(elem["bb"], index, k, where, width, height)
+        captions = _captions(elem["caption"], index, where, f"elems[{k}].caption")
+        attributes = [""]
+        if "attributes" in elem:
+            attributes = [a + " " for a in _captions(elem["attributes"], index, where, f"elems[{k}].attributes")]
+        for attribute in attributes:
+            for caption in captions:
+                phrases.append(attribute + caption)
+                boxes.append(box)
+    return phrases, boxes
+
+
 def _albef_records(json_path: str, image_root: str, on_error: str,
-                   check_images: bool) -> tuple[list[tuple[str, list[str]]], list[str]]:
-    def parse(record: Any, index: int) -> tuple[str, list[str]]:
+                   check_images: bool) -> tuple[list[tuple[str, list[str], Regions]], list[str]]:
+    def parse(record: Any, index: int) -> tuple[str, list[str], Regions]:
         captions = _captions(_field(record, index, "caption", json_path), index, json_path)
-        return _image_path(_field(record, index, "image", json_path), index, json_path, image_root,
-                           check_images), captions
+        path = _image_path(_field(record, index, "image", json_path), index, json_path, image_root, check_images)
+        return path, captions, _regions(record, index, json_path, path)
 
     return _collect(_read_json_list(json_path), parse, on_error, json_path)
 
 
 def load_albef_json(json_path: str, image_root: str, split_captions: bool = True, on_error: str = "raise",
                     check_images: bool = True) -> datasets.Dataset:
-    """Loads an ALBEF/X-VLM caption JSON: a list of {"image": relative path, "caption": str | [str, ...]}.
+    """Loads an ALBEF/X-VLM caption JSON: a list of {"image": relative path, "caption": str | [str, ...]}, each
+    optionally with X-VLM region annotations (for L_BBOX): "elems": [{"bb": [x, y, w, h], "caption": str | [str,
+    ...], "attributes"?: str | [str, ...]}], "bb" in pixels of the image file (top-left corner, width, height; inside
+    the image, w and h > 0). X-VLM's region-only records (no image-level "caption") are not accepted.
 
     Args:
         json_path: the JSON file.
@@ -158,22 +218,34 @@ def load_albef_json(json_path: str, image_root: str, split_captions: bool = True
         check_images: verify that each image file exists and is a readable image (header check, no decode).
 
     Returns:
-        A `datasets.Dataset` with columns "image" (absolute path str), "caption" and "image_id" (image index).
+        A `datasets.Dataset` with columns "image" (absolute path str), "caption" and "image_id" (image index); when
+        some record has "elems", also "region_phrases" (list of str) and "region_boxes" (list of (cx, cy, w, h)
+        normalised by the image's width and height; one per phrase; empty lists for records without regions), the
+        item fields `RetrievalCollator` turns into L_BBOX targets.
 
     Raises:
-        ValueError: naming the file, record index and field of the first bad record (on_error="raise").
+        ValueError: naming the file, record index and field of the first bad record (on_error="raise"), e.g. a box
+            outside the image.
     """
     records, skipped = _albef_records(json_path, image_root, on_error, check_images)
+    with_regions = any(phrases for _, _, (phrases, _) in records)
     rows: dict[str, list] = {"image": [], "caption": [], "image_id": []}
-    for image_id, (path, captions) in enumerate(records):
+    if with_regions:
+        rows.update(region_phrases=[], region_boxes=[])
+    for image_id, (path, captions, (phrases, boxes)) in enumerate(records):
         for caption in captions if split_captions else [captions]:
             rows["image"].append(path)
             rows["caption"].append(caption)
             rows["image_id"].append(image_id)
+            if with_regions:
+                rows["region_phrases"].append(phrases)
+                rows["region_boxes"].append(boxes)
     features = datasets.Features({
         "image": datasets.Value("string"),
         "caption": datasets.Value("string") if split_captions else datasets.List(datasets.Value("string")),
         "image_id": datasets.Value("int64"),
+        **({"region_phrases": datasets.List(datasets.Value("string")),
+            "region_boxes": datasets.List(datasets.List(datasets.Value("float32")))} if with_regions else {}),
     })
     return _with_skipped(datasets.Dataset.from_dict(rows, features=features), skipped)
 
@@ -211,7 +283,7 @@ def load_retrieval_eval_set(json_path: str, image_root: str, on_error: str = "ra
     """
     records, skipped = _albef_records(json_path, image_root, on_error, check_images=False)
     kept: list[tuple[str, list[str]]] = []
-    for index, (path, captions) in enumerate(records):
+    for index, (path, captions, _) in enumerate(records):
         try:
             _check_image_file(path)
             kept.append((path, captions))

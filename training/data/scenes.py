@@ -47,6 +47,8 @@ _COLOR_RGB = {
 }
 _RADIUS = {"big": 0.40, "small": 0.22}  # in cell widths; with jitter <= 0.08 objects stay inside their cell
 _MAX_JITTER = 0.08
+_SQUARE_HALF_SIDE = 0.85  # in radii: a square of half-side r looks bigger than a circle of radius r
+_TRIANGLE_BASE = 0.8  # in radii below the centre (the apex is r above it)
 _ALL_KINDS = tuple((z, c, s) for z in SIZES for c in COLORS for s in SHAPES)
 _QUANTIFIER_PREFIX = {
     "left": "the left image has", "right": "the right image has",
@@ -368,15 +370,44 @@ def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
         if o.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         elif o.shape == "square":
-            h = r * 0.85  # a square of half-side r looks bigger than a circle of radius r
+            h = r * _SQUARE_HALF_SIDE
             draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
         elif o.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+            base = cy + r * _TRIANGLE_BASE
+            draw.polygon([(cx, cy - r), (cx + r, base), (cx - r, base)], fill=fill)
         elif o.shape == "diamond":
             draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
         else:
             raise ValueError(f"unknown shape {o.shape!r}")
     return image
+
+
+def object_box(obj: SceneObject) -> tuple[float, float, float, float]:
+    """The box `render_scene` draws `obj` in: (cx, cy, w, h) normalised by the image side (X-VLM's L_BBOX target).
+
+    Exact for the drawn geometry (circle/diamond: ±r; square: ±0.85·r; triangle: apex r above the centre, base
+    0.8·r below), so the box holds every pixel of the object up to the rasteriser's rounding (< 1 pixel).
+    """
+    r = _RADIUS[obj.size] / GRID
+    cx, cy = (obj.x + 0.5 + obj.dx) / GRID, (obj.y + 0.5 + obj.dy) / GRID
+    half = r * _SQUARE_HALF_SIDE if obj.shape == "square" else r
+    top, bottom = cy - half, cy + (r * _TRIANGLE_BASE if obj.shape == "triangle" else half)
+    return cx, (top + bottom) / 2, 2 * half, bottom - top
+
+
+def object_phrase(obj: SceneObject) -> str:
+    """A phrase naming exactly `obj` ("the small red circle"): kinds are unique within a scene."""
+    return f"the {obj.size} {obj.color} {obj.shape}"
+
+
+def scene_regions(scene: Scene) -> dict[str, list]:
+    """Region annotations of a scene for L_BBOX: {"region_phrases": [phrase], "region_boxes": [[cx, cy, w, h]]}.
+
+    One region per scene, its first object: object kinds and cells are drawn at random (`_place`), so it is a
+    uniformly random object of the image, and no random number is consumed (the caption stream stays as it was).
+    """
+    obj = scene.objects[0]
+    return {"region_phrases": [object_phrase(obj)], "region_boxes": [list(object_box(obj))]}
 
 
 # ------------------------------------------------------------------------------------------ true statements
@@ -498,7 +529,8 @@ def _distinguishing_description(rng: random.Random, scene: Scene, others: list[S
 
 def make_retrieval_item(rng: random.Random, image_size: int = 64,
                         return_scene: bool = False) -> dict:
-    """One training item: {"image", "caption", "negative_caption"} (+ "scene" if asked)."""
+    """One training item: {"image", "caption", "negative_caption", "region_phrases", "region_boxes"} (+ "scene" if
+    asked); the regions (one object's phrase and box, `scene_regions`) feed L_BBOX."""
     while True:
         scene = random_scene(rng)
         desc = describe_scene(rng, scene)
@@ -506,7 +538,7 @@ def make_retrieval_item(rng: random.Random, image_size: int = 64,
         if negative is not None:  # swapping a relation's objects always works, so this rarely loops
             break
     item = {"image": render_scene(scene, image_size), "caption": statement_text(desc),
-            "negative_caption": statement_text(negative)}
+            "negative_caption": statement_text(negative), **scene_regions(scene)}
     if return_scene:
         item["scene"] = scene
     return item
@@ -551,7 +583,8 @@ class _SyntheticIterable(torch.utils.data.IterableDataset):
 
 
 class SyntheticRetrievalDataset(_SyntheticIterable):
-    """Fresh synthetic scenes for image-text training: {"image": PIL RGB, "caption", "negative_caption"}.
+    """Fresh synthetic scenes for image-text training: {"image": PIL RGB, "caption", "negative_caption",
+    "region_phrases", "region_boxes"} (one object's phrase and normalised (cx, cy, w, h) box, for L_BBOX).
 
     Args:
         image_size: rendered image side in pixels.
@@ -815,7 +848,7 @@ __all__ = [
     "SHAPES", "SIZES", "SYNTHETIC_WORDS", "Scene", "SceneObject", "SyntheticCaptioningDataset", "SyntheticNLVR2Dataset",
     "SyntheticRetrievalDataset", "describe_scene", "hard_negative", "make_captioning_eval_set", "make_captioning_item",
     "make_nlvr2_eval_set", "make_nlvr2_item",
-    "make_retrieval_eval_set", "make_retrieval_item", "make_statement", "parse_statement", "perturb_scene", "random_scene",
-    "rejitter_scene",
+    "make_retrieval_eval_set", "make_retrieval_item", "make_statement", "object_box", "object_phrase",
+    "parse_statement", "perturb_scene", "random_scene", "rejitter_scene", "scene_regions",
     "rearrange_scene", "render_scene", "scene_captions", "statement_is_true", "statement_text",
 ]

@@ -12,7 +12,9 @@ from transformers import TrainingArguments
 class DistillationArguments(TrainingArguments):
     """TrainingArguments plus the distillation weights: total = λ·L_VLP + (1−λ)·(α·L_attn + β·L_hid + γ·L_logits)."""
 
-    lambda_vlp: float = field(default=0.6, metadata={"help": "λ: weight of the VLP losses (ITC+ITM+MLM), in [0, 1]."})
+    lambda_vlp: float = field(
+        default=0.6, metadata={"help": "λ: weight of the VLP losses (ITC+ITM+MLM+BBOX), in [0, 1]."}
+    )
     alpha_attn: float = field(default=1.0, metadata={"help": "α: weight of attention-map KD (MSE on probabilities)."})
     beta_hidden: float = field(default=1.0, metadata={"help": "β: weight of hidden-state KD (MSE)."})
     gamma_logits: float = field(default=1.0, metadata={"help": "γ: weight of logit KD (KL, T² scaled)."})
@@ -35,6 +37,12 @@ class DistillationArguments(TrainingArguments):
                           "encoder trained from scratch leave the ITM prior."},
     )
     use_mlm: bool = field(default=True, metadata={"help": "Use MLM (loss and KD) when the batch has masked text."})
+    bbox_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of X-VLM's box loss L_BBOX (L1 + 1 − GIoU of the box head's prediction for a phrase "
+                          "about one object against its box) in L_VLP; used when the model has a box head (pre-training "
+                          "model) and the batch has boxes (synthetic scenes, JSON 'elems'); 0 = off."},
+    )
     itc_global_batch: bool = field(
         default=False,
         metadata={"help": "Multi-process: contrast each rank's pairs against the features of all ranks (X-VLM)."},
@@ -43,7 +51,7 @@ class DistillationArguments(TrainingArguments):
     def __post_init__(self):
         if self.lambda_vlp is not None and not 0.0 <= self.lambda_vlp <= 1.0:
             raise ValueError(f"lambda_vlp must lie in [0, 1], got {self.lambda_vlp}")
-        for name in ("alpha_attn", "beta_hidden", "gamma_logits", "image_hidden_weight"):
+        for name in ("alpha_attn", "beta_hidden", "gamma_logits", "image_hidden_weight", "bbox_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.itm_negatives_warmup_steps < 0:
@@ -87,6 +95,20 @@ class PruningArguments(DistillationArguments):
     vision_target: float | None = field(default=None, metadata={"help": "Own target for the vision encoder."})
     text_target: float | None = field(default=None, metadata={"help": "Own target for the text encoder."})
     fusion_target: float | None = field(default=None, metadata={"help": "Own target for the fusion encoder."})
+    decoder_target: float | None = field(
+        default=None, metadata={"help": "Own target for the answer decoder (VQA models only)."}
+    )
+    budget: str = field(
+        default="params",
+        metadata={"help": "What --target_sparsity (and the per-encoder targets) are fractions of: 'params' (the paper: "
+                          "prunable parameters) or 'flops' (FLOPs of the task's inference path, see --budget_path)."},
+    )
+    budget_path: str = field(
+        default="",
+        metadata={"help": "--budget flops: sizes of the inference path, e.g. 'images=5000,texts=25000,k=256,"
+                          "text_length=40' (retrieval; default: the COCO 5k protocol) or 'items=1000,text_length=40' "
+                          "(nlvr2); unnamed sizes keep the task's defaults."},
+    )
     one_sided_lagrangian: bool = field(default=False, metadata={"help": "TinyCLIP's λ1·max(t−ŝ,0)+λ2·max(t−ŝ,0)²."})
     reg_learning_rate: float | None = field(
         default=None,
@@ -104,10 +126,14 @@ class PruningArguments(DistillationArguments):
     )
 
     def __post_init__(self):
-        for name in ("target_sparsity", "vision_target", "text_target", "fusion_target"):
+        for name in ("target_sparsity", "vision_target", "text_target", "fusion_target", "decoder_target"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {value}")
+        if self.budget not in ("params", "flops"):
+            raise ValueError(f"budget must be 'params' or 'flops', got {self.budget!r}")
+        if self.budget_path and self.budget != "flops":
+            raise ValueError("--budget_path sets the sizes of a FLOPs budget: give it with --budget flops")
         if self.reg_learning_rate is not None and self.reg_learning_rate <= 0:
             raise ValueError(f"reg_learning_rate must be > 0, got {self.reg_learning_rate}")
         if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
@@ -124,7 +150,8 @@ class PruningArguments(DistillationArguments):
 
     @property
     def modality_targets(self) -> dict[str, float]:
-        targets = {"vision": self.vision_target, "text": self.text_target, "fusion": self.fusion_target}
+        targets = {"vision": self.vision_target, "text": self.text_target, "fusion": self.fusion_target,
+                   "decoder": self.decoder_target}
         return {k: v for k, v in targets.items() if v is not None}
 
 

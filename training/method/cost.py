@@ -75,6 +75,31 @@ def prunable_flops(config, path: Path) -> dict[str, int]:
     return out
 
 
+def path_to_json(path: Path) -> dict[str, list[list[int]]]:
+    """`path` as plain lists ({modality: [[count, tokens, self_keys, cross_keys], ...]}), e.g. for gate metadata."""
+    return {m: [[r.count, r.tokens, r.self_keys, r.cross_keys] for r in runs] for m, runs in path.items()}
+
+
+def path_from_json(data: dict) -> Path:
+    """Reads `path_to_json`'s form back (also accepts `Run`s); raises ValueError naming a malformed entry."""
+    path: Path = {}
+    for modality, runs in data.items():
+        if not isinstance(runs, list):
+            raise ValueError(f"cost path entry {modality!r} must be a list of runs, got {runs!r}")
+        path[modality] = []
+        for run in runs:
+            if isinstance(run, Run):
+                run = [run.count, run.tokens, run.self_keys, run.cross_keys]
+            ok = isinstance(run, (list, tuple)) and len(run) == 4
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in run)
+            if not ok:
+                raise ValueError(
+                    f"cost path run {run!r} of {modality!r} must be [count, tokens, self_keys, cross_keys], ints >= 0"
+                )
+            path[modality].append(Run(*run))
+    return path
+
+
 def image_tokens(config, image_size: int | None = None) -> int:
     """Tokens of the vision encoder ([CLS] + patches) at `image_size` (default: the config's)."""
     vision = config.vision_config
@@ -93,3 +118,48 @@ def retrieval_path(
         "text": [Run(num_texts, text_length, text_length)],
         "fusion": [Run(pairs, text_length, text_length, tokens)] if pairs else [],
     }
+
+
+def nlvr2_path(config, items: int, text_length: int, image_size: int | None = None) -> Path:
+    """NLVR2 (X-VLM structure): two images and one statement per item; every fusion layer runs once per item (copy
+    2l over image 0, copy 2l + 1 over image 1 — with a single, non-duplicated fusion encoder it runs twice)."""
+    tokens = image_tokens(config, image_size)
+    passes = 1 if getattr(config.fusion_encoder_config, "shared_cross_kv", False) else 2
+    return {
+        "vision": [Run(2 * items, tokens, tokens)],
+        "text": [Run(items, text_length, text_length)],
+        "fusion": [Run(passes * items, text_length, text_length, tokens)],
+    }
+
+
+PATH_SIZES: dict[str, dict[str, int]] = {
+    "retrieval": {"images": 5000, "texts": 25000, "k": 256, "text_length": 40},
+    "nlvr2": {"items": 1000, "text_length": 40},
+}
+"""Default path sizes per task: the paper's evaluation protocols (COCO 5k test with k = 256; X-VLM's 40 tokens)."""
+
+
+def parse_sizes(task: str, text: str) -> dict[str, int]:
+    """'images=1000,k=128' → the task's default sizes with those replaced; raises naming an unknown / bad entry."""
+    if task not in PATH_SIZES:
+        raise ValueError(
+            f"--budget flops has no inference-path model for task {task!r} (available: {sorted(PATH_SIZES)}); "
+            "use --budget params"
+        )
+    sizes = dict(PATH_SIZES[task])
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in sizes:
+            raise ValueError(f"--budget_path {item!r}: unknown size {name!r} for {task}; known: {sorted(sizes)}")
+        if not value.isdigit() or int(value) < (0 if name == "k" else 1):
+            raise ValueError(f"--budget_path {item!r}: {name} must be an integer >= {0 if name == 'k' else 1}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def task_path(task: str, config, text: str = "") -> Path:
+    """The inference path of `task` at the sizes of `text` (see `parse_sizes`) for a model with `config`."""
+    sizes = parse_sizes(task, text)
+    if task == "retrieval":
+        return retrieval_path(config, sizes["images"], sizes["texts"], sizes["text_length"], sizes["k"])
+    return nlvr2_path(config, sizes["items"], sizes["text_length"])

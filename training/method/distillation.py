@@ -20,15 +20,18 @@ from __future__ import annotations
 import torch
 
 from . import losses as L
-from .structure import ENCODER_CONFIG_KEYS, MODALITIES
+from .structure import CROSS_ATTENTION_MODALITIES, ENCODER_CONFIG_KEYS, modalities
 from .student import resolve_layer_map
 
-ENCODER_OUTPUT_KEYS = {"vision": "image", "text": "text", "fusion": "fusion"}
-"""Key of each encoder's output (`EfficientVLMEncoderOutput`) in the dicts the KD helpers read."""
+ENCODER_OUTPUT_KEYS = {"vision": "image", "text": "text", "fusion": "fusion", "decoder": "decoder"}
+"""Key of each encoder's output (`EfficientVLMEncoderOutput`) in the dicts the KD helpers read; "decoder" (the VQA
+answer decoder, teacher-forced on the same answers) only where the task passes it. A stack missing from the dicts or
+from the layer map is skipped."""
 
 
 def kd_pairs(layer_map: dict[str, list[int]]) -> dict[str, dict[str, list[tuple[int, int]]]]:
-    """KD pairs of every encoder from the student's layer map (student layer i copies teacher layer map[i]).
+    """KD pairs of every stack in the student's layer map (student layer i copies teacher layer map[i]); the VQA
+    answer decoder's entry is mapped like fusion (see `student.resolve_layer_map`).
 
     attention: (i, map[i]); hidden states (HF indexing, 0 = embeddings): (0, 0) and (i + 1, map[i] + 1), i.e. the
     output of student layer i against the output of the teacher layer it was initialised from.
@@ -38,17 +41,19 @@ def kd_pairs(layer_map: dict[str, list[int]]) -> dict[str, dict[str, list[tuple[
             "attn": [(i, t) for i, t in enumerate(layer_map[modality])],
             "hidden": [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map[modality])],
         }
-        for modality in MODALITIES
+        for modality in layer_map
     }
 
 
 def attention_kd(
     student: dict, teacher: dict, pairs: dict, query_masks: dict, cross: bool, key_length_scale: bool = True
 ) -> torch.Tensor:
-    """Mean over encoders of the attention-map KD (self-attention of all three; fusion cross-attention if `cross`).
+    """Mean over stacks of the attention-map KD (self-attention of every stack; fusion and VQA-decoder
+    cross-attention if `cross`).
 
     Args:
-        student / teacher: encoder outputs under "image", "text", "fusion" (with `attentions` / `cross_attentions`).
+        student / teacher: encoder outputs under "image", "text", "fusion" (and "decoder" for VQA) with `attentions` /
+            `cross_attentions`.
         pairs: `kd_pairs(...)`.
         query_masks: per encoder key, (B, T_q) 1 for real query tokens, or None (vision: no padding).
         cross: also distil the fusion cross-attention maps (task KD in the official code).
@@ -56,8 +61,10 @@ def attention_kd(
     """
     terms = []
     for modality, key in ENCODER_OUTPUT_KEYS.items():
+        if modality not in pairs or key not in student or key not in teacher:
+            continue
         kinds = [("attentions", pairs[modality]["attn"])]
-        if cross and modality == "fusion":
+        if cross and modality in CROSS_ATTENTION_MODALITIES:
             kinds.append(("cross_attentions", pairs[modality]["attn"]))
         for field, layer_pairs in kinds:
             s_maps, t_maps = getattr(student[key], field), getattr(teacher[key], field)
@@ -95,6 +102,8 @@ def hidden_kd(student: dict, teacher: dict, pairs: dict, image_weight: float) ->
     """Σ over encoders of the hidden-state KD, the vision term weighted by `image_weight`."""
     total = torch.zeros(())
     for modality, key in ENCODER_OUTPUT_KEYS.items():
+        if modality not in pairs or key not in student or key not in teacher:
+            continue
         weight = image_weight if modality == "vision" else 1.0
         s_hidden, t_hidden = student[key].hidden_states, teacher[key].hidden_states
         term = L.hidden_kd_loss(list(s_hidden), list(t_hidden), pairs[modality]["hidden"])
@@ -127,7 +136,9 @@ def check_compatible(student_config, teacher_config, hidden_kd_on: bool) -> None
             f"student vocab_size ({s_text.vocab_size}) != teacher vocab_size ({t_text.vocab_size}): MLM/ITM KD needs one "
             "tokenizer"
         )
-    for key in ENCODER_CONFIG_KEYS.values() if hidden_kd_on else ():
+    teacher_stacks = modalities(teacher_config)
+    stacks = [m for m in modalities(student_config) if m in teacher_stacks]
+    for key in (ENCODER_CONFIG_KEYS[m] for m in stacks) if hidden_kd_on else ():
         s, t = getattr(student_config, key).hidden_size, getattr(teacher_config, key).hidden_size
         if s != t:
             raise ValueError(
@@ -137,5 +148,10 @@ def check_compatible(student_config, teacher_config, hidden_kd_on: bool) -> None
 
 
 def layer_maps(student_config, teacher_config, layer_map: dict[str, list[int]] | None = None) -> dict:
-    """`kd_pairs` of the completed layer map (`student.resolve_layer_map`): the given entries, default elsewhere."""
+    """`kd_pairs` of the completed layer map (`student.resolve_layer_map`): the given entries, default elsewhere.
+
+    NLVR2 fusion (`shared_cross_kv`, task KD in prune: student 2×3 copies ↔ teacher 2×6): copy c of student pair l
+    pairs with copy c of the teacher pair it was initialised from (layer 2l + c ↔ 2·map[l] + c), for attention maps
+    and hidden states alike.
+    """
     return kd_pairs(resolve_layer_map(student_config, teacher_config, layer_map))

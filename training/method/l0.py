@@ -20,9 +20,12 @@ from torch import nn
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
+from .cost import path_from_json, path_to_json, unit_costs
 from .gates import HardConcreteGate
 from .materialize import pruned_config
-from .structure import ENCODER_CONFIG_KEYS, MODALITIES, UnitGroup, count_parameters, unit_groups, unit_kinds
+from .structure import (
+    ENCODER_CONFIG_KEYS, UnitGroup, count_parameters, modalities, unit_groups, unit_kinds,
+)
 
 GATES_FILE = "l0_gates.safetensors"
 """Gates + multipliers of a pruning run, saved beside the student (checkpoints and the final folder)."""
@@ -30,14 +33,20 @@ SETTINGS_KEY = "efficientvlm_l0"
 """Metadata key of a gate file that holds the module's settings (JSON)."""
 SETTINGS_TYPES: dict[str, type | tuple[type, ...]] = {
     "target_sparsity": (int, float), "modality_targets": dict, "one_sided": bool, "warmup_steps": int,
+    "budget": str, "cost_path": dict,
 }
 """The settings `save` writes (the keyword arguments of `ModalL0Module`) and their JSON types."""
+BUDGETS = ("params", "flops")
+"""What a sparsity target is a fraction of (`ModalL0Module(budget=...)`, `prune --budget`)."""
 HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
 FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
 
 
 class ModalL0Module(nn.Module):
     """Gates for every prunable group of an EfficientVLM config, plus the Lagrange multipliers.
+
+    The groups are those of `modalities(config)`: the three encoders and, for a VQA config, the answer decoder (its
+    self-attention heads, cross-attention heads and FFN neurons), which is a modality of its own in the size model.
 
     Args:
         config: the (student) EfficientVLMConfig whose per-layer sizes define the gates.
@@ -46,6 +55,11 @@ class ModalL0Module(nn.Module):
             own target by its own multipliers; unlisted ones follow the global target (if any remain).
         one_sided: use λ1·max(t − ŝ, 0) + λ2·max(t − ŝ, 0)² (never pushes sparsity above the target).
         warmup_steps: the target ramps linearly from 0 over this many optimizer steps, then stays.
+        budget: what the targets are fractions of: "params" (the paper: prunable parameters) or "flops" (the cost of
+            the task's inference path `cost_path`); sparsity ŝ = 1 − Σ P(z>0)·w(unit) / Σ w(unit) with w the unit's
+            parameters or its FLOPs on that path.
+        cost_path: "flops" budget: the task's inference path, {modality: [[count, tokens, self_keys, cross_keys],
+            ...]} (`training.method.cost.Run`s as lists, so it is saved with the gates).
     """
 
     def __init__(
@@ -55,19 +69,29 @@ class ModalL0Module(nn.Module):
         modality_targets: dict[str, float] | None = None,
         one_sided: bool = False,
         warmup_steps: int = 0,
+        budget: str = "params",
+        cost_path: dict[str, list] | None = None,
     ):
         super().__init__()
         _check_target("target_sparsity", target_sparsity)
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
+        if (budget == "params") != (cost_path is None):
+            raise ValueError("a cost_path (the task's inference path) is required by budget='flops' and only by it")
         modality_targets = dict(modality_targets or {})
         for modality, target in modality_targets.items():
-            if modality not in MODALITIES:
-                raise ValueError(f"modality_targets has unknown encoder {modality!r}; allowed: {list(MODALITIES)}")
+            if modality not in modalities(config):
+                raise ValueError(
+                    f"modality_targets has unknown encoder {modality!r}; allowed: {list(modalities(config))}"
+                )
             _check_target(f"modality_targets[{modality!r}]", target)
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.groups = [g for g in unit_groups(config) if g.size > 0]
         self.gates = nn.ModuleDict()
         for group in self.groups:
+            if group.kv_shared_with is not None:  # an NLVR2 pair's odd copy uses the even copy's cross-head gate
+                continue
             init = HEAD_INIT_LOG_ALPHA if group.kind != "ffn" else None
             drop = FFN_DROP_RATE if group.kind == "ffn" else None
             self.gates[group.name.replace(".", "_")] = HardConcreteGate((group.size,), init_mean=init, drop_rate=drop)
@@ -75,21 +99,37 @@ class ModalL0Module(nn.Module):
         self.modality_targets = modality_targets
         self.one_sided = one_sided
         self.warmup_steps = warmup_steps
-        self.num_layers = {m: getattr(config, k).num_hidden_layers for m, k in ENCODER_CONFIG_KEYS.items()}
+        # the config's prunable stacks: the three encoders, plus the VQA answer decoder when the config has one
+        self.modalities = modalities(config)
+        self.num_layers = {m: getattr(config, ENCODER_CONFIG_KEYS[m]).num_hidden_layers for m in self.modalities}
         self.prunable_total = sum(g.size * g.unit_params for g in self.groups)
         self.prunable_by_modality = {
-            m: sum(g.size * g.unit_params for g in self.groups if g.modality == m) for m in MODALITIES
+            m: sum(g.size * g.unit_params for g in self.groups if g.modality == m) for m in self.modalities
+        }
+        self.budget = budget
+        self.cost_path = None if cost_path is None else path_to_json(path_from_json(cost_path))
+        self.unit_costs = None if cost_path is None else _checked_costs(
+            unit_costs(config, path_from_json(cost_path)), self.groups
+        )
+        self.cost_total = sum(g.size * self._weight(g) for g in self.groups)
+        self.cost_by_modality = {
+            m: sum(g.size * self._weight(g) for g in self.groups if g.modality == m) for m in self.modalities
         }
         # one (λ1, λ2) pair per constraint: "global" and/or each modality with its own target
         names = list(modality_targets)
-        if set(MODALITIES) - set(modality_targets):
+        if set(self.modalities) - set(modality_targets):
             names.insert(0, "global")
         self.constraints = names
         self.lambdas = nn.ParameterDict({name: nn.Parameter(torch.zeros(2)) for name in names})
         self.register_buffer("frozen", torch.tensor(False))
 
+    def _weight(self, group: UnitGroup) -> float:
+        """What one unit of `group` weighs in the budget: its parameters, or its FLOPs on the task path."""
+        return group.unit_params if self.unit_costs is None else self.unit_costs[group.name]
+
     def gate(self, group: UnitGroup) -> HardConcreteGate:
-        return self.gates[group.name.replace(".", "_")]
+        """The gate of `group` (the cross heads of an NLVR2 pair share one: they read the same K/V heads)."""
+        return self.gates[group.gate_name.replace(".", "_")]
 
     # ---------------------------------------------------------------------------------------------------- masks
     def _masks(self, values: dict[str, torch.Tensor]) -> PruningMasks:
@@ -99,7 +139,11 @@ class ModalL0Module(nn.Module):
         """One hard-concrete sample per gate (shared by the batch); differentiable w.r.t. log α."""
         if bool(self.frozen):
             return self.deterministic_masks()
-        return self._masks({g.name: self.gate(g).sample(generator) for g in self.groups})
+        samples = {}  # one sample per gate: the two copies of a shared-K/V pair get the same cross-head mask
+        for g in self.groups:
+            if g.gate_name not in samples:
+                samples[g.gate_name] = self.gate(g).sample(generator)
+        return self._masks({g.name: samples[g.gate_name] for g in self.groups})
 
     def deterministic_masks(self) -> PruningMasks:
         """Exact 0/1 masks: per layer keep the round(Σ P(z>0)) gates with the highest scores."""
@@ -112,18 +156,38 @@ class ModalL0Module(nn.Module):
     # ------------------------------------------------------------------------------------------------ size model
     def expected_parameters(self) -> dict[str, torch.Tensor]:
         """Expected kept prunable parameters Σ P(z>0)·params(unit), per modality and "total" (differentiable)."""
-        out = {m: torch.zeros(()) for m in MODALITIES}
+        out = {m: torch.zeros(()) for m in self.modalities}
         for group in self.groups:
             kept = self.gate(group).keep_probability().sum() * group.unit_params
             out[group.modality] = out[group.modality].to(kept.device) + kept
-        out["total"] = sum(out[m] for m in MODALITIES)
+        out["total"] = sum(out[m] for m in self.modalities)
+        return out
+
+    def expected_cost(self) -> dict[str, torch.Tensor]:
+        """Expected kept budget Σ P(z>0)·w(unit) (parameters or FLOPs, see `budget`), per modality and "total"."""
+        if self.unit_costs is None:
+            return self.expected_parameters()
+        out = {m: torch.zeros(()) for m in self.modalities}
+        for group in self.groups:
+            kept = self.gate(group).keep_probability().sum() * self._weight(group)
+            out[group.modality] = out[group.modality].to(kept.device) + kept
+        out["total"] = sum(out[m] for m in self.modalities)
+        return out
+
+    def expected_budget_sparsity(self) -> dict[str, torch.Tensor]:
+        """ŝ in the budget's unit (= `expected_sparsity` for the params budget), overall and per modality."""
+        expected = self.expected_cost()
+        out = {"total": 1 - expected["total"] / self.cost_total}
+        for m in self.modalities:
+            denominator = self.cost_by_modality[m]
+            out[m] = 1 - expected[m] / denominator if denominator else torch.zeros(())
         return out
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
         """ŝ overall ("total") and per modality (each against its own prunable parameters)."""
         expected = self.expected_parameters()
         out = {"total": 1 - expected["total"] / self.prunable_total}
-        for m in MODALITIES:
+        for m in self.modalities:
             denominator = self.prunable_by_modality[m]
             out[m] = 1 - expected[m] / denominator if denominator else torch.zeros(())
         return out
@@ -135,15 +199,15 @@ class ModalL0Module(nn.Module):
     def lagrangian(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Σ over constraints of λ1·(ŝ − t) + λ2·(ŝ − t)² (or the one-sided form). Minimised by the gates and
         maximised by the λs (their optimizer group has `maximize=True`)."""
-        sparsity = self.expected_sparsity()
-        expected = self.expected_parameters()
+        sparsity = self.expected_budget_sparsity()
+        expected = self.expected_cost()
         loss = torch.zeros((), device=self.lambdas[self.constraints[0]].device)
         logs = {}
         for name in self.constraints:
             if name == "global":
-                free = [m for m in MODALITIES if m not in self.modality_targets]
+                free = [m for m in self.modalities if m not in self.modality_targets]
                 kept = sum(expected[m] for m in free)
-                total = sum(self.prunable_by_modality[m] for m in free)
+                total = sum(self.cost_by_modality[m] for m in free)
                 s_hat, target = 1 - kept / total, self.current_target(step)
             else:
                 s_hat = sparsity[name]
@@ -154,8 +218,11 @@ class ModalL0Module(nn.Module):
             logs[f"target_{name}"] = target
             logs[f"lambda1_{name}"] = lam[0].item()
             logs[f"lambda2_{name}"] = lam[1].item()
-        for key, value in sparsity.items():
+        for key, value in self.expected_sparsity().items():
             logs[f"expected_sparsity_{key}"] = value.item()
+        if self.unit_costs is not None:
+            for key, value in sparsity.items():
+                logs[f"expected_flops_sparsity_{key}"] = value.item()
         return loss, logs
 
     @torch.no_grad()
@@ -175,7 +242,9 @@ class ModalL0Module(nn.Module):
         """Gates, multipliers and the frozen flag as safetensors; the constraint set goes into the metadata."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         settings = {"target_sparsity": self.target_sparsity, "modality_targets": self.modality_targets,
-                    "one_sided": self.one_sided, "warmup_steps": self.warmup_steps}
+                    "one_sided": self.one_sided, "warmup_steps": self.warmup_steps, "budget": self.budget}
+        if self.cost_path is not None:
+            settings["cost_path"] = self.cost_path
         save_file(state, path, metadata={"format": "pt", SETTINGS_KEY: json.dumps(settings)})
 
     @classmethod
@@ -190,7 +259,7 @@ class ModalL0Module(nn.Module):
         settings, state = read_gates_file(path)
         if not settings:  # no metadata: constraint names from the multiplier keys (targets only matter for training)
             names = {key.split(".", 1)[1] for key in state if key.startswith("lambdas.")}
-            settings = {"modality_targets": {m: 0.0 for m in MODALITIES if m in names}}
+            settings = {"modality_targets": {m: 0.0 for m in modalities(config) if m in names}}
         try:
             module = cls(config, **settings)
         except ValueError as error:
@@ -216,7 +285,7 @@ class ModalL0Module(nn.Module):
                 f"{source} does not match the model's config (gates per prunable group): missing {missing or 'none'}, "
                 f"unexpected {unexpected or 'none'}"
             )
-        groups = {f"gates.{g.name.replace('.', '_')}.log_alpha": g for g in self.groups}
+        groups = {f"gates.{g.name.replace('.', '_')}.log_alpha": g for g in self.groups if g.kv_shared_with is None}
         for key, want in expected.items():
             got = state[key]
             what = f"gate {groups[key].name} ({key})" if key in groups else key
@@ -282,13 +351,21 @@ def masks_from_values(
     groups: list[UnitGroup], num_layers: dict[str, int], values: dict[str, torch.Tensor]
 ) -> PruningMasks:
     """`PruningMasks` holding `values[group.name]` for every group; layers without a group stay None (keep all)."""
-    encoders = {m: EncoderPruningMasks() for m in MODALITIES}
-    for modality in MODALITIES:
+    encoders = {m: EncoderPruningMasks() for m in ENCODER_CONFIG_KEYS}
+    for modality in num_layers:  # the config's stacks (`modalities(config)`); absent ones stay empty
         for kind in unit_kinds(modality):
             setattr(encoders[modality], kind.name, [None] * num_layers[modality])
     for group in groups:  # a sub-layer of size 0 in the config has no group: its entry stays None
         getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
     return PruningMasks(**encoders)
+
+
+def _checked_costs(unit_costs: dict[str, float], groups: list[UnitGroup]) -> dict[str, float]:
+    """The per-unit costs of the gated groups; a path that runs none of the prunable units is refused."""
+    out = {g.name: float(unit_costs[g.name]) for g in groups}
+    if not any(out[g.name] * g.size for g in groups):
+        raise ValueError("the cost path runs none of the prunable units: a FLOPs budget would be 0 / 0")
+    return out
 
 
 def _ramp(target: float, step: int, warmup_steps: int) -> float:

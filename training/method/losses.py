@@ -1,4 +1,5 @@
-"""Losses as pure functions of tensors: VLP (ITC, ITM, MLM) and knowledge distillation (attention, hidden, logits).
+"""Losses as pure functions of tensors: VLP (ITC, ITM, MLM, X-VLM's box loss L_BBOX) and knowledge distillation
+(attention, hidden, logits).
 
 Equations follow EfficientVLM (Wang et al., 2023), §3:
 
@@ -204,6 +205,67 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # sum / count instead of mean: same value, but 0 (not NaN) without masks and no host sync to check for that
     ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
     return ce / (flat_labels != -100).sum().clamp(min=1)
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(…, 4) boxes (centre x, centre y, width, height) → (…, 4) corners (x0, y0, x1, y1)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """GIoU of aligned box pairs (the diagonal of DETR's pairwise matrix, which X-VLM's L_BBOX reads).
+
+    GIoU = IoU − |C \\ (A ∪ B)| / |C|, C the smallest box enclosing A and B (Rezatofighi et al. 2019); in [−1, 1].
+
+    Args:
+        boxes1: (N, 4) corners (x0, y0, x1, y1) with x1 ≥ x0, y1 ≥ y0.
+        boxes2: (N, 4) corners, pair i = (boxes1[i], boxes2[i]).
+
+    Returns:
+        (N,) GIoU per pair.
+
+    Raises:
+        ValueError: a box with x1 < x0 or y1 < y0, naming the tensor and the row.
+    """
+    for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
+        bad = (boxes[:, 2:] < boxes[:, :2]).any(-1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} row {int(bad.nonzero()[0])} is degenerate (x1 < x0 or y1 < y0): "
+                             f"{boxes[bad][0].tolist()}")
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    inter_wh = (torch.minimum(boxes1[:, 2:], boxes2[:, 2:]) - torch.maximum(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    union = area1 + area2 - inter
+    hull_wh = torch.maximum(boxes1[:, 2:], boxes2[:, 2:]) - torch.minimum(boxes1[:, :2], boxes2[:, :2])
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    return inter / union - (hull - union) / hull
+
+
+def bbox_loss(pred: torch.Tensor, target: torch.Tensor,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """X-VLM's L_BBOX parts: L1 = Σ_coords |b̂ − b| and GIoU loss = 1 − GIoU(b̂, b), each averaged over the boxes.
+
+    L_BBOX = L1 + L_GIoU (X-VLM weighs both by 1). Boxes are (cx, cy, w, h) normalised to [0, 1].
+
+    Args:
+        pred: (N, 4) predicted boxes (the sigmoid output of the box head).
+        target: (N, 4) ground-truth boxes.
+        mask: (N,) bool, True where row i has a box (X-VLM's 1 − is_image); None = every row.
+
+    Returns:
+        (l1, giou) scalars; both an exact 0 (still attached to the graph) when no row has a box.
+    """
+    if mask is None:
+        mask = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
+    weight = mask.to(pred.dtype)
+    count = weight.sum().clamp(min=1)
+    l1 = (F.l1_loss(pred, target, reduction="none").sum(-1) * weight).sum() / count
+    # rows without a box may hold any placeholder target: give them a valid one so GIoU stays finite
+    safe_target = torch.where(mask[:, None], target, pred.detach())
+    giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(safe_target))
+    return l1, ((1 - giou) * weight).sum() / count
 
 
 # ------------------------------------------------------------------------------------------------- layer maps

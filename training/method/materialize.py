@@ -12,7 +12,7 @@ import torch
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
-from .structure import ENCODER_CONFIG_KEYS, ENCODER_MODULES, MODALITIES, unit_kinds
+from .structure import ENCODER_CONFIG_KEYS, ENCODER_MODULES, modalities, unit_kinds
 
 
 def _kept(mask: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,12 +49,32 @@ def _drop_prefix(state: dict, prefixes: tuple[str, ...]) -> None:
         del state[name]
 
 
+def _check_shared_pairs(sub, layer_masks: list[torch.Tensor | None] | None) -> None:
+    """An NLVR2 pair (`shared_cross_kv`) shares its K/V heads, so both copies must keep the same cross heads (their
+    scales may differ: they fold into each copy's own out_proj)."""
+    if not getattr(sub, "shared_cross_kv", False) or layer_masks is None:
+        return
+    for even in range(0, sub.num_hidden_layers, 2):
+        size = sub.num_cross_attention_heads[even]
+        if size and not torch.equal(_kept(layer_masks[even], size)[0], _kept(layer_masks[even + 1], size)[0]):
+            raise ValueError(
+                f"fusion cross-head masks of layers {even} and {even + 1} keep different heads, but the pair shares "
+                "its cross-attention keys / values (shared_cross_kv): give both copies the same kept heads (the L0 "
+                "module ties their gates)"
+            )
+
+
 def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMasks | None) -> None:
-    """Slices one encoder's layers in `state` (sizes of the original `config`)."""
+    """Slices one encoder's layers in `state` (sizes of the original `config`).
+
+    The K/V of an NLVR2 pair appear under both copies' names (one tensor); each name is sliced with the same kept
+    heads, and loading both names into the pruned model's one shared module writes the same values."""
     sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
     module = ENCODER_MODULES[modality]
     for kind in unit_kinds(modality):
         layer_masks = getattr(masks, kind.name) if masks is not None else None
+        if kind.name == "cross_head":
+            _check_shared_pairs(sub, layer_masks)
         for layer, size in enumerate(getattr(sub, kind.config_field)):
             if size == 0:
                 continue
@@ -71,8 +91,8 @@ def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMask
 def pruned_config(config, masks: PruningMasks):
     """The config a materialization with `masks` produces (kept units per layer), without touching weights."""
     config = copy.deepcopy(config)
-    for modality, key in ENCODER_CONFIG_KEYS.items():
-        sub = getattr(config, key)
+    for modality in modalities(config):  # the encoders (+ the VQA answer decoder)
+        sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
         encoder_masks = getattr(masks, modality)
         for kind in unit_kinds(modality):
             if encoder_masks is None or getattr(encoder_masks, kind.name) is None:
@@ -100,7 +120,7 @@ def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1
         A fresh model of the same class whose config lists the kept sizes per layer (0 = removed sub-layer).
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for modality in MODALITIES:
+    for modality in modalities(model.config):
         _prune_encoder(state, model.config, modality, getattr(masks, modality))
     config = pruned_config(model.config, masks)
     pruned = type(model)._from_config(config, attn_implementation=model.config._attn_implementation or "sdpa")
@@ -124,7 +144,8 @@ def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1
 
 @torch.no_grad()
 def materialization_error(model, pruned, masks: PruningMasks, batch: int = 2, length: int = 9, seed: int = 0) -> float:
-    """Max |masked − materialized| over image tokens, text tokens and fused tokens on random inputs."""
+    """Max |masked − materialized| over image tokens, text tokens and fused tokens on random inputs (and, for a VQA
+    model, the answer decoder's output and LM logits on random answers cross-attending to the fused tokens)."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -137,11 +158,19 @@ def materialization_error(model, pruned, masks: PruningMasks, batch: int = 2, le
     attention[0, -3:] = 0
     errors = []
     outs = []
+    paired = getattr(model.config.fusion_encoder_config, "shared_cross_kv", False)
     for net, net_masks in ((model, masks), (pruned, None)):
         image = net.encode_image(pixels, net_masks).last_hidden_state
         text = net.encode_text(ids, attention, net_masks).last_hidden_state
-        fused = net.fuse(text, attention, image, net_masks).last_hidden_state
+        images = (image, image.flip(0)) if paired else image  # NLVR2: the two copies read different images
+        fused = net.fuse(text, attention, images, net_masks).last_hidden_state
         outs.append((image, text, fused))
+        if "decoder" in modalities(model.config):  # answers (shorter, one padded) reading the fused question tokens
+            answers = ids[:, : max(length // 2, 2)]
+            answer_mask = torch.ones_like(answers)
+            answer_mask[-1, -1] = 0
+            logits, decoded = net.decode(answers, answer_mask, fused, attention, pruning_masks=net_masks)
+            outs[-1] += (decoded.last_hidden_state, logits)
     for a, b in zip(*outs):
         errors.append((a - b).abs().max().item())
     model.train(was_training)

@@ -16,8 +16,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODALITIES = ("vision", "text", "fusion")
-ENCODER_CONFIG_KEYS = {"vision": "vision_config", "text": "text_config", "fusion": "fusion_encoder_config"}
-ENCODER_MODULES = {"vision": "vision_model", "text": "text_model", "fusion": "fusion_model"}
+"""The three encoders every model has. Loops over a given config's prunable stacks use `modalities(config)`."""
+ENCODER_CONFIG_KEYS = {
+    "vision": "vision_config", "text": "text_config", "fusion": "fusion_encoder_config", "decoder": "decoder_config",
+}
+ENCODER_MODULES = {"vision": "vision_model", "text": "text_model", "fusion": "fusion_model", "decoder": "decoder_model"}
+VQA_HEADS = ("vqa",)
+"""`count_parameters` heads of `EfficientVLMForQuestionAnswering`: the answer decoder's own embeddings and LM head."""
+
+
+def modalities(config) -> tuple[str, ...]:
+    """The prunable stacks of `config`, in order: vision, text, fusion, and "decoder" when it has a VQA answer
+    decoder (`decoder_config` not None).
+
+    The decoder is its OWN modality in the size model, the gates' per-modality report and the split reports, not a
+    part of fusion: its cost scales with the answer length and, at inference, with the number of candidate answers
+    re-scored per question (k·L decoder tokens against one fusion pass per question), so a split that lumps it with
+    fusion would hide where a VQA model's time goes, and a per-modality target could not hold the two apart.
+    """
+    has_decoder = getattr(config, "decoder_config", None) is not None
+    return MODALITIES + (("decoder",) if has_decoder else ())
+PRETRAINING_HEADS = ("itm", "mlm", "bbox")
+"""`count_parameters` heads of `EfficientVLMForPreTraining` (ITM, MLM and X-VLM's box head)."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +67,13 @@ UNIT_KINDS = (
 """The one table of unit kinds: every module that maps kinds to config fields, masks or weights reads it."""
 
 
+CROSS_ATTENTION_MODALITIES = ("fusion", "decoder")
+"""Stacks whose layers cross-attend (fusion: to the image tokens; the VQA decoder: to the fusion output)."""
+
+
 def unit_kinds(modality: str) -> tuple[UnitKind, ...]:
-    """The unit kinds an encoder's layers have (fusion adds cross-attention heads)."""
-    return tuple(kind for kind in UNIT_KINDS if modality == "fusion" or not kind.fusion_only)
+    """The unit kinds a stack's layers have (fusion and the VQA decoder add cross-attention heads)."""
+    return tuple(kind for kind in UNIT_KINDS if modality in CROSS_ATTENTION_MODALITIES or not kind.fusion_only)
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,9 @@ class UnitGroup:
         hidden_size: width of the residual stream of this sub-layer.
         kv_size: width the keys/values read (cross-attention: the vision width).
         head_dim: head width (attention kinds).
+        kv_shared_with: NLVR2 fusion (`shared_cross_kv`): the odd copy's cross-head group names the layer of the even
+            copy whose key / value projections (and gate) it shares; its `unit_params` then count only q / out (the
+            K/V rows are counted once, in the even copy's group). None elsewhere.
     """
 
     modality: str
@@ -77,16 +104,23 @@ class UnitGroup:
     hidden_size: int
     kv_size: int
     head_dim: int
+    kv_shared_with: int | None = None
 
     @property
     def name(self) -> str:
         return f"{self.modality}.{self.kind}.{self.layer}"
 
+    @property
+    def gate_name(self) -> str:
+        """The group whose gate this group uses: itself, or (shared K/V) the even copy's cross-head group."""
+        layer = self.layer if self.kv_shared_with is None else self.kv_shared_with
+        return f"{self.modality}.{self.kind}.{layer}"
+
 
 def unit_groups(config) -> list[UnitGroup]:
-    """All prunable groups of an EfficientVLMConfig, in encoder / layer / kind order."""
+    """All prunable groups of an EfficientVLMConfig, in encoder / layer / kind order (`modalities(config)`)."""
     groups = []
-    for modality in MODALITIES:
+    for modality in modalities(config):
         sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
         d, hd = sub.hidden_size, sub.head_dim
         for layer in range(sub.num_hidden_layers):
@@ -96,14 +130,17 @@ def unit_groups(config) -> list[UnitGroup]:
                     groups.append(UnitGroup(modality, kind.name, layer, size, 2 * d + 1, 3 * d, d, d, 0))
                     continue
                 kv = sub.encoder_hidden_size if kind.name == "cross_head" else d
+                # an NLVR2 pair's odd copy reads the even copy's K/V projections: its heads own only q and out
+                paired = kind.name == "cross_head" and getattr(sub, "shared_cross_kv", False) and layer % 2
+                shared = layer - 1 if paired else None
                 # q: d→hd (+hd bias); k, v: kv→hd (+hd each); out: hd→d columns
-                unit = d * hd + hd + 2 * (kv * hd + hd) + hd * d
-                groups.append(UnitGroup(modality, kind.name, layer, size, unit, 3 * d, d, kv, hd))
+                unit = d * hd + hd + (0 if shared is not None else 2 * (kv * hd + hd)) + hd * d
+                groups.append(UnitGroup(modality, kind.name, layer, size, unit, 3 * d, d, kv, hd, shared))
     return groups
 
 
 def _fixed_parameters(config, heads: tuple[str, ...]) -> int:
-    """Parameters outside the prunable sub-layers: embeddings, encoder LayerNorms, ITC/ITM/MLM heads."""
+    """Parameters outside the prunable sub-layers: embeddings, encoder LayerNorms, ITC/ITM/MLM/box heads."""
     v, t = config.vision_config, config.text_config
     dv, dt = v.hidden_size, t.hidden_size
     norms = 4 * dv if getattr(v, "use_pre_layernorm", True) else 2 * dv  # pre- and post-LayerNorm
@@ -115,6 +152,16 @@ def _fixed_parameters(config, heads: tuple[str, ...]) -> int:
         total += (dt * 2 * dt + 2 * dt) + 4 * dt + (2 * dt * 2 + 2)
     if "mlm" in heads:  # dense + LayerNorm + decoder bias; the decoder weight is tied to the word embeddings
         total += dt * dt + dt + 2 * dt + t.vocab_size
+    if "bbox" in heads:  # X-VLM box head: Linear(d, 2d) + LayerNorm(2d) + Linear(2d, 4)
+        total += (dt * 2 * dt + 2 * dt) + 4 * dt + (2 * dt * 4 + 4)
+    if "vqa" in heads:  # the answer decoder's own embeddings + LM head (its decoder weight tied to its word embeddings)
+        dec = config.decoder_config
+        dd = dec.hidden_size
+        total += (dec.vocab_size + dec.max_position_embeddings + dec.type_vocab_size) * dd + 2 * dd
+        total += dd * dd + dd + 2 * dd + dec.vocab_size
+    if "nlvr" in heads:  # NLVR2 head on the single [CLS]: Linear(d, 2d) + LayerNorm(2d) + Linear(2d, num_labels)
+        labels = getattr(config, "num_labels", 2)
+        total += (dt * 2 * dt + 2 * dt) + 4 * dt + (2 * dt * labels + labels)
     return total
 
 
@@ -124,26 +171,28 @@ def count_parameters(config, heads: tuple[str, ...] = ("itm",)) -> dict[str, int
     Args:
         config: an EfficientVLMConfig.
         heads: which task heads the model class has: () for EfficientVLMModel, ("itm",) for the retrieval model,
-            ("itm", "mlm") for the pre-training model.
+            `PRETRAINING_HEADS` ("itm", "mlm", "bbox") for the pre-training model, ("nlvr",) for the NLVR2 model
+            (its head width follows `config.num_labels`), `VQA_HEADS` ("vqa",) for the VQA model (answer decoder
+            embeddings + LM head; its layers count under "decoder").
 
     Returns:
-        {"vision", "text", "fusion"}: prunable-layer parameters incl. their fixed parts, "other": the rest,
-        "prunable": units only (what sparsity is measured against), "total".
+        {"vision", "text", "fusion"[, "decoder"]} (`modalities(config)`): prunable-layer parameters incl. their fixed
+        parts, "other": the rest, "prunable": units only (what sparsity is measured against), "total".
     """
-    out = {m: 0 for m in MODALITIES}
+    out = {m: 0 for m in modalities(config)}
     prunable = 0
     for group in unit_groups(config):
         out[group.modality] += group.size * group.unit_params + (group.fixed_params if group.size else 0)
         prunable += group.size * group.unit_params
     out["other"] = _fixed_parameters(config, heads)
-    out["total"] = sum(out[m] for m in MODALITIES) + out["other"]
+    out["total"] = sum(out[m] for m in modalities(config)) + out["other"]
     out["prunable"] = prunable
     return out
 
 
 def prunable_parameters(config) -> dict[str, int]:
-    """Prunable parameters (units only) per modality and in total."""
-    out = {m: 0 for m in MODALITIES}
+    """Prunable parameters (units only) per modality (`modalities(config)`) and in total."""
+    out = {m: 0 for m in modalities(config)}
     for group in unit_groups(config):
         out[group.modality] += group.size * group.unit_params
     out["total"] = sum(out.values())
@@ -162,9 +211,9 @@ def encoder_flops(config, modality: str, tokens: int, context: int | None = None
 
     Args:
         config: an EfficientVLMConfig.
-        modality: "vision", "text" or "fusion".
+        modality: "vision", "text", "fusion" or "decoder".
         tokens: sequence length of this encoder's input.
-        context: fusion only: number of image tokens the cross-attention reads.
+        context: fusion / decoder: number of tokens the cross-attention reads (image tokens / question tokens).
     """
     total = 0
     for group in unit_groups(config):
@@ -203,6 +252,32 @@ def retrieval_flops(config, num_images: int, num_texts: int, text_length: int, k
     return {"vision": vision, "text": text, "itc": itc, "fusion": fusion + itm, "total": vision + text + itc + fusion + itm}
 
 
+def vqa_flops(
+    config, num_questions: int, question_length: int, num_answers: int, answer_length: int, k: int,
+    image_size: int | None = None,
+) -> dict[str, int]:
+    """FLOPs of the paper's VQA answer ranking (`EfficientVLMForQuestionAnswering.rank_answers`) for a batch.
+
+    Per question: one vision, text and fusion pass; one decoder step from the start token scoring every candidate's
+    first token; then min(k, num_answers) candidates re-scored over `answer_length` tokens each. Every decoder token
+    also runs the LM head over the whole vocabulary (dense d² + d·V), which is as large as a decoder layer at V ~ 30k.
+    """
+    v, dec = config.vision_config, config.decoder_config
+    size = image_size or v.image_size
+    image_tokens = 1 + (size // v.patch_size) ** 2
+    scaled = config if size == v.image_size else _with_image_size(config, size)
+    vision = num_questions * encoder_flops(scaled, "vision", image_tokens)
+    text = num_questions * encoder_flops(config, "text", question_length)
+    fusion = num_questions * encoder_flops(config, "fusion", question_length, context=image_tokens)
+    rescored = num_questions * min(k, num_answers)
+    decoder = num_questions * encoder_flops(config, "decoder", 1, context=question_length)
+    decoder += rescored * encoder_flops(config, "decoder", answer_length, context=question_length)
+    tokens = num_questions + rescored * answer_length
+    lm_head = tokens * 2 * (dec.hidden_size * dec.hidden_size + dec.hidden_size * dec.vocab_size)
+    total = vision + text + fusion + decoder + lm_head
+    return {"vision": vision, "text": text, "fusion": fusion, "decoder": decoder + lm_head, "total": total}
+
+
 def _with_image_size(config, image_size: int):
     vision = config.vision_config.to_dict()
     vision["image_size"] = image_size
@@ -211,16 +286,18 @@ def _with_image_size(config, image_size: int):
         text_config=config.text_config.to_dict(),
         fusion_encoder_config=config.fusion_encoder_config.to_dict(),
         embed_dim=config.embed_dim,
+        decoder_config=None if getattr(config, "decoder_config", None) is None else config.decoder_config.to_dict(),
     )
 
 
 def structure_table(config) -> dict[str, dict[str, list[int]]]:
-    """Per-modality per-layer sizes: {"vision": {"heads": [...], "ffn": [...]}, "fusion": {..., "cross_heads"}}."""
+    """Per-modality per-layer sizes: {"vision": {"heads": [...], "ffn": [...]}, "fusion": {..., "cross_heads"}}
+    (and "decoder", like fusion, for a VQA config)."""
     out = {}
-    for modality in MODALITIES:
+    for modality in modalities(config):
         sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
         entry = {"heads": list(sub.num_attention_heads), "ffn": list(sub.intermediate_size)}
-        if modality == "fusion":
+        if modality in CROSS_ATTENTION_MODALITIES:
             entry["cross_heads"] = list(sub.num_cross_attention_heads)
         out[modality] = entry
     return out

@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..tasks import get_task
 from .arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
+from .cost import path_to_json, task_path
 from .distillation import check_compatible, kd_pairs
 from .l0 import GATES_FILE, ModalL0Module, read_gates_file
 from .student import resolve_layer_map, save_layer_map
@@ -295,14 +296,20 @@ def _constant(_step: int) -> float:
     return 1.0
 
 
-def make_gated_model(student: nn.Module, args: PruningArguments) -> GatedModel:
+def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "retrieval") -> GatedModel:
     """Wraps a student with a ModalL0Module built from its config and the pruning arguments (an unset warm-up is
-    resolved when training starts, see `L0Callback`)."""
+    resolved when training starts, see `L0Callback`); `--budget flops` weighs every unit by its FLOPs on `task`'s
+    inference path."""
+    cost_path = None
+    if args.budget == "flops":
+        cost_path = path_to_json(task_path(task, student.config, args.budget_path))
     l0 = ModalL0Module(
         student.config,
         target_sparsity=args.target_sparsity,
         modality_targets=args.modality_targets,
         one_sided=args.one_sided_lagrangian,
         warmup_steps=args.sparsity_warmup_steps or 0,
+        budget=args.budget,
+        cost_path=cost_path,
     )
     return GatedModel(student, l0)

@@ -1,4 +1,5 @@
-"""The task registry: one module per task (`retrieval`, `nlvr2`, `captioning`), each exporting a `Task` as `TASK`.
+"""The task registry: one module per task (`retrieval`, `nlvr2`, `captioning`, `vqa`, ...), each exporting a `Task`
+as `TASK`.
 
 Adding a task = one new module here + one line in `TASKS`.
 """
@@ -8,9 +9,11 @@ from __future__ import annotations
 from .base import ModelCardSpec, Task
 from .captioning import TASK as CAPTIONING
 from .nlvr2 import TASK as NLVR2
+from .nlvr2_domain import TASK as NLVR2_DOMAIN
 from .retrieval import TASK as RETRIEVAL
+from .vqa import TASK as VQA
 
-TASKS: dict[str, Task] = {task.name: task for task in (RETRIEVAL, NLVR2, CAPTIONING)}
+TASKS: dict[str, Task] = {task.name: task for task in (RETRIEVAL, NLVR2, NLVR2_DOMAIN, CAPTIONING, VQA)}
 
 
 def get_task(name: str | Task) -> Task:

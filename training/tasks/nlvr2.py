@@ -1,10 +1,11 @@
 """NLVR2 (two images + a statement → true / false): loss step (task loss + task KD), data, evaluation, inference path.
 
-The student and teacher are `EfficientVLMForVisualReasoning` models: one vision pass over the 2B images (pair-adjacent:
-row 2b = left, 2b + 1 = right image of item b), one text pass over the B statements and one fusion pass over 2B rows
-(statement b repeated for its two images). KD reuses the shared encoder KD of `training.method.distillation`; the
-only adapter needed is the text row of every fusion row, which tells the attention KD which text padding mask applies
-to each of the 2B fusion queries.
+The student and teacher are `EfficientVLMForVisualReasoning` models (X-VLM's NLVR2 structure): one vision pass over
+the 2B images (pair-adjacent: row 2b = left, 2b + 1 = right image of item b), one text pass over the B statements and
+one fusion pass over the B statements through the duplicated fusion (copy 2l cross-attends to the left image, 2l + 1
+to the right one; the pair shares its cross-attention keys / values). KD reuses the shared encoder KD of
+`training.method.distillation` unchanged: fusion queries are the statement tokens, so the text padding mask applies,
+and the layer map pairs copy c of a student pair with copy c of its teacher pair (`distillation.layer_maps`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,6 @@ NLVR2_LAMBDA = 0.8
 """Official NLVR2 weighting: 0.8·task + 0.2·KD (the `prune --task nlvr2` default of `lambda_vlp`)."""
 
 
-def fusion_pairs(batch: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image row, text row) of each of the 2B fusion rows of `EfficientVLMForVisualReasoning`.
-
-    Returns:
-        (image_idx (2B,) = 0..2B−1, text_idx (2B,) = [0, 0, 1, 1, …]).
-    """
-    image_idx = torch.arange(2 * batch, device=device)
-    text_idx = torch.arange(batch, device=device).repeat_interleave(2)
-    return image_idx, text_idx
-
-
 def _encoder_outputs(output) -> dict:
     """Per-encoder outputs under the keys the KD helpers expect ("image", "text", "fusion")."""
     return {"image": output.vision_model_output, "text": output.text_model_output, "fusion": output.fusion_model_output}
@@ -50,7 +40,7 @@ def nlvr2_losses(
     total = λ·L_task + (1 − λ)·(α·L_attn + β·L_hid + γ·L_logits) with λ = `args.lambda_vlp` (official NLVR2: 0.8).
     Attention KD covers the self-attention of all three encoders, plus the fusion cross-attention when
     `args.cross_attention_kd`; hidden KD covers all three encoders (vision down-weighted by `args.image_hidden_weight`);
-    logit KD is KL·T² on the (B, 2) classifier logits.
+    logit KD is KL·T² on the (B, num_labels) classifier logits.
 
     Args:
         student: an `EfficientVLMForVisualReasoning` (trained).
@@ -78,8 +68,7 @@ def nlvr2_losses(
     kd = {"logits": L.logit_kd_loss(s_out.logits, t_out.logits, args.kd_temperature)}
     student_encoders, teacher_encoders = _encoder_outputs(s_out), _encoder_outputs(t_out)
     if use_attn:
-        _, text_rows = fusion_pairs(inputs["input_ids"].shape[0], inputs["attention_mask"].device)
-        query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"][text_rows]}
+        query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"]}
         kd["attn"] = attention_kd(
             student_encoders, teacher_encoders, maps, query_masks, bool(args.cross_attention_kd),
             args.attention_key_length_scale,
@@ -193,6 +182,13 @@ def workload_text(data, batch: int) -> str:
     return f"NLVR2 classification of {batch} held-out items (2 images + statement each)"
 
 
+def prepare_model(model, processor) -> None:
+    """NLVR2 needs a 2-way head: an NLVR domain pre-training checkpoint's 3-way head is replaced by a fresh one."""
+    from .nlvr2_domain import set_num_labels  # lazy: nlvr2_domain imports this module
+
+    set_num_labels(model, 2)
+
+
 USAGE = """import torch
 from PIL import Image
 from transformers import AutoModelForSequenceClassification, AutoProcessor
@@ -229,4 +225,5 @@ TASK = Task(
         metric_keys=("accuracy",), report_keys=("accuracy",), title="NLVR2",
     ),
     description="two images + a statement → true/false; accuracy",
+    prepare_model=prepare_model,
 )

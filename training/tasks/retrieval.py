@@ -58,6 +58,30 @@ def _forward_all(model, inputs, masks, pairs, attn: bool, hidden: bool, mlm: boo
     return out
 
 
+def uses_bbox(model, inputs: dict, args) -> bool:
+    """Whether a step adds L_BBOX: a positive `args.bbox_weight`, a model with a box head (the pre-training model;
+    task models have none) and at least one row of the batch with a box."""
+    return (args.bbox_weight > 0 and hasattr(model, "bbox_head") and "has_box" in inputs
+            and bool(inputs["has_box"].any()))
+
+
+def bbox_term(model, inputs: dict, image_tokens: torch.Tensor, masks=None) -> torch.Tensor:
+    """X-VLM's L_BBOX = L1 + (1 − GIoU) of the boxes `model.predict_boxes` gives for (image i, phrase i) against
+    the regions' boxes, averaged over the rows that have one (`has_box`); the other rows are not fused at all.
+
+    Args:
+        model: an `EfficientVLMForPreTraining`.
+        inputs: a `RetrievalCollator` batch with box_input_ids / box_attention_mask (B, T), boxes (B, 4), has_box (B,).
+        image_tokens: (B, 1 + N, D_vision) the model's vision outputs for the batch's images.
+        masks: the model's `PruningMasks`, or None.
+    """
+    rows = inputs["has_box"].to(image_tokens.device).nonzero().squeeze(1)  # (R,)
+    pred = model.predict_boxes(inputs["box_input_ids"][rows], inputs["box_attention_mask"][rows],
+                               image_tokens=image_tokens[rows], pruning_masks=masks)
+    l1, giou = L.bbox_loss(pred, inputs["boxes"][rows].to(pred.dtype))
+    return l1 + giou
+
+
 def uniform_negative_share(args, step: int) -> float:
     """Share of ITM negatives drawn uniformly at random at `step`: 1 → 0 linearly over
     `args.itm_negatives_warmup_steps` (0 = all hard, drawn from softmax(sim / τ), from the start: ALBEF / X-VLM)."""
@@ -70,7 +94,10 @@ def retrieval_losses(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VLP losses of the student + KD from the teacher on the same batch and the same ITM pairs.
 
-    total = λ·(ITC + ITM [+ MLM]) + (1 − λ)·(α·L_attn + β·L_hid + γ·L_logits), λ = `args.lambda_vlp`.
+    total = λ·(ITC + ITM [+ MLM] [+ w·BBOX]) + (1 − λ)·(α·L_attn + β·L_hid + γ·L_logits), λ = `args.lambda_vlp`,
+    w = `args.bbox_weight`. L_BBOX (X-VLM; `bbox_term`) is added where the student has a box head and the batch has
+    boxes (`uses_bbox`): teacher pre-training and general distillation on region-annotated data; the student learns it
+    from the ground-truth boxes (no box KD). It is logged as "bbox" (= w·L_BBOX).
 
     ITM hard negatives are drawn ONCE per step from softmax(sim / τ) of the *student's* ITC similarities (τ = its
     clamped temperature, detached: ALBEF / X-VLM), and the teacher is scored on exactly those (image, text) pairs.
@@ -108,6 +135,8 @@ def retrieval_losses(
     }
     if use_mlm:
         vlp["mlm"] = L.mlm_loss(s["mlm_logits"], inputs["mlm_labels"])
+    if uses_bbox(student, inputs, args):
+        vlp["bbox"] = args.bbox_weight * bbox_term(student, inputs, s_image.last_hidden_state, masks)
     if teacher is None:
         return L.combine_losses(vlp, {}, 1.0, 0.0, 0.0, 0.0)
     with torch.no_grad():
