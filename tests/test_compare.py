@@ -125,6 +125,22 @@ def test_compare_splits_runs_three_strategies_at_equal_total(chain, tmp_path, ca
     assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison.md").exists()
 
 
+def test_compare_splits_flops_strategies_run_at_the_learned_splits_flops(chain, tmp_path, capsys):
+    """`flops` / `flops+layers` prune with a FLOPs budget matched to what the params-budget learned split kept on
+    the same path, and report the kept FLOPs of every strategy."""
+    out = tmp_path / "compare_flops"
+    assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
+                 "--output_dir", str(out), "--target_sparsity", "0.4", "--strategies", "learned,flops,flops+layers",
+                 "--flops_path", "images=8,texts=40,k=2,text_length=12", *TINY_PRUNE, *COMMON]) == 0
+    report = json.loads((out / "comparison.json").read_text())
+    learned, flops, layers = (report["strategies"][name] for name in ("learned", "flops", "flops+layers"))
+    assert learned["budget"] == "params" and flops["budget"] == "flops" and layers["layer_gates"] is True
+    assert flops["targets"] == {"total": round(1 - learned["flops_kept"], 4)} == layers["targets"]
+    for entry in (learned, flops, layers):
+        assert 0 < entry["flops_kept"] <= 1
+    assert "FLOPs kept" in capsys.readouterr().out
+
+
 def test_compare_splits_rejects_a_bad_manual_split_before_training(chain, tmp_path, capsys):
     out = tmp_path / "bad"
     assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),

@@ -137,3 +137,52 @@ def test_flops_budget_settings_round_trip_and_errors(tmp_path):
         task_path("captioning", config)
     with pytest.raises(ValueError, match=r"must be \[count, tokens, self_keys, cross_keys\]"):
         ModalL0Module(config, budget="flops", cost_path={"fusion": [[1, 2, 3]]})
+
+
+def test_layer_gates_remove_whole_sublayers_and_materialize_equals_masked():
+    """A closed sub-layer gate zeroes every unit mask of its sub-layer (an exact identity, no parameters after
+    materialize); random open gates scale the unit masks; materialize == masked on random sub-layer + unit values,
+    and the expected size is P(sub-layer)·Σ P(unit)·params."""
+    from efficientvlm.training.method.l0 import ModalL0Module
+    from efficientvlm.training.method.materialize import materialization_error, materialize
+    from efficientvlm.training.method.structure import count_parameters
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    l0 = ModalL0Module(config, layer_gates=True)
+    assert l0.layer_gate(l0.groups[0]) is not None
+    assert len(l0.gates) == 2 * len(l0.groups)
+    model = EfficientVLMForImageTextRetrieval._from_config(config, attn_implementation="eager").eval()
+    closed = {"vision.head.0", "text.ffn.1", "fusion.cross_head.0"}
+    with torch.no_grad():
+        for group in l0.groups:
+            l0.gate(group).log_alpha.copy_(torch.randn(group.size) * 3)
+            l0.layer_gate(group).log_alpha.fill_(-50.0 if group.name in closed else 50.0)
+    masks = l0.deterministic_masks()
+    assert not masks.vision.head[0].any() and not masks.text.ffn[1].any() and not masks.fusion.cross_head[0].any()
+    pruned = materialize(model, masks)
+    assert pruned.config.vision_config.num_attention_heads[0] == 0
+    assert pruned.config.text_config.intermediate_size[1] == 0
+    assert pruned.config.fusion_encoder_config.num_cross_attention_heads[0] == 0
+    assert sum(p.numel() for p in pruned.parameters()) == count_parameters(pruned.config)["total"]
+    # soft values: a sampled mask = unit sample × sub-layer sample; masked forward with them == materialized
+    sampled = l0.sample_masks(torch.Generator().manual_seed(1))
+    assert materialization_error(model, materialize(model, sampled, verify=False), sampled) < 1e-4
+    expected = l0.expected_parameters()["total"]
+    manual = sum(
+        (l0.gate(g).keep_probability() * l0.layer_gate(g).keep_probability()).sum() * g.unit_params for g in l0.groups
+    )
+    assert float(expected.detach()) == pytest.approx(float(manual.detach()))
+
+
+def test_layer_gates_reach_the_flops_target():
+    from efficientvlm.training.method.cost import path_to_json
+    from efficientvlm.training.method.l0 import ModalL0Module
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    path = retrieval_path(config, num_images=10, num_texts=50, text_length=12, k=8)
+    l0 = ModalL0Module(config, target_sparsity=0.6, budget="flops", cost_path=path_to_json(path), layer_gates=True)
+    _lagrangian_game(l0)
+    assert float(l0.expected_budget_sparsity()["total"].detach()) == pytest.approx(0.6, abs=0.03)

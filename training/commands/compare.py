@@ -7,6 +7,12 @@ constraint differs:
 * manual: per-encoder targets chosen by hand (`--manual_split`; `auto` entries share the ratio that makes the
   parameter-weighted total equal the target);
 * learned: one global target; the gates decide how much each encoder loses (EfficientVLM's modal-adaptive pruning).
+* flops: learned, but the budget is the FLOPs of the task's inference path (`--flops_path`), not parameters;
+* flops+layers: the same with CoFi's sub-layer gates.
+
+The FLOPs strategies run at a *matched* budget: when `learned` ran first, their FLOPs target is the FLOPs sparsity the
+learned (params-budget) model achieved on the same path, so the comparison asks "same cost, which split keeps more
+quality?"; otherwise the FLOPs target is --target_sparsity.
 
 Each result is materialized, evaluated on the held-out set, counted, and timed with the unpruned student in one
 process on one batch (round-robin repeats, so drift hits every model alike).
@@ -23,11 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..method.cost import PATH_SIZES, path_to_json, prunable_flops, task_path
 from ..method.structure import modalities, prunable_parameters
 from ..tasks import get_task
 from .latency import measure_interleaved, summarize
 
-STRATEGIES = ("uniform", "manual", "learned")
+STRATEGIES = ("uniform", "manual", "learned", "flops", "flops+layers")
+FLOPS_STRATEGIES = {"flops": False, "flops+layers": True}
+"""FLOPs-budget strategies → whether they add sub-layer gates."""
 
 
 @dataclass
@@ -41,6 +50,11 @@ class CompareArguments:
                           "retrieval prunes vision at half the target, nlvr2 prunes fusion at 1.5x the target."},
     )
     strategies: str = field(default="uniform,manual,learned", metadata={"help": "Which of uniform,manual,learned."})
+    flops_path: str = field(
+        default="",
+        metadata={"help": "Sizes of the inference path of the FLOPs strategies and of every model's FLOPs column "
+                          "(see prune --budget_path; default: the task's evaluation protocol)."},
+    )
     latency_batch: int = field(default=32, metadata={"help": "Held-out items in the timed batch."})
     latency_repeats: int = field(default=10, metadata={"help": "Timed repeats per model (median reported)."})
 
@@ -111,7 +125,7 @@ def default_manual_split(task: str, target: float) -> str:
 def strategy_targets(strategy: str, split: dict[str, float], target: float, config) -> dict[str, float | None]:
     """PruningArguments fields for one strategy (per-encoder targets, or None = follow the global target)."""
     stacks = modalities(config)
-    if strategy == "learned":
+    if strategy == "learned" or strategy in FLOPS_STRATEGIES:
         return {f"{m}_target": None for m in stacks}
     ratios = {m: target for m in stacks} if strategy == "uniform" else split
     return {f"{m}_target": ratios[m] for m in stacks}
@@ -142,6 +156,9 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     strategies = compare.parsed_strategies()
     target = args.target_sparsity
     student = load_task_model(prune.student, data.task).eval()
+    path = task_path(data.task, student.config, compare.flops_path) if _has_path(data.task) else None
+    if path is None and set(strategies) & set(FLOPS_STRATEGIES):
+        task_path(data.task, student.config)  # raises: no inference-path model for this task
     split_text = compare.manual_split or default_manual_split(data.task, target)
     manual = resolve_split(split_text, student.config, target) if "manual" in strategies else {}
     processor = load_processor(data, prune.student)
@@ -159,6 +176,11 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         run_args.output_dir = os.path.join(root, strategy)
         for name, value in strategy_targets(strategy, manual, target, student.config).items():
             setattr(run_args, name, value)
+        if strategy in FLOPS_STRATEGIES:
+            run_args.budget, run_args.budget_path = "flops", compare.flops_path
+            run_args.layer_gates = FLOPS_STRATEGIES[strategy]
+            if results.get("learned", {}).get("flops_kept") is not None:  # matched budget: the FLOPs the params-budget learned split kept
+                run_args.target_sparsity = round(1 - results["learned"]["flops_kept"], 4)
         write(f"[{strategy}] pruning to total sparsity {target} with targets {run_args.modality_targets or 'global'}")
         start = time.time()
         run_prune(prune, data, run_args, eval_data=False)
@@ -166,7 +188,10 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         metrics = evaluate_model(pruned, processor, data, held_out, show_progress=False)
         realised = sparsity_report(pruned.config, student.config)["sparsity"]
         results[strategy] = {
-            "targets": run_args.modality_targets or {"total": target},
+            "targets": run_args.modality_targets or {"total": run_args.target_sparsity},
+            "budget": run_args.budget, "layer_gates": run_args.layer_gates,
+            "flops_kept": None if path is None else (
+                prunable_flops(pruned.config, path)["total"] / prunable_flops(student.config, path)["total"]),
             "sparsity": realised, "expected_sparsity_at_export": expected, "metrics": metrics,
             "metric": metrics[metric], "params": sum(p.numel() for p in pruned.parameters()),
             "train_seconds": time.time() - start, "checkpoint": run_args.output_dir,
@@ -196,6 +221,8 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
                        f"{torch.get_num_threads()} threads, float32; {task.workload_text(data, compare.latency_batch)}; "
                        f"median of {compare.latency_repeats} round-robin repeats after 2 warm-ups, one process",
             "sparsity": "share of the student's prunable parameters (attention heads + FFN neurons) removed",
+            "flops": "kept share of the student's prunable FLOPs on the inference path "
+                     f"{path_to_json(path) if path else '(none for this task)'}",
         },
     }
     with open(os.path.join(root, "comparison.json"), "w") as f:
@@ -208,6 +235,10 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     return report
 
 
+def _has_path(task: str) -> bool:
+    return task in PATH_SIZES
+
+
 def _warmup_text(args) -> str:
     if args.sparsity_warmup_steps is None:
         return "one epoch (default)"
@@ -217,21 +248,25 @@ def _warmup_text(args) -> str:
 def format_comparison(report: dict) -> str:
     """A Markdown table: metric, parameters, latency and the split of each strategy (+ the unpruned student)."""
     metric = report["metric"]
+    stacks = report.get("modalities", ["vision", "text", "fusion"])
     lines = [
         f"{report['task']}: total sparsity {report['target_sparsity']} (manual split: {report['manual_split']})",
         "",
-        f"| model | {metric} | params | latency ms | speed-up | vision | text | fusion | total |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| model | {metric} | params | FLOPs kept | latency ms | speed-up | "
+        + " | ".join(stacks) + " | total |",
+        "|---|---|---|---|---|---|" + "---|" * (len(stacks) + 1),
     ]
     student = report["student"]
-    lines.append(f"| student (unpruned) | {student['metric']:.2f} | {student['params'] / 1e6:.3f}M | "
-                 f"{student['latency']['median_ms']:.1f} | 1.00x | 0 | 0 | 0 | 0 |")
+    lines.append(f"| student (unpruned) | {student['metric']:.2f} | {student['params'] / 1e6:.3f}M | 1.00 | "
+                 f"{student['latency']['median_ms']:.1f} | 1.00x | " + "0 | " * len(stacks) + "0 |")
     for name, entry in report["strategies"].items():
         s = entry["sparsity"]
+        flops = entry.get("flops_kept")
         lines.append(
-            f"| {name} | {entry['metric']:.2f} | {entry['params'] / 1e6:.3f}M | {entry['latency']['median_ms']:.1f} | "
-            f"{entry['speedup_vs_student']:.2f}x | {s['vision']:.2f} | {s['text']:.2f} | {s['fusion']:.2f} | "
-            f"{s['total']:.2f} |"
+            f"| {name} | {entry['metric']:.2f} | {entry['params'] / 1e6:.3f}M | "
+            f"{'-' if flops is None else f'{flops:.2f}'} | {entry['latency']['median_ms']:.1f} | "
+            f"{entry['speedup_vs_student']:.2f}x | " + " | ".join(f"{s[m]:.2f}" for m in stacks)
+            + f" | {s['total']:.2f} |"
         )
     lines += ["", f"latency: {report['protocol']['latency']}", f"sparsity: {report['protocol']['sparsity']}"]
     return "\n".join(lines)

@@ -109,6 +109,11 @@ class PruningArguments(DistillationArguments):
                           "text_length=40' (retrieval; default: the COCO 5k protocol) or 'items=1000,text_length=40' "
                           "(nlvr2); unnamed sizes keep the task's defaults."},
     )
+    layer_gates: bool = field(
+        default=False,
+        metadata={"help": "CoFi's sub-layer gates on top of the head / neuron gates: whole attention, cross-attention "
+                          "and FFN sub-layers can be removed."},
+    )
     one_sided_lagrangian: bool = field(default=False, metadata={"help": "TinyCLIP's λ1·max(t−ŝ,0)+λ2·max(t−ŝ,0)²."})
     reg_learning_rate: float | None = field(
         default=None,

@@ -33,7 +33,7 @@ SETTINGS_KEY = "efficientvlm_l0"
 """Metadata key of a gate file that holds the module's settings (JSON)."""
 SETTINGS_TYPES: dict[str, type | tuple[type, ...]] = {
     "target_sparsity": (int, float), "modality_targets": dict, "one_sided": bool, "warmup_steps": int,
-    "budget": str, "cost_path": dict,
+    "budget": str, "cost_path": dict, "layer_gates": bool,
 }
 """The settings `save` writes (the keyword arguments of `ModalL0Module`) and their JSON types."""
 BUDGETS = ("params", "flops")
@@ -60,6 +60,9 @@ class ModalL0Module(nn.Module):
             parameters or its FLOPs on that path.
         cost_path: "flops" budget: the task's inference path, {modality: [[count, tokens, self_keys, cross_keys],
             ...]} (`training.method.cost.Run`s as lists, so it is saved with the gates).
+        layer_gates: CoFi's sub-layer gates: one more hard-concrete gate per attention / cross-attention / FFN
+            sub-layer multiplies all of its unit masks, so a whole sub-layer can go (an all-zero mask makes it an exact
+            identity); its expected cost is P(sub-layer kept)·Σ P(unit kept)·w(unit).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class ModalL0Module(nn.Module):
         warmup_steps: int = 0,
         budget: str = "params",
         cost_path: dict[str, list] | None = None,
+        layer_gates: bool = False,
     ):
         super().__init__()
         _check_target("target_sparsity", target_sparsity)
@@ -95,6 +99,9 @@ class ModalL0Module(nn.Module):
             init = HEAD_INIT_LOG_ALPHA if group.kind != "ffn" else None
             drop = FFN_DROP_RATE if group.kind == "ffn" else None
             self.gates[group.name.replace(".", "_")] = HardConcreteGate((group.size,), init_mean=init, drop_rate=drop)
+            if layer_gates:
+                self.gates[_layer_key(group)] = HardConcreteGate((1,), init_mean=HEAD_INIT_LOG_ALPHA)
+        self.layer_gates = layer_gates
         self.target_sparsity = target_sparsity
         self.modality_targets = modality_targets
         self.one_sided = one_sided
@@ -131,6 +138,26 @@ class ModalL0Module(nn.Module):
         """The gate of `group` (the cross heads of an NLVR2 pair share one: they read the same K/V heads)."""
         return self.gates[group.gate_name.replace(".", "_")]
 
+    def layer_gate(self, group: UnitGroup) -> HardConcreteGate | None:
+        """The sub-layer gate of `group` (`layer_gates`; shared by an NLVR2 pair's cross-attention), else None."""
+        return self.gates[_layer_key(group)] if self.layer_gates else None
+
+    def _keep(self, group: UnitGroup) -> torch.Tensor:
+        """P(unit kept) per unit of `group`, times P(sub-layer kept) with layer gates (differentiable)."""
+        keep = self.gate(group).keep_probability()
+        layer = self.layer_gate(group)
+        return keep if layer is None else keep * layer.keep_probability()
+
+    def _gate_values(self, draw) -> dict[str, torch.Tensor]:
+        """`draw(gate)` once per gate (a shared gate gives both copies the same mask), unit × sub-layer value."""
+        values = {}
+        for g in self.groups:
+            if g.gate_name not in values:
+                value = draw(self.gate(g))
+                layer = self.layer_gate(g)
+                values[g.gate_name] = value if layer is None else value * draw(layer)
+        return {g.name: values[g.gate_name] for g in self.groups}
+
     # ---------------------------------------------------------------------------------------------------- masks
     def _masks(self, values: dict[str, torch.Tensor]) -> PruningMasks:
         return masks_from_values(self.groups, self.num_layers, values)
@@ -139,15 +166,11 @@ class ModalL0Module(nn.Module):
         """One hard-concrete sample per gate (shared by the batch); differentiable w.r.t. log α."""
         if bool(self.frozen):
             return self.deterministic_masks()
-        samples = {}  # one sample per gate: the two copies of a shared-K/V pair get the same cross-head mask
-        for g in self.groups:
-            if g.gate_name not in samples:
-                samples[g.gate_name] = self.gate(g).sample(generator)
-        return self._masks({g.name: samples[g.gate_name] for g in self.groups})
+        return self._masks(self._gate_values(lambda gate: gate.sample(generator)))
 
     def deterministic_masks(self) -> PruningMasks:
         """Exact 0/1 masks: per layer keep the round(Σ P(z>0)) gates with the highest scores."""
-        return self._masks({g.name: self.gate(g).deterministic().detach() for g in self.groups})
+        return self._masks(self._gate_values(lambda gate: gate.deterministic().detach()))
 
     def freeze(self) -> None:
         """Stops pruning: from now on forwards use the deterministic masks (training continues on the weights)."""
@@ -158,7 +181,7 @@ class ModalL0Module(nn.Module):
         """Expected kept prunable parameters Σ P(z>0)·params(unit), per modality and "total" (differentiable)."""
         out = {m: torch.zeros(()) for m in self.modalities}
         for group in self.groups:
-            kept = self.gate(group).keep_probability().sum() * group.unit_params
+            kept = self._keep(group).sum() * group.unit_params
             out[group.modality] = out[group.modality].to(kept.device) + kept
         out["total"] = sum(out[m] for m in self.modalities)
         return out
@@ -169,7 +192,7 @@ class ModalL0Module(nn.Module):
             return self.expected_parameters()
         out = {m: torch.zeros(()) for m in self.modalities}
         for group in self.groups:
-            kept = self.gate(group).keep_probability().sum() * self._weight(group)
+            kept = self._keep(group).sum() * self._weight(group)
             out[group.modality] = out[group.modality].to(kept.device) + kept
         out["total"] = sum(out[m] for m in self.modalities)
         return out
@@ -242,7 +265,8 @@ class ModalL0Module(nn.Module):
         """Gates, multipliers and the frozen flag as safetensors; the constraint set goes into the metadata."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         settings = {"target_sparsity": self.target_sparsity, "modality_targets": self.modality_targets,
-                    "one_sided": self.one_sided, "warmup_steps": self.warmup_steps, "budget": self.budget}
+                    "one_sided": self.one_sided, "warmup_steps": self.warmup_steps, "budget": self.budget,
+                    "layer_gates": self.layer_gates}
         if self.cost_path is not None:
             settings["cost_path"] = self.cost_path
         save_file(state, path, metadata={"format": "pt", SETTINGS_KEY: json.dumps(settings)})
@@ -358,6 +382,11 @@ def masks_from_values(
     for group in groups:  # a sub-layer of size 0 in the config has no group: its entry stays None
         getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
     return PruningMasks(**encoders)
+
+
+def _layer_key(group: UnitGroup) -> str:
+    """ModuleDict key of the sub-layer gate of `group` (an NLVR2 pair's cross-attention shares the even copy's)."""
+    return group.gate_name.replace(".", "_") + "_sublayer"
 
 
 def _checked_costs(unit_costs: dict[str, float], groups: list[UnitGroup]) -> dict[str, float]:

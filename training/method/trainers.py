@@ -311,5 +311,6 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
         warmup_steps=args.sparsity_warmup_steps or 0,
         budget=args.budget,
         cost_path=cost_path,
+        layer_gates=args.layer_gates,
     )
     return GatedModel(student, l0)
