@@ -106,10 +106,18 @@ def test_kd_covers_the_answer_decoder(setup, tmp_path):
     assert all(float(parts[k]) > 1e-6 for k in ("logits", "attn", "hidden"))
     kd = sum(float(parts[k]) for k in ("logits", "attn", "hidden"))
     assert float(total) == pytest.approx(0.6 * float(parts["vqa"]) + 0.4 * kd, rel=1e-5)
-    terms, _ = V.decoder_kd(model(**{k: batch[k] for k in V._INPUT_KEYS}, output_attentions=True).decoder_model_output,
-                            teacher(**{k: batch[k] for k in V._INPUT_KEYS}, output_attentions=True)
-                            .decoder_model_output, maps["fusion"], batch["answer_attention_mask"], True, True)
-    assert len(terms) == 2 and all(float(t) > 0 for t in terms)  # causal self- and cross-attention maps
+    # the decoder's own terms (causal self- and cross-attention maps, hidden states over the answer tokens)
+    from efficientvlm.training.method.distillation import attention_kd, hidden_kd, stack_outputs
+
+    inputs = {k: batch[k] for k in V._INPUT_KEYS}
+    s_out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    t_out = teacher(**inputs, output_attentions=True, output_hidden_states=True)
+    s_dec, t_dec = ({"decoder": stack_outputs(out)["decoder"]} for out in (s_out, t_out))
+    answer_mask = batch["answer_attention_mask"]
+    pairs = {"decoder": maps["fusion"]}
+    assert float(attention_kd(s_dec, t_dec, pairs, {"decoder": answer_mask}, True)) > 0
+    assert float(attention_kd(s_dec, s_dec, pairs, {"decoder": answer_mask}, True)) == 0
+    assert float(hidden_kd(s_dec, t_dec, pairs, 0.1, token_masks={"decoder": answer_mask})) > 0
 
 
 def test_evaluation_ranks_the_answer_list_like_brute_force(setup):

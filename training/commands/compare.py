@@ -154,6 +154,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     from .stages import eval_set, evaluate_model, load_processor, load_task_model, run_prune
 
     strategies = compare.parsed_strategies()
+    args.apply_task_defaults(get_task(data.task).prune_defaults)  # the protocol below names the values every run uses
     target = args.target_sparsity
     student = load_task_model(prune.student, data.task).eval()
     path = task_path(data.task, student.config, compare.flops_path) if _has_path(data.task) else None
@@ -164,7 +165,6 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     processor = load_processor(data, prune.student)
     held_out = eval_set(data)
     task = get_task(data.task)
-    args.apply_task_defaults(task.prune_defaults)  # the protocol below names the values every run uses
     metric = task.metric
     root = args.output_dir
     os.makedirs(root, exist_ok=True)

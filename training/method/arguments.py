@@ -91,7 +91,11 @@ class PruningArguments(DistillationArguments):
     cross_attention_kd: bool | None = field(
         default=None, metadata={"help": f"Distil fusion cross-attention maps in task KD ({TASK_DEFAULT}: on)."}
     )
-    target_sparsity: float = field(default=0.25, metadata={"help": "Global target sparsity of prunable params, [0,1)."})
+    target_sparsity: float | None = field(
+        default=None,
+        metadata={"help": f"Global target sparsity of the prunable params (FLOPs with --budget flops), [0,1) "
+                          f"({TASK_DEFAULT}: 0.25; vqa 0.35)."},
+    )
     vision_target: float | None = field(default=None, metadata={"help": "Own target for the vision encoder."})
     text_target: float | None = field(default=None, metadata={"help": "Own target for the text encoder."})
     fusion_target: float | None = field(default=None, metadata={"help": "Own target for the fusion encoder."})

@@ -98,15 +98,30 @@ def forward_with_teacher(student, teacher, inputs: dict, args, masks=None):
     return s_out, t_out, use_attn, use_hidden
 
 
-def hidden_kd(student: dict, teacher: dict, pairs: dict, image_weight: float) -> torch.Tensor:
-    """Σ over encoders of the hidden-state KD, the vision term weighted by `image_weight`."""
+def stack_outputs(output) -> dict:
+    """Per-stack outputs of a model output (`vision_model_output`, ..., and a VQA `decoder_model_output`) under the
+    keys the KD helpers read."""
+    stacks = {"image": output.vision_model_output, "text": output.text_model_output,
+              "fusion": output.fusion_model_output}
+    if getattr(output, "decoder_model_output", None) is not None:
+        stacks["decoder"] = output.decoder_model_output
+    return stacks
+
+
+def hidden_kd(
+    student: dict, teacher: dict, pairs: dict, image_weight: float, token_masks: dict | None = None
+) -> torch.Tensor:
+    """Σ over encoders of the hidden-state KD, the vision term weighted by `image_weight`; `token_masks` (per output
+    key, (B, T) 1 = real token) restricts a stack's term to its real tokens (the VQA decoder's answer tokens)."""
     total = torch.zeros(())
     for modality, key in ENCODER_OUTPUT_KEYS.items():
         if modality not in pairs or key not in student or key not in teacher:
             continue
         weight = image_weight if modality == "vision" else 1.0
         s_hidden, t_hidden = student[key].hidden_states, teacher[key].hidden_states
-        term = L.hidden_kd_loss(list(s_hidden), list(t_hidden), pairs[modality]["hidden"])
+        mask = (token_masks or {}).get(key)
+        term = L.hidden_kd_loss(list(s_hidden), list(t_hidden), pairs[modality]["hidden"], **(
+            {"mask": mask} if mask is not None else {}))
         total = total.to(term.device) + weight * term
     return total
 

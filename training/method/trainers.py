@@ -300,6 +300,7 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
     """Wraps a student with a ModalL0Module built from its config and the pruning arguments (an unset warm-up is
     resolved when training starts, see `L0Callback`); `--budget flops` weighs every unit by its FLOPs on `task`'s
     inference path."""
+    args.apply_task_defaults(get_task(task).prune_defaults)  # e.g. the task's target sparsity when none was given
     cost_path = None
     if args.budget == "flops":
         cost_path = path_to_json(task_path(task, student.config, args.budget_path))

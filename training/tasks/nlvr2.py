@@ -19,16 +19,11 @@ from tqdm.auto import tqdm
 from modeling_efficientvlm import EfficientVLMForVisualReasoning
 
 from ..method import losses as L
-from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd
+from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd, stack_outputs
 from .base import ModelCardSpec, Task
 
 NLVR2_LAMBDA = 0.8
 """Official NLVR2 weighting: 0.8·task + 0.2·KD (the `prune --task nlvr2` default of `lambda_vlp`)."""
-
-
-def _encoder_outputs(output) -> dict:
-    """Per-encoder outputs under the keys the KD helpers expect ("image", "text", "fusion")."""
-    return {"image": output.vision_model_output, "text": output.text_model_output, "fusion": output.fusion_model_output}
 
 
 def nlvr2_losses(
@@ -66,7 +61,7 @@ def nlvr2_losses(
         return L.combine_losses(task, {}, 1.0, 0.0, 0.0, 0.0)
     device = s_out.logits.device
     kd = {"logits": L.logit_kd_loss(s_out.logits, t_out.logits, args.kd_temperature)}
-    student_encoders, teacher_encoders = _encoder_outputs(s_out), _encoder_outputs(t_out)
+    student_encoders, teacher_encoders = stack_outputs(s_out), stack_outputs(t_out)
     if use_attn:
         query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"]}
         kd["attn"] = attention_kd(
@@ -210,7 +205,7 @@ TASK = Task(
     metric="accuracy",
     loss_step=nlvr2_losses,
     # official NLVR2 config: 0.8·task + 0.2·KD, reg lr 0.1, cross-attention maps in task KD
-    prune_defaults={"lambda_vlp": NLVR2_LAMBDA, "reg_learning_rate": 0.1, "cross_attention_kd": True},
+    prune_defaults={"lambda_vlp": NLVR2_LAMBDA, "reg_learning_rate": 0.1, "cross_attention_kd": True, "target_sparsity": 0.25},
     train_data=train_data,
     eval_data=eval_data,
     eval_size=len,

@@ -20,6 +20,7 @@ labels balanced, negatives drawn uniformly with `--eval_seed`, so every model is
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Sequence
@@ -80,8 +81,6 @@ def set_num_labels(model: nn.Module, labels: int) -> bool:
 
 def _fresh_head(model: nn.Module, labels: int) -> nn.Module:
     """A copy of `model.nlvr_head` with `labels` outputs, every module re-initialised by the model's `_init_weights`."""
-    import copy
-
     head = copy.deepcopy(model.nlvr_head)
     name, last = _last_linear(head)
     parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
@@ -91,7 +90,7 @@ def _fresh_head(model: nn.Module, labels: int) -> nn.Module:
 
 
 def prepare_model(model: nn.Module, processor) -> None:
-    """The domain model has a 3-way head (a pre-training / NLVR2 checkpoint's head is replaced, see `set_num_labels`)."""
+    """The domain model has a 3-way head (a pre-training / NLVR2 checkpoint's head is replaced: `set_num_labels`)."""
     set_num_labels(model, DOMAIN_LABELS)
 
 
@@ -199,7 +198,8 @@ def train_data(data, processor, seed: int, mlm: bool):
     from ..data.scenes import SyntheticRetrievalDataset
     from .retrieval import caption_pairs
 
-    return caption_pairs(data, seed, SyntheticRetrievalDataset), RetrievalCollator(processor, max_length=data.max_length)
+    collator = RetrievalCollator(processor, max_length=data.max_length)
+    return caption_pairs(data, seed, SyntheticRetrievalDataset), collator
 
 
 def domain_eval_items(held_out: dict, seed: int) -> list[dict]:

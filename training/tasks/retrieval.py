@@ -556,7 +556,7 @@ TASK = Task(
     metric="r_mean",
     loss_step=retrieval_losses,
     # official retrieval config: 0.5·(KD + ITC + ITM), reg lr 0.01, cross-attention maps in task KD
-    prune_defaults={"lambda_vlp": 0.5, "reg_learning_rate": 0.01, "cross_attention_kd": True},
+    prune_defaults={"lambda_vlp": 0.5, "reg_learning_rate": 0.01, "cross_attention_kd": True, "target_sparsity": 0.25},
     train_data=train_data,
     eval_data=eval_data,
     eval_size=lambda held_out: len(held_out["images"]),

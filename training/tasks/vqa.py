@@ -34,7 +34,7 @@ from modeling_efficientvlm import EfficientVLMForQuestionAnswering
 
 from ..data.vqa import QUESTION_WORDS, VQA_ANSWERS, VQACollator, VQAItems, encode_answers, iter_questions
 from ..method import losses as L
-from ..method.distillation import attention_kd, hidden_kd
+from ..method.distillation import attention_kd, hidden_kd, stack_outputs
 from .base import ModelCardSpec, Task
 
 VQA_LAMBDA = 0.6
@@ -121,39 +121,6 @@ def _prepare_model(model, processor) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- loss step
-def _encoder_outputs(output) -> dict:
-    """Per-encoder outputs under the keys the shared KD helpers expect ("image", "text", "fusion")."""
-    return {"image": output.vision_model_output, "text": output.text_model_output, "fusion": output.fusion_model_output}
-
-
-def decoder_kd(student_out, teacher_out, pairs: dict, answer_mask: torch.Tensor, cross: bool,
-               key_length_scale: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The decoder's attention-KD terms (causal self-attention; cross-attention to the question if `cross`) and its
-    hidden-state KD, with the same normalisation as the encoders' (`training.method.distillation`).
-
-    Args:
-        student_out / teacher_out: the decoders' `EncoderOutput`s (attentions / cross_attentions / hidden_states).
-        pairs: {"attn": [(student layer, teacher layer)], "hidden": [(student index, teacher index)]}.
-        answer_mask: (A, L) 1 for real answer tokens (the query rows).
-
-    Returns:
-        (attention terms (one per kind with maps), hidden term (0 without hidden states)).
-    """
-    terms = []
-    for field in ("attentions", "cross_attentions") if cross else ("attentions",):
-        s_maps, t_maps = getattr(student_out, field), getattr(teacher_out, field)
-        if s_maps is None or t_maps is None:
-            continue
-        usable = [(i, j) for i, j in pairs["attn"] if s_maps[i] is not None and t_maps[j] is not None]
-        if usable:  # a sub-layer removed by pruning has no map
-            terms.append(L.attention_kd_loss(list(s_maps), list(t_maps), usable, answer_mask, key_length_scale))
-    hidden = torch.zeros(())
-    if student_out.hidden_states is not None and teacher_out.hidden_states is not None:
-        hidden = L.hidden_kd_loss(list(student_out.hidden_states), list(teacher_out.hidden_states), pairs["hidden"],
-                                  mask=answer_mask)
-    return terms, hidden
-
-
 def vqa_losses(
     student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None,
     step: int = 0,
@@ -164,8 +131,8 @@ def vqa_losses(
     L_vqa = Σ_a w_a · Σ_t CE_a,t / B (the model's loss). L_logits = T²·KL(teacher ‖ student) over the predicted answer
     positions (logits[:, t] with answer token t + 1 real). L_attn = mean of the attention terms: vision / text / fusion
     self-attention, fusion cross-attention (with `args.cross_attention_kd`), decoder causal self-attention and decoder
-    cross-attention (with `args.cross_attention_kd`). L_hid = Σ of the encoders' hidden KD (vision weighted by
-    `args.image_hidden_weight`) + the decoder's.
+    cross-attention (with `args.cross_attention_kd`); the decoder's query rows are its real answer tokens. L_hid = Σ
+    of the encoders' hidden KD (vision weighted by `args.image_hidden_weight`) + the decoder's over its answer tokens.
 
     Args:
         student: an `EfficientVLMForQuestionAnswering` (trained).
@@ -200,19 +167,16 @@ def vqa_losses(
     kd = {"logits": L.logit_kd_loss(s_out.logits[:, :-1][predicted], t_out.logits[:, :-1][predicted],
                                     args.kd_temperature)}
     cross = bool(args.cross_attention_kd)
-    decoder_pairs = maps.get("decoder", maps["fusion"])
-    dec_attn, dec_hidden = decoder_kd(s_out.decoder_model_output, t_out.decoder_model_output, decoder_pairs,
-                                      answer_mask, cross and use_attn, args.attention_key_length_scale)
+    pairs = {**maps, "decoder": maps.get("decoder", maps["fusion"])}  # decoders mirror their fusion depth
+    student_stacks, teacher_stacks = stack_outputs(s_out), stack_outputs(t_out)
+    text_mask = inputs["attention_mask"]
     if use_attn:
-        text_mask = inputs["attention_mask"]
-        encoders = attention_kd(_encoder_outputs(s_out), _encoder_outputs(t_out), maps,
-                                {"image": None, "text": text_mask, "fusion": text_mask}, cross,
-                                args.attention_key_length_scale).to(device)
-        encoder_terms = 3 + int(cross)  # vision, text, fusion self (+ fusion cross): attention_kd's mean
-        kd["attn"] = (encoders * encoder_terms + sum(t.to(device) for t in dec_attn)) / (encoder_terms + len(dec_attn))
+        kd["attn"] = attention_kd(student_stacks, teacher_stacks, pairs, {
+            "image": None, "text": text_mask, "fusion": text_mask, "decoder": answer_mask,
+        }, cross, args.attention_key_length_scale)
     if use_hidden:
-        encoders = hidden_kd(_encoder_outputs(s_out), _encoder_outputs(t_out), maps, args.image_hidden_weight)
-        kd["hidden"] = encoders.to(device) + dec_hidden.to(device)
+        kd["hidden"] = hidden_kd(student_stacks, teacher_stacks, pairs, args.image_hidden_weight,
+                                 token_masks={"decoder": answer_mask})
     return L.combine_losses(task, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
 
 
