@@ -524,12 +524,13 @@ def format_report(report: dict) -> str:
     metric, columns = task.metric, _table_columns(task)
     head = (f"{'model':<14}{'params':>8}" + "".join(f"{title:>{width}}" for title, _, width in columns)
             + f"{'% teacher':>10}{'latency ms':>11}{'speedup':>8}{'[min-max]':>12}"
-            "  sparsity vs student (v/t/f, total)")
+            "  sparsity vs student (v/t/f[/decoder], total)")
     lines = [head]
     for name in [n for n in MODEL_ORDER if n in report["models"]]:
         r = report["models"][name]
         s = r.get("sparsity_vs_student") or {}
-        sparsity = f"{s['vision']:.2f}/{s['text']:.2f}/{s['fusion']:.2f}, {s['total']:.2f}" if s else "-"
+        stacks = [m for m in ("vision", "text", "fusion", "decoder") if m in s]
+        sparsity = "/".join(f"{s[m]:.2f}" for m in stacks) + f", {s['total']:.2f}" if s else "-"
         lines.append(
             f"{name:<14}{r['params'] / 1e6:>7.2f}M" + "".join(f"{r[key]:>{width}.1f}" for _, key, width in columns)
             + f"{r[f'{metric}_fraction_of_teacher']:>10.1%}{r['latency_ms']:>11.1f}{r['speedup']:>8.2f}"

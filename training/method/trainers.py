@@ -300,7 +300,8 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
     """Wraps a student with a ModalL0Module built from its config and the pruning arguments (an unset warm-up is
     resolved when training starts, see `L0Callback`); `--budget flops` weighs every unit by its FLOPs on `task`'s
     inference path."""
-    args.apply_task_defaults(get_task(task).prune_defaults)  # e.g. the task's target sparsity when none was given
+    if args.target_sparsity is None:  # the task's official target (the other task defaults: see the trainer)
+        args.target_sparsity = get_task(task).prune_defaults.get("target_sparsity", 0.25)
     cost_path = None
     if args.budget == "flops":
         cost_path = path_to_json(task_path(task, student.config, args.budget_path))

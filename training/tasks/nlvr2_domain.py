@@ -20,8 +20,6 @@ labels balanced, negatives drawn uniformly with `--eval_seed`, so every model is
 
 from __future__ import annotations
 
-import copy
-import logging
 import random
 from collections.abc import Sequence
 
@@ -33,60 +31,14 @@ from modeling_efficientvlm import EfficientVLMForVisualReasoning
 
 from ..method import losses as L
 from . import nlvr2
+from .nlvr2 import DOMAIN_LABELS, num_labels, set_num_labels  # noqa: F401 (re-exported)
 from .base import ModelCardSpec, Task
 
-logger = logging.getLogger(__name__)
 
 LEFT, RIGHT, NEITHER = 0, 1, 2
 """The 3 domain labels: the caption describes the left image, the right image, or neither."""
-DOMAIN_LABELS = 3
 PAIR_TEMPERATURE = 0.07
 """Temperature of the image-image ITC similarity softmax that draws the paired images (X-VLM: fixed 0.07)."""
-
-
-# ------------------------------------------------------------------------------------------------------- the head
-def num_labels(model: nn.Module) -> int:
-    """The number of outputs of an NLVR2 model's classifier (its last Linear layer)."""
-    return _last_linear(model.nlvr_head)[1].out_features
-
-
-def _last_linear(head: nn.Module) -> tuple[str, nn.Linear]:
-    linears = [(name, module) for name, module in head.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise TypeError(f"the NLVR2 head has no Linear layer: {head}")
-    return linears[-1]
-
-
-def set_num_labels(model: nn.Module, labels: int) -> bool:
-    """Gives an NLVR2 model a classifier with `labels` outputs: a no-op when it has them, else the whole head is
-    replaced by a freshly initialised one of the same layout (X-VLM: the domain head is not reused for NLVR2) and
-    `config.num_labels` is updated, with a log line naming the change.
-
-    Returns:
-        True when the head was replaced.
-    """
-    current = num_labels(model)
-    if current == labels:
-        return False
-    head = _fresh_head(model, labels)
-    model.nlvr_head = head.to(next(model.parameters()).device)
-    model.config.num_labels = labels  # HF's field: the width the model is rebuilt with by from_pretrained
-    if current == DOMAIN_LABELS:  # the official order: domain pre-training checkpoint → NLVR2 fine-tuning
-        logger.warning("NLVR2 head: the checkpoint's 3-way NLVR domain pre-training head (left / right / neither) is "
-                       "replaced by a freshly initialised %d-way head; the encoders are kept", labels)
-    else:
-        logger.info("NLVR2 head: %d-way head replaced by a freshly initialised %d-way head", current, labels)
-    return True
-
-
-def _fresh_head(model: nn.Module, labels: int) -> nn.Module:
-    """A copy of `model.nlvr_head` with `labels` outputs, every module re-initialised by the model's `_init_weights`."""
-    head = copy.deepcopy(model.nlvr_head)
-    name, last = _last_linear(head)
-    parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
-    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, labels, bias=last.bias is not None))
-    head.apply(model._init_weights)
-    return head
 
 
 def prepare_model(model: nn.Module, processor) -> None:
