@@ -1595,6 +1595,24 @@ def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing:
     return F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)
 
 
+def _generation_defaults(model, kwargs: dict, table: dict) -> dict:
+    """Entries of `table` (+ the text pad id) for what neither `kwargs` nor the model's generation config sets (a
+    value still at transformers' library default counts as unset); an explicit max_length drops max_new_tokens."""
+    config = kwargs.get("generation_config") or model.generation_config
+    library = GenerationConfig()
+    defaults = {
+        key: value
+        for key, value in table.items()
+        if key not in kwargs and getattr(config, key, None) == getattr(library, key, None)
+    }
+    if "max_length" in kwargs or getattr(config, "max_length", None) != library.max_length:
+        defaults.pop("max_new_tokens", None)  # an explicit max_length wins
+    pad = model.config.text_config.pad_token_id
+    if "pad_token_id" not in kwargs and getattr(config, "pad_token_id", None) is None and pad is not None:
+        defaults["pad_token_id"] = pad
+    return defaults
+
+
 def _extend_cache(cache: Cache, num_layers: int) -> None:
     """Gives a `DynamicCache` built from a config (transformers builds it from the TEXT config's layer count during
     `generate`) a slot for every decoder layer: text layers + fusion layers."""
@@ -1748,19 +1766,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
 
     def _caption_generation_defaults(self, kwargs: dict) -> dict:
         """`CAPTION_GENERATION_DEFAULTS` (+ the text pad id) for what neither `kwargs` nor the generation config sets."""
-        config = kwargs.get("generation_config") or self.generation_config
-        library = GenerationConfig()
-        defaults = {
-            key: value
-            for key, value in CAPTION_GENERATION_DEFAULTS.items()
-            if key not in kwargs and getattr(config, key, None) == getattr(library, key, None)
-        }
-        if "max_length" in kwargs or getattr(config, "max_length", None) != library.max_length:
-            defaults.pop("max_new_tokens", None)  # an explicit max_length wins
-        pad = self.config.text_config.pad_token_id
-        if "pad_token_id" not in kwargs and getattr(config, "pad_token_id", None) is None and pad is not None:
-            defaults["pad_token_id"] = pad
-        return defaults
+        return _generation_defaults(self, kwargs, CAPTION_GENERATION_DEFAULTS)
 
     @torch.no_grad()
     def generate(
@@ -2224,19 +2230,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
 
     def _vqa_generation_defaults(self, kwargs: dict) -> dict:
         """`VQA_GENERATION_DEFAULTS` (+ the text pad id) for what neither `kwargs` nor the generation config sets."""
-        config = kwargs.get("generation_config") or self.generation_config
-        library = GenerationConfig()
-        defaults = {
-            key: value
-            for key, value in VQA_GENERATION_DEFAULTS.items()
-            if key not in kwargs and getattr(config, key, None) == getattr(library, key, None)
-        }
-        if "max_length" in kwargs or getattr(config, "max_length", None) != library.max_length:
-            defaults.pop("max_new_tokens", None)  # an explicit max_length wins
-        pad = self.config.text_config.pad_token_id
-        if "pad_token_id" not in kwargs and getattr(config, "pad_token_id", None) is None and pad is not None:
-            defaults["pad_token_id"] = pad
-        return defaults
+        return _generation_defaults(self, kwargs, VQA_GENERATION_DEFAULTS)
 
     @torch.no_grad()
     def generate(

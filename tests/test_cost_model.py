@@ -186,3 +186,22 @@ def test_layer_gates_reach_the_flops_target():
     l0 = ModalL0Module(config, target_sparsity=0.6, budget="flops", cost_path=path_to_json(path), layer_gates=True)
     _lagrangian_game(l0)
     assert float(l0.expected_budget_sparsity()["total"].detach()) == pytest.approx(0.6, abs=0.03)
+
+
+def test_decoder_gates_reach_their_own_target():
+    """The VQA answer decoder is a fourth stack: with its own target its gates are driven there (the encoders follow
+    the global target)."""
+    from efficientvlm.training.method.l0 import ModalL0Module
+    from modeling_efficientvlm.configuration_efficientvlm import decoder_config_from_fusion
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.decoder_config = decoder_config_from_fusion(config)
+    l0 = ModalL0Module(config, target_sparsity=0.3, modality_targets={"decoder": 0.6})
+    assert l0.constraints == ["global", "decoder"] and any(g.modality == "decoder" for g in l0.groups)
+    _lagrangian_game(l0)
+    sparsity = l0.expected_sparsity()
+    assert float(sparsity["decoder"].detach()) == pytest.approx(0.6, abs=0.03)
+    kept = {m: float(l0.expected_parameters()[m].detach()) for m in ("vision", "text", "fusion")}
+    total = sum(l0.prunable_by_modality[m] for m in kept)
+    assert 1 - sum(kept.values()) / total == pytest.approx(0.3, abs=0.03)

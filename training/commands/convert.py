@@ -488,22 +488,15 @@ def _ignore_reason(key: str, state: StateDict) -> str | None:
     for pattern, reason in _XVLM_IGNORED:
         if pattern.search(key):
             return reason
-    if key == "text_encoder.cls.predictions.decoder.bias":
-        bias = state.get("text_encoder.cls.predictions.bias")
-        if bias is None or not torch.equal(bias, state[key]):
-            raise ValueError(
-                "text_encoder.cls.predictions.decoder.bias differs from text_encoder.cls.predictions.bias: BERT ties "
-                "them and EfficientVLM keeps one MLM bias (mlm_head.bias)"
-            )
-        return "tied to text_encoder.cls.predictions.bias (→ mlm_head.bias)"
-    if key == "text_decoder.cls.predictions.decoder.bias":
-        bias = state.get("text_decoder.cls.predictions.bias")
-        if bias is None or not torch.equal(bias, state[key]):
-            raise ValueError(
-                "text_decoder.cls.predictions.decoder.bias differs from text_decoder.cls.predictions.bias: BERT ties "
-                "them and EfficientVLM keeps one answer-head bias (decoder_model.lm_head.bias)"
-            )
-        return "tied to text_decoder.cls.predictions.bias (→ decoder_model.lm_head.bias)"
+    for stack, target in (("text_encoder", "mlm_head.bias"), ("text_decoder", "decoder_model.lm_head.bias")):
+        if key == f"{stack}.cls.predictions.decoder.bias":
+            bias = state.get(f"{stack}.cls.predictions.bias")
+            if bias is None or not torch.equal(bias, state[key]):
+                raise ValueError(
+                    f"{key} differs from {stack}.cls.predictions.bias: BERT ties them and EfficientVLM keeps one LM "
+                    f"bias ({target})"
+                )
+            return f"tied to {stack}.cls.predictions.bias (→ {target})"
     return None
 
 

@@ -271,7 +271,8 @@ TASK = Task(
     metric="cider",
     loss_step=captioning_losses,
     # official captioning config: 0.7·task + 0.3·KD, reg lr 0.01 (REFERENCE.md §3), cross-attention maps in task KD
-    prune_defaults={"lambda_vlp": CAPTIONING_LAMBDA, "reg_learning_rate": 0.01, "cross_attention_kd": True, "target_sparsity": 0.25},
+    prune_defaults={"lambda_vlp": CAPTIONING_LAMBDA, "reg_learning_rate": 0.01, "cross_attention_kd": True,
+                    "target_sparsity": 0.25},
     train_data=train_data,
     eval_data=eval_data,
     eval_size=lambda held_out: len(held_out["images"]),

@@ -256,7 +256,8 @@ TASK = Task(
     metric="accuracy",
     loss_step=nlvr2_losses,
     # official NLVR2 config: 0.8·task + 0.2·KD, reg lr 0.1, cross-attention maps in task KD
-    prune_defaults={"lambda_vlp": NLVR2_LAMBDA, "reg_learning_rate": 0.1, "cross_attention_kd": True, "target_sparsity": 0.25},
+    prune_defaults={"lambda_vlp": NLVR2_LAMBDA, "reg_learning_rate": 0.1, "cross_attention_kd": True,
+                    "target_sparsity": 0.25},
     train_data=train_data,
     eval_data=eval_data,
     eval_size=len,
