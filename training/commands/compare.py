@@ -181,7 +181,8 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
             run_args.layer_gates = FLOPS_STRATEGIES[strategy]
             if results.get("learned", {}).get("flops_kept") is not None:  # matched budget: the FLOPs the params-budget learned split kept
                 run_args.target_sparsity = round(1 - results["learned"]["flops_kept"], 4)
-        write(f"[{strategy}] pruning to total sparsity {target} with targets {run_args.modality_targets or 'global'}")
+        write(f"[{strategy}] pruning to total {run_args.budget} sparsity {run_args.target_sparsity} with targets "
+              f"{run_args.modality_targets or 'global'}")
         start = time.time()
         run_prune(prune, data, run_args, eval_data=False)
         pruned, expected = load_pruned(run_args.output_dir)
