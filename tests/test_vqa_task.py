@@ -253,3 +253,22 @@ def test_convert_xvlm_vqa_layout():
     bad["text_decoder.cls.predictions.decoder.bias"] = torch.ones_like(bad["text_decoder.cls.predictions.bias"])
     with pytest.raises(ValueError, match="text_decoder.cls.predictions.decoder.bias differs"):
         convert_xvlm_checkpoint(bad, head_dim=8)
+
+
+def test_own_json_data_sets_the_answer_list_the_pipeline_ranks(setup, tmp_path):
+    """A model prepared for an X-VLM VQA JSON carries that data's answer_list.json (what the exported pipeline ranks);
+    without data it keeps its own list; a JSON without an answer list is refused naming the file to add."""
+    import json
+    from types import SimpleNamespace
+
+    folder, processor, _ = setup
+    model = EfficientVLMForQuestionAnswering.from_pretrained(folder).eval()
+    (tmp_path / "vqa.json").write_text("[]")
+    data = SimpleNamespace(dataset=str(tmp_path / "vqa.json"), eval_dataset=None)
+    with pytest.raises(ValueError, match="answer_list.json"):
+        V.TASK.prepare_model(model, processor, data)
+    (tmp_path / "answer_list.json").write_text(json.dumps(["red", "two", "yes"]))
+    V.TASK.prepare_model(model, processor, data)
+    assert model.config.answer_list == ["red", "two", "yes"]
+    V.TASK.prepare_model(model, processor)
+    assert model.config.answer_list == ["red", "two", "yes"]

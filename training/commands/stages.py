@@ -328,7 +328,7 @@ def evaluate_checkpoint(args: EvaluateArguments) -> dict:
     processor = load_processor(args, args.model)
     model = load_task_model(args.model, args.task).eval()
     check_vocab(model.config, processor, f"evaluate --model {args.model}")
-    get_task(args.task).prepare_model(model, processor)
+    get_task(args.task).prepare_model(model, processor, args)
     return evaluate_model(model, processor, args)
 
 
@@ -388,7 +388,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     built_from = [("--init_from", teacher.init_from), ("--config", teacher.config),
                   ("--text_model", teacher.text_model), ("--preset", teacher.preset)]
     check_vocab(model.config, processor, "teacher {} {}".format(*next(pair for pair in built_from if pair[1])))
-    task.prepare_model(model, processor)
+    task.prepare_model(model, processor, data)
     callbacks = []
     if teacher.eval_every:
         from .learning_curve import HeldOutCurveCallback
@@ -441,7 +441,7 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     torch.manual_seed(args.seed)  # a new task head (NLVR2) starts the same in every run with this seed
     student = load_task_model(prune.student, data.task)
     check_vocab(student.config, processor, f"prune --student {prune.student}")
-    get_task(data.task).prepare_model(student, processor)
+    get_task(data.task).prepare_model(student, processor, data)
     if teacher is not None:
         check_vocab(teacher.config, processor, f"prune --teacher {prune.teacher}")
     gated = make_gated_model(student, args, data.task)

@@ -50,7 +50,7 @@ class Task:
         workload_text: fn(data_args, batch) -> one line describing that path (for protocols).
         manual_split: default hand split of `compare-splits` (a format string with {half} and {more}).
         card: the model card's task-specific parts.
-        prepare_model: fn(model, processor) -> None, called by the stages right after a task model is built or
+        prepare_model: fn(model, processor, data=None) -> None, called by the stages right after a task model is built or
             loaded, to set what the model needs from the tokenizer before it is trained, saved or evaluated
             (captioning: the prompt ids and the generation config); a no-op by default.
     """
@@ -70,4 +70,4 @@ class Task:
     manual_split: str
     card: ModelCardSpec
     description: str = field(default="")
-    prepare_model: Callable[[Any, Any], None] = field(default=lambda model, processor: None)
+    prepare_model: Callable[..., None] = field(default=lambda model, processor, data=None: None)

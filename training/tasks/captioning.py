@@ -58,7 +58,7 @@ def prepare_captioner(model, tokenizer, prompt: str = CAPTION_PROMPT):
     return model
 
 
-def _prepare_model(model, processor) -> None:
+def _prepare_model(model, processor, data=None) -> None:
     """`Task.prepare_model`: `prepare_captioner` with the processor's tokenizer."""
     prepare_captioner(model, processor.tokenizer)
 

@@ -230,7 +230,7 @@ def _fresh_head(model: nn.Module, labels: int) -> nn.Module:
     return head
 
 
-def prepare_model(model, processor) -> None:
+def prepare_model(model, processor, data=None) -> None:
     """NLVR2 needs a 2-way head: an NLVR domain pre-training checkpoint's 3-way head is replaced by a fresh one."""
     set_num_labels(model, 2)
 

@@ -41,7 +41,7 @@ PAIR_TEMPERATURE = 0.07
 """Temperature of the image-image ITC similarity softmax that draws the paired images (X-VLM: fixed 0.07)."""
 
 
-def prepare_model(model: nn.Module, processor) -> None:
+def prepare_model(model: nn.Module, processor, data=None) -> None:
     """The domain model has a 3-way head (a pre-training / NLVR2 checkpoint's head is replaced: `set_num_labels`)."""
     set_num_labels(model, DOMAIN_LABELS)
 

@@ -115,9 +115,16 @@ def prepare_answerer(model: nn.Module, tokenizer: Any, answer_list: Sequence[str
     return model
 
 
-def _prepare_model(model, processor) -> None:
-    """`Task.prepare_model`: `prepare_answerer` with the processor's tokenizer."""
-    prepare_answerer(model, processor.tokenizer)
+def _prepare_model(model, processor, data=None) -> None:
+    """`Task.prepare_model`: `prepare_answerer` with the processor's tokenizer and, for a model trained or evaluated on
+    an X-VLM VQA JSON, that data's answer list (`answer_list.json` beside it), so the exported pipeline ranks the
+    answers the model was trained for (synthetic data: `VQA_ANSWERS`)."""
+    answer_list = None
+    if data is not None:
+        source = data.dataset if data.dataset != "synthetic" else getattr(data, "eval_dataset", None)
+        if source:
+            answer_list = _answer_list_for(source)
+    prepare_answerer(model, processor.tokenizer, answer_list)
 
 
 # --------------------------------------------------------------------------------------------------------- loss step
