@@ -282,18 +282,20 @@ def plot_comparison(report: dict, path: str) -> None:
 
     names = list(report["strategies"])
     stacks = report.get("modalities", ["vision", "text", "fusion"])
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         entry = report["strategies"][name]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(stacks))]
+        flops = entry.get("flops_kept")
         ax.bar(xs, [entry["sparsity"][m] for m in stacks], width,
-               label=f"{name}: {report['metric']} {entry['metric']:.1f}")
+               label=f"{name}: {report['metric']} {entry['metric']:.1f}"
+                     + ("" if flops is None else f", FLOPs kept {flops:.2f}"))
     ax.axhline(report["target_sparsity"], color="gray", linestyle=":", linewidth=1, label="total target")
     ax.set_xticks(range(len(stacks)), stacks)
     ax.set_ylabel("sparsity (share of prunable params removed)")
     ax.set_title(f"{report['task']}: split at total sparsity {report['target_sparsity']}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
