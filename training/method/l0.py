@@ -177,43 +177,37 @@ class ModalL0Module(nn.Module):
         self.frozen.fill_(True)
 
     # ------------------------------------------------------------------------------------------------ size model
-    def expected_parameters(self) -> dict[str, torch.Tensor]:
-        """Expected kept prunable parameters Σ P(z>0)·params(unit), per modality and "total" (differentiable)."""
+    def _expected(self, weight) -> dict[str, torch.Tensor]:
+        """Σ P(z>0)·weight(group) over the kept units, per modality and "total" (differentiable)."""
         out = {m: torch.zeros(()) for m in self.modalities}
         for group in self.groups:
-            kept = self._keep(group).sum() * group.unit_params
+            kept = self._keep(group).sum() * weight(group)
             out[group.modality] = out[group.modality].to(kept.device) + kept
         out["total"] = sum(out[m] for m in self.modalities)
         return out
+
+    def _sparsity(self, expected: dict[str, torch.Tensor], total: float, by_modality: dict) -> dict[str, torch.Tensor]:
+        """1 − expected / full, overall ("total") and per modality (each against its own full amount)."""
+        out = {"total": 1 - expected["total"] / total}
+        for m in self.modalities:
+            out[m] = 1 - expected[m] / by_modality[m] if by_modality[m] else torch.zeros(())
+        return out
+
+    def expected_parameters(self) -> dict[str, torch.Tensor]:
+        """Expected kept prunable parameters Σ P(z>0)·params(unit), per modality and "total" (differentiable)."""
+        return self._expected(lambda group: group.unit_params)
 
     def expected_cost(self) -> dict[str, torch.Tensor]:
         """Expected kept budget Σ P(z>0)·w(unit) (parameters or FLOPs, see `budget`), per modality and "total"."""
-        if self.unit_costs is None:
-            return self.expected_parameters()
-        out = {m: torch.zeros(()) for m in self.modalities}
-        for group in self.groups:
-            kept = self._keep(group).sum() * self._weight(group)
-            out[group.modality] = out[group.modality].to(kept.device) + kept
-        out["total"] = sum(out[m] for m in self.modalities)
-        return out
+        return self._expected(self._weight)
 
     def expected_budget_sparsity(self) -> dict[str, torch.Tensor]:
         """ŝ in the budget's unit (= `expected_sparsity` for the params budget), overall and per modality."""
-        expected = self.expected_cost()
-        out = {"total": 1 - expected["total"] / self.cost_total}
-        for m in self.modalities:
-            denominator = self.cost_by_modality[m]
-            out[m] = 1 - expected[m] / denominator if denominator else torch.zeros(())
-        return out
+        return self._sparsity(self.expected_cost(), self.cost_total, self.cost_by_modality)
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
         """ŝ overall ("total") and per modality (each against its own prunable parameters)."""
-        expected = self.expected_parameters()
-        out = {"total": 1 - expected["total"] / self.prunable_total}
-        for m in self.modalities:
-            denominator = self.prunable_by_modality[m]
-            out[m] = 1 - expected[m] / denominator if denominator else torch.zeros(())
-        return out
+        return self._sparsity(self.expected_parameters(), self.prunable_total, self.prunable_by_modality)
 
     def current_target(self, step: int) -> float:
         """Global target at optimizer step `step` (linear warm-up carried across epochs by the global step)."""
