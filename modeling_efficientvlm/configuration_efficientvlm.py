@@ -421,6 +421,9 @@ class EfficientVLMConfig(PretrainedConfig):
         decoder_config: dict, EfficientVLMDecoderConfig or None: the VQA answer decoder (None for every other model;
             `EfficientVLMForQuestionAnswering` fills it in from the fusion config). Its ``encoder_hidden_size`` must
             equal the fusion hidden size and its vocabulary the text vocabulary.
+        head_hidden_size: inner width w of the ITM / NLVR2 / box heads (Linear(d, w) → LayerNorm(w) → GELU → ...);
+            None = 2 x text hidden size (X-VLM). A hidden-dimension pruned model sets it to its original head width,
+            which stays unpruned while the text width shrinks.
 
     Example:
         >>> config = EfficientVLMConfig(vision_config={"num_attention_heads": [12, 8, 0]}, ...)  # doctest: +SKIP
@@ -446,6 +449,7 @@ class EfficientVLMConfig(PretrainedConfig):
         temperature_max: float = 0.5,
         tie_word_embeddings: bool = True,
         decoder_config: dict | EfficientVLMDecoderConfig | None = None,
+        head_hidden_size: int | None = None,
         **kwargs,
     ):
         self.decoder_config = None if decoder_config is None else _as_config(EfficientVLMDecoderConfig, decoder_config)
@@ -460,6 +464,7 @@ class EfficientVLMConfig(PretrainedConfig):
         self.temperature_min = temperature_min
         self.temperature_max = temperature_max
         self.tie_word_embeddings = tie_word_embeddings
+        self.head_hidden_size = head_hidden_size
         super().__init__(**kwargs)
         self.validate()
 
@@ -470,6 +475,8 @@ class EfficientVLMConfig(PretrainedConfig):
         if self.decoder_config is not None:
             self._validate_decoder()
         _check_int(self, "embed_dim", 1, MAX_WIDTH, "MAX_WIDTH")
+        if self.head_hidden_size is not None:
+            _check_int(self, "head_hidden_size", 1, MAX_WIDTH, "MAX_WIDTH; or None = 2 x text hidden size")
         for field in ("temperature_init", "temperature_min", "temperature_max"):
             _check_float(self, field, 0.0, MAX_TEMPERATURE, low_open=True)
         if not self.temperature_min <= self.temperature_init <= self.temperature_max:

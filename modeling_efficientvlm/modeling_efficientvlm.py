@@ -4,9 +4,12 @@ Reading order: outputs and masks → attention / MLP / layer → encoders → Pr
 
 One layer class (`EfficientVLMLayer`) serves the dense teacher, the gated student and the physically pruned model:
 every block takes explicit sizes from the config (heads and FFN width per layer, 0 = sub-layer removed). Pruning masks
-are one optional typed argument (`PruningMasks`) applied at two documented points:
+are one optional typed argument (`PruningMasks`) applied at documented points:
   * head mask: scales each head's context vector before the output projection;
-  * FFN mask: scales the FFN activations after the nonlinearity.
+  * FFN mask: scales the FFN activations after the nonlinearity;
+  * hidden mask (CoFi's hidden dimension) h of a residual stream (vision; text + fusion): every write into the stream
+    is multiplied by h and every LayerNorm on it is `_masked_layer_norm` (statistics over the kept channels only), so
+    pruned channels are exactly 0 everywhere and every Linear reading the stream can drop those input columns.
 A sub-layer with no heads / no FFN neurons (by config, or because its mask is all zeros) is an exact identity.
 """
 
@@ -93,11 +96,15 @@ class EncoderPruningMasks:
         head: per layer, (num_attention_heads[l],) scales for the self-attention heads.
         cross_head: fusion only: per layer, (num_cross_attention_heads[l],) scales for the cross-attention heads.
         ffn: per layer, (intermediate_size[l],) scales for the FFN neurons.
+        hidden: (hidden_size,) scales for the channels of the encoder's residual stream (None = keep all). Read only
+            on `PruningMasks.vision` (vision stream) and `PruningMasks.text` (the text stream, which the fusion
+            encoder continues: it reads `text.hidden` too); `fusion.hidden` / `decoder.hidden` raise ValueError.
     """
 
     head: list[torch.Tensor | None] | None = None
     cross_head: list[torch.Tensor | None] | None = None
     ffn: list[torch.Tensor | None] | None = None
+    hidden: torch.Tensor | None = None
 
     def layer(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         pick = lambda masks: None if masks is None else masks[index]  # noqa: E731
@@ -118,6 +125,42 @@ class PruningMasks:
 def _removed(num_units: int, mask: torch.Tensor | None) -> bool:
     """A sub-layer is removed when it has no units, or when every unit's mask is exactly zero."""
     return num_units == 0 or (mask is not None and not bool(mask.any()))
+
+
+def _stream_mask(pruning_masks: PruningMasks | None, stream: str, width: int) -> torch.Tensor | None:
+    """The hidden mask (width,) of residual stream `stream` ("vision" / "text"), or None; checks its shape and that
+    no encoder without a stream of its own (fusion, decoder) carries one."""
+    if pruning_masks is None:
+        return None
+    for name in ("fusion", "decoder"):
+        if getattr(pruning_masks, name).hidden is not None:
+            raise ValueError(
+                f"pruning_masks.{name}.hidden must be None: the {name} stream has no hidden mask of its own (the "
+                "fusion encoder continues the text stream and reads pruning_masks.text.hidden; the VQA answer "
+                "decoder's stream is not gated)"
+            )
+    mask = getattr(pruning_masks, stream).hidden
+    if mask is not None and tuple(mask.shape) != (width,):
+        raise ValueError(
+            f"pruning_masks.{stream}.hidden has shape {tuple(mask.shape)}, but the {stream} stream has {width} "
+            f"channels: give one value per channel, shape ({width},)"
+        )
+    return mask
+
+
+def _masked_layer_norm(x: torch.Tensor, norm: nn.LayerNorm, mask: torch.Tensor | None) -> torch.Tensor:
+    """LN_h(x): LayerNorm over the channels where `mask` != 0 only (their weight / bias), pruned channels 0, then
+    scaled by `mask` (soft in training). Equals the LayerNorm of a model whose pruned channels were removed.
+
+    Args:
+        x: (..., D) stream tokens; norm: a LayerNorm of width D; mask: (D,) or None (plain `norm(x)`).
+    """
+    if mask is None:
+        return norm(x)
+    mask = mask.to(x.dtype)
+    keep = torch.nonzero(mask).flatten()  # (K,): the same LayerNorm call as the materialized model's
+    kept = F.layer_norm(x.index_select(-1, keep), (keep.numel(),), norm.weight[keep], norm.bias[keep], norm.eps)
+    return x.new_zeros(x.shape).index_copy(x.dim() - 1, keep, kept) * mask
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -219,10 +262,17 @@ class EfficientVLMLayer(nn.Module):
             self.mlp = EfficientVLMMLP(d, self.intermediate_size, config.hidden_act)
             self.layer_norm2 = nn.LayerNorm(d, eps=eps)
 
-    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn, hidden_mask: torch.Tensor | None) -> torch.Tensor:
+        """Pre-norm `x + h·f(LN_h(x))`, post-norm `LN_h(x + h·drop(f(x)))`; h = `hidden_mask` (None: plain form)."""
+        if hidden_mask is None:
+            if self.pre_norm:
+                return x + fn(norm(x))
+            return norm(x + F.dropout(fn(x), p=self.hidden_dropout, training=self.training))
+        h = hidden_mask.to(x.dtype)
         if self.pre_norm:
-            return x + fn(norm(x))
-        return norm(x + F.dropout(fn(x), p=self.hidden_dropout, training=self.training))
+            return x + fn(_masked_layer_norm(x, norm, h)) * h
+        update = F.dropout(fn(x), p=self.hidden_dropout, training=self.training) * h
+        return _masked_layer_norm(x + update, norm, h)
 
     def forward(
         self,
@@ -234,10 +284,12 @@ class EfficientVLMLayer(nn.Module):
         output_attentions: bool = False,
         past_key_values: Cache | None = None,
         cache_index: int = 0,
+        hidden_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns (hidden (B, T, D), self-attention probs or None, cross-attention probs or None).
 
         `past_key_values` caches this layer's self-attention keys / values at `cache_index` (decoder use only).
+        `hidden_mask` (D,): the stream's hidden mask (see `_residual`); None = no hidden pruning.
         """
         head_mask, cross_head_mask, ffn_mask = masks
         self_probs = cross_probs = None
@@ -250,7 +302,7 @@ class EfficientVLMLayer(nn.Module):
                 )
                 return out
 
-            hidden_states = self._residual(hidden_states, self.layer_norm1, attend)
+            hidden_states = self._residual(hidden_states, self.layer_norm1, attend, hidden_mask)
         elif past_key_values is not None:
             # a removed self-attention still records its length with a (B, 1, T, 1) zero placeholder (an empty tensor
             # reads as length 0), so every cache layer knows how many tokens were seen (transformers reads layer 0's)
@@ -265,9 +317,10 @@ class EfficientVLMLayer(nn.Module):
                 )
                 return out
 
-            hidden_states = self._residual(hidden_states, self.layer_norm_cross, cross_attend)
+            hidden_states = self._residual(hidden_states, self.layer_norm_cross, cross_attend, hidden_mask)
         if not _removed(self.intermediate_size, ffn_mask):
-            hidden_states = self._residual(hidden_states, self.layer_norm2, lambda x: self.mlp(x, ffn_mask))
+            mlp = lambda x: self.mlp(x, ffn_mask)  # noqa: E731
+            hidden_states = self._residual(hidden_states, self.layer_norm2, mlp, hidden_mask)
         return hidden_states, self_probs, cross_probs
 
 
@@ -282,10 +335,12 @@ def _run_layers(
     encoder_attention_mask: torch.Tensor | tuple[torch.Tensor | None, ...] | None = None,
     past_key_values: Cache | None = None,
     cache_offset: int = 0,
+    hidden_mask: torch.Tensor | None = None,
 ) -> EfficientVLMEncoderOutput:
     """Runs a layer stack and collects hidden states / attention probabilities (shared by the three encoders).
 
     With `past_key_values`, layer i caches its self-attention at index `cache_offset + i` (decoder use).
+    `hidden_mask` (D,): the residual stream's hidden mask, given to every layer.
     `encoder_hidden_states` / `encoder_attention_mask` given as a tuple of n: layer i cross-attends to entry i mod n
     (X-VLM's NLVR2: copy 2l reads image 0, copy 2l + 1 image 1).
     """
@@ -296,7 +351,7 @@ def _run_layers(
         layer_masks = masks.layer(i) if masks is not None else (None, None, None)
         hidden_states, self_probs, cross_probs = layer(
             hidden_states, attention_mask, pick(encoder_hidden_states, i), pick(encoder_attention_mask, i),
-            layer_masks, output_attentions, past_key_values, cache_offset + i,
+            layer_masks, output_attentions, past_key_values, cache_offset + i, hidden_mask,
         )
         self_attns.append(self_probs)
         cross_attns.append(cross_probs)
@@ -412,11 +467,23 @@ class EfficientVLMVisionTransformer(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        hidden_mask: torch.Tensor | None = None,
     ) -> EfficientVLMEncoderOutput:
-        """pixel_values (B, C, H, W) → tokens (B, 1 + N, D); `hidden_states` are before the post-LayerNorm."""
-        hidden = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
-        out = _run_layers(self.layers, hidden, None, masks, output_attentions, output_hidden_states)
-        out.last_hidden_state = self.post_layernorm(out.last_hidden_state)
+        """pixel_values (B, C, H, W) → tokens (B, 1 + N, D); `hidden_states` are before the post-LayerNorm.
+
+        `hidden_mask` (D,): the vision stream's hidden mask (pre- / post-LayerNorm become LN_h; without a
+        pre-LayerNorm the embeddings are scaled by it)."""
+        hidden = self.embeddings(pixel_values, interpolate_pos_encoding)
+        if hidden_mask is None:
+            hidden = self.pre_layrnorm(hidden)
+        elif isinstance(self.pre_layrnorm, nn.LayerNorm):
+            hidden = _masked_layer_norm(hidden, self.pre_layrnorm, hidden_mask)
+        else:
+            hidden = hidden * hidden_mask.to(hidden.dtype)
+        out = _run_layers(
+            self.layers, hidden, None, masks, output_attentions, output_hidden_states, hidden_mask=hidden_mask
+        )
+        out.last_hidden_state = _masked_layer_norm(out.last_hidden_state, self.post_layernorm, hidden_mask)
         return out
 
 
@@ -434,9 +501,14 @@ class EfficientVLMTextEmbeddings(nn.Module):
         self.register_buffer("position_ids", positions, persistent=False)
 
     def forward(
-        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None, past_length: int = 0
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        past_length: int = 0,
+        hidden_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) → (B, T, D); positions start at `past_length` (the cached tokens when decoding)."""
+        """input_ids (B, T) → (B, T, D); positions start at `past_length` (the cached tokens when decoding);
+        `hidden_mask` (D,): the text stream's hidden mask (the LayerNorm becomes LN_h)."""
         length = input_ids.shape[1]
         if past_length + length > self.position_ids.shape[1]:
             raise ValueError(
@@ -450,7 +522,7 @@ class EfficientVLMTextEmbeddings(nn.Module):
             + self.position_embeddings(self.position_ids[:, past_length : past_length + length])
             + self.token_type_embeddings(token_type_ids)
         )
-        return self.dropout(self.LayerNorm(embeddings))
+        return self.dropout(_masked_layer_norm(embeddings, self.LayerNorm, hidden_mask))
 
 
 class EfficientVLMTextTransformer(nn.Module):
@@ -474,21 +546,23 @@ class EfficientVLMTextTransformer(nn.Module):
         output_hidden_states: bool = False,
         causal: bool = False,
         past_key_values: Cache | None = None,
+        hidden_mask: torch.Tensor | None = None,
     ) -> EfficientVLMEncoderOutput:
         """input_ids (B, T), attention_mask (B, T) 1/0 → tokens (B, T, D).
 
         `causal=True` (the captioning decoder): token t attends to tokens <= t; `past_key_values` caches the
         self-attention of layer i at index i, and attention_mask then covers the cached + new tokens (B, S_past + T).
+        `hidden_mask` (D,): the text stream's hidden mask.
         """
         past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
-        hidden = self.embeddings(input_ids, token_type_ids, past)
+        hidden = self.embeddings(input_ids, token_type_ids, past, hidden_mask)
         if causal:
             additive = _causal_mask(attention_mask, input_ids.shape[1], past, hidden.dtype, hidden.device)
         else:
             additive = _additive_mask(attention_mask, hidden.dtype)
         return _run_layers(
             self.layers, hidden, additive, masks, output_attentions, output_hidden_states,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values, hidden_mask=hidden_mask,
         )
 
 
@@ -539,8 +613,11 @@ class EfficientVLMFusionTransformer(nn.Module):
         causal: bool = False,
         past_key_values: Cache | None = None,
         cache_offset: int = 0,
+        hidden_mask: torch.Tensor | None = None,
     ) -> EfficientVLMEncoderOutput:
         """text (B, T, D_text) + image (B, N, D_vision) → fused text tokens (B, T, D_text).
+
+        `hidden_mask` (D_text,): the TEXT stream's hidden mask (the fusion encoder continues that stream).
 
         With `config.shared_cross_kv`, `image_hidden_states` is the pair (image 0 (B, N, D_vision), image 1) (and
         `image_attention_mask` None or a pair): layer i reads image i mod 2.
@@ -578,6 +655,7 @@ class EfficientVLMFusionTransformer(nn.Module):
             encoder_attention_mask=image_attention_mask,
             past_key_values=past_key_values,
             cache_offset=cache_offset,
+            hidden_mask=hidden_mask,
         )
 
 
@@ -709,6 +787,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            hidden_mask=_stream_mask(pruning_masks, "vision", self.config.vision_config.hidden_size),
         )
 
     def encode_text(
@@ -731,6 +810,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             causal=causal,
             past_key_values=past_key_values,
+            hidden_mask=_stream_mask(pruning_masks, "text", self.config.text_config.hidden_size),
         )
 
     def image_itc_embeds(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -785,6 +865,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             causal=causal,
             past_key_values=past_key_values,
             cache_offset=len(self.text_model.layers),
+            hidden_mask=_stream_mask(pruning_masks, "text", self.config.text_config.hidden_size),
         )
 
     def forward(
@@ -845,6 +926,13 @@ NOT_CANDIDATE_SCORE = -100.0
 ties them all, so R@K for K > k would count a true match outside the top-k as missed (see `rerank_rows`)."""
 RERANK_BLOCK_SCORES = 1 << 20
 """Scores per block of queries when `rerank` / `rerank_blocks` choose the block (≈ 30 MB of temporaries)."""
+
+
+def head_width(config: EfficientVLMConfig) -> int:
+    """Inner width of the ITM / NLVR2 / box heads (Linear(d, w) → LayerNorm(w) → GELU → Linear(w, n)):
+    `config.head_hidden_size`, or 2 x the text width when None (X-VLM; a hidden-pruned model keeps its original)."""
+    width = getattr(config, "head_hidden_size", None)
+    return width if width is not None else 2 * config.text_config.hidden_size
 
 
 def itm_match_scores(logits: torch.Tensor, itm_score: str = "match_logit", itc: torch.Tensor | None = None):
@@ -916,10 +1004,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
-        width = self.config.text_config.hidden_size
-        self.itm_head = nn.Sequential(
-            nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, 2)
-        )
+        width, inner = self.config.text_config.hidden_size, head_width(self.config)
+        self.itm_head = nn.Sequential(nn.Linear(width, inner), nn.LayerNorm(inner), nn.GELU(), nn.Linear(inner, 2))
         if type(self) is EfficientVLMForImageTextRetrieval:
             self.post_init()
 
@@ -1196,12 +1282,12 @@ class EfficientVLMForPreTraining(EfficientVLMForImageTextRetrieval):
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)
         self.mlm_head = EfficientVLMMLMHead(self.config.text_config)
-        width = self.config.text_config.hidden_size
+        width, inner = self.config.text_config.hidden_size, head_width(self.config)
         # built without advancing the CPU RNG: `post_init` then draws every other weight exactly as before the box
         # head existed (seeded models and runs reproduce), and the box head's own weights last
         with torch.random.fork_rng(devices=[]):
             self.bbox_head = nn.Sequential(
-                nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, 4)
+                nn.Linear(width, inner), nn.LayerNorm(inner), nn.GELU(), nn.Linear(inner, 4)
             )
         self.post_init()
 
@@ -1389,10 +1475,10 @@ class EfficientVLMForVisualReasoning(EfficientVLMModel):
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(nlvr_config(config))
-        width = self.config.text_config.hidden_size
+        width, inner = self.config.text_config.hidden_size, head_width(self.config)
         labels = self.config.num_labels
         self.nlvr_head = nn.Sequential(
-            nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, labels)
+            nn.Linear(width, inner), nn.LayerNorm(inner), nn.GELU(), nn.Linear(inner, labels)
         )
         if type(self) is EfficientVLMForVisualReasoning:
             self.post_init()
@@ -2049,6 +2135,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
                 "answer_question_index (A,), the question row of each answer"
             )
         masks = pruning_masks.decoder if pruning_masks is not None else None
+        if masks is not None and masks.hidden is not None:
+            _stream_mask(pruning_masks, "text", self.config.text_config.hidden_size)  # raises, naming decoder.hidden
         decoded = self.decoder_model(
             answer_input_ids, answer_attention_mask, question_states, question_attention_mask, masks,
             output_attentions, output_hidden_states, past_key_values,
@@ -2308,6 +2396,7 @@ __all__ = [
     "EfficientVLMQuestionAnsweringOutput",
     "EfficientVLMVisualReasoningOutput",
     "duplicate_fusion_state",
+    "head_width",
     "nlvr_config",
     "shared_cross_kv_keys",
     "EncoderPruningMasks",

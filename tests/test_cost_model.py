@@ -62,7 +62,7 @@ def test_cached_decoding_costs_new_tokens_against_all_keys():
 
 def test_retrieval_path_puts_the_pair_count_on_fusion():
     config = ragged_config()
-    path = retrieval_path(config, num_images=10, num_texts=50, text_length=12, k=4)
+    path = retrieval_path(config, images=10, texts=50, text_length=12, k=4)
     assert path["vision"] == [Run(10, 17, 17)]
     assert path["text"] == [Run(50, 12, 12)]
     assert path["fusion"] == [Run(240, 12, 12, 17)]
@@ -96,7 +96,7 @@ def test_flops_budget_reaches_its_target_and_differs_from_params():
     from tests.conftest import tiny_config
 
     config = tiny_config()
-    path = retrieval_path(config, num_images=10, num_texts=50, text_length=12, k=8)
+    path = retrieval_path(config, images=10, texts=50, text_length=12, k=8)
     l0 = ModalL0Module(config, target_sparsity=0.5, budget="flops", cost_path=path_to_json(path))
     logs = _lagrangian_game(l0)
     flops_sparsity = float(l0.expected_budget_sparsity()["total"].detach())
@@ -133,8 +133,8 @@ def test_flops_budget_settings_round_trip_and_errors(tmp_path):
         task_path("retrieval", config, "pairs=3")
     with pytest.raises(ValueError, match="k must be an integer >= 0"):
         task_path("retrieval", config, "k=-1")
-    with pytest.raises(ValueError, match="no inference-path model for task 'captioning'"):
-        task_path("captioning", config)
+    with pytest.raises(ValueError, match="no inference-path model for task 'nlvr2_domain'"):
+        task_path("nlvr2_domain", config)
     with pytest.raises(ValueError, match=r"must be \[count, tokens, self_keys, cross_keys\]"):
         ModalL0Module(config, budget="flops", cost_path={"fusion": [[1, 2, 3]]})
 
@@ -182,7 +182,7 @@ def test_layer_gates_reach_the_flops_target():
     from tests.conftest import tiny_config
 
     config = tiny_config()
-    path = retrieval_path(config, num_images=10, num_texts=50, text_length=12, k=8)
+    path = retrieval_path(config, images=10, texts=50, text_length=12, k=8)
     l0 = ModalL0Module(config, target_sparsity=0.6, budget="flops", cost_path=path_to_json(path), layer_gates=True)
     _lagrangian_game(l0)
     assert float(l0.expected_budget_sparsity()["total"].detach()) == pytest.approx(0.6, abs=0.03)
@@ -205,3 +205,34 @@ def test_decoder_gates_reach_their_own_target():
     kept = {m: float(l0.expected_parameters()[m].detach()) for m in ("vision", "text", "fusion")}
     total = sum(l0.prunable_by_modality[m] for m in kept)
     assert 1 - sum(kept.values()) / total == pytest.approx(0.3, abs=0.03)
+
+
+def test_vqa_and_captioning_paths_match_the_encoder_flops():
+    """VQA: the answer decoder's path FLOPs = the first-token step + k re-scored answers (= `vqa_flops` without its
+    LM head); captioning: one step = one full pass over the prompt, and every later step costs one token against all
+    cached keys (less than re-running the prefix)."""
+    from efficientvlm.training.method.cost import captioning_path, task_path, vqa_path
+    from efficientvlm.training.method.structure import encoder_flops, vqa_flops
+    from modeling_efficientvlm.configuration_efficientvlm import decoder_config_from_fusion
+    from tests.conftest import tiny_config
+
+    config = ragged_config()
+    config.decoder_config = decoder_config_from_fusion(config)
+    q, k, a, n = 7, 5, 4, 3
+    path = vqa_path(config, n, q, k, a)
+    reference = vqa_flops(config, n, q, num_answers=50, answer_length=a, k=k)
+    dec = config.decoder_config
+    lm_head = (n + n * k * a) * 2 * (dec.hidden_size * dec.hidden_size + dec.hidden_size * dec.vocab_size)
+    flops = prunable_flops(config, path)
+    assert flops["decoder"] == reference["decoder"] - lm_head
+    assert flops["fusion"] == reference["fusion"]
+    assert task_path("vqa", config, "questions=3,question_length=7,k=5,answer_length=4") == path
+
+    config = tiny_config()
+    tokens = 1 + (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    one = prunable_flops(config, captioning_path(config, images=2, prompt_length=5, new_tokens=1, beams=3))
+    assert one["text"] == 6 * encoder_flops(config, "text", 5)
+    assert one["fusion"] == 6 * encoder_flops(config, "fusion", 5, context=tokens)
+    cached = prunable_flops(config, captioning_path(config, images=2, prompt_length=5, new_tokens=8, beams=3))
+    rerun = sum(6 * encoder_flops(config, "text", 5 + s) for s in range(8))
+    assert one["text"] < cached["text"] < rerun

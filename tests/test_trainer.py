@@ -135,8 +135,10 @@ def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path)
     trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(30), data_collator=_collate,
                                          teacher_model=teacher)
     trainer.train()
-    sparsity = gated.l0.expected_sparsity()
-    assert float(sparsity["total"]) == pytest.approx(0.5, abs=0.03)
+    # the structure is snapped to the target when training ends: what materialize keeps removes 0.5
+    assert bool(gated.l0.frozen)
+    assert float(gated.l0.achieved_sparsity()["params"]["total"]) == pytest.approx(0.5, abs=0.03)
+    assert float(gated.l0.expected_sparsity()["total"].detach()) == pytest.approx(0.5, abs=0.06)
     # the clamp callback ran: heads start at log α = 10, above the clamp bound log 100
     assert max(float(p.max()) for p in gated.l0.gate_parameters()) <= math.log(100) + 1e-6
     groups = trainer.optimizer.param_groups

@@ -6,6 +6,11 @@ min / max; throughput = images per second on the retrieval path. The retrieval p
 encode `num_images` images and `num_texts` texts, ITC scores for all pairs, ITM re-scoring of the top-k candidates of
 every image query and every text query ((num_images + num_texts)·k fusion passes, cached tokens). Latency depends on
 shapes only, so random weights are used unless `--model` checkpoints are given.
+
+The preset's pruned student removes `--target_sparsity` of the student's prunable parameters: uniformly, by an explicit
+per-encoder split, or with the per-layer structure a pruning run learned (`--split structure.json`: keep fractions
+structure / reference_structure, mapped onto the preset's layers by relative depth, f -> f**c rescaled to the target
+unless `--split_as_learned`). Every workload reports `flops_ratio` = speed-up / FLOPs speed-up over the teacher.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import modeling_efficientvlm
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
 
 from ..method.structure import (
+    CROSS_ATTENTION_MODALITIES,
     ENCODER_CONFIG_KEYS,
     MODALITIES,
     count_parameters,
@@ -46,11 +52,22 @@ class BenchArguments:
         metadata={"help": "Checkpoint dirs as NAME=DIR (teacher=..., student=..., pruned=...); overrides the preset."},
     )
     image_size: int = field(default=224, metadata={"help": "Image size for the xvlm-clip preset (224 or 384)."})
-    target_sparsity: float = field(default=0.25, metadata={"help": "Sparsity of the preset's pruned student."})
+    target_sparsity: float = field(
+        default=0.25,
+        metadata={"help": "Share of the student's prunable parameters the preset's pruned student removes (paper: "
+                          "0.25); a structure.json --split is rescaled to it."},
+    )
     split: str = field(
         default="",
         metadata={"help": "Per-modality sparsity of the pruned student, e.g. 'vision=0.2,text=0.3,fusion=0.35' "
-                          "(default: the same ratio in every encoder); or a structure.json from a pruning run."},
+                          "(default: the same ratio in every encoder); or a pruning run's structure.json: its "
+                          "per-layer keep fractions (vs its reference_structure), mapped by relative depth and "
+                          "rescaled to --target_sparsity."},
+    )
+    split_as_learned: bool = field(
+        default=False,
+        metadata={"help": "With a structure.json --split: apply its keep fractions as learned (no rescale to "
+                          "--target_sparsity)."},
     )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16."})
@@ -71,20 +88,18 @@ class BenchArguments:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"--target_sparsity must lie in [0, 1), got {self.target_sparsity}")
+        if self.split_as_learned and not self.split.endswith(".json"):
+            raise ValueError(f"--split_as_learned applies to a structure.json --split, got --split {self.split!r}")
         for name in ("num_images", "num_texts", "text_length", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 def parse_split(split: str, default: float) -> dict[str, float]:
-    """'vision=0.2,text=0.3' → {"vision": 0.2, "text": 0.3, "fusion": default}; a .json file: its "sparsity" entry."""
+    """'vision=0.2,text=0.3' → {"vision": 0.2, "text": 0.3, "fusion": default} (.json: `load_learned_split`)."""
     ratios = {m: default for m in MODALITIES}
     if not split:
         return ratios
-    if split.endswith(".json"):
-        with open(split) as f:
-            data = json.load(f)
-        return {m: float(data["sparsity"][m]) for m in MODALITIES}
     for item in split.split(","):
         name, _, value = item.partition("=")
         if name.strip() not in MODALITIES or not value:
@@ -106,6 +121,180 @@ def uniformly_pruned_config(config: EfficientVLMConfig, ratios: dict[str, float]
             setattr(sub, field_name, sizes)
         sub.validate()
     return config
+
+
+STRUCTURE_FIELDS = {
+    "heads": "num_attention_heads", "ffn": "intermediate_size", "cross_heads": "num_cross_attention_heads",
+}
+"""structure.json kinds (`structure_table`) → the per-layer config field they size."""
+HIDDEN_MULTIPLE = 8
+"""Scaled residual widths are rounded to a multiple of this (hidden_size is free: head_dim is explicit)."""
+
+
+@dataclass
+class LearnedSplit:
+    """A pruning run's structure as keep fractions of its reference.
+
+    Attributes:
+        layers: {encoder: {kind: [keep fraction per source layer]}} (kinds of `STRUCTURE_FIELDS`; 0 = removed).
+        hidden: kept share of each residual stream's width: {"vision": f, "text": f} (text and fusion share one
+            stream); empty when the run kept the widths.
+        source: how the fractions were read (per-layer, or the per-encoder sparsity of an older file).
+    """
+
+    layers: dict[str, dict[str, list[float]]]
+    hidden: dict[str, float]
+    source: str
+
+
+def _require(mapping, key: str, path: str, where: str):
+    """mapping[key], or a ValueError naming the file and the missing field."""
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise ValueError(f"--split {path}: missing field {where}{key!r} (a structure.json as `efficientvlm export` "
+                         "writes it: 'structure' and 'reference_structure' per encoder, or an older file's 'sparsity')")
+    return mapping[key]
+
+
+def map_layers(values: list, n_target: int) -> list:
+    """Relative-depth layer map: target layer i of n_target reads source layer floor(i * n_src / n_target)."""
+    return [values[i * len(values) // n_target] for i in range(n_target)]
+
+
+def _kinds(modality: str) -> tuple[str, ...]:
+    """The structure.json kinds of an encoder: cross-attention heads only where the encoder has cross-attention."""
+    return ("heads", "ffn", "cross_heads") if modality in CROSS_ATTENTION_MODALITIES else ("heads", "ffn")
+
+
+def _layer_list(mapping, key: str, path: str, where: str) -> list:
+    """A non-empty per-layer list of sizes, or a ValueError naming the file and the field."""
+    values = _require(mapping, key, path, where)
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"--split {path}: {where}{key} must be a non-empty per-layer list of sizes, got {values!r}")
+    return values
+
+
+def _fraction(kept: int, ref: int, path: str, where: str) -> float:
+    """kept / ref (0 for a sub-layer the reference has removed), or a ValueError naming the field and its range."""
+    if not 0 <= kept <= ref:
+        raise ValueError(f"--split {path}: {where} keeps {kept} of the reference's {ref}; it must lie in [0, {ref}]")
+    return kept / ref if ref else 0.0
+
+
+def load_learned_split(path: str) -> LearnedSplit:
+    """Reads a structure.json: keep fraction = structure[m][kind][l] / reference_structure[m][kind][l] (a reference of
+    another depth is read at the same relative depth); "hidden" widths likewise. A file without reference_structure
+    (older exports) falls back to its per-encoder "sparsity": keep 1 - sparsity in every layer.
+
+    Raises:
+        ValueError: naming the file and the missing or out-of-range field.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--split {path}: cannot read it as JSON ({e})") from e
+    if not isinstance(data, dict) or "reference_structure" not in data:
+        sparsity = _require(data, "sparsity", path, "")
+        keep = {m: 1.0 - float(_require(sparsity, m, path, "sparsity.")) for m in MODALITIES}
+        layers = {m: {kind: [keep[m]] for kind in _kinds(m)} for m in MODALITIES}
+        return LearnedSplit(layers, {}, "per-encoder sparsity (file has no reference_structure: every layer alike)")
+    structure, reference = _require(data, "structure", path, ""), data["reference_structure"]
+    layers, hidden = {}, {}
+    for m in MODALITIES:
+        ours, ref = _require(structure, m, path, "structure."), _require(reference, m, path, "reference_structure.")
+        layers[m] = {}
+        for kind in _kinds(m):
+            kept = _layer_list(ours, kind, path, f"structure.{m}.")
+            full = map_layers(_layer_list(ref, kind, path, f"reference_structure.{m}."), len(kept))
+            layers[m][kind] = [_fraction(int(k), int(r), path, f"structure.{m}.{kind}[{i}]")
+                               for i, (k, r) in enumerate(zip(kept, full))]
+        stream = "text" if m == "fusion" else m  # the fusion encoder continues the text stream
+        if "hidden" in ours and stream not in hidden:
+            ref_width = int(_require(ref, "hidden", path, f"reference_structure.{m}."))
+            hidden[stream] = _fraction(int(ours["hidden"]), ref_width, path, f"structure.{m}.hidden")
+    return LearnedSplit(layers, hidden, "per-layer keep fractions (structure / reference_structure)")
+
+
+def _kept(n: int, fraction: float, exponent: float, pad_multiple: int) -> int:
+    """Units kept of n at keep fraction**exponent: a removed sub-layer (n = 0 or fraction 0) stays removed, any other
+    keeps at least one unit."""
+    if n == 0 or fraction == 0:
+        return 0
+    return _round_up(max(1, round(n * fraction ** exponent)), pad_multiple, n)
+
+
+def structured_pruned_config(config: EfficientVLMConfig, split: LearnedSplit, exponent: float = 1.0,
+                             pad_multiple: int = 1) -> EfficientVLMConfig:
+    """`config` (shapes only) pruned to `split`'s keep fractions raised to `exponent`, layers mapped by relative depth;
+    residual widths scaled by split.hidden (text fraction for text AND fusion; fusion reads the vision width) and
+    rounded to a multiple of `HIDDEN_MULTIPLE`; the heads keep their inner width."""
+    config = copy.deepcopy(config)
+    for modality in MODALITIES:
+        sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
+        for kind, fractions in split.layers[modality].items():
+            sizes = getattr(sub, STRUCTURE_FIELDS[kind])
+            mapped = map_layers(fractions, len(sizes))
+            setattr(sub, STRUCTURE_FIELDS[kind], [_kept(n, f, exponent, pad_multiple) for n, f in zip(sizes, mapped)])
+    if split.hidden:
+        if config.head_hidden_size is None:
+            config.head_hidden_size = 2 * config.text_config.hidden_size  # today's head width, kept
+        fusion = config.fusion_encoder_config
+        for stream, fraction in split.hidden.items():
+            width = getattr(config, ENCODER_CONFIG_KEYS[stream]).hidden_size
+            fraction = 0.0 if fraction == 0 else fraction ** exponent
+            new = min(width, max(HIDDEN_MULTIPLE, round(width * fraction / HIDDEN_MULTIPLE) * HIDDEN_MULTIPLE))
+            getattr(config, ENCODER_CONFIG_KEYS[stream]).hidden_size = new
+            if stream == "vision":
+                fusion.encoder_hidden_size = new
+            else:
+                fusion.hidden_size = new
+    for modality in MODALITIES:
+        getattr(config, ENCODER_CONFIG_KEYS[modality]).validate()
+    config.validate()
+    return config
+
+
+def rescale_to_target(config: EfficientVLMConfig, split: LearnedSplit, target: float, pad_multiple: int = 1,
+                      steps: int = 40) -> tuple[EfficientVLMConfig, float, float]:
+    """Finds c (bisection) so that keep fractions f**c remove `target` of `config`'s prunable parameters
+    (`prunable_parameters`); f = 0 and f = 1 are fixed points. Returns (pruned config, c, achieved sparsity); when the
+    target lies outside what the fixed points allow, the nearest reachable end."""
+    total = prunable_parameters(config)["total"]
+
+    def sparsity(c: float) -> float:
+        pruned = structured_pruned_config(config, split, c, pad_multiple)
+        return 1 - prunable_parameters(pruned)["total"] / total
+
+    lo, hi = 0.0, 1.0
+    while sparsity(hi) < target and hi < 2.0 ** 12:  # sparsity grows with c: bracket the target
+        hi *= 2
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sparsity(mid) < target else (lo, mid)
+    c = min((lo, hi), key=lambda x: abs(sparsity(x) - target))
+    return structured_pruned_config(config, split, c, pad_multiple), c, sparsity(c)
+
+
+def pruned_student_config(args: BenchArguments, student_cfg: EfficientVLMConfig) -> tuple[EfficientVLMConfig, dict]:
+    """The preset's pruned student from --split and how it was made (for the protocol)."""
+    if not args.split.endswith(".json"):
+        ratios = parse_split(args.split, args.target_sparsity)
+        pruned = uniformly_pruned_config(student_cfg, ratios, args.pad_multiple)
+        info = {"kind": "uniform per encoder", "sparsity": ratios}
+    else:
+        split = load_learned_split(args.split)
+        if args.split_as_learned:
+            pruned, c = structured_pruned_config(student_cfg, split, 1.0, args.pad_multiple), 1.0
+            rescale = "none (--split_as_learned)"
+        else:
+            pruned, c, _ = rescale_to_target(student_cfg, split, args.target_sparsity, args.pad_multiple)
+            rescale = f"keep fractions f -> f**c, c = {c:.4g}, bisected to target_sparsity {args.target_sparsity}"
+        info = {"kind": "learned structure", "file": args.split, "read_as": split.source, "layer_map":
+                "relative depth: layer i of n reads source layer floor(i * n_src / n)", "rescale": rescale,
+                "exponent": c, "hidden_scaled": sorted(split.hidden)}
+    before, after = prunable_parameters(student_cfg), prunable_parameters(pruned)
+    info["achieved_sparsity"] = {m: 1 - after[m] / before[m] for m in (*MODALITIES, "total")}
+    return pruned, info
 
 
 def parse_models(items: list[str]) -> dict[str, str]:
@@ -174,23 +363,23 @@ def load_checkpoint(path: str) -> EfficientVLMForImageTextRetrieval:
     return cls.from_pretrained(path, config=config)
 
 
-def build_models(args: BenchArguments) -> tuple[dict[str, torch.nn.Module], str]:
-    """teacher / student / pruned from checkpoints (`--model NAME=DIR`) or from the preset (random weights)."""
+def build_models(args: BenchArguments) -> tuple[dict[str, torch.nn.Module], dict]:
+    """teacher / student / pruned from checkpoints (`--model NAME=DIR`) or from the preset (random weights); returns
+    the models and {"weights": ..., "split": how the preset's pruned student was made (`pruned_student_config`)}."""
     if args.model:
         models = {}
         for name, path in parse_models(args.model).items():
             models[name] = load_checkpoint(path)
-        return models, "checkpoints"
+        return models, {"weights": "checkpoints"}
     teacher_cfg = xvlm_clip_config(args.image_size) if args.preset == "xvlm-clip" else PRESETS[args.preset]()
     student_cfg = student_config(teacher_cfg)
-    ratios = parse_split(args.split, args.target_sparsity)
-    pruned_cfg = uniformly_pruned_config(student_cfg, ratios, args.pad_multiple)
+    pruned_cfg, split = pruned_student_config(args, student_cfg)
     torch.manual_seed(0)
     models = {
         name: EfficientVLMForImageTextRetrieval._from_config(cfg, attn_implementation="sdpa")
         for name, cfg in (("teacher", teacher_cfg), ("student", student_cfg), ("pruned", pruned_cfg))
     }
-    return models, "random weights (latency depends on shapes only)"
+    return models, {"weights": "random weights (latency depends on shapes only)", "split": split}
 
 
 def run_benchmark(args: BenchArguments, progress=None) -> dict:
@@ -201,7 +390,7 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models, weights = build_models(args)
+    models, source = build_models(args)
     results = {}
     # one tick per run (warm-up or timed) of every workload of every model, on stderr
     bar = tqdm(total=len(models) * len(WORKLOADS) * (args.warmup + args.repeats), desc="bench", unit="run")
@@ -225,7 +414,7 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
         }
     bar.close()
     base = _add_ratios(results)
-    info = protocol(args, weights)
+    info = protocol(args, source)
     info["speedup_baseline"] = base
     info["image_size"] = next(iter(models.values())).config.vision_config.image_size
     return {"protocol": info, "models": results}
@@ -241,16 +430,20 @@ def _add_ratios(results: dict) -> str:
         entry["speedup_min"] = base["latency_min_ms"] / entry["latency_max_ms"]
         entry["speedup_max"] = base["latency_max_ms"] / entry["latency_min_ms"]
         entry["flops_speedup"] = base["gflops"] / entry["gflops"]
-        entry["speedup_over_flops_ratio"] = entry["speedup"] / entry["flops_speedup"]
+        # speed-up ÷ FLOPs speed-up: 1 = latency falls as fast as FLOPs (per workload: retrieval here, encoders below)
+        entry["flops_ratio"] = entry["speedup"] / entry["flops_speedup"]
+        entry["speedup_over_flops_ratio"] = entry["flops_ratio"]  # older name, kept for existing readers
         entry["params_fraction"] = entry["params"] / base["params"]
         for name, enc in entry["encoders"].items():
             ref = base["encoders"][name]
             enc["speedup"] = ref["median_ms"] / enc["median_ms"]
             enc["flops_speedup"] = ref["gflops"] / enc["gflops"] if enc["gflops"] else float("inf")
+            enc["flops_ratio"] = enc["speedup"] / enc["flops_speedup"]
     return base_name
 
 
-def protocol(args: BenchArguments, weights: str) -> dict:
+def protocol(args: BenchArguments, source: dict) -> dict:
+    """What was measured and how (`source`: `build_models`' weights and split record)."""
     info = {
         "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),
@@ -258,7 +451,7 @@ def protocol(args: BenchArguments, weights: str) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "attention": "sdpa",
-        "weights": weights,
+        "weights": source["weights"],
         "path": "retrieval: encode images + texts, ITC all pairs, ITM on top-k per image and per text query",
     }
     info.update({k: v for k, v in asdict(args).items() if k in (
@@ -266,7 +459,8 @@ def protocol(args: BenchArguments, weights: str) -> dict:
     if args.model:  # what was benchmarked: the checkpoints, not the (unused) preset
         info["models"] = parse_models(args.model)
     else:
-        info.update(preset=args.preset, pad_multiple=args.pad_multiple)
+        info.update(preset=args.preset, pad_multiple=args.pad_multiple, target_sparsity=args.target_sparsity,
+                    split=source["split"])
     info["timing"] = "median of `repeats` runs after `warmup` untimed runs; min/max reported"
     return info
 
@@ -281,6 +475,7 @@ def format_table(result: dict) -> str:
     lines = [
         "Protocol: " + ", ".join(f"{k}={p[k]}" for k in keys if k in p),
         f"{source}Weights: {p['weights']}. Path: {p['path']}.",
+        *([_split_line(p["split"])] if "split" in p else []),
         "",
         f"{'model':<9}{'params(M)':>10}{'GFLOPs':>9}{'latency ms':>12}{'[min-max]':>17}{'img/s':>8}"
         f"{'speedup':>9}{'[min-max]':>13}{'FLOPs x':>9}{'ratio':>7}",
@@ -292,16 +487,28 @@ def format_table(result: dict) -> str:
             f"{r['throughput_images_per_s']:>8.1f}{r['speedup']:>9.2f}"
             f"{'[' + format(r['speedup_min'], '.2f') + '-' + format(r['speedup_max'], '.2f') + ']':>13}"
             f"{r['flops_speedup']:>9.2f}"
-            f"{r['speedup_over_flops_ratio']:>7.2f}"
+            f"{r['flops_ratio']:>7.2f}"
         )
     lines.append(f"Speed-ups are over {p['speedup_baseline']}: ratio of medians; [min-max] = slowest / fastest run "
-                 "pairing (models timed one after another).")
+                 "pairing (models timed one after another); ratio = speed-up / FLOPs speed-up (flops_ratio).")
     lines.append("")
-    lines.append(f"Per encoder (median ms, speed-up vs {p['speedup_baseline']} / FLOPs speed-up):")
+    lines.append(f"Per encoder (median ms, speed-up vs {p['speedup_baseline']} / FLOPs speed-up = flops_ratio):")
     for name, r in result["models"].items():
-        cells = [f"{m} {e['median_ms']:.1f} ({e['speedup']:.2f}x/{e['flops_speedup']:.2f}x)" for m, e in r["encoders"].items()]
+        cells = [f"{m} {e['median_ms']:.1f} ({e['speedup']:.2f}x/{e['flops_speedup']:.2f}x={e['flops_ratio']:.2f})"
+                 for m, e in r["encoders"].items()]
         lines.append(f"  {name:<8} " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def _split_line(split: dict) -> str:
+    """One protocol line: how the preset's pruned student was made and the parameter sparsity it reached."""
+    achieved = ", ".join(f"{m} {v:.3f}" for m, v in split["achieved_sparsity"].items())
+    if split["kind"] == "learned structure":
+        how = f"learned structure {split['file']} read as {split['read_as']}; {split['layer_map']}; " \
+              f"rescale: {split['rescale']}"
+    else:
+        how = "uniform per encoder " + ", ".join(f"{m}={v}" for m, v in split["sparsity"].items())
+    return f"Pruned student: {how}. Achieved prunable-parameter sparsity vs student: {achieved}."
 
 
 def write_json(result: dict, path: str) -> None:

@@ -8,7 +8,8 @@ constraint differs:
   parameter-weighted total equal the target);
 * learned: one global target; the gates decide how much each encoder loses (EfficientVLM's modal-adaptive pruning).
 * flops: learned, but the budget is the FLOPs of the task's inference path (`--flops_path`), not parameters;
-* flops+layers: the same with CoFi's sub-layer gates.
+* flops+layers: the same with CoFi's sub-layer gates;
+* flops+hidden, flops+layers+hidden: the same with CoFi's hidden-dimension (residual channel) gates added.
 
 The FLOPs strategies run at a *matched* budget: when `learned` ran first, their FLOPs target is the FLOPs sparsity the
 learned (params-budget) model achieved on the same path, so the comparison asks "same cost, which split keeps more
@@ -29,14 +30,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..method.cost import PATH_SIZES, path_to_json, prunable_flops, task_path
+from ..method.cost import has_path, path_to_json, prunable_flops, task_path
 from ..method.structure import modalities, prunable_parameters
 from ..tasks import get_task
 from .latency import measure_interleaved, summarize
 
-STRATEGIES = ("uniform", "manual", "learned", "flops", "flops+layers")
-FLOPS_STRATEGIES = {"flops": False, "flops+layers": True}
-"""FLOPs-budget strategies → whether they add sub-layer gates."""
+STRATEGIES = ("uniform", "manual", "learned", "flops", "flops+layers", "flops+hidden", "flops+layers+hidden")
+FLOPS_STRATEGIES = {"flops": (False, False), "flops+layers": (True, False), "flops+hidden": (False, True),
+                    "flops+layers+hidden": (True, True)}
+"""FLOPs-budget strategies → (sub-layer gates, hidden-dimension gates)."""
 
 
 @dataclass
@@ -157,7 +159,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     args.apply_task_defaults(get_task(data.task).prune_defaults)  # the protocol below names the values every run uses
     target = args.target_sparsity
     student = load_task_model(prune.student, data.task).eval()
-    path = task_path(data.task, student.config, compare.flops_path) if _has_path(data.task) else None
+    path = task_path(data.task, student.config, compare.flops_path) if has_path(data.task) else None
     if path is None and set(strategies) & set(FLOPS_STRATEGIES):
         task_path(data.task, student.config)  # raises: no inference-path model for this task
     split_text = compare.manual_split or default_manual_split(data.task, target)
@@ -178,7 +180,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
             setattr(run_args, name, value)
         if strategy in FLOPS_STRATEGIES:
             run_args.budget, run_args.budget_path = "flops", compare.flops_path
-            run_args.layer_gates = FLOPS_STRATEGIES[strategy]
+            run_args.layer_gates, run_args.hidden_gates = FLOPS_STRATEGIES[strategy]
             if results.get("learned", {}).get("flops_kept") is not None:  # matched budget: the FLOPs the params-budget learned split kept
                 run_args.target_sparsity = round(1 - results["learned"]["flops_kept"], 4)
         write(f"[{strategy}] pruning to total {run_args.budget} sparsity {run_args.target_sparsity} with targets "
@@ -191,9 +193,12 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         results[strategy] = {
             "targets": run_args.modality_targets or {"total": run_args.target_sparsity},
             "budget": run_args.budget, "layer_gates": run_args.layer_gates,
+            "hidden_gates": run_args.hidden_gates,
             "flops_kept": None if path is None else (
                 prunable_flops(pruned.config, path)["total"] / prunable_flops(student.config, path)["total"]),
             "sparsity": realised, "expected_sparsity_at_export": expected, "metrics": metrics,
+            "widths_kept": {m: getattr(pruned.config, k).hidden_size / getattr(student.config, k).hidden_size
+                            for m, k in (("vision", "vision_config"), ("text", "text_config"))},
             "metric": metrics[metric], "params": sum(p.numel() for p in pruned.parameters()),
             "train_seconds": time.time() - start, "checkpoint": run_args.output_dir,
         }
@@ -236,10 +241,6 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     return report
 
 
-def _has_path(task: str) -> bool:
-    return task in PATH_SIZES
-
-
 def _warmup_text(args) -> str:
     if args.sparsity_warmup_steps is None:
         return "one epoch (default)"
@@ -253,20 +254,21 @@ def format_comparison(report: dict) -> str:
     lines = [
         f"{report['task']}: total sparsity {report['target_sparsity']} (manual split: {report['manual_split']})",
         "",
-        f"| model | {metric} | params | FLOPs kept | latency ms | speed-up | "
+        f"| model | {metric} | params | FLOPs kept | latency ms | speed-up | widths kept v/t | "
         + " | ".join(stacks) + " | total |",
-        "|---|---|---|---|---|---|" + "---|" * (len(stacks) + 1),
+        "|---|---|---|---|---|---|---|" + "---|" * (len(stacks) + 1),
     ]
     student = report["student"]
     lines.append(f"| student (unpruned) | {student['metric']:.2f} | {student['params'] / 1e6:.3f}M | 1.00 | "
-                 f"{student['latency']['median_ms']:.1f} | 1.00x | " + "0 | " * len(stacks) + "0 |")
+                 f"{student['latency']['median_ms']:.1f} | 1.00x | 1.00/1.00 | " + "0 | " * len(stacks) + "0 |")
     for name, entry in report["strategies"].items():
         s = entry["sparsity"]
         flops = entry.get("flops_kept")
+        widths = entry.get("widths_kept", {"vision": 1.0, "text": 1.0})
         lines.append(
             f"| {name} | {entry['metric']:.2f} | {entry['params'] / 1e6:.3f}M | "
             f"{'-' if flops is None else f'{flops:.2f}'} | {entry['latency']['median_ms']:.1f} | "
-            f"{entry['speedup_vs_student']:.2f}x | " + " | ".join(f"{s[m]:.2f}" for m in stacks)
+            f"{entry['speedup_vs_student']:.2f}x | {widths['vision']:.2f}/{widths['text']:.2f} | " + " | ".join(f"{s[m]:.2f}" for m in stacks)
             + f" | {s['total']:.2f} |"
         )
     lines += ["", f"latency: {report['protocol']['latency']}", f"sparsity: {report['protocol']['sparsity']}"]

@@ -132,7 +132,8 @@ def load_pruned(checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
 
 def budget_report(checkpoint: str, pruned) -> dict | None:
     """The pruning budget of a gated checkpoint and what the materialized model achieved against the gated student:
-    {"kind": "params" | "flops", "target_sparsity", "path" (FLOPs: the inference path it was measured on),
+    {"kind": "params" | "flops", "target_sparsity", "gates": {"layer", "hidden"} (which CoFi gates it had), "path"
+    (FLOPs: the inference path it was measured on),
     "achieved": {"params": kept share of the prunable parameters, "flops": kept share of the prunable FLOPs on the
     path}}. A params-budget run is measured on its task's default path (None when the task has no path model)."""
     gates = os.path.join(checkpoint, GATES_FILE)
@@ -150,6 +151,8 @@ def budget_report(checkpoint: str, pruned) -> dict | None:
             path = None
     kept_params = prunable_parameters(pruned.config)["total"] / prunable_parameters(student)["total"]
     report = {"kind": kind, "target_sparsity": settings.get("target_sparsity"),
+              "gates": {"layer": bool(settings.get("layer_gates", False)),
+                        "hidden": bool(settings.get("hidden_gates", False))},
               "achieved": {"params": kept_params}}
     if path is not None:
         report["path"] = path_to_json(path)
@@ -173,6 +176,8 @@ def sparsity_report(model_config, reference_config=None) -> dict:
         "reference_params": count_parameters(reference_config, heads(reference_config))["total"],
         "sparsity": report,
         "structure": structure_table(model_config),
+        # the sizes `structure` is a fraction of: `efficientvlm bench --split` reads per-layer keep fractions from both
+        "reference_structure": structure_table(reference_config),
     }
 
 

@@ -118,6 +118,17 @@ class PruningArguments(DistillationArguments):
         metadata={"help": "CoFi's sub-layer gates on top of the head / neuron gates: whole attention, cross-attention "
                           "and FFN sub-layers can be removed."},
     )
+    hidden_gates: bool = field(
+        default=False,
+        metadata={"help": "CoFi's hidden-dimension gates: one gate per residual channel of the vision stream and of the "
+                          "text stream (text + fusion); materialize shrinks the widths (retrieval / NLVR2)."},
+    )
+    snap_to_target: bool = field(
+        default=True,
+        metadata={"help": "When the structure is frozen (--freeze_masks_step, else at the end of training) shift every "
+                          "gate's log α by one common δ so the deterministic masks meet the target exactly (the "
+                          "Lagrangian only holds the expected sparsity on average and overshoots in short runs)."},
+    )
     one_sided_lagrangian: bool = field(default=False, metadata={"help": "TinyCLIP's λ1·max(t−ŝ,0)+λ2·max(t−ŝ,0)²."})
     reg_learning_rate: float | None = field(
         default=None,

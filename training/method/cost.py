@@ -13,7 +13,7 @@ Expected cost of a gated network = Σ_units P(z>0)·cost(unit) (`training.method
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .structure import UnitGroup, unit_groups
 
@@ -107,15 +107,15 @@ def image_tokens(config, image_size: int | None = None) -> int:
 
 
 def retrieval_path(
-    config, num_images: int, num_texts: int, text_length: int, k: int, image_size: int | None = None
+    config, images: int, texts: int, text_length: int, k: int, image_size: int | None = None
 ) -> Path:
     """Retrieval (ALBEF / X-VLM protocol): every image and text encoded once, the fusion encoder on k ITC candidates
-    for every image query and every text query: (num_images + num_texts)·k pairs."""
+    for every image query and every text query: (images + texts)·k pairs."""
     tokens = image_tokens(config, image_size)
-    pairs = (num_images + num_texts) * k
+    pairs = (images + texts) * k
     return {
-        "vision": [Run(num_images, tokens, tokens)],
-        "text": [Run(num_texts, text_length, text_length)],
+        "vision": [Run(images, tokens, tokens)],
+        "text": [Run(texts, text_length, text_length)],
         "fusion": [Run(pairs, text_length, text_length, tokens)] if pairs else [],
     }
 
@@ -132,21 +132,40 @@ def nlvr2_path(config, items: int, text_length: int, image_size: int | None = No
     }
 
 
-PATH_SIZES: dict[str, dict[str, int]] = {
-    "retrieval": {"images": 5000, "texts": 25000, "k": 256, "text_length": 40},
-    "nlvr2": {"items": 1000, "text_length": 40},
-}
-"""Default path sizes per task: the paper's evaluation protocols (COCO 5k test with k = 256; X-VLM's 40 tokens)."""
+def vqa_path(config, questions: int, question_length: int, k: int, answer_length: int,
+             image_size: int | None = None) -> Path:
+    """VQA answer ranking (`EfficientVLMForQuestionAnswering.rank_answers`): per question one vision, text and fusion
+    pass; the answer decoder takes one step from the start token (scores every answer's first token) and then
+    re-scores the top k answers teacher-forced over `answer_length` tokens, cross-attending to the question tokens."""
+    tokens = image_tokens(config, image_size)
+    return {
+        "vision": [Run(questions, tokens, tokens)],
+        "text": [Run(questions, question_length, question_length)],
+        "fusion": [Run(questions, question_length, question_length, tokens)],
+        "decoder": [Run(questions, 1, 1, question_length), Run(questions * k, answer_length, answer_length,
+                                                             question_length)],
+    }
 
 
-def parse_sizes(task: str, text: str) -> dict[str, int]:
+def captioning_path(config, images: int, prompt_length: int, new_tokens: int, beams: int,
+                    image_size: int | None = None) -> Path:
+    """Captioning with the KV cache (`EfficientVLMForConditionalGeneration.generate`): the image encoded once; the
+    text + fusion stack (one causal decoder) runs the prompt once per beam, then one new token per step reading every
+    cached key, the fusion layers cross-attending to the image tokens at every step."""
+    tokens = image_tokens(config, image_size)
+    count = images * beams
+    text = [Run(count, prompt_length, prompt_length)]
+    fusion = [Run(count, prompt_length, prompt_length, tokens)]
+    for step in range(1, new_tokens):
+        keys = prompt_length + step
+        text.append(Run(count, 1, keys))
+        fusion.append(Run(count, 1, keys, tokens))
+    return {"vision": [Run(images, tokens, tokens)], "text": text, "fusion": fusion}
+
+
+def parse_sizes(task: str, defaults: dict[str, int], text: str) -> dict[str, int]:
     """'images=1000,k=128' → the task's default sizes with those replaced; raises naming an unknown / bad entry."""
-    if task not in PATH_SIZES:
-        raise ValueError(
-            f"--budget flops has no inference-path model for task {task!r} (available: {sorted(PATH_SIZES)}); "
-            "use --budget params"
-        )
-    sizes = dict(PATH_SIZES[task])
+    sizes = dict(defaults)
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = (part.strip() for part in item.partition("="))
         if name not in sizes:
@@ -157,9 +176,40 @@ def parse_sizes(task: str, text: str) -> dict[str, int]:
     return sizes
 
 
+def has_path(task: str) -> bool:
+    """Whether `task` declares an inference path (`Task.cost_path`), i.e. can be pruned with a FLOPs budget."""
+    from ..tasks import get_task  # the tasks declare their paths; this module stays free of task names
+
+    return get_task(task).cost_path is not None
+
+
 def task_path(task: str, config, text: str = "") -> Path:
-    """The inference path of `task` at the sizes of `text` (see `parse_sizes`) for a model with `config`."""
-    sizes = parse_sizes(task, text)
-    if task == "retrieval":
-        return retrieval_path(config, sizes["images"], sizes["texts"], sizes["text_length"], sizes["k"])
-    return nlvr2_path(config, sizes["items"], sizes["text_length"])
+    """The inference path of `task` (its `Task.cost_path`) at the sizes of `text` over its `Task.path_sizes`."""
+    from ..tasks import get_task
+
+    spec = get_task(task)
+    if spec.cost_path is None:
+        raise ValueError(
+            f"--budget flops has no inference-path model for task {task!r} (tasks with one: "
+            f"{sorted(name for name in _task_names() if has_path(name))}); use --budget params"
+        )
+    return spec.cost_path(config, **parse_sizes(task, spec.path_sizes, text))
+
+
+def _task_names() -> list[str]:
+    from ..tasks import TASKS
+
+    return list(TASKS)
+
+
+def width_terms(weight, group: UnitGroup) -> tuple[float, float, float]:
+    """`weight(group)` (a unit's parameters or FLOPs) as c0 + c_d·d + c_kv·kv, linear in the residual width d the
+    unit reads / writes and the width kv its keys / values read (cross-attention: the vision stream).
+
+    Hidden-dimension gates shrink d and kv; the expected cost of a unit is then c0 + c_d·E[d] + c_kv·E[kv]. Read off
+    by evaluating `weight` at widths (0, 0), (1, 0) and (0, 1): every term of `unit_flops` and
+    `structure.unit_parameter_count` is linear in each width.
+    """
+    at = lambda d, kv: float(weight(replace(group, hidden_size=d, kv_size=kv)))  # noqa: E731
+    c0 = at(0, 0)
+    return c0, at(1, 0) - c0, at(0, 1) - c0

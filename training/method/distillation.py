@@ -109,21 +109,36 @@ def stack_outputs(output) -> dict:
 
 
 def hidden_kd(
-    student: dict, teacher: dict, pairs: dict, image_weight: float, token_masks: dict | None = None
+    student: dict, teacher: dict, pairs: dict, image_weight: float, token_masks: dict | None = None,
+    pruning_masks=None,
 ) -> torch.Tensor:
     """Σ over encoders of the hidden-state KD, the vision term weighted by `image_weight`; `token_masks` (per output
-    key, (B, T) 1 = real token) restricts a stack's term to its real tokens (the VQA decoder's answer tokens)."""
+    key, (B, T) 1 = real token) restricts a stack's term to its real tokens (the VQA decoder's answer tokens).
+
+    With hidden-dimension masks in `pruning_masks` (`.vision.hidden`, `.text.hidden` for text and fusion) the teacher's
+    states are compared on the student's kept channels only (teacher · h, h detached): a pruned channel is 0 in the
+    student by construction and must not be pulled back towards the teacher's value."""
     total = torch.zeros(())
     for modality, key in ENCODER_OUTPUT_KEYS.items():
         if modality not in pairs or key not in student or key not in teacher:
             continue
         weight = image_weight if modality == "vision" else 1.0
         s_hidden, t_hidden = student[key].hidden_states, teacher[key].hidden_states
+        channels = _stream_mask(pruning_masks, modality)
+        if channels is not None:
+            t_hidden = [h * channels.detach().to(h.dtype) for h in t_hidden]
         mask = (token_masks or {}).get(key)
         term = L.hidden_kd_loss(list(s_hidden), list(t_hidden), pairs[modality]["hidden"], **(
             {"mask": mask} if mask is not None else {}))
         total = total.to(term.device) + weight * term
     return total
+
+
+def _stream_mask(pruning_masks, modality: str) -> torch.Tensor | None:
+    """The hidden-dimension mask of the residual stream `modality` writes (fusion continues the text stream)."""
+    if pruning_masks is None or modality not in ("vision", "text", "fusion"):
+        return None
+    return getattr(pruning_masks, "vision" if modality == "vision" else "text").hidden
 
 
 def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_batch: bool) -> torch.Tensor:

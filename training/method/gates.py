@@ -83,7 +83,7 @@ class HardConcreteGate(nn.Module):
         return self.keep_probability().sum()
 
     @torch.no_grad()
-    def deterministic(self, dim: int = -1) -> torch.Tensor:
+    def deterministic(self, dim: int = -1, multiple: int = 1) -> torch.Tensor:
         """Exact 0/1 mask: in every row along `dim`, zero the round(n − Σ P(z>0)) lowest-scoring gates.
 
         The score σ(log α / β · 0.8) is monotone in log α, so ranking by log α gives the same order without σ's
@@ -92,6 +92,8 @@ class HardConcreteGate(nn.Module):
         Args:
             dim: the dimension whose rows are budgeted independently (default: last, e.g. the heads of one layer
                 in a (num_layers, num_heads) gate). A 0-d log α is a single gate.
+            multiple: keep a multiple of this many gates per row (the nearest to Σ P(z>0), at least one multiple
+                unless the row is shorter): hidden-dimension gates keep widths that dense kernels tile well.
 
         Returns:
             Mask of log α's shape and dtype holding only 0.0 and 1.0 (no gradient).
@@ -101,6 +103,9 @@ class HardConcreteGate(nn.Module):
         size = rows.shape[dim]
         # round() is half-to-even, like Python's round in the reference (CoFi) code
         num_zeros = torch.round(size - _keep_probability(rows.float()).sum(dim, keepdim=True))
+        if multiple > 1:
+            kept = (torch.round((size - num_zeros) / multiple) * multiple).clamp(min(multiple, size), size)
+            num_zeros = size - kept
         # rank 0 = highest log α; the stable sort ranks tied gates by index
         rank = (-rows).argsort(dim=dim, stable=True).argsort(dim=dim, stable=True)
         return (rank < size - num_zeros).to(log_alpha.dtype).reshape(log_alpha.shape)

@@ -20,11 +20,11 @@ from torch import nn
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
-from .cost import path_from_json, path_to_json, unit_costs
+from .cost import path_from_json, path_to_json, unit_flops, width_terms
 from .gates import HardConcreteGate
 from .materialize import pruned_config
 from .structure import (
-    ENCODER_CONFIG_KEYS, UnitGroup, count_parameters, modalities, unit_groups, unit_kinds,
+    ENCODER_CONFIG_KEYS, UnitGroup, count_parameters, modalities, unit_groups, unit_kinds, unit_parameter_count,
 )
 
 GATES_FILE = "l0_gates.safetensors"
@@ -33,11 +33,17 @@ SETTINGS_KEY = "efficientvlm_l0"
 """Metadata key of a gate file that holds the module's settings (JSON)."""
 SETTINGS_TYPES: dict[str, type | tuple[type, ...]] = {
     "target_sparsity": (int, float), "modality_targets": dict, "one_sided": bool, "warmup_steps": int,
-    "budget": str, "cost_path": dict, "layer_gates": bool,
+    "budget": str, "cost_path": dict, "layer_gates": bool, "hidden_gates": bool,
 }
 """The settings `save` writes (the keyword arguments of `ModalL0Module`) and their JSON types."""
 BUDGETS = ("params", "flops")
 """What a sparsity target is a fraction of (`ModalL0Module(budget=...)`, `prune --budget`)."""
+HIDDEN_MULTIPLE = 8
+"""Deterministic hidden masks keep a multiple of 8 channels: a ragged residual width (e.g. 763) would cost every
+matmul of the stream a remainder tile; heads / FFN widths stay exact (they measured no such penalty, see bench)."""
+STREAMS = {"vision": "vision", "text": "text", "fusion": "text"}
+"""The residual stream each encoder's units read and write (the fusion encoder continues the text stream): what a
+hidden-dimension gate masks (`PruningMasks.vision.hidden` / `.text.hidden`)."""
 HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
 FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
 
@@ -63,6 +69,10 @@ class ModalL0Module(nn.Module):
         layer_gates: CoFi's sub-layer gates: one more hard-concrete gate per attention / cross-attention / FFN
             sub-layer multiplies all of its unit masks, so a whole sub-layer can go (an all-zero mask makes it an exact
             identity); its expected cost is P(sub-layer kept)·Σ P(unit kept)·w(unit).
+        hidden_gates: CoFi's hidden-dimension gates: one gate per residual channel of the vision stream and of the
+            text stream (text + fusion encoders), `PruningMasks.vision.hidden` / `.text.hidden`; a unit's weight is then
+            linear in the expected kept widths, c0 + c_d·E[d] + c_kv·E[kv] (`cost.width_terms`), as in CoFi.
+            Retrieval / NLVR2 models only (the VQA decoder's stream is not gated).
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class ModalL0Module(nn.Module):
         budget: str = "params",
         cost_path: dict[str, list] | None = None,
         layer_gates: bool = False,
+        hidden_gates: bool = False,
     ):
         super().__init__()
         _check_target("target_sparsity", target_sparsity)
@@ -101,7 +112,15 @@ class ModalL0Module(nn.Module):
             self.gates[group.name.replace(".", "_")] = HardConcreteGate((group.size,), init_mean=init, drop_rate=drop)
             if layer_gates:
                 self.gates[_layer_key(group)] = HardConcreteGate((1,), init_mean=HEAD_INIT_LOG_ALPHA)
+        if hidden_gates and "decoder" in modalities(config):
+            raise ValueError("hidden_gates: the VQA answer decoder's residual stream has no hidden-dimension gates yet "
+                             "(retrieval and NLVR2 models only); prune without --hidden_gates")
+        if hidden_gates:
+            for stream in sorted(set(STREAMS.values())):
+                width = getattr(config, ENCODER_CONFIG_KEYS[stream]).hidden_size
+                self.gates[_hidden_key(stream)] = HardConcreteGate((width,), init_mean=HEAD_INIT_LOG_ALPHA)
         self.layer_gates = layer_gates
+        self.hidden_gates = hidden_gates
         self.target_sparsity = target_sparsity
         self.modality_targets = modality_targets
         self.one_sided = one_sided
@@ -115,9 +134,15 @@ class ModalL0Module(nn.Module):
         }
         self.budget = budget
         self.cost_path = None if cost_path is None else path_to_json(path_from_json(cost_path))
-        self.unit_costs = None if cost_path is None else _checked_costs(
-            unit_costs(config, path_from_json(cost_path)), self.groups
+        runs = None if cost_path is None else path_from_json(cost_path)
+        self.unit_costs = None if runs is None else _checked_costs(
+            {g.name: unit_flops(g, runs.get(g.modality, [])) for g in self.groups}, self.groups
         )
+        # hidden gates: each unit's parameters / budget cost as c0 + c_d·d + c_kv·kv of the widths it reads
+        self.param_terms = {g.name: width_terms(unit_parameter_count, g) for g in self.groups}
+        self.cost_terms = self.param_terms if runs is None else {
+            g.name: width_terms(lambda h, m=g.modality: unit_flops(h, runs.get(m, [])), g) for g in self.groups
+        }
         self.cost_total = sum(g.size * self._weight(g) for g in self.groups)
         self.cost_by_modality = {
             m: sum(g.size * self._weight(g) for g in self.groups if g.modality == m) for m in self.modalities
@@ -149,39 +174,109 @@ class ModalL0Module(nn.Module):
         return keep if layer is None else keep * layer.keep_probability()
 
     def _gate_values(self, draw) -> dict[str, torch.Tensor]:
-        """`draw(gate)` once per gate (a shared gate gives both copies the same mask), unit × sub-layer value."""
+        """`draw(gate)` once per gate (a shared gate gives both copies the same mask), unit × sub-layer value; hidden
+        gates get `draw(gate, HIDDEN_MULTIPLE)` (their deterministic masks keep a multiple of 8 channels)."""
         values = {}
         for g in self.groups:
             if g.gate_name not in values:
                 value = draw(self.gate(g))
                 layer = self.layer_gate(g)
                 values[g.gate_name] = value if layer is None else value * draw(layer)
-        return {g.name: values[g.gate_name] for g in self.groups}
+        out = {g.name: values[g.gate_name] for g in self.groups}
+        if self.hidden_gates:
+            for stream in set(STREAMS.values()):
+                out[_hidden_key(stream)] = draw(self.gates[_hidden_key(stream)], HIDDEN_MULTIPLE)
+        return out
 
     # ---------------------------------------------------------------------------------------------------- masks
     def _masks(self, values: dict[str, torch.Tensor]) -> PruningMasks:
-        return masks_from_values(self.groups, self.num_layers, values)
+        masks = masks_from_values(self.groups, self.num_layers, values)
+        for stream in set(STREAMS.values()) if self.hidden_gates else ():
+            getattr(masks, stream).hidden = values[_hidden_key(stream)]
+        return masks
 
     def sample_masks(self, generator: torch.Generator | None = None) -> PruningMasks:
         """One hard-concrete sample per gate (shared by the batch); differentiable w.r.t. log α."""
         if bool(self.frozen):
             return self.deterministic_masks()
-        return self._masks(self._gate_values(lambda gate: gate.sample(generator)))
+        return self._masks(self._gate_values(lambda gate, multiple=1: gate.sample(generator)))
 
     def deterministic_masks(self) -> PruningMasks:
         """Exact 0/1 masks: per layer keep the round(Σ P(z>0)) gates with the highest scores."""
-        return self._masks(self._gate_values(lambda gate: gate.deterministic().detach()))
+        return self._masks(self._gate_values(lambda gate, multiple=1: gate.deterministic(multiple=multiple).detach()))
+
+    def achieved_sparsity(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Sparsity of the deterministic masks (what materialize keeps), in parameters and in the budget's unit:
+        {"params": {"total", modality...}, "budget": {...}} (FLOPs of the cost path with budget="flops")."""
+        values = self._gate_values(lambda gate, multiple=1: gate.deterministic(multiple=multiple).detach())
+        keep = lambda group: values[group.name]  # noqa: E731
+        width = lambda stream: values[_hidden_key(stream)].sum()  # noqa: E731
+        params = self._expected(budget=False, keep=keep, width=width)
+        cost = self._expected(budget=True, keep=keep, width=width)
+        return {"params": self._sparsity(params, self.prunable_total, self.prunable_by_modality),
+                "budget": self._sparsity(cost, self.cost_total, self.cost_by_modality)}
+
+    @torch.no_grad()
+    def snap_to_target_(self) -> dict[str, float]:
+        """Shifts the log α of each constraint's gates by one δ (bisection) so that the DETERMINISTIC masks remove
+        the constraint's target share of its budget; returns {constraint: δ}.
+
+        The Lagrangian holds the *expected* sparsity at the target only on average: in a short run its multipliers
+        overshoot (Adam moves λ by ~lr per step whatever the gap), and the deterministic masks round per layer and
+        drop sub-layers with P(kept) < 0.5. One common shift keeps the learned ranking of every gate (the split between
+        encoders, layers and units) and only moves the cut to the target, so runs compared "at a budget" really are.
+        Called once when the structure is frozen (`L0Callback`); the gates then stop training.
+        """
+        deltas = {}
+        for name in self.constraints:
+            members = [m for m in self.modalities if m not in self.modality_targets] if name == "global" else [name]
+            keys = {_layer_key(g) if self.layer_gates else None for g in self.groups if g.modality in members}
+            keys |= {g.gate_name.replace(".", "_") for g in self.groups if g.modality in members}
+            if self.hidden_gates:  # a stream's channels follow the constraint of its first encoder
+                keys |= {_hidden_key(s) for s in set(STREAMS.values()) if s in members}
+            gates = [self.gates[k] for k in sorted(keys - {None})]
+            originals = [gate.log_alpha.detach().clone() for gate in gates]
+            target = self.target_sparsity if name == "global" else self.modality_targets[name]
+            full = sum(self.cost_by_modality[m] for m in members)
+
+            def sparsity_at(delta: float) -> float:
+                for gate, original in zip(gates, originals):
+                    gate.log_alpha.copy_(original + delta)
+                values = self._gate_values(lambda gate, multiple=1: gate.deterministic(multiple=multiple))
+                cost = self._expected(budget=True, keep=lambda g: values[g.name],
+                                      width=lambda s: values[_hidden_key(s)].sum())
+                return 1 - float(sum(cost[m] for m in members)) / full
+
+            low, high = -40.0, 40.0  # sparsity falls as δ grows (every P(z>0) rises)
+            for _ in range(40):
+                mid = (low + high) / 2
+                low, high = (mid, high) if sparsity_at(mid) > target else (low, mid)
+            deltas[name] = min((low, high), key=lambda d: abs(sparsity_at(d) - target))
+            sparsity_at(deltas[name])
+        return deltas
 
     def freeze(self) -> None:
         """Stops pruning: from now on forwards use the deterministic masks (training continues on the weights)."""
         self.frozen.fill_(True)
 
     # ------------------------------------------------------------------------------------------------ size model
-    def _expected(self, weight) -> dict[str, torch.Tensor]:
-        """Σ P(z>0)·weight(group) over the kept units, per modality and "total" (differentiable)."""
+    def _expected(self, budget: bool, keep=None, width=None) -> dict[str, torch.Tensor]:
+        """Σ keep(unit)·weight(unit) per modality and "total" (differentiable): keep = P(z>0) (default) or a 0/1
+        mask; weight = parameters, or the budget's cost (`budget`); with hidden gates a unit's weight is
+        c0 + c_d·E[d] + c_kv·E[kv] at the kept widths `width(stream)` (default Σ P(channel kept))."""
+        keep = keep or self._keep
+        width = width or (lambda stream: self.gates[_hidden_key(stream)].keep_probability().sum())
+        widths = {s: width(s) for s in set(STREAMS.values())} if self.hidden_gates else {}
         out = {m: torch.zeros(()) for m in self.modalities}
         for group in self.groups:
-            kept = self._keep(group).sum() * weight(group)
+            if self.hidden_gates:
+                c0, c_d, c_kv = (self.cost_terms if budget else self.param_terms)[group.name]
+                d = widths[STREAMS[group.modality]]
+                kv = widths["vision"] if group.kind == "cross_head" else d
+                weight = c0 + c_d * d + c_kv * kv
+            else:
+                weight = self._weight(group) if budget else group.unit_params
+            kept = keep(group).sum() * weight
             out[group.modality] = out[group.modality].to(kept.device) + kept
         out["total"] = sum(out[m] for m in self.modalities)
         return out
@@ -195,11 +290,11 @@ class ModalL0Module(nn.Module):
 
     def expected_parameters(self) -> dict[str, torch.Tensor]:
         """Expected kept prunable parameters Σ P(z>0)·params(unit), per modality and "total" (differentiable)."""
-        return self._expected(lambda group: group.unit_params)
+        return self._expected(budget=False)
 
     def expected_cost(self) -> dict[str, torch.Tensor]:
         """Expected kept budget Σ P(z>0)·w(unit) (parameters or FLOPs, see `budget`), per modality and "total"."""
-        return self._expected(self._weight)
+        return self._expected(budget=True)
 
     def expected_budget_sparsity(self) -> dict[str, torch.Tensor]:
         """ŝ in the budget's unit (= `expected_sparsity` for the params budget), overall and per modality."""
@@ -237,6 +332,10 @@ class ModalL0Module(nn.Module):
             logs[f"lambda2_{name}"] = lam[1].item()
         for key, value in self.expected_sparsity().items():
             logs[f"expected_sparsity_{key}"] = value.item()
+        if self.hidden_gates:
+            for stream in sorted(set(STREAMS.values())):
+                gate = self.gates[_hidden_key(stream)]
+                logs[f"expected_hidden_{stream}"] = gate.expected_l0().item() / gate.log_alpha.numel()
         if self.unit_costs is not None:
             for key, value in sparsity.items():
                 logs[f"expected_flops_sparsity_{key}"] = value.item()
@@ -260,7 +359,7 @@ class ModalL0Module(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         settings = {"target_sparsity": self.target_sparsity, "modality_targets": self.modality_targets,
                     "one_sided": self.one_sided, "warmup_steps": self.warmup_steps, "budget": self.budget,
-                    "layer_gates": self.layer_gates}
+                    "layer_gates": self.layer_gates, "hidden_gates": self.hidden_gates}
         if self.cost_path is not None:
             settings["cost_path"] = self.cost_path
         save_file(state, path, metadata={"format": "pt", SETTINGS_KEY: json.dumps(settings)})
@@ -376,6 +475,11 @@ def masks_from_values(
     for group in groups:  # a sub-layer of size 0 in the config has no group: its entry stays None
         getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
     return PruningMasks(**encoders)
+
+
+def _hidden_key(stream: str) -> str:
+    """ModuleDict key of a residual stream's hidden-dimension gate ("vision_hidden", "text_hidden")."""
+    return f"{stream}_hidden"
 
 
 def _layer_key(group: UnitGroup) -> str:

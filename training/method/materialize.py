@@ -2,15 +2,21 @@
 
 binarize masks → fold the kept units' mask values into the weights → kept indices per layer → config with per-layer
 sizes (0 = removed sub-layer) → fresh model → copy sliced weights → verify masked forward ≈ materialized forward.
+
+Hidden-dimension masks (`PruningMasks.vision.hidden` / `.text.hidden`, binary) shrink a residual stream: the config's
+widths, every embedding / LayerNorm / output row writing into the stream and every input column reading from it
+(`HIDDEN_SLICES`). The text stream is the text AND fusion encoders' (the fusion encoder continues it).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
+from modeling_efficientvlm.modeling_efficientvlm import head_width
 
 from .structure import ENCODER_CONFIG_KEYS, ENCODER_MODULES, modalities, unit_kinds
 
@@ -88,8 +94,76 @@ def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMask
                 _slice_attention(state, prefix, keep, scale, sub.head_dim)
 
 
+HIDDEN_CLASSES = ("EfficientVLMModel", "EfficientVLMForImageTextRetrieval", "EfficientVLMForVisualReasoning")
+"""Model classes whose hidden dimensions `materialize` can shrink (their heads are the ones `HIDDEN_SLICES` covers)."""
+HIDDEN_STREAM_CONFIGS = {"vision": ("vision_config",), "text": ("text_config", "fusion_encoder_config")}
+"""Sub-configs whose `hidden_size` is a stream's width (the fusion encoder continues the text stream)."""
+HIDDEN_SLICES = (
+    # (stream, state-dict name pattern, dim of the stream's channels): outputs into the stream are rows / dim 0,
+    # inputs read from it are columns / dim 1
+    ("vision", r"vision_model\.embeddings\.(class_embedding|patch_embedding\.weight)", 0),
+    ("vision", r"vision_model\.embeddings\.position_embedding\.weight", 1),
+    ("vision", r"vision_model\.(pre_layrnorm|post_layernorm)\.(weight|bias)", 0),
+    ("vision", r"vision_model\.layers\.\d+\.(layer_norm\w*|self_attn\.out_proj|mlp\.fc2)\.(weight|bias)", 0),
+    ("vision", r"vision_model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.fc1)\.weight", 1),
+    ("vision", r"fusion_model\.layers\.\d+\.cross_attn\.[kv]_proj\.weight", 1),  # cross K/V read image tokens
+    ("vision", r"vision_proj\.weight", 1),
+    ("text", r"text_model\.embeddings\.(word|position|token_type)_embeddings\.weight", 1),
+    ("text", r"text_model\.embeddings\.LayerNorm\.(weight|bias)", 0),
+    ("text", r"(text|fusion)_model\.layers\.\d+\.(layer_norm\w*|(self|cross)_attn\.out_proj|mlp\.fc2)\.\w+", 0),
+    ("text", r"(text|fusion)_model\.layers\.\d+\.(self_attn\.[qkv]_proj|cross_attn\.q_proj|mlp\.fc1)\.weight", 1),
+    ("text", r"(text_proj|itm_head\.0|nlvr_head\.0)\.weight", 1),
+)
+"""Every tensor of the `HIDDEN_CLASSES` with a residual-stream dimension, and which dimension that is."""
+
+
+def hidden_keep(config, masks: PruningMasks, binary: bool = False) -> dict[str, torch.Tensor]:
+    """Kept channel indices {stream: (kept,)} of the streams ("vision", "text") that have a hidden mask.
+
+    Raises:
+        ValueError: `fusion.hidden` / `decoder.hidden` set, a mask of the wrong shape, a stream with no channel left,
+            or (`binary`) a mask value other than 0 / 1.
+    """
+    for name in ("fusion", "decoder"):
+        if getattr(getattr(masks, name, None), "hidden", None) is not None:
+            raise ValueError(
+                f"pruning_masks.{name}.hidden must be None: the fusion encoder continues the text stream (it reads "
+                "pruning_masks.text.hidden) and the VQA answer decoder's stream has no hidden mask"
+            )
+    out = {}
+    for stream, keys in HIDDEN_STREAM_CONFIGS.items():
+        mask = getattr(getattr(masks, stream), "hidden", None)
+        if mask is None:
+            continue
+        width = getattr(config, keys[0]).hidden_size
+        mask = mask.detach().float().cpu()
+        if mask.shape != (width,):
+            raise ValueError(f"pruning_masks.{stream}.hidden has shape {tuple(mask.shape)}, the stream has ({width},)")
+        if binary and not bool(((mask == 0) | (mask == 1)).all()):
+            odd = sorted({float(v) for v in mask[(mask != 0) & (mask != 1)][:5]})
+            raise ValueError(
+                f"pruning_masks.{stream}.hidden must be binary (1 = keep channel, 0 = prune) to materialize: a channel "
+                f"scale cannot be folded into the weights (LN_h scales after normalising); got values such as {odd}"
+            )
+        keep = torch.nonzero(mask != 0).flatten()
+        if keep.numel() == 0:
+            raise ValueError(f"pruning_masks.{stream}.hidden keeps no channel: a stream needs at least one")
+        out[stream] = keep
+    return out
+
+
+def _slice_hidden(state: dict, keep: dict[str, torch.Tensor]) -> None:
+    """Keeps channels `keep[stream]` of every tensor `HIDDEN_SLICES` lists (in place, on the unit-sliced state)."""
+    for name in list(state):
+        for stream, pattern, dim in HIDDEN_SLICES:
+            if stream in keep and re.fullmatch(pattern, name):
+                state[name] = state[name].index_select(dim, keep[stream].to(state[name].device))
+                break
+
+
 def pruned_config(config, masks: PruningMasks):
-    """The config a materialization with `masks` produces (kept units per layer), without touching weights."""
+    """The config a materialization with `masks` produces (kept units per layer; with hidden masks the kept stream
+    widths, the original task-head width kept as `head_hidden_size`), without touching weights."""
     config = copy.deepcopy(config)
     for modality in modalities(config):  # the encoders (+ the VQA answer decoder)
         sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
@@ -103,6 +177,15 @@ def pruned_config(config, masks: PruningMasks):
                     sizes[layer] = int((mask != 0).sum())
             setattr(sub, kind.config_field, sizes)
         sub.validate()
+    keep = hidden_keep(config, masks)
+    if "text" in keep and len(keep["text"]) < config.text_config.hidden_size:
+        config.head_hidden_size = head_width(config)  # the task heads keep their inner width
+    for stream, kept in keep.items():
+        for key in HIDDEN_STREAM_CONFIGS[stream]:
+            getattr(config, key).hidden_size = len(kept)
+    if "vision" in keep:
+        config.fusion_encoder_config.encoder_hidden_size = len(keep["vision"])  # cross K/V read the vision stream
+    config.validate()
     return config
 
 
@@ -112,16 +195,24 @@ def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1
 
     Args:
         model: an EfficientVLM model (any head class); left unchanged.
-        masks: the pruning masks (binary, or with scales for kept units that get folded into the weights).
+        masks: the pruning masks (binary, or with scales for kept units that get folded into the weights); hidden
+            masks (`vision.hidden`, `text.hidden`) must be binary and need one of `HIDDEN_CLASSES`.
         verify: run masked and materialized forwards on random inputs and raise if they differ by more than `atol`.
         atol: tolerance of the verification (float32: differences are ~1e-6).
 
     Returns:
         A fresh model of the same class whose config lists the kept sizes per layer (0 = removed sub-layer).
     """
+    keep = hidden_keep(model.config, masks, binary=True)
+    if keep and type(model).__name__ not in HIDDEN_CLASSES:
+        raise ValueError(
+            f"hidden-dimension masks can be materialized for {', '.join(HIDDEN_CLASSES)}, not {type(model).__name__} "
+            "(its other heads / answer decoder read the text stream); drop pruning_masks.vision.hidden / .text.hidden"
+        )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for modality in modalities(model.config):
         _prune_encoder(state, model.config, modality, getattr(masks, modality))
+    _slice_hidden(state, keep)
     config = pruned_config(model.config, masks)
     pruned = type(model)._from_config(config, attn_implementation=model.config._attn_implementation or "sdpa")
     if getattr(model, "generation_config", None) is not None:  # decoding settings (end token, beams) travel along
@@ -144,8 +235,9 @@ def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1
 
 @torch.no_grad()
 def materialization_error(model, pruned, masks: PruningMasks, batch: int = 2, length: int = 9, seed: int = 0) -> float:
-    """Max |masked − materialized| over image tokens, text tokens and fused tokens on random inputs (and, for a VQA
-    model, the answer decoder's output and LM logits on random answers cross-attending to the fused tokens)."""
+    """Max |masked − materialized| over image tokens, text tokens and fused tokens (masked: at the kept channels of a
+    hidden-pruned stream), ITC embeddings, the ITM / NLVR2 head's logits, on random inputs (and, for a VQA model, the
+    answer decoder's output and LM logits on random answers cross-attending to the fused tokens)."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -159,12 +251,20 @@ def materialization_error(model, pruned, masks: PruningMasks, batch: int = 2, le
     errors = []
     outs = []
     paired = getattr(model.config.fusion_encoder_config, "shared_cross_kv", False)
+    keep = hidden_keep(model.config, masks)
     for net, net_masks in ((model, masks), (pruned, None)):
+        kept = keep if net is model else {}  # the pruned model's streams hold the kept channels only
+
+        def channels(x: torch.Tensor, stream: str) -> torch.Tensor:
+            return x.index_select(-1, kept[stream].to(x.device)) if stream in kept else x
+
         image = net.encode_image(pixels, net_masks).last_hidden_state
         text = net.encode_text(ids, attention, net_masks).last_hidden_state
         images = (image, image.flip(0)) if paired else image  # NLVR2: the two copies read different images
         fused = net.fuse(text, attention, images, net_masks).last_hidden_state
-        outs.append((image, text, fused))
+        heads = tuple(getattr(net, h)(fused[:, 0]) for h in ("itm_head", "nlvr_head") if hasattr(net, h))
+        outs.append((channels(image, "vision"), channels(text, "text"), channels(fused, "text"),
+                     net.image_itc_embeds(image), net.text_itc_embeds(text), *heads))
         if "decoder" in modalities(model.config):  # answers (shorter, one padded) reading the fused question tokens
             answers = ids[:, : max(length // 2, 2)]
             answer_mask = torch.ones_like(answers)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modeling_efficientvlm.modeling_efficientvlm import head_width
+
 MODALITIES = ("vision", "text", "fusion")
 """The three encoders every model has. Loops over a given config's prunable stacks use `modalities(config)`."""
 ENCODER_CONFIG_KEYS = {
@@ -140,28 +142,29 @@ def unit_groups(config) -> list[UnitGroup]:
 
 
 def _fixed_parameters(config, heads: tuple[str, ...]) -> int:
-    """Parameters outside the prunable sub-layers: embeddings, encoder LayerNorms, ITC/ITM/MLM/box heads."""
+    """Parameters outside the prunable sub-layers: embeddings, encoder LayerNorms, ITC/ITM/MLM/box heads (the ITM /
+    box / NLVR2 heads' inner width `head_width(config)`: `head_hidden_size`, default 2 x text width)."""
     v, t = config.vision_config, config.text_config
-    dv, dt = v.hidden_size, t.hidden_size
+    dv, dt, w = v.hidden_size, t.hidden_size, head_width(config)
     norms = 4 * dv if getattr(v, "use_pre_layernorm", True) else 2 * dv  # pre- and post-LayerNorm
     vision = dv + v.num_channels * v.patch_size**2 * dv + (v.num_patches + 1) * dv + norms  # cls, conv, pos
     text = (t.vocab_size + t.max_position_embeddings + t.type_vocab_size) * dt + 2 * dt
     itc = (dv + 1) * config.embed_dim + (dt + 1) * config.embed_dim + 1  # projections + temperature
     total = vision + text + itc
-    if "itm" in heads:
-        total += (dt * 2 * dt + 2 * dt) + 4 * dt + (2 * dt * 2 + 2)
+    if "itm" in heads:  # Linear(d, w) + LayerNorm(w) + Linear(w, 2)
+        total += (dt * w + w) + 2 * w + (w * 2 + 2)
     if "mlm" in heads:  # dense + LayerNorm + decoder bias; the decoder weight is tied to the word embeddings
         total += dt * dt + dt + 2 * dt + t.vocab_size
-    if "bbox" in heads:  # X-VLM box head: Linear(d, 2d) + LayerNorm(2d) + Linear(2d, 4)
-        total += (dt * 2 * dt + 2 * dt) + 4 * dt + (2 * dt * 4 + 4)
+    if "bbox" in heads:  # X-VLM box head: Linear(d, w) + LayerNorm(w) + Linear(w, 4)
+        total += (dt * w + w) + 2 * w + (w * 4 + 4)
     if "vqa" in heads:  # the answer decoder's own embeddings + LM head (its decoder weight tied to its word embeddings)
         dec = config.decoder_config
         dd = dec.hidden_size
         total += (dec.vocab_size + dec.max_position_embeddings + dec.type_vocab_size) * dd + 2 * dd
         total += dd * dd + dd + 2 * dd + dec.vocab_size
-    if "nlvr" in heads:  # NLVR2 head on the single [CLS]: Linear(d, 2d) + LayerNorm(2d) + Linear(2d, num_labels)
+    if "nlvr" in heads:  # NLVR2 head on the single [CLS]: Linear(d, w) + LayerNorm(w) + Linear(w, num_labels)
         labels = getattr(config, "num_labels", 2)
-        total += (dt * 2 * dt + 2 * dt) + 4 * dt + (2 * dt * labels + labels)
+        total += (dt * w + w) + 2 * w + (w * labels + labels)
     return total
 
 
@@ -247,8 +250,8 @@ def retrieval_flops(config, num_images: int, num_texts: int, text_length: int, k
     itc += 2 * (num_images * v.hidden_size + num_texts * config.text_config.hidden_size) * config.embed_dim
     pairs = (num_images + num_texts) * k
     fusion = pairs * encoder_flops(config, "fusion", text_length, context=image_tokens)
-    d = config.text_config.hidden_size
-    itm = pairs * 2 * (d * 2 * d + 2 * d * 2)
+    d, w = config.text_config.hidden_size, head_width(config)
+    itm = pairs * 2 * (d * w + w * 2)  # ITM head: Linear(d, w) + Linear(w, 2)
     return {"vision": vision, "text": text, "itc": itc, "fusion": fusion + itm, "total": vision + text + itc + fusion + itm}
 
 
@@ -290,14 +293,24 @@ def _with_image_size(config, image_size: int):
     )
 
 
-def structure_table(config) -> dict[str, dict[str, list[int]]]:
-    """Per-modality per-layer sizes: {"vision": {"heads": [...], "ffn": [...]}, "fusion": {..., "cross_heads"}}
-    (and "decoder", like fusion, for a VQA config)."""
+def structure_table(config) -> dict[str, dict[str, list[int] | int]]:
+    """Per-modality sizes: {"vision": {"heads": [...], "ffn": [...], "hidden": width}, "fusion": {..., "cross_heads"}}
+    (and "decoder", like fusion, for a VQA config); "hidden" is the encoder's residual width (an int)."""
     out = {}
     for modality in modalities(config):
         sub = getattr(config, ENCODER_CONFIG_KEYS[modality])
-        entry = {"heads": list(sub.num_attention_heads), "ffn": list(sub.intermediate_size)}
+        entry = {"heads": list(sub.num_attention_heads), "ffn": list(sub.intermediate_size), "hidden": sub.hidden_size}
         if modality in CROSS_ATTENTION_MODALITIES:
             entry["cross_heads"] = list(sub.num_cross_attention_heads)
         out[modality] = entry
     return out
+
+
+def unit_parameter_count(group: UnitGroup) -> int:
+    """Parameters of ONE unit of `group` from its widths (= `group.unit_params`): attention head q (d·hd + hd), k / v
+    (kv·hd + hd each, unless an NLVR2 copy shares them) and out (hd·d); FFN neuron fc1 row (d + 1) and fc2 column (d).
+    A function of the group's fields, so the hidden-dimension size model can evaluate it at other widths."""
+    d, kv, hd = group.hidden_size, group.kv_size, group.head_dim
+    if group.kind == "ffn":
+        return 2 * d + 1
+    return d * hd + hd + (0 if group.kv_shared_with is not None else 2 * (kv * hd + hd)) + hd * d

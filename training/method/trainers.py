@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
 
 from ..tasks import get_task
 from .arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
@@ -27,6 +28,8 @@ from .student import resolve_layer_map, save_layer_map
 
 NOISE_RNG_FILE = "noise_rng.safetensors"  # hard-concrete noise + ITM negative sampling generator
 STAGING_DIR = ".checkpoint-staging"
+
+logger = logging.get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------ trainers
@@ -223,9 +226,31 @@ class L0Callback(TrainerCallback):
         # the Trainer hands callbacks its unwrapped model: the GatedModel itself
         if not isinstance(model, GatedModel) or model.l0 is None:
             return
+        if bool(model.l0.frozen):  # log α no longer trains; clamping a snapped structure would move its cut
+            return
         model.l0.clamp_()
         if args.freeze_masks_step is not None and state.global_step >= args.freeze_masks_step:
-            model.l0.freeze()
+            _freeze(model.l0, args, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # never frozen: the structure the run ends with (what export materializes) is snapped here
+        if isinstance(model, GatedModel) and model.l0 is not None:
+            _freeze(model.l0, args, state.global_step)
+
+
+def _freeze(l0: ModalL0Module, args, step: int) -> None:
+    """Freezes the structure once (snapping it to the target first with `--snap_to_target`) and logs what it got."""
+    if bool(l0.frozen):
+        return
+    before = l0.achieved_sparsity()["budget"]["total"].item()
+    deltas = l0.snap_to_target_() if getattr(args, "snap_to_target", False) else {}
+    achieved = l0.achieved_sparsity()
+    l0.freeze()
+    logger.info(
+        "step %d: structure frozen; deterministic masks remove %.4f of the %s budget (%.4f before snapping to the "
+        "target, log α shifted by %s), %.4f of the prunable parameters", step, achieved["budget"]["total"].item(),
+        l0.budget, before, {k: round(v, 4) for k, v in deltas.items()} or "nothing", achieved["params"]["total"].item(),
+    )
 
 
 class EfficientVLMPruningTrainer(EfficientVLMDistillationTrainer):
@@ -314,5 +339,6 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
         budget=args.budget,
         cost_path=cost_path,
         layer_gates=args.layer_gates,
+        hidden_gates=args.hidden_gates,
     )
     return GatedModel(student, l0)

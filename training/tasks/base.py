@@ -53,6 +53,9 @@ class Task:
         prepare_model: fn(model, processor, data=None) -> None, called by the stages right after a task model is built or
             loaded, to set what the model needs from the tokenizer before it is trained, saved or evaluated
             (captioning: the prompt ids and the generation config); a no-op by default.
+        path_sizes: the sizes of the task's inference path at its evaluation protocol (`prune --budget_path` names
+            them), e.g. {"images": 5000, ...}; None: no path model (no FLOPs budget for the task).
+        cost_path: fn(config, **path_sizes) -> `training.method.cost.Path`, the runs of each encoder on that path.
     """
 
     name: str
@@ -71,3 +74,5 @@ class Task:
     card: ModelCardSpec
     description: str = field(default="")
     prepare_model: Callable[..., None] = field(default=lambda model, processor, data=None: None)
+    path_sizes: dict[str, int] | None = None
+    cost_path: Callable[..., Any] | None = None

@@ -26,6 +26,7 @@ from modeling_efficientvlm import EfficientVLMForConditionalGeneration
 
 from ..data.collators import CAPTION_PROMPT, caption_prompt_ids
 from ..method import losses as L
+from ..method.cost import captioning_path
 from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd
 from .base import ModelCardSpec, Task
 
@@ -289,4 +290,7 @@ TASK = Task(
     ),
     description="image → caption (prompt 'a picture of', beam 3); BLEU-4, CIDEr-D (no METEOR / SPICE: Java tools)",
     prepare_model=_prepare_model,
+    # COCO Karpathy test: "[CLS] a picture of" + up to 20 new tokens, beam 3 (CAPTION_GENERATION_DEFAULTS)
+    path_sizes={"images": 5000, "prompt_length": 5, "new_tokens": 20, "beams": 3},
+    cost_path=captioning_path,
 )

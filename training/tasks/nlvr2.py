@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from modeling_efficientvlm import EfficientVLMForVisualReasoning
 
 from ..method import losses as L
+from ..method.cost import nlvr2_path
 from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd, stack_outputs
 from .base import ModelCardSpec, Task
 
@@ -74,7 +75,9 @@ def nlvr2_losses(
             args.attention_key_length_scale,
         ).to(device)
     if use_hidden:
-        kd["hidden"] = hidden_kd(student_encoders, teacher_encoders, maps, args.image_hidden_weight).to(device)
+        kd["hidden"] = hidden_kd(
+            student_encoders, teacher_encoders, maps, args.image_hidden_weight, pruning_masks=masks
+        ).to(device)
     return L.combine_losses(task, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
 
 
@@ -273,4 +276,7 @@ TASK = Task(
     ),
     description="two images + a statement → true/false; accuracy",
     prepare_model=prepare_model,
+    # two images and one statement of <= 40 tokens per item
+    path_sizes={"items": 1000, "text_length": 40},
+    cost_path=nlvr2_path,
 )

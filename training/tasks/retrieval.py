@@ -25,6 +25,7 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVL
 from modeling_efficientvlm.modeling_efficientvlm import RERANK_BLOCK_SCORES
 
 from ..method import losses as L
+from ..method.cost import retrieval_path
 from ..method.distillation import attention_kd, hidden_kd, itc
 from .base import ModelCardSpec, Task
 
@@ -152,7 +153,7 @@ def retrieval_losses(
         query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"][pairs[1]]}
         kd["attn"] = attention_kd(s, t, maps, query_masks, cross, args.attention_key_length_scale).to(sim.device)
     if use_hidden:
-        kd["hidden"] = hidden_kd(s, t, maps, args.image_hidden_weight).to(sim.device)
+        kd["hidden"] = hidden_kd(s, t, maps, args.image_hidden_weight, pruning_masks=masks).to(sim.device)
     return L.combine_losses(vlp, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
 
 
@@ -572,4 +573,7 @@ TASK = Task(
         report_keys=("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"), title="Retrieval",
     ),
     description="image-caption pairs; R@K, r_mean (ITC ranking, ITM re-ranking of the top-k)",
+    # the COCO 5k test protocol: every image and text encoded once, ITM on the top k = 256 of every query
+    path_sizes={"images": 5000, "texts": 25000, "k": 256, "text_length": 40},
+    cost_path=retrieval_path,
 )

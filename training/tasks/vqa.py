@@ -34,6 +34,7 @@ from modeling_efficientvlm import EfficientVLMForQuestionAnswering
 
 from ..data.vqa import QUESTION_WORDS, VQA_ANSWERS, VQACollator, VQAItems, encode_answers, iter_questions
 from ..method import losses as L
+from ..method.cost import vqa_path
 from ..method.distillation import attention_kd, hidden_kd, stack_outputs
 from .base import ModelCardSpec, Task
 
@@ -388,4 +389,7 @@ TASK = Task(
     ),
     description="image + question → answer ranked over a fixed answer list; VQA accuracy",
     prepare_model=_prepare_model,
+    # rank_answers: the top k_test = 128 answers re-scored over <= 10 tokens
+    path_sizes={"questions": 1000, "question_length": 40, "k": RANK_K, "answer_length": ANSWER_MAX_LENGTH},
+    cost_path=vqa_path,
 )
