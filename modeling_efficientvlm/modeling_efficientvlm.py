@@ -159,6 +159,8 @@ def _masked_layer_norm(x: torch.Tensor, norm: nn.LayerNorm, mask: torch.Tensor |
         return norm(x)
     mask = mask.to(x.dtype)
     keep = torch.nonzero(mask).flatten()  # (K,): the same LayerNorm call as the materialized model's
+    if keep.numel() == 0:  # a training sample that closed every channel: the stream is all zeros
+        return x.new_zeros(x.shape) * mask
     kept = F.layer_norm(x.index_select(-1, keep), (keep.numel(),), norm.weight[keep], norm.bias[keep], norm.eps)
     return x.new_zeros(x.shape).index_copy(x.dim() - 1, keep, kept) * mask
 

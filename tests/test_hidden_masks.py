@@ -210,3 +210,12 @@ def test_head_hidden_size_sets_head_width_and_is_validated():
     assert EfficientVLMForImageTextRetrieval(tiny_config()).itm_head[0].out_features == 48  # None = 2 x text width
     with pytest.raises(ValueError, match="head_hidden_size must be > 0"):
         tiny_config(head_hidden_size=0)
+
+
+def test_a_sample_that_closes_every_channel_gives_zeros_not_an_error():
+    from modeling_efficientvlm.modeling_efficientvlm import _masked_layer_norm
+
+    norm = torch.nn.LayerNorm(6)
+    x = torch.randn(2, 3, 6)
+    out = _masked_layer_norm(x, norm, torch.zeros(6, requires_grad=True))
+    assert torch.equal(out, torch.zeros_like(x))
