@@ -203,16 +203,18 @@ class ModalL0Module(nn.Module):
 
     def deterministic_masks(self) -> PruningMasks:
         """Exact 0/1 masks: per layer keep the round(Σ P(z>0)) gates with the highest scores."""
-        return self._masks(self._gate_values(lambda gate, multiple=1: gate.deterministic(multiple=multiple).detach()))
+        return self._masks(self._gate_values(_deterministic))
+
+    @torch.no_grad()
+    def _kept_at_deterministic(self, budget: bool) -> dict[str, torch.Tensor]:
+        """Kept parameters (or budget cost) per modality and "total" of the structure the deterministic masks keep."""
+        values = self._gate_values(_deterministic)
+        return self._expected(budget, keep=lambda g: values[g.name], width=lambda s: values[_hidden_key(s)].sum())
 
     def achieved_sparsity(self) -> dict[str, dict[str, torch.Tensor]]:
         """Sparsity of the deterministic masks (what materialize keeps), in parameters and in the budget's unit:
         {"params": {"total", modality...}, "budget": {...}} (FLOPs of the cost path with budget="flops")."""
-        values = self._gate_values(lambda gate, multiple=1: gate.deterministic(multiple=multiple).detach())
-        keep = lambda group: values[group.name]  # noqa: E731
-        width = lambda stream: values[_hidden_key(stream)].sum()  # noqa: E731
-        params = self._expected(budget=False, keep=keep, width=width)
-        cost = self._expected(budget=True, keep=keep, width=width)
+        params, cost = self._kept_at_deterministic(budget=False), self._kept_at_deterministic(budget=True)
         return {"params": self._sparsity(params, self.prunable_total, self.prunable_by_modality),
                 "budget": self._sparsity(cost, self.cost_total, self.cost_by_modality)}
 
@@ -230,11 +232,13 @@ class ModalL0Module(nn.Module):
         deltas = {}
         for name in self.constraints:
             members = [m for m in self.modalities if m not in self.modality_targets] if name == "global" else [name]
-            keys = {_layer_key(g) if self.layer_gates else None for g in self.groups if g.modality in members}
-            keys |= {g.gate_name.replace(".", "_") for g in self.groups if g.modality in members}
+            groups = [g for g in self.groups if g.modality in members]
+            gates = {id(self.gate(g)): self.gate(g) for g in groups}
+            gates.update({id(self.layer_gate(g)): self.layer_gate(g) for g in groups if self.layer_gates})
             if self.hidden_gates:  # a stream's channels follow the constraint of its first encoder
-                keys |= {_hidden_key(s) for s in set(STREAMS.values()) if s in members}
-            gates = [self.gates[k] for k in sorted(keys - {None})]
+                hidden = [self.gates[_hidden_key(s)] for s in set(STREAMS.values()) if s in members]
+                gates.update({id(gate): gate for gate in hidden})
+            gates = list(gates.values())
             originals = [gate.log_alpha.detach().clone() for gate in gates]
             target = self.target_sparsity if name == "global" else self.modality_targets[name]
             full = sum(self.cost_by_modality[m] for m in members)
@@ -242,9 +246,7 @@ class ModalL0Module(nn.Module):
             def sparsity_at(delta: float) -> float:
                 for gate, original in zip(gates, originals):
                     gate.log_alpha.copy_(original + delta)
-                values = self._gate_values(lambda gate, multiple=1: gate.deterministic(multiple=multiple))
-                cost = self._expected(budget=True, keep=lambda g: values[g.name],
-                                      width=lambda s: values[_hidden_key(s)].sum())
+                cost = self._kept_at_deterministic(budget=True)
                 return 1 - float(sum(cost[m] for m in members)) / full
 
             low, high = -40.0, 40.0  # sparsity falls as δ grows (every P(z>0) rises)
@@ -475,6 +477,11 @@ def masks_from_values(
     for group in groups:  # a sub-layer of size 0 in the config has no group: its entry stays None
         getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
     return PruningMasks(**encoders)
+
+
+def _deterministic(gate: HardConcreteGate, multiple: int = 1) -> torch.Tensor:
+    """A gate's deterministic mask (`_gate_values` passes `multiple` to the hidden-dimension gates)."""
+    return gate.deterministic(multiple=multiple).detach()
 
 
 def _hidden_key(stream: str) -> str:
