@@ -127,7 +127,7 @@ def _removed(num_units: int, mask: torch.Tensor | None) -> bool:
     return num_units == 0 or (mask is not None and not bool(mask.any()))
 
 
-def _stream_mask(pruning_masks: PruningMasks | None, stream: str, width: int) -> torch.Tensor | None:
+def stream_mask(pruning_masks: PruningMasks | None, stream: str, width: int) -> torch.Tensor | None:
     """The hidden mask (width,) of residual stream `stream` ("vision" / "text"), or None; checks its shape and that
     no encoder without a stream of its own (fusion, decoder) carries one."""
     if pruning_masks is None:
@@ -789,7 +789,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            hidden_mask=_stream_mask(pruning_masks, "vision", self.config.vision_config.hidden_size),
+            hidden_mask=stream_mask(pruning_masks, "vision", self.config.vision_config.hidden_size),
         )
 
     def encode_text(
@@ -812,7 +812,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             causal=causal,
             past_key_values=past_key_values,
-            hidden_mask=_stream_mask(pruning_masks, "text", self.config.text_config.hidden_size),
+            hidden_mask=stream_mask(pruning_masks, "text", self.config.text_config.hidden_size),
         )
 
     def image_itc_embeds(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -867,7 +867,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             causal=causal,
             past_key_values=past_key_values,
             cache_offset=len(self.text_model.layers),
-            hidden_mask=_stream_mask(pruning_masks, "text", self.config.text_config.hidden_size),
+            hidden_mask=stream_mask(pruning_masks, "text", self.config.text_config.hidden_size),
         )
 
     def forward(
@@ -2138,7 +2138,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
             )
         masks = pruning_masks.decoder if pruning_masks is not None else None
         if masks is not None and masks.hidden is not None:
-            _stream_mask(pruning_masks, "text", self.config.text_config.hidden_size)  # raises, naming decoder.hidden
+            stream_mask(pruning_masks, "text", self.config.text_config.hidden_size)  # raises, naming decoder.hidden
         decoded = self.decoder_model(
             answer_input_ids, answer_attention_mask, question_states, question_attention_mask, masks,
             output_attentions, output_hidden_states, past_key_values,

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 import modeling_efficientvlm
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
 
+from ..method.l0 import HIDDEN_MULTIPLE
+from ..method.materialize import set_stream_width
 from ..method.structure import (
     CROSS_ATTENTION_MODALITIES,
     ENCODER_CONFIG_KEYS,
@@ -127,8 +129,6 @@ STRUCTURE_FIELDS = {
     "heads": "num_attention_heads", "ffn": "intermediate_size", "cross_heads": "num_cross_attention_heads",
 }
 """structure.json kinds (`structure_table`) → the per-layer config field they size."""
-HIDDEN_MULTIPLE = 8
-"""Scaled residual widths are rounded to a multiple of this (hidden_size is free: head_dim is explicit)."""
 
 
 @dataclass
@@ -235,19 +235,11 @@ def structured_pruned_config(config: EfficientVLMConfig, split: LearnedSplit, ex
             sizes = getattr(sub, STRUCTURE_FIELDS[kind])
             mapped = map_layers(fractions, len(sizes))
             setattr(sub, STRUCTURE_FIELDS[kind], [_kept(n, f, exponent, pad_multiple) for n, f in zip(sizes, mapped)])
-    if split.hidden:
-        if config.head_hidden_size is None:
-            config.head_hidden_size = 2 * config.text_config.hidden_size  # today's head width, kept
-        fusion = config.fusion_encoder_config
-        for stream, fraction in split.hidden.items():
-            width = getattr(config, ENCODER_CONFIG_KEYS[stream]).hidden_size
-            fraction = 0.0 if fraction == 0 else fraction ** exponent
-            new = min(width, max(HIDDEN_MULTIPLE, round(width * fraction / HIDDEN_MULTIPLE) * HIDDEN_MULTIPLE))
-            getattr(config, ENCODER_CONFIG_KEYS[stream]).hidden_size = new
-            if stream == "vision":
-                fusion.encoder_hidden_size = new
-            else:
-                fusion.hidden_size = new
+    for stream, fraction in split.hidden.items():  # widths as materialize sets them (the heads keep theirs)
+        width = getattr(config, ENCODER_CONFIG_KEYS[stream]).hidden_size
+        fraction = 0.0 if fraction == 0 else fraction ** exponent
+        new = min(width, max(HIDDEN_MULTIPLE, round(width * fraction / HIDDEN_MULTIPLE) * HIDDEN_MULTIPLE))
+        set_stream_width(config, stream, new)
     for modality in MODALITIES:
         getattr(config, ENCODER_CONFIG_KEYS[modality]).validate()
     config.validate()

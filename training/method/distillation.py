@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import losses as L
-from .structure import CROSS_ATTENTION_MODALITIES, ENCODER_CONFIG_KEYS, modalities
+from .structure import CROSS_ATTENTION_MODALITIES, ENCODER_CONFIG_KEYS, STREAMS, modalities
 from .student import resolve_layer_map
 
 ENCODER_OUTPUT_KEYS = {"vision": "image", "text": "text", "fusion": "fusion", "decoder": "decoder"}
@@ -136,9 +136,9 @@ def hidden_kd(
 
 def _stream_mask(pruning_masks, modality: str) -> torch.Tensor | None:
     """The hidden-dimension mask of the residual stream `modality` writes (fusion continues the text stream)."""
-    if pruning_masks is None or modality not in ("vision", "text", "fusion"):
+    if pruning_masks is None or modality not in STREAMS:
         return None
-    return getattr(pruning_masks, "vision" if modality == "vision" else "text").hidden
+    return getattr(pruning_masks, STREAMS[modality]).hidden
 
 
 def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_batch: bool) -> torch.Tensor:

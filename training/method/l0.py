@@ -24,7 +24,8 @@ from .cost import path_from_json, path_to_json, unit_flops, width_terms
 from .gates import HardConcreteGate
 from .materialize import pruned_config
 from .structure import (
-    ENCODER_CONFIG_KEYS, UnitGroup, count_parameters, modalities, unit_groups, unit_kinds, unit_parameter_count,
+    ENCODER_CONFIG_KEYS, STREAMS, UnitGroup, count_parameters, modalities, unit_groups, unit_kinds,
+    unit_parameter_count,
 )
 
 GATES_FILE = "l0_gates.safetensors"
@@ -41,9 +42,6 @@ BUDGETS = ("params", "flops")
 HIDDEN_MULTIPLE = 8
 """Deterministic hidden masks keep a multiple of 8 channels: a ragged residual width (e.g. 763) would cost every
 matmul of the stream a remainder tile; heads / FFN widths stay exact (they measured no such penalty, see bench)."""
-STREAMS = {"vision": "vision", "text": "text", "fusion": "text"}
-"""The residual stream each encoder's units read and write (the fusion encoder continues the text stream): what a
-hidden-dimension gate masks (`PruningMasks.vision.hidden` / `.text.hidden`)."""
 HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
 FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
 

@@ -16,9 +16,9 @@ import re
 import torch
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
-from modeling_efficientvlm.modeling_efficientvlm import head_width
+from modeling_efficientvlm.modeling_efficientvlm import head_width, stream_mask
 
-from .structure import ENCODER_CONFIG_KEYS, ENCODER_MODULES, modalities, unit_kinds
+from .structure import ENCODER_CONFIG_KEYS, ENCODER_MODULES, STREAMS, modalities, unit_kinds
 
 
 def _kept(mask: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +96,9 @@ def _prune_encoder(state: dict, config, modality: str, masks: EncoderPruningMask
 
 HIDDEN_CLASSES = ("EfficientVLMModel", "EfficientVLMForImageTextRetrieval", "EfficientVLMForVisualReasoning")
 """Model classes whose hidden dimensions `materialize` can shrink (their heads are the ones `HIDDEN_SLICES` covers)."""
-HIDDEN_STREAM_CONFIGS = {"vision": ("vision_config",), "text": ("text_config", "fusion_encoder_config")}
+HIDDEN_STREAM_CONFIGS = {
+    stream: tuple(ENCODER_CONFIG_KEYS[m] for m, s in STREAMS.items() if s == stream) for stream in ("vision", "text")
+}
 """Sub-configs whose `hidden_size` is a stream's width (the fusion encoder continues the text stream)."""
 HIDDEN_SLICES = (
     # (stream, state-dict name pattern, dim of the stream's channels): outputs into the stream are rows / dim 0,
@@ -124,21 +126,13 @@ def hidden_keep(config, masks: PruningMasks, binary: bool = False) -> dict[str, 
         ValueError: `fusion.hidden` / `decoder.hidden` set, a mask of the wrong shape, a stream with no channel left,
             or (`binary`) a mask value other than 0 / 1.
     """
-    for name in ("fusion", "decoder"):
-        if getattr(getattr(masks, name, None), "hidden", None) is not None:
-            raise ValueError(
-                f"pruning_masks.{name}.hidden must be None: the fusion encoder continues the text stream (it reads "
-                "pruning_masks.text.hidden) and the VQA answer decoder's stream has no hidden mask"
-            )
     out = {}
     for stream, keys in HIDDEN_STREAM_CONFIGS.items():
-        mask = getattr(getattr(masks, stream), "hidden", None)
+        # the model's own check: no fusion / decoder mask, one value per channel
+        mask = stream_mask(masks, stream, getattr(config, keys[0]).hidden_size)
         if mask is None:
             continue
-        width = getattr(config, keys[0]).hidden_size
         mask = mask.detach().float().cpu()
-        if mask.shape != (width,):
-            raise ValueError(f"pruning_masks.{stream}.hidden has shape {tuple(mask.shape)}, the stream has ({width},)")
         if binary and not bool(((mask == 0) | (mask == 1)).all()):
             odd = sorted({float(v) for v in mask[(mask != 0) & (mask != 1)][:5]})
             raise ValueError(
@@ -177,16 +171,22 @@ def pruned_config(config, masks: PruningMasks):
                     sizes[layer] = int((mask != 0).sum())
             setattr(sub, kind.config_field, sizes)
         sub.validate()
-    keep = hidden_keep(config, masks)
-    if "text" in keep and len(keep["text"]) < config.text_config.hidden_size:
-        config.head_hidden_size = head_width(config)  # the task heads keep their inner width
-    for stream, kept in keep.items():
-        for key in HIDDEN_STREAM_CONFIGS[stream]:
-            getattr(config, key).hidden_size = len(kept)
-    if "vision" in keep:
-        config.fusion_encoder_config.encoder_hidden_size = len(keep["vision"])  # cross K/V read the vision stream
+    for stream, kept in hidden_keep(config, masks).items():
+        set_stream_width(config, stream, len(kept))
     config.validate()
     return config
+
+
+def set_stream_width(config, stream: str, width: int) -> None:
+    """Sets residual stream `stream`'s width in `config` (in place): the `hidden_size` of every encoder on it, the
+    fusion cross-attention's `encoder_hidden_size` for the vision stream; a narrower text stream pins the task heads'
+    inner width (`head_hidden_size`) to what it was."""
+    if stream == "text" and width < config.text_config.hidden_size:
+        config.head_hidden_size = head_width(config)
+    for key in HIDDEN_STREAM_CONFIGS[stream]:
+        getattr(config, key).hidden_size = width
+    if stream == "vision":
+        config.fusion_encoder_config.encoder_hidden_size = width  # cross K/V read the vision stream
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ removed also loses its fixed part (out bias + LayerNorm), because the model then
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from modeling_efficientvlm.modeling_efficientvlm import head_width
 
@@ -23,6 +23,9 @@ ENCODER_CONFIG_KEYS = {
     "vision": "vision_config", "text": "text_config", "fusion": "fusion_encoder_config", "decoder": "decoder_config",
 }
 ENCODER_MODULES = {"vision": "vision_model", "text": "text_model", "fusion": "fusion_model", "decoder": "decoder_model"}
+STREAMS = {"vision": "vision", "text": "text", "fusion": "text"}
+"""The residual stream each encoder's units read and write (the fusion encoder continues the text stream): what a
+hidden-dimension mask covers (`PruningMasks.vision.hidden` / `.text.hidden`)."""
 VQA_HEADS = ("vqa",)
 """`count_parameters` heads of `EfficientVLMForQuestionAnswering`: the answer decoder's own embeddings and LM head."""
 
@@ -128,16 +131,15 @@ def unit_groups(config) -> list[UnitGroup]:
         for layer in range(sub.num_hidden_layers):
             for kind in unit_kinds(modality):
                 size = getattr(sub, kind.config_field)[layer]
-                if kind.name == "ffn":  # fc1 row (+ bias) and fc2 column
-                    groups.append(UnitGroup(modality, kind.name, layer, size, 2 * d + 1, 3 * d, d, d, 0))
-                    continue
-                kv = sub.encoder_hidden_size if kind.name == "cross_head" else d
-                # an NLVR2 pair's odd copy reads the even copy's K/V projections: its heads own only q and out
-                paired = kind.name == "cross_head" and getattr(sub, "shared_cross_kv", False) and layer % 2
-                shared = layer - 1 if paired else None
-                # q: d→hd (+hd bias); k, v: kv→hd (+hd each); out: hd→d columns
-                unit = d * hd + hd + (0 if shared is not None else 2 * (kv * hd + hd)) + hd * d
-                groups.append(UnitGroup(modality, kind.name, layer, size, unit, 3 * d, d, kv, hd, shared))
+                if kind.name == "ffn":
+                    group = UnitGroup(modality, kind.name, layer, size, 0, 3 * d, d, d, 0)
+                else:
+                    kv = sub.encoder_hidden_size if kind.name == "cross_head" else d
+                    # an NLVR2 pair's odd copy reads the even copy's K/V projections: its heads own only q and out
+                    paired = kind.name == "cross_head" and getattr(sub, "shared_cross_kv", False) and layer % 2
+                    shared = layer - 1 if paired else None
+                    group = UnitGroup(modality, kind.name, layer, size, 0, 3 * d, d, kv, hd, shared)
+                groups.append(replace(group, unit_params=unit_parameter_count(group)))
     return groups
 
 
@@ -307,7 +309,7 @@ def structure_table(config) -> dict[str, dict[str, list[int] | int]]:
 
 
 def unit_parameter_count(group: UnitGroup) -> int:
-    """Parameters of ONE unit of `group` from its widths (= `group.unit_params`): attention head q (d·hd + hd), k / v
+    """Parameters of ONE unit of `group` from its widths (what `unit_groups` stores as `unit_params`): attention head q (d·hd + hd), k / v
     (kv·hd + hd each, unless an NLVR2 copy shares them) and out (hd·d); FFN neuron fc1 row (d + 1) and fc2 column (d).
     A function of the group's fields, so the hidden-dimension size model can evaluate it at other widths."""
     d, kv, hd = group.hidden_size, group.kv_size, group.head_dim
