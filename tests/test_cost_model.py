@@ -133,6 +133,11 @@ def test_flops_budget_settings_round_trip_and_errors(tmp_path):
         task_path("retrieval", config, "pairs=3")
     with pytest.raises(ValueError, match="k must be an integer >= 0"):
         task_path("retrieval", config, "k=-1")
+    # image_tokens prices the units at another resolution (every task takes it; 0 = the config's own)
+    assert task_path("retrieval", config, "k=2,image_tokens=197")["vision"][0].tokens == 197
+    assert task_path("nlvr2", config, "image_tokens=0")["fusion"][0].cross_keys == 17
+    with pytest.raises(ValueError, match="image_tokens must be an integer >= 0"):
+        task_path("retrieval", config, "image_tokens=x")
     with pytest.raises(ValueError, match="no inference-path model for task 'nlvr2_domain'"):
         task_path("nlvr2_domain", config)
     with pytest.raises(ValueError, match=r"must be \[count, tokens, self_keys, cross_keys\]"):

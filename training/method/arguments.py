@@ -111,7 +111,8 @@ class PruningArguments(DistillationArguments):
         default="",
         metadata={"help": "--budget flops: sizes of the inference path, e.g. 'images=5000,texts=25000,k=256,"
                           "text_length=40' (retrieval; default: the COCO 5k protocol) or 'items=1000,text_length=40' "
-                          "(nlvr2); unnamed sizes keep the task's defaults."},
+                          "(nlvr2); unnamed sizes keep the task's defaults. Every task also takes image_tokens=N: price the "
+                          "units at N vision tokens (e.g. 197 = 224 px / 16 when a small proxy trains at 32 px)."},
     )
     layer_gates: bool = field(
         default=False,

@@ -100,18 +100,20 @@ def path_from_json(data: dict) -> Path:
     return path
 
 
-def image_tokens(config, image_size: int | None = None) -> int:
-    """Tokens of the vision encoder ([CLS] + patches) at `image_size` (default: the config's)."""
+def vision_tokens(config, tokens: int = 0) -> int:
+    """Tokens of the vision encoder: `tokens` when given (the path's `image_tokens` size: price the units at a
+    deployment resolution, e.g. 197 = 224 px / 16, while the model trains at another), else the config's
+    [CLS] + patches."""
     vision = config.vision_config
-    return 1 + ((image_size or vision.image_size) // vision.patch_size) ** 2
+    return tokens or 1 + (vision.image_size // vision.patch_size) ** 2
 
 
 def retrieval_path(
-    config, images: int, texts: int, text_length: int, k: int, image_size: int | None = None
+    config, images: int, texts: int, text_length: int, k: int, image_tokens: int = 0
 ) -> Path:
     """Retrieval (ALBEF / X-VLM protocol): every image and text encoded once, the fusion encoder on k ITC candidates
     for every image query and every text query: (images + texts)·k pairs."""
-    tokens = image_tokens(config, image_size)
+    tokens = vision_tokens(config, image_tokens)
     pairs = (images + texts) * k
     return {
         "vision": [Run(images, tokens, tokens)],
@@ -120,10 +122,10 @@ def retrieval_path(
     }
 
 
-def nlvr2_path(config, items: int, text_length: int, image_size: int | None = None) -> Path:
+def nlvr2_path(config, items: int, text_length: int, image_tokens: int = 0) -> Path:
     """NLVR2 (X-VLM structure): two images and one statement per item; every fusion layer runs once per item (copy
     2l over image 0, copy 2l + 1 over image 1 — with a single, non-duplicated fusion encoder it runs twice)."""
-    tokens = image_tokens(config, image_size)
+    tokens = vision_tokens(config, image_tokens)
     passes = 1 if getattr(config.fusion_encoder_config, "shared_cross_kv", False) else 2
     return {
         "vision": [Run(2 * items, tokens, tokens)],
@@ -133,11 +135,11 @@ def nlvr2_path(config, items: int, text_length: int, image_size: int | None = No
 
 
 def vqa_path(config, questions: int, question_length: int, k: int, answer_length: int,
-             image_size: int | None = None) -> Path:
+             image_tokens: int = 0) -> Path:
     """VQA answer ranking (`EfficientVLMForQuestionAnswering.rank_answers`): per question one vision, text and fusion
     pass; the answer decoder takes one step from the start token (scores every answer's first token) and then
     re-scores the top k answers teacher-forced over `answer_length` tokens, cross-attending to the question tokens."""
-    tokens = image_tokens(config, image_size)
+    tokens = vision_tokens(config, image_tokens)
     return {
         "vision": [Run(questions, tokens, tokens)],
         "text": [Run(questions, question_length, question_length)],
@@ -148,11 +150,11 @@ def vqa_path(config, questions: int, question_length: int, k: int, answer_length
 
 
 def captioning_path(config, images: int, prompt_length: int, new_tokens: int, beams: int,
-                    image_size: int | None = None) -> Path:
+                    image_tokens: int = 0) -> Path:
     """Captioning with the KV cache (`EfficientVLMForConditionalGeneration.generate`): the image encoded once; the
     text + fusion stack (one causal decoder) runs the prompt once per beam, then one new token per step reading every
     cached key, the fusion layers cross-attending to the image tokens at every step."""
-    tokens = image_tokens(config, image_size)
+    tokens = vision_tokens(config, image_tokens)
     count = images * beams
     text = [Run(count, prompt_length, prompt_length)]
     fusion = [Run(count, prompt_length, prompt_length, tokens)]
@@ -163,15 +165,23 @@ def captioning_path(config, images: int, prompt_length: int, new_tokens: int, be
     return {"vision": [Run(images, tokens, tokens)], "text": text, "fusion": fusion}
 
 
+ZERO_ALLOWED = ("k", "image_tokens")
+"""Path sizes that may be 0: no ITM re-ranking (k = 0); image_tokens = 0 means the config's [CLS] + patches."""
+
+
 def parse_sizes(task: str, defaults: dict[str, int], text: str) -> dict[str, int]:
-    """'images=1000,k=128' → the task's default sizes with those replaced; raises naming an unknown / bad entry."""
-    sizes = dict(defaults)
+    """'images=1000,k=128' → the task's default sizes with those replaced; raises naming an unknown / bad entry.
+
+    Every path also takes `image_tokens` (default 0 = the config's own): the vision tokens the units are priced at.
+    """
+    sizes = {**defaults, "image_tokens": 0}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = (part.strip() for part in item.partition("="))
         if name not in sizes:
             raise ValueError(f"--budget_path {item!r}: unknown size {name!r} for {task}; known: {sorted(sizes)}")
-        if not value.isdigit() or int(value) < (0 if name == "k" else 1):
-            raise ValueError(f"--budget_path {item!r}: {name} must be an integer >= {0 if name == 'k' else 1}")
+        low = 0 if name in ZERO_ALLOWED else 1
+        if not value.isdigit() or int(value) < low:
+            raise ValueError(f"--budget_path {item!r}: {name} must be an integer >= {low}")
         sizes[name] = int(value)
     return sizes
 
