@@ -141,6 +141,32 @@ def test_compare_splits_flops_strategies_run_at_the_learned_splits_flops(chain, 
     assert "FLOPs kept" in capsys.readouterr().out
 
 
+def test_latency_table_cli_then_compare_splits_latency_strategy_and_its_export(chain, tmp_path, capsys):
+    """`efficientvlm latency-table` writes a table for the student; `compare-splits --strategies learned,latency+layers
+    --latency_table` prunes at the latency the learned split kept (by that table) and reports it; the export of the
+    latency run records its budget kind, the device and the achieved latency share in structure.json."""
+    table = tmp_path / "table.json"
+    assert main(["latency-table", "--student", str(chain / "student"), "--output", str(table), "--budget_path",
+                 "images=4,texts=8,k=2,text_length=12", "--points", "2", "--repeats", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "ms per unit" in printed and f"written: {table}" in printed
+    out = tmp_path / "compare_latency"
+    assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
+                 "--output_dir", str(out), "--target_sparsity", "0.4", "--strategies", "learned,latency+layers",
+                 "--latency_table", str(table), *TINY_PRUNE, *COMMON]) == 0
+    assert "table latency kept" in capsys.readouterr().out
+    report = json.loads((out / "comparison.json").read_text())
+    learned, latency = report["strategies"]["learned"], report["strategies"]["latency+layers"]
+    assert latency["budget"] == "latency" and latency["layer_gates"] is True
+    assert latency["targets"] == {"total": round(1 - learned["latency_kept"], 4)}
+    assert 0 < latency["latency_kept"] <= 1 and str(table) in report["protocol"]["latency_table"]
+    assert main(["export", "--checkpoint", str(out / "latency+layers"), "--output_dir", str(tmp_path / "e")]) == 0
+    budget = json.loads((tmp_path / "e" / "structure.json").read_text())["budget"]
+    assert budget["kind"] == "latency" and budget["latency_device"].startswith("cpu")
+    assert budget["achieved"]["latency"] == pytest.approx(latency["latency_kept"])
+    assert budget["path"] == json.loads(table.read_text())["cost_path"]
+
+
 def test_compare_splits_rejects_a_bad_manual_split_before_training(chain, tmp_path, capsys):
     out = tmp_path / "bad"
     assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),

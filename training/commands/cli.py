@@ -38,6 +38,8 @@ DESCRIPTIONS = {
     "build-tuxpaint": "Build an ALBEF-format JSON from the Debian tuxpaint-stamps-default package.",
     "compare-splits": "Uniform vs manual vs learned (modal-adaptive) split at equal total sparsity: metric, params, "
                       "latency, split.",
+    "latency-table": "Measure per-unit latency of a student's sub-layers on its task's path (for prune --budget "
+                     "latency).",
     "analyze-modules": "Module sensitivity: prune one encoder at increasing ratios (+ optional recovery), table + plot.",
 }
 
@@ -249,6 +251,13 @@ def _compare(argv: list[str]) -> None:
     run_compare(compare, prune, data, args, write=_write)
 
 
+def _latency_table(argv: list[str]) -> None:
+    from .latency_table import LatencyTableArguments, run_latency_table
+
+    (args,) = _parse("latency-table", (LatencyTableArguments,), argv)
+    _write(run_latency_table(args))
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "teacher": _teacher,
     "distill": _distill,
@@ -263,6 +272,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "build-tuxpaint": _tuxpaint,
     "analyze-modules": _analyze,
     "compare-splits": _compare,
+    "latency-table": _latency_table,
 }
 
 

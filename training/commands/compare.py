@@ -9,11 +9,13 @@ constraint differs:
 * learned: one global target; the gates decide how much each encoder loses (EfficientVLM's modal-adaptive pruning).
 * flops: learned, but the budget is the FLOPs of the task's inference path (`--flops_path`), not parameters;
 * flops+layers: the same with CoFi's sub-layer gates;
-* flops+hidden, flops+layers+hidden: the same with CoFi's hidden-dimension (residual channel) gates added.
+* flops+hidden, flops+layers+hidden: the same with CoFi's hidden-dimension (residual channel) gates added;
+* latency, latency+layers: the budget is the seconds of the same path by a latency table: `--latency_table` (from
+  `efficientvlm latency-table`), else measured once here, on this device (`latency_table.json` in the output dir).
 
-The FLOPs strategies run at a *matched* budget: when `learned` ran first, their FLOPs target is the FLOPs sparsity the
-learned (params-budget) model achieved on the same path, so the comparison asks "same cost, which split keeps more
-quality?"; otherwise the FLOPs target is --target_sparsity.
+The FLOPs and latency strategies run at a *matched* budget: when `learned` ran first, their target is the FLOPs (or
+table-predicted latency) sparsity the learned (params-budget) model achieved on the same path, so the comparison asks
+"same cost, which split keeps more quality?"; otherwise the target is --target_sparsity.
 
 Each result is materialized, evaluated on the held-out set, counted, and timed with the unpruned student in one
 process on one batch (round-robin repeats, so drift hits every model alike).
@@ -31,14 +33,22 @@ from dataclasses import dataclass, field
 import torch
 
 from ..method.cost import has_path, path_to_json, prunable_flops, task_path
+from ..method.latency_table import (
+    LATENCY_TABLE_FILE, format_latency_table, load_latency_table, measure_latency_table, predicted_latency,
+    save_latency_table,
+)
 from ..method.structure import modalities, prunable_parameters
 from ..tasks import get_task
 from .latency import measure_interleaved, summarize
 
-STRATEGIES = ("uniform", "manual", "learned", "flops", "flops+layers", "flops+hidden", "flops+layers+hidden")
-FLOPS_STRATEGIES = {"flops": (False, False), "flops+layers": (True, False), "flops+hidden": (False, True),
-                    "flops+layers+hidden": (True, True)}
-"""FLOPs-budget strategies → (sub-layer gates, hidden-dimension gates)."""
+STRATEGIES = ("uniform", "manual", "learned", "flops", "flops+layers", "flops+hidden", "flops+layers+hidden",
+              "latency", "latency+layers")
+BUDGET_STRATEGIES = {
+    "flops": ("flops", False, False), "flops+layers": ("flops", True, False), "flops+hidden": ("flops", False, True),
+    "flops+layers+hidden": ("flops", True, True), "latency": ("latency", False, False),
+    "latency+layers": ("latency", True, False),
+}
+"""Cost-budget strategies → (budget, sub-layer gates, hidden-dimension gates)."""
 
 
 @dataclass
@@ -51,7 +61,11 @@ class CompareArguments:
                           "entries share the ratio that makes the total equal --target_sparsity). Default per task: "
                           "retrieval prunes vision at half the target, nlvr2 prunes fusion at 1.5x the target."},
     )
-    strategies: str = field(default="uniform,manual,learned", metadata={"help": "Which of uniform,manual,learned."})
+    strategies: str = field(
+        default="uniform,manual,learned",
+        metadata={"help": "Comma-separated subset of uniform, manual, learned, flops, flops+layers, flops+hidden, "
+                          "flops+layers+hidden, latency, latency+layers."},
+    )
     flops_path: str = field(
         default="",
         metadata={"help": "Sizes of the inference path of the FLOPs strategies and of every model's FLOPs column "
@@ -127,7 +141,7 @@ def default_manual_split(task: str, target: float) -> str:
 def strategy_targets(strategy: str, split: dict[str, float], target: float, config) -> dict[str, float | None]:
     """PruningArguments fields for one strategy (per-encoder targets, or None = follow the global target)."""
     stacks = modalities(config)
-    if strategy == "learned" or strategy in FLOPS_STRATEGIES:
+    if strategy == "learned" or strategy in BUDGET_STRATEGIES:
         return {f"{m}_target": None for m in stacks}
     ratios = {m: target for m in stacks} if strategy == "uniform" else split
     return {f"{m}_target": ratios[m] for m in stacks}
@@ -160,7 +174,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     target = args.target_sparsity
     student = load_task_model(prune.student, data.task).eval()
     path = task_path(data.task, student.config, compare.flops_path) if has_path(data.task) else None
-    if path is None and set(strategies) & set(FLOPS_STRATEGIES):
+    if path is None and set(strategies) & set(BUDGET_STRATEGIES):
         task_path(data.task, student.config)  # raises: no inference-path model for this task
     split_text = compare.manual_split or default_manual_split(data.task, target)
     manual = resolve_split(split_text, student.config, target) if "manual" in strategies else {}
@@ -171,18 +185,37 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     root = args.output_dir
     os.makedirs(root, exist_ok=True)
 
+    table = table_file = None
+    if any(BUDGET_STRATEGIES.get(s, ("",))[0] == "latency" for s in strategies):  # one table for every latency run
+        if args.latency_table:  # prune's --latency_table: the table every latency strategy prices its units by
+            table_file, table = args.latency_table, load_latency_table(args.latency_table, student.config)
+        else:
+            write(f"measuring the latency table of {prune.student} on the path {path_to_json(path)}")
+            table = measure_latency_table(student.config, path, device=str(next(student.parameters()).device))
+            table_file = os.path.join(root, LATENCY_TABLE_FILE)
+            save_latency_table(table, table_file)
+        write(format_latency_table(table, student.config))
+
+    def latency_kept(config) -> float | None:
+        if table is None:
+            return None
+        return predicted_latency(table, config)["total"] / predicted_latency(table, student.config)["total"]
+
     results: dict[str, dict] = {}
     models = {"student (unpruned)": student}
     for strategy in strategies:
         run_args = copy.copy(args)
         run_args.output_dir = os.path.join(root, strategy)
+        run_args.latency_table = ""  # only the latency strategies price their units by the table
         for name, value in strategy_targets(strategy, manual, target, student.config).items():
             setattr(run_args, name, value)
-        if strategy in FLOPS_STRATEGIES:
-            run_args.budget, run_args.budget_path = "flops", compare.flops_path
-            run_args.layer_gates, run_args.hidden_gates = FLOPS_STRATEGIES[strategy]
-            if results.get("learned", {}).get("flops_kept") is not None:  # matched budget: the FLOPs the params-budget learned split kept
-                run_args.target_sparsity = round(1 - results["learned"]["flops_kept"], 4)
+        if strategy in BUDGET_STRATEGIES:
+            run_args.budget, run_args.layer_gates, run_args.hidden_gates = BUDGET_STRATEGIES[strategy]
+            run_args.budget_path = compare.flops_path if run_args.budget == "flops" else ""
+            run_args.latency_table = table_file if run_args.budget == "latency" else ""
+            kept = results.get("learned", {}).get(f"{run_args.budget}_kept")
+            if kept is not None:  # matched budget: the FLOPs / latency the params-budget learned split kept
+                run_args.target_sparsity = round(1 - kept, 4)
         write(f"[{strategy}] pruning to total {run_args.budget} sparsity {run_args.target_sparsity} with targets "
               f"{run_args.modality_targets or 'global'}")
         start = time.time()
@@ -196,6 +229,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
             "hidden_gates": run_args.hidden_gates,
             "flops_kept": None if path is None else (
                 prunable_flops(pruned.config, path)["total"] / prunable_flops(student.config, path)["total"]),
+            "latency_kept": latency_kept(pruned.config),
             "sparsity": realised, "expected_sparsity_at_export": expected, "metrics": metrics,
             "widths_kept": {m: getattr(pruned.config, k).hidden_size / getattr(student.config, k).hidden_size
                             for m, k in (("vision", "vision_config"), ("text", "text_config"))},
@@ -229,6 +263,9 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
             "sparsity": "share of the student's prunable parameters (attention heads + FFN neurons) removed",
             "flops": "kept share of the student's prunable FLOPs on the inference path "
                      f"{path_to_json(path) if path else '(none for this task)'}",
+            "latency_table": None if table is None else (
+                f"predicted share of the student's prunable-sub-layer seconds by {table_file} ({table['device']}; "
+                f"{table['protocol']})"),
         },
     }
     with open(os.path.join(root, "comparison.json"), "w") as f:
@@ -254,20 +291,21 @@ def format_comparison(report: dict) -> str:
     lines = [
         f"{report['task']}: total sparsity {report['target_sparsity']} (manual split: {report['manual_split']})",
         "",
-        f"| model | {metric} | params | FLOPs kept | latency ms | speed-up | widths kept v/t | "
+        f"| model | {metric} | params | FLOPs kept | table latency kept | latency ms | speed-up | widths kept v/t | "
         + " | ".join(stacks) + " | total |",
-        "|---|---|---|---|---|---|---|" + "---|" * (len(stacks) + 1),
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(stacks) + 1),
     ]
     student = report["student"]
-    lines.append(f"| student (unpruned) | {student['metric']:.2f} | {student['params'] / 1e6:.3f}M | 1.00 | "
+    lines.append(f"| student (unpruned) | {student['metric']:.2f} | {student['params'] / 1e6:.3f}M | 1.00 | 1.00 | "
                  f"{student['latency']['median_ms']:.1f} | 1.00x | 1.00/1.00 | " + "0 | " * len(stacks) + "0 |")
     for name, entry in report["strategies"].items():
         s = entry["sparsity"]
-        flops = entry.get("flops_kept")
+        flops, predicted = entry.get("flops_kept"), entry.get("latency_kept")
         widths = entry.get("widths_kept", {"vision": 1.0, "text": 1.0})
         lines.append(
             f"| {name} | {entry['metric']:.2f} | {entry['params'] / 1e6:.3f}M | "
-            f"{'-' if flops is None else f'{flops:.2f}'} | {entry['latency']['median_ms']:.1f} | "
+            f"{'-' if flops is None else f'{flops:.2f}'} | {'-' if predicted is None else f'{predicted:.2f}'} | "
+            f"{entry['latency']['median_ms']:.1f} | "
             f"{entry['speedup_vs_student']:.2f}x | {widths['vision']:.2f}/{widths['text']:.2f} | " + " | ".join(f"{s[m]:.2f}" for m in stacks)
             + f" | {s['total']:.2f} |"
         )

@@ -19,6 +19,7 @@ from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 from .atomic import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
 from ..method.cost import path_from_json, path_to_json, prunable_flops, task_path
+from ..method.latency_table import predicted_latency
 from ..method.l0 import ModalL0Module, read_gates_file
 from ..method.materialize import materialize
 from ..method.structure import VQA_HEADS, count_parameters, modalities, prunable_parameters, structure_table
@@ -132,18 +133,19 @@ def load_pruned(checkpoint: str) -> tuple[torch.nn.Module, dict | None]:
 
 def budget_report(checkpoint: str, pruned) -> dict | None:
     """The pruning budget of a gated checkpoint and what the materialized model achieved against the gated student:
-    {"kind": "params" | "flops", "target_sparsity", "gates": {"layer", "hidden"} (which CoFi gates it had), "path"
-    (FLOPs: the inference path it was measured on),
+    {"kind": "params" | "flops" | "latency", "target_sparsity", "gates": {"layer", "hidden"} (which CoFi gates it
+    had), "path" (the inference path it was measured on), "latency_device" (latency: where the table was measured),
     "achieved": {"params": kept share of the prunable parameters, "flops": kept share of the prunable FLOPs on the
-    path}}. A params-budget run is measured on its task's default path (None when the task has no path model)."""
+    path, "latency": kept share of the table's predicted seconds (latency budget only)}}. A params-budget run is measured on its task's default path (None when the task has no path model)."""
     gates = os.path.join(checkpoint, GATES_FILE)
     if not os.path.isfile(gates):
         return None
     settings, _ = read_gates_file(gates)
     student = EfficientVLMConfig.from_pretrained(checkpoint)
     kind = settings.get("budget", "params")
-    if "cost_path" in settings:
-        path = path_from_json(settings["cost_path"])
+    raw_path = settings.get("cost_path") or settings.get("latency_table", {}).get("cost_path")
+    if raw_path is not None:  # the path the budget was priced on (a latency table's: the one it was measured on)
+        path = path_from_json(raw_path)
     else:
         try:
             path = task_path(task_of_model(pruned).name, student)
@@ -157,6 +159,11 @@ def budget_report(checkpoint: str, pruned) -> dict | None:
     if path is not None:
         report["path"] = path_to_json(path)
         report["achieved"]["flops"] = prunable_flops(pruned.config, path)["total"] / prunable_flops(student, path)["total"]
+    table = settings.get("latency_table")
+    if table is not None:  # what the measured table predicts for the materialized sub-layers, vs the student's
+        report["latency_device"] = table.get("device")
+        report["achieved"]["latency"] = (predicted_latency(table, pruned.config)["total"]
+                                         / predicted_latency(table, student)["total"])
     return report
 
 

@@ -93,7 +93,8 @@ class PruningArguments(DistillationArguments):
     )
     target_sparsity: float | None = field(
         default=None,
-        metadata={"help": f"Global target sparsity of the prunable params (FLOPs with --budget flops), [0,1) "
+        metadata={"help": f"Global target sparsity of the prunable params (FLOPs / seconds with --budget flops / "
+                          f"latency), [0,1) "
                           f"({TASK_DEFAULT}: 0.25; vqa 0.35)."},
     )
     vision_target: float | None = field(default=None, metadata={"help": "Own target for the vision encoder."})
@@ -105,14 +106,23 @@ class PruningArguments(DistillationArguments):
     budget: str = field(
         default="params",
         metadata={"help": "What --target_sparsity (and the per-encoder targets) are fractions of: 'params' (the paper: "
-                          "prunable parameters) or 'flops' (FLOPs of the task's inference path, see --budget_path)."},
+                          "prunable parameters), 'flops' (FLOPs of the task's inference path, see --budget_path) "
+                          "or 'latency' (seconds on that path by a latency table measured on the target device, see "
+                          "--latency_table)."},
     )
     budget_path: str = field(
         default="",
-        metadata={"help": "--budget flops: sizes of the inference path, e.g. 'images=5000,texts=25000,k=256,"
+        metadata={"help": "--budget flops / latency: sizes of the inference path, e.g. 'images=5000,texts=25000,k=256,"
                           "text_length=40' (retrieval; default: the COCO 5k protocol) or 'items=1000,text_length=40' "
                           "(nlvr2); unnamed sizes keep the task's defaults. Every task also takes image_tokens=N: price the "
                           "units at N vision tokens (e.g. 197 = 224 px / 16 when a small proxy trains at 32 px)."},
+    )
+    latency_table: str = field(
+        default="",
+        metadata={"help": "--budget latency: a JSON table from `efficientvlm latency-table`, measured on the device the "
+                          "model will serve on (default: measured now on the training device, on the --budget_path "
+                          "path, and saved as latency_table.json in --output_dir). compare-splits: the table of its "
+                          "latency strategies."},
     )
     layer_gates: bool = field(
         default=False,
@@ -151,10 +161,13 @@ class PruningArguments(DistillationArguments):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {value}")
-        if self.budget not in ("params", "flops"):
-            raise ValueError(f"budget must be 'params' or 'flops', got {self.budget!r}")
-        if self.budget_path and self.budget != "flops":
-            raise ValueError("--budget_path sets the sizes of a FLOPs budget: give it with --budget flops")
+        if self.budget not in ("params", "flops", "latency"):
+            raise ValueError(f"budget must be 'params', 'flops' or 'latency', got {self.budget!r}")
+        if self.budget_path and self.budget == "params":
+            raise ValueError("--budget_path sets the sizes of a FLOPs / latency budget: give it with --budget flops or "
+                             "--budget latency")
+        if self.latency_table and self.budget_path:
+            raise ValueError("--latency_table already fixes the path it was measured on; drop --budget_path")
         if self.reg_learning_rate is not None and self.reg_learning_rate <= 0:
             raise ValueError(f"reg_learning_rate must be > 0, got {self.reg_learning_rate}")
         if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:

@@ -22,6 +22,7 @@ from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
 from .cost import path_from_json, path_to_json, unit_flops, width_terms
 from .gates import HardConcreteGate
+from .latency_table import check_latency_table
 from .materialize import pruned_config
 from .structure import (
     ENCODER_CONFIG_KEYS, STREAMS, UnitGroup, count_parameters, modalities, unit_groups, unit_kinds,
@@ -34,10 +35,10 @@ SETTINGS_KEY = "efficientvlm_l0"
 """Metadata key of a gate file that holds the module's settings (JSON)."""
 SETTINGS_TYPES: dict[str, type | tuple[type, ...]] = {
     "target_sparsity": (int, float), "modality_targets": dict, "one_sided": bool, "warmup_steps": int,
-    "budget": str, "cost_path": dict, "layer_gates": bool, "hidden_gates": bool,
+    "budget": str, "cost_path": dict, "layer_gates": bool, "hidden_gates": bool, "latency_table": dict,
 }
 """The settings `save` writes (the keyword arguments of `ModalL0Module`) and their JSON types."""
-BUDGETS = ("params", "flops")
+BUDGETS = ("params", "flops", "latency")
 """What a sparsity target is a fraction of (`ModalL0Module(budget=...)`, `prune --budget`)."""
 HIDDEN_MULTIPLE = 8
 """Deterministic hidden masks keep a multiple of 8 channels: a ragged residual width (e.g. 763) would cost every
@@ -59,18 +60,22 @@ class ModalL0Module(nn.Module):
             own target by its own multipliers; unlisted ones follow the global target (if any remain).
         one_sided: use λ1·max(t − ŝ, 0) + λ2·max(t − ŝ, 0)² (never pushes sparsity above the target).
         warmup_steps: the target ramps linearly from 0 over this many optimizer steps, then stays.
-        budget: what the targets are fractions of: "params" (the paper: prunable parameters) or "flops" (the cost of
-            the task's inference path `cost_path`); sparsity ŝ = 1 − Σ P(z>0)·w(unit) / Σ w(unit) with w the unit's
-            parameters or its FLOPs on that path.
+        budget: what the targets are fractions of: "params" (the paper: prunable parameters), "flops" (the cost of
+            the task's inference path `cost_path`) or "latency" (seconds on that path by a measured `latency_table`);
+            sparsity ŝ = 1 − Σ P(z>0)·w(unit) / Σ w(unit) with w the unit's parameters, its FLOPs on that path or its
+            measured seconds (+ each sub-layer's fixed seconds times P(the sub-layer runs)).
         cost_path: "flops" budget: the task's inference path, {modality: [[count, tokens, self_keys, cross_keys],
             ...]} (`training.method.cost.Run`s as lists, so it is saved with the gates).
+        latency_table: "latency" budget: a table of `training.method.latency_table.measure_latency_table` (its own
+            `cost_path` is the path it was measured on); saved with the gates.
         layer_gates: CoFi's sub-layer gates: one more hard-concrete gate per attention / cross-attention / FFN
             sub-layer multiplies all of its unit masks, so a whole sub-layer can go (an all-zero mask makes it an exact
             identity); its expected cost is P(sub-layer kept)·Σ P(unit kept)·w(unit).
         hidden_gates: CoFi's hidden-dimension gates: one gate per residual channel of the vision stream and of the
             text stream (text + fusion encoders), `PruningMasks.vision.hidden` / `.text.hidden`; a unit's weight is then
             linear in the expected kept widths, c0 + c_d·E[d] + c_kv·E[kv] (`cost.width_terms`), as in CoFi.
-            Retrieval / NLVR2 models only (the VQA decoder's stream is not gated).
+            Retrieval / NLVR2 models only (the VQA decoder's stream is not gated); not with a latency budget (a
+            measured table has no width terms).
     """
 
     def __init__(
@@ -84,13 +89,23 @@ class ModalL0Module(nn.Module):
         cost_path: dict[str, list] | None = None,
         layer_gates: bool = False,
         hidden_gates: bool = False,
+        latency_table: dict | None = None,
     ):
         super().__init__()
         _check_target("target_sparsity", target_sparsity)
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
-        if (budget == "params") != (cost_path is None):
+        if (budget == "flops") != (cost_path is not None):
             raise ValueError("a cost_path (the task's inference path) is required by budget='flops' and only by it")
+        if (budget == "latency") != (latency_table is not None):
+            raise ValueError("a latency_table (measured per-unit seconds) is required by budget='latency' and only by "
+                             "it")
+        if latency_table is not None:
+            check_latency_table(latency_table, config, "latency_table")
+            if hidden_gates:
+                raise ValueError("hidden_gates need a width-linear cost model (params or flops budget); a measured "
+                                 "latency table has none: prune with --budget flops or without --hidden_gates")
+            cost_path = latency_table["cost_path"]
         modality_targets = dict(modality_targets or {})
         for modality, target in modality_targets.items():
             if modality not in modalities(config):
@@ -132,19 +147,26 @@ class ModalL0Module(nn.Module):
         }
         self.budget = budget
         self.cost_path = None if cost_path is None else path_to_json(path_from_json(cost_path))
-        runs = None if cost_path is None else path_from_json(cost_path)
-        self.unit_costs = None if runs is None else _checked_costs(
-            {g.name: unit_flops(g, runs.get(g.modality, [])) for g in self.groups}, self.groups
-        )
+        self.latency_table = latency_table
+        runs = None if budget != "flops" else path_from_json(cost_path)
+        self.unit_costs = None
+        if runs is not None:
+            self.unit_costs = _checked_costs(
+                {g.name: unit_flops(g, runs.get(g.modality, [])) for g in self.groups}, self.groups
+            )
+        elif latency_table is not None:
+            self.unit_costs = _checked_costs(latency_table["per_unit"], self.groups)
+        # latency: the seconds a sub-layer costs while any of its units is left (0 for parameters and FLOPs)
+        self.fixed_costs = {g.name: float(latency_table["fixed"][g.name]) if latency_table else 0.0
+                            for g in self.groups}
         # hidden gates: each unit's parameters / budget cost as c0 + c_d·d + c_kv·kv of the widths it reads
         self.param_terms = {g.name: width_terms(unit_parameter_count, g) for g in self.groups}
         self.cost_terms = self.param_terms if runs is None else {
             g.name: width_terms(lambda h, m=g.modality: unit_flops(h, runs.get(m, [])), g) for g in self.groups
         }
-        self.cost_total = sum(g.size * self._weight(g) for g in self.groups)
-        self.cost_by_modality = {
-            m: sum(g.size * self._weight(g) for g in self.groups if g.modality == m) for m in self.modalities
-        }
+        full = {g.name: g.size * self._weight(g) + self.fixed_costs[g.name] for g in self.groups}
+        self.cost_total = sum(full.values())
+        self.cost_by_modality = {m: sum(full[g.name] for g in self.groups if g.modality == m) for m in self.modalities}
         # one (λ1, λ2) pair per constraint: "global" and/or each modality with its own target
         names = list(modality_targets)
         if set(self.modalities) - set(modality_targets):
@@ -154,7 +176,8 @@ class ModalL0Module(nn.Module):
         self.register_buffer("frozen", torch.tensor(False))
 
     def _weight(self, group: UnitGroup) -> float:
-        """What one unit of `group` weighs in the budget: its parameters, or its FLOPs on the task path."""
+        """What one unit of `group` weighs in the budget: its parameters, its FLOPs on the task path or its measured
+        seconds there."""
         return group.unit_params if self.unit_costs is None else self.unit_costs[group.name]
 
     def gate(self, group: UnitGroup) -> HardConcreteGate:
@@ -170,6 +193,13 @@ class ModalL0Module(nn.Module):
         keep = self.gate(group).keep_probability()
         layer = self.layer_gate(group)
         return keep if layer is None else keep * layer.keep_probability()
+
+    def _runs(self, group: UnitGroup) -> torch.Tensor:
+        """P(the sub-layer of `group` runs) = P(sub-layer gate kept) · P(at least one unit kept) (differentiable):
+        what its fixed latency is weighted by (a sub-layer without units is an identity)."""
+        any_unit = 1 - torch.prod(1 - self.gate(group).keep_probability())
+        layer = self.layer_gate(group)
+        return any_unit if layer is None else any_unit * layer.keep_probability().squeeze()
 
     def _gate_values(self, draw) -> dict[str, torch.Tensor]:
         """`draw(gate)` once per gate (a shared gate gives both copies the same mask), unit × sub-layer value; hidden
@@ -207,11 +237,13 @@ class ModalL0Module(nn.Module):
     def _kept_at_deterministic(self, budget: bool) -> dict[str, torch.Tensor]:
         """Kept parameters (or budget cost) per modality and "total" of the structure the deterministic masks keep."""
         values = self._gate_values(_deterministic)
-        return self._expected(budget, keep=lambda g: values[g.name], width=lambda s: values[_hidden_key(s)].sum())
+        return self._expected(budget, keep=lambda g: values[g.name], width=lambda s: values[_hidden_key(s)].sum(),
+                              runs=lambda g: values[g.name].amax())
 
     def achieved_sparsity(self) -> dict[str, dict[str, torch.Tensor]]:
         """Sparsity of the deterministic masks (what materialize keeps), in parameters and in the budget's unit:
-        {"params": {"total", modality...}, "budget": {...}} (FLOPs of the cost path with budget="flops")."""
+        {"params": {"total", modality...}, "budget": {...}} (FLOPs of the cost path with budget="flops", the latency
+        table's seconds with budget="latency")."""
         params, cost = self._kept_at_deterministic(budget=False), self._kept_at_deterministic(budget=True)
         return {"params": self._sparsity(params, self.prunable_total, self.prunable_by_modality),
                 "budget": self._sparsity(cost, self.cost_total, self.cost_by_modality)}
@@ -260,11 +292,13 @@ class ModalL0Module(nn.Module):
         self.frozen.fill_(True)
 
     # ------------------------------------------------------------------------------------------------ size model
-    def _expected(self, budget: bool, keep=None, width=None) -> dict[str, torch.Tensor]:
+    def _expected(self, budget: bool, keep=None, width=None, runs=None) -> dict[str, torch.Tensor]:
         """Σ keep(unit)·weight(unit) per modality and "total" (differentiable): keep = P(z>0) (default) or a 0/1
         mask; weight = parameters, or the budget's cost (`budget`); with hidden gates a unit's weight is
-        c0 + c_d·E[d] + c_kv·E[kv] at the kept widths `width(stream)` (default Σ P(channel kept))."""
+        c0 + c_d·E[d] + c_kv·E[kv] at the kept widths `width(stream)` (default Σ P(channel kept)). A latency budget
+        adds each sub-layer's fixed seconds times `runs(group)` (default P(it runs), see `_runs`)."""
         keep = keep or self._keep
+        runs = runs or self._runs
         width = width or (lambda stream: self.gates[_hidden_key(stream)].keep_probability().sum())
         widths = {s: width(s) for s in set(STREAMS.values())} if self.hidden_gates else {}
         out = {m: torch.zeros(()) for m in self.modalities}
@@ -277,6 +311,8 @@ class ModalL0Module(nn.Module):
             else:
                 weight = self._weight(group) if budget else group.unit_params
             kept = keep(group).sum() * weight
+            if budget and self.fixed_costs[group.name]:
+                kept = kept + runs(group) * self.fixed_costs[group.name]
             out[group.modality] = out[group.modality].to(kept.device) + kept
         out["total"] = sum(out[m] for m in self.modalities)
         return out
@@ -338,7 +374,7 @@ class ModalL0Module(nn.Module):
                 logs[f"expected_hidden_{stream}"] = gate.expected_l0().item() / gate.log_alpha.numel()
         if self.unit_costs is not None:
             for key, value in sparsity.items():
-                logs[f"expected_flops_sparsity_{key}"] = value.item()
+                logs[f"expected_{self.budget}_sparsity_{key}"] = value.item()
         return loss, logs
 
     @torch.no_grad()
@@ -360,7 +396,9 @@ class ModalL0Module(nn.Module):
         settings = {"target_sparsity": self.target_sparsity, "modality_targets": self.modality_targets,
                     "one_sided": self.one_sided, "warmup_steps": self.warmup_steps, "budget": self.budget,
                     "layer_gates": self.layer_gates, "hidden_gates": self.hidden_gates}
-        if self.cost_path is not None:
+        if self.latency_table is not None:
+            settings["latency_table"] = self.latency_table
+        elif self.cost_path is not None:
             settings["cost_path"] = self.cost_path
         save_file(state, path, metadata={"format": "pt", SETTINGS_KEY: json.dumps(settings)})
 
