@@ -150,6 +150,11 @@ def test_latency_table_cli_then_compare_splits_latency_strategy_and_its_export(c
                  "images=4,texts=8,k=2,text_length=12", "--points", "2", "--repeats", "2"]) == 0
     printed = capsys.readouterr().out
     assert "ms per unit" in printed and f"written: {table}" in printed
+    priced = tmp_path / "priced.json"  # the same student priced at the tiny bench preset's (wider, deeper) shapes
+    assert main(["latency-table", "--student", str(chain / "student"), "--output", str(priced), "--price_at", "tiny",
+                 "--image_size", "64", "--points", "2", "--repeats", "1"]) == 0
+    assert "priced at tiny student, 64 px" in capsys.readouterr().out
+    assert json.loads(priced.read_text())["cost_path"]["vision"][0][1] == 1 + (64 // 8) ** 2
     out = tmp_path / "compare_latency"
     assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
                  "--output_dir", str(out), "--target_sparsity", "0.4", "--strategies", "learned,latency+layers",

@@ -64,6 +64,32 @@ def test_kv_cached_decoding_runs_are_timed(tmp_path):
     assert predicted_latency(table, config)["text"] > 0
 
 
+def test_transfer_prices_a_narrow_proxy_at_the_wider_models_shapes():
+    """A proxy with 2 heads per layer priced by a source with 4 heads and twice the depth: proxy layer i reads source
+    layer 2i, a proxy head costs 4/2 source heads, the fixed seconds carry over; an absent kind is refused."""
+    from efficientvlm.training.method.latency_table import transfer_table
+
+    source = tiny_config()
+    source.vision_config.num_hidden_layers = 4
+    source.vision_config.num_attention_heads = [4] * 4
+    source.vision_config.intermediate_size = [37] * 4
+    target = tiny_config()
+    target.vision_config.num_attention_heads = [2, 2]
+    target.vision_config.intermediate_size = [10, 10]
+    table = _table(source, per_unit=lambda g: float(g.layer + 1), fixed=lambda g: 0.5 * (g.layer + 1))
+    path = task_path("retrieval", target, "k=2,image_tokens=197")
+    moved = transfer_table(table, source, target, path, "source")
+    assert moved["per_unit"]["vision.head.1"] == pytest.approx(3.0 * 4 / 2)  # source layer 2, 4 heads → 2
+    assert moved["per_unit"]["vision.ffn.0"] == pytest.approx(1.0 * 37 / 10)
+    assert moved["fixed"]["vision.head.1"] == pytest.approx(1.5)
+    assert moved["cost_path"]["vision"][0][1] == 197 and "source" in moved["priced_at"]
+    check_latency_table(moved, target)
+    no_cross = tiny_config()
+    no_cross.fusion_encoder_config.num_cross_attention_heads = [0] * no_cross.fusion_encoder_config.num_hidden_layers
+    with pytest.raises(ValueError, match="cannot price fusion.cross_head.0 at src"):
+        transfer_table(_table(no_cross), no_cross, tiny_config(), path, "src")
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

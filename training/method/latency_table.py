@@ -190,6 +190,36 @@ def measure_latency_table(
     }
 
 
+def transfer_table(table: dict, source_config, target_config, path: Path, priced_at: str) -> dict:
+    """Re-expresses `table` (measured for `source_config`, e.g. the deployment model) per unit of `target_config`
+    (a narrower proxy with the same encoders that is pruned in its place): each target group reads the source group
+    of its kind at the same relative depth (layer i of n reads source layer ⌊i·n_src/n⌋), a target unit costs
+    `source per_unit · source size / target size` (a fraction of a group costs what that fraction costs at the source
+    shapes) and a sub-layer keeps the source's fixed seconds. `path` (the target's path) is recorded as its cost path.
+
+    Raises:
+        ValueError: a target group whose kind the source encoder lacks (e.g. no cross-attention).
+    """
+    source = {(g.modality, g.kind, g.layer): g for g in unit_groups(source_config) if g.size > 0}
+    depth = {m: getattr(source_config, ENCODER_CONFIG_KEYS[m]).num_hidden_layers for m in ENCODER_CONFIG_KEYS
+             if getattr(source_config, ENCODER_CONFIG_KEYS[m], None) is not None}
+    per_unit, fixed = {}, {}
+    for group in unit_groups(target_config):
+        if group.size == 0:
+            continue
+        n = getattr(target_config, ENCODER_CONFIG_KEYS[group.modality]).num_hidden_layers
+        key = (group.modality, group.kind, group.layer * depth.get(group.modality, 0) // n)
+        if key not in source:
+            raise ValueError(f"cannot price {group.name} at {priced_at}: its {group.modality} layer {key[2]} has no "
+                             f"{group.kind} units")
+        ref = source[key]
+        per_unit[group.name] = table["per_unit"][ref.name] * ref.size / group.size
+        fixed[group.name] = table["fixed"][ref.name]
+    return {**table, "cost_path": path_to_json(path), "per_unit": per_unit, "fixed": fixed,
+            "priced_at": f"{priced_at}: measured there, mapped by relative depth, per unit × size ratio",
+            "fits": table.get("fits", [])}
+
+
 def _device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
@@ -279,7 +309,8 @@ def format_latency_table(table: dict, config) -> str:
         row[2] += fix
         row[3] += unit * group.size + fix
     total = sum(row[3] for row in rows.values())
-    lines = [f"latency table: {table['device']}; {table.get('protocol', '')}", "",
+    priced = f"; priced at {table['priced_at']}" if table.get("priced_at") else ""
+    lines = [f"latency table: {table['device']}; {table.get('protocol', '')}{priced}", "",
              "| encoder | unit | sub-layers | ms per unit (mean) | fixed ms per sub-layer (mean) | share of path |",
              "|---|---|---|---|---|---|"]
     for (modality, kind), (n, unit, fix, whole) in rows.items():
