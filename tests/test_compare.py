@@ -170,6 +170,8 @@ def test_latency_table_cli_then_compare_splits_latency_strategy_and_its_export(c
     assert budget["kind"] == "latency" and budget["latency_device"].startswith("cpu")
     assert budget["achieved"]["latency"] == pytest.approx(latency["latency_kept"])
     assert budget["path"] == json.loads(table.read_text())["cost_path"]
+    card = (tmp_path / "e" / "README.md").read_text()
+    assert "- **budget**: measured latency on the task's path (cpu" in card and "(+ layer gates)" in card
 
 
 def test_compare_splits_rejects_a_bad_manual_split_before_training(chain, tmp_path, capsys):

@@ -282,6 +282,16 @@ def _card_text(model_name: str, report: dict, metrics: dict | None, extra: dict)
         f"{s['fusion']:.1%} | {s['total']:.1%} | {_speed_cell(extra)} |"
     )
     structure_lines = []
+    budget = report.get("budget")
+    if budget:  # what the pruning run counted, and what the materialized model kept of each cost
+        what = {"params": "prunable parameters", "flops": "FLOPs of the task's inference path",
+                "latency": f"measured latency on the task's path ({budget.get('latency_device', 'a latency table')})"}
+        kept = ", ".join(f"{name} {value:.1%}" for name, value in budget.get("achieved", {}).items())
+        gates = [name for name, on in budget.get("gates", {}).items() if on]
+        structure_lines.append(
+            f"- **budget**: {what.get(budget['kind'], budget['kind'])}, target sparsity {budget['target_sparsity']}"
+            + (f" (+ {' and '.join(gates)} gates)" if gates else "") + (f"; kept: {kept}" if kept else "")
+        )
     for modality, entry in report["structure"].items():
         parts = [f"{kind}: {values}" for kind, values in entry.items()]
         structure_lines.append(f"- **{modality}**: " + "; ".join(parts))
