@@ -33,10 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..method.cost import has_path, path_to_json, prunable_flops, task_path
-from ..method.latency_table import (
-    LATENCY_TABLE_FILE, format_latency_table, load_latency_table, measure_latency_table, predicted_latency,
-    save_latency_table,
-)
+from ..method.latency_table import format_latency_table, latency_share, latency_table_for
 from ..method.structure import modalities, prunable_parameters
 from ..tasks import get_task
 from .latency import measure_interleaved, summarize
@@ -187,19 +184,9 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
 
     table = table_file = None
     if any(BUDGET_STRATEGIES.get(s, ("",))[0] == "latency" for s in strategies):  # one table for every latency run
-        if args.latency_table:  # prune's --latency_table: the table every latency strategy prices its units by
-            table_file, table = args.latency_table, load_latency_table(args.latency_table, student.config)
-        else:
-            write(f"measuring the latency table of {prune.student} on the path {path_to_json(path)}")
-            table = measure_latency_table(student.config, path, device=str(next(student.parameters()).device))
-            table_file = os.path.join(root, LATENCY_TABLE_FILE)
-            save_latency_table(table, table_file)
+        # prune's --latency_table, else measured once on --flops_path's path and written beside the runs
+        table, table_file = latency_table_for(student.config, data.task, args.latency_table, compare.flops_path, root)
         write(format_latency_table(table, student.config))
-
-    def latency_kept(config) -> float | None:
-        if table is None:
-            return None
-        return predicted_latency(table, config)["total"] / predicted_latency(table, student.config)["total"]
 
     results: dict[str, dict] = {}
     models = {"student (unpruned)": student}
@@ -229,7 +216,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
             "hidden_gates": run_args.hidden_gates,
             "flops_kept": None if path is None else (
                 prunable_flops(pruned.config, path)["total"] / prunable_flops(student.config, path)["total"]),
-            "latency_kept": latency_kept(pruned.config),
+            "latency_kept": None if table is None else latency_share(table, pruned.config, student.config),
             "sparsity": realised, "expected_sparsity_at_export": expected, "metrics": metrics,
             "widths_kept": {m: getattr(pruned.config, k).hidden_size / getattr(student.config, k).hidden_size
                             for m, k in (("vision", "vision_config"), ("text", "text_config"))},

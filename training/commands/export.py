@@ -19,7 +19,7 @@ from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 from .atomic import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
 from ..method.cost import path_from_json, path_to_json, prunable_flops, task_path
-from ..method.latency_table import predicted_latency
+from ..method.latency_table import latency_share
 from ..method.l0 import ModalL0Module, read_gates_file
 from ..method.materialize import materialize
 from ..method.structure import VQA_HEADS, count_parameters, modalities, prunable_parameters, structure_table
@@ -162,8 +162,7 @@ def budget_report(checkpoint: str, pruned) -> dict | None:
     table = settings.get("latency_table")
     if table is not None:  # what the measured table predicts for the materialized sub-layers, vs the student's
         report["latency_device"] = table.get("device")
-        report["achieved"]["latency"] = (predicted_latency(table, pruned.config)["total"]
-                                         / predicted_latency(table, student)["total"])
+        report["achieved"]["latency"] = latency_share(table, pruned.config, student)
     return report
 
 

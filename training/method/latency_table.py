@@ -20,6 +20,7 @@ Measure once on the device the model will serve on (`efficientvlm latency-table`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -32,8 +33,10 @@ from tqdm.auto import tqdm
 
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
 
-from .cost import Path, Run, path_from_json, path_to_json
+from .cost import Path, Run, path_from_json, path_to_json, task_path
 from .structure import ENCODER_CONFIG_KEYS, UnitGroup, unit_groups
+
+logger = logging.getLogger(__name__)
 
 TABLE_VERSION = 1
 LATENCY_TABLE_FILE = "latency_table.json"
@@ -280,6 +283,29 @@ def save_latency_table(table: dict, path: str) -> None:
     with open(tmp, "w") as f:
         json.dump(table, f, indent=2)
     os.replace(tmp, path)
+
+
+def latency_table_for(config, task: str, table_file: str = "", budget_path: str = "",
+                      output_dir: str | None = None) -> tuple[dict, str | None]:
+    """The table a latency budget prices `config`'s units by, and the file holding it: `table_file` (checked against
+    `config`), else measured now on the training device (CUDA when there is one) on `task`'s path at `budget_path` and
+    written to `output_dir`/latency_table.json (not written without an `output_dir`)."""
+    if table_file:
+        return load_latency_table(table_file, config), table_file
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logger.info("no latency table given: measuring the student's sub-layers on %s", device)
+    table = measure_latency_table(config, task_path(task, config, budget_path), device=device)
+    if not output_dir:
+        return table, None
+    file = os.path.join(output_dir, LATENCY_TABLE_FILE)
+    save_latency_table(table, file)
+    return table, file
+
+
+def latency_share(table: dict, config, reference_config) -> float:
+    """The share of `reference_config`'s predicted seconds (the student) that `config` (a structure pruned from it)
+    keeps by `table`."""
+    return predicted_latency(table, config)["total"] / predicted_latency(table, reference_config)["total"]
 
 
 def predicted_latency(table: dict, config) -> dict[str, float]:

@@ -24,7 +24,7 @@ from .arguments import DistillationArguments, PruningArguments, default_sparsity
 from .cost import path_to_json, task_path
 from .distillation import check_compatible, kd_pairs
 from .l0 import GATES_FILE, ModalL0Module, read_gates_file
-from .latency_table import LATENCY_TABLE_FILE, load_latency_table, measure_latency_table, save_latency_table
+from .latency_table import latency_table_for
 from .student import resolve_layer_map, save_layer_map
 
 NOISE_RNG_FILE = "noise_rng.safetensors"  # hard-concrete noise + ITM negative sampling generator
@@ -334,7 +334,10 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
     if args.budget == "flops":
         cost_path = path_to_json(task_path(task, student.config, args.budget_path))
     if args.budget == "latency":
-        table = latency_table_for(student, args, task)
+        if not args.latency_table and args.world_size > 1:  # every process must price the units alike
+            raise ValueError("--budget latency on several processes needs --latency_table (measure it once with "
+                             "`efficientvlm latency-table` on the serving device)")
+        table, _ = latency_table_for(student.config, task, args.latency_table, args.budget_path, args.output_dir)
     l0 = ModalL0Module(
         student.config,
         target_sparsity=args.target_sparsity,
@@ -348,19 +351,3 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
         latency_table=table,
     )
     return GatedModel(student, l0)
-
-
-def latency_table_for(student: nn.Module, args: PruningArguments, task: str) -> dict:
-    """The latency table of a `--budget latency` run: `--latency_table` (checked against the student), else measured
-    now on the training device (CUDA when there is one) and written to `output_dir`/latency_table.json."""
-    if args.latency_table:
-        return load_latency_table(args.latency_table, student.config)
-    if args.world_size > 1:  # every process must price the units alike: one table, measured once
-        raise ValueError("--budget latency on several processes needs --latency_table (measure it once with "
-                         "`efficientvlm latency-table` on the serving device)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    logger.info("--budget latency without --latency_table: measuring the student's sub-layers on %s", device)
-    table = measure_latency_table(student.config, task_path(task, student.config, args.budget_path), device=device)
-    if args.output_dir and args.process_index == 0:
-        save_latency_table(table, os.path.join(args.output_dir, LATENCY_TABLE_FILE))
-    return table
