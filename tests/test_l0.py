@@ -141,3 +141,41 @@ def test_gate_file_round_trip_keeps_the_constraint_set(tmp_path):
         ModalL0Module.from_file(path, tiny_config(vision=dict(num_hidden_layers=3)))
     with pytest.raises(FileNotFoundError, match="no L0 gate file"):
         ModalL0Module.from_file(str(tmp_path / "missing.safetensors"), config)
+
+
+def _heads_removed_by_lagrangian_game(l0, steps=60):
+    opt = torch.optim.AdamW([
+        {"params": l0.gate_parameters(), "lr": 0.05, "weight_decay": 0.0},
+        {"params": l0.lambda_parameters(), "lr": 0.05, "weight_decay": 0.0, "maximize": True},
+    ])
+    for step in range(steps):
+        opt.zero_grad()
+        loss, _ = l0.lagrangian(step)
+        loss.backward()
+        opt.step()
+        l0.clamp_()
+    masks = l0.deterministic_masks()
+    heads = [m for enc in (masks.vision, masks.text, masks.fusion) for kind in ("head", "cross_head")
+             for m in (getattr(enc, kind) or []) if m is not None]
+    return sum(int((m == 0).sum()) for m in heads)
+
+
+def test_head_init_log_alpha_lets_heads_reach_the_cut_and_round_trips(tmp_path):
+    """The paper's init (10 → clamped 4.6) keeps every head through a short Lagrangian game; starting heads where the
+    FFN neurons start (0) lets the budget prune heads too. The init is saved with the gates; bad values are named."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    paper = ModalL0Module(config, target_sparsity=0.3, layer_gates=True)
+    cofi = ModalL0Module(config, target_sparsity=0.3, layer_gates=True, head_init_log_alpha=0.0)
+    for group in cofi.groups:  # heads now start with the neurons (FFN drop rate 0.5 → log α 0)
+        assert float(cofi.gate(group).log_alpha.detach().mean()) == pytest.approx(0.0, abs=0.05)
+        if group.kind != "ffn":
+            assert float(paper.gate(group).log_alpha.detach().mean()) == pytest.approx(10.0, abs=0.05)
+        assert float(cofi.layer_gate(group).log_alpha.detach()) == pytest.approx(10.0, abs=0.05)  # sub-layers: paper
+    assert _heads_removed_by_lagrangian_game(paper) == 0
+    assert _heads_removed_by_lagrangian_game(cofi) > 0
+    path = str(tmp_path / "gates.safetensors")
+    cofi.save(path)
+    assert ModalL0Module.from_file(path, config).head_init_log_alpha == 0.0
+    with pytest.raises(ValueError, match="head_init_log_alpha must be a finite number"):
+        ModalL0Module(config, head_init_log_alpha=float("nan"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +135,12 @@ class PruningArguments(DistillationArguments):
         metadata={"help": "CoFi's hidden-dimension gates: one gate per residual channel of the vision stream and of the "
                           "text stream (text + fusion); materialize shrinks the widths (retrieval / NLVR2)."},
     )
+    head_init_log_alpha: float = field(
+        default=10.0,
+        metadata={"help": "Initial log α of the head gates (the paper: 10, clamped to 4.6 after one step; FFN neurons "
+                          "start at 0). In short runs such heads never reach the cut and only FFN neurons are pruned; "
+                          "0 starts heads where the neurons start, so the budget's prices decide between them."},
+    )
     snap_to_target: bool = field(
         default=True,
         metadata={"help": "When the structure is frozen (--freeze_masks_step, else at the end of training) shift every "
@@ -168,6 +175,8 @@ class PruningArguments(DistillationArguments):
                              "--budget latency")
         if self.latency_table and self.budget_path:
             raise ValueError("--latency_table already fixes the path it was measured on; drop --budget_path")
+        if not math.isfinite(self.head_init_log_alpha):
+            raise ValueError(f"head_init_log_alpha must be a finite number, got {self.head_init_log_alpha}")
         if self.reg_learning_rate is not None and self.reg_learning_rate <= 0:
             raise ValueError(f"reg_learning_rate must be > 0, got {self.reg_learning_rate}")
         if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:

@@ -11,6 +11,7 @@ P(z > 0)·params(unit) (see `training.structure`).
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -36,6 +37,7 @@ SETTINGS_KEY = "efficientvlm_l0"
 SETTINGS_TYPES: dict[str, type | tuple[type, ...]] = {
     "target_sparsity": (int, float), "modality_targets": dict, "one_sided": bool, "warmup_steps": int,
     "budget": str, "cost_path": dict, "layer_gates": bool, "hidden_gates": bool, "latency_table": dict,
+    "head_init_log_alpha": (int, float),
 }
 """The settings `save` writes (the keyword arguments of `ModalL0Module`) and their JSON types."""
 BUDGETS = ("params", "flops", "latency")
@@ -43,7 +45,7 @@ BUDGETS = ("params", "flops", "latency")
 HIDDEN_MULTIPLE = 8
 """Deterministic hidden masks keep a multiple of 8 channels: a ragged residual width (e.g. 763) would cost every
 matmul of the stream a remainder tile; heads / FFN widths stay exact (they measured no such penalty, see bench)."""
-HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept
+HEAD_INIT_LOG_ALPHA = 10.0  # heads start (almost surely) kept: the paper's init
 FFN_DROP_RATE = 0.5  # FFN neurons: log α = log(1 − p) − log p = 0
 
 
@@ -76,6 +78,11 @@ class ModalL0Module(nn.Module):
             linear in the expected kept widths, c0 + c_d·E[d] + c_kv·E[kv] (`cost.width_terms`), as in CoFi.
             Retrieval / NLVR2 models only (the VQA decoder's stream is not gated); not with a latency budget (a
             measured table has no width terms).
+        head_init_log_alpha: initial log α of the attention / cross-attention head gates (the paper: 10, i.e.
+            clamped to log 100 ≈ 4.6 after the first step, P(z>0) = 0.998; FFN neurons start at 0, P(z>0) = 0.83).
+            In short runs heads that start at 10 never reach the cut and only FFN neurons are pruned; 0 starts them
+            where the FFN neurons start (CoFi's own code starts every mask from one drop rate), so the budget's
+            prices — not the init — decide between heads and neurons. Sub-layer and hidden gates start at 10.
     """
 
     def __init__(
@@ -90,9 +97,12 @@ class ModalL0Module(nn.Module):
         layer_gates: bool = False,
         hidden_gates: bool = False,
         latency_table: dict | None = None,
+        head_init_log_alpha: float = HEAD_INIT_LOG_ALPHA,
     ):
         super().__init__()
         _check_target("target_sparsity", target_sparsity)
+        if not math.isfinite(head_init_log_alpha):
+            raise ValueError(f"head_init_log_alpha must be a finite number, got {head_init_log_alpha}")
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
         if (budget == "flops") != (cost_path is not None):
@@ -120,7 +130,7 @@ class ModalL0Module(nn.Module):
         for group in self.groups:
             if group.kv_shared_with is not None:  # an NLVR2 pair's odd copy uses the even copy's cross-head gate
                 continue
-            init = HEAD_INIT_LOG_ALPHA if group.kind != "ffn" else None
+            init = head_init_log_alpha if group.kind != "ffn" else None
             drop = FFN_DROP_RATE if group.kind == "ffn" else None
             self.gates[group.name.replace(".", "_")] = HardConcreteGate((group.size,), init_mean=init, drop_rate=drop)
             if layer_gates:
@@ -134,6 +144,7 @@ class ModalL0Module(nn.Module):
                 self.gates[_hidden_key(stream)] = HardConcreteGate((width,), init_mean=HEAD_INIT_LOG_ALPHA)
         self.layer_gates = layer_gates
         self.hidden_gates = hidden_gates
+        self.head_init_log_alpha = float(head_init_log_alpha)
         self.target_sparsity = target_sparsity
         self.modality_targets = modality_targets
         self.one_sided = one_sided
@@ -395,7 +406,8 @@ class ModalL0Module(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         settings = {"target_sparsity": self.target_sparsity, "modality_targets": self.modality_targets,
                     "one_sided": self.one_sided, "warmup_steps": self.warmup_steps, "budget": self.budget,
-                    "layer_gates": self.layer_gates, "hidden_gates": self.hidden_gates}
+                    "layer_gates": self.layer_gates, "hidden_gates": self.hidden_gates,
+                    "head_init_log_alpha": self.head_init_log_alpha}
         if self.latency_table is not None:
             settings["latency_table"] = self.latency_table
         elif self.cost_path is not None:

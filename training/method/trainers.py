@@ -349,5 +349,6 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
         layer_gates=args.layer_gates,
         hidden_gates=args.hidden_gates,
         latency_table=table,
+        head_init_log_alpha=args.head_init_log_alpha,
     )
     return GatedModel(student, l0)
