@@ -215,6 +215,10 @@ def load_learned_split(path: str) -> LearnedSplit:
     return LearnedSplit(layers, hidden, "per-layer keep fractions (structure / reference_structure)")
 
 
+UNREACHABLE_TOLERANCE = 0.01
+"""A rescaled --split whose achieved parameter sparsity misses --target_sparsity by more than this says so."""
+
+
 def _kept(n: int, fraction: float, exponent: float, pad_multiple: int) -> int:
     """Units kept of n at keep fraction**exponent: a removed sub-layer (n = 0 or fraction 0) stays removed, any other
     keeps at least one unit."""
@@ -279,8 +283,13 @@ def pruned_student_config(args: BenchArguments, student_cfg: EfficientVLMConfig)
             pruned, c = structured_pruned_config(student_cfg, split, 1.0, args.pad_multiple), 1.0
             rescale = "none (--split_as_learned)"
         else:
-            pruned, c, _ = rescale_to_target(student_cfg, split, args.target_sparsity, args.pad_multiple)
+            pruned, c, achieved = rescale_to_target(student_cfg, split, args.target_sparsity, args.pad_multiple)
             rescale = f"keep fractions f -> f**c, c = {c:.4g}, bisected to target_sparsity {args.target_sparsity}"
+            if abs(achieved - args.target_sparsity) > UNREACHABLE_TOLERANCE:
+                why = ("its removed sub-layers (keep fraction 0) alone remove more" if achieved > args.target_sparsity
+                       else "its kept-whole units cannot remove that much")
+                rescale += (f"; target NOT reachable: {why}, achieved {achieved:.3f} (compare it at that sparsity, "
+                            "or use --split_as_learned)")
         info = {"kind": "learned structure", "file": args.split, "read_as": split.source, "layer_map":
                 "relative depth: layer i of n reads source layer floor(i * n_src / n)", "rescale": rescale,
                 "exponent": c, "hidden_scaled": sorted(split.hidden)}
