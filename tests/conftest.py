@@ -56,6 +56,23 @@ def tiny_inputs(batch: int = 3, length: int = 7, seed: int = 0, vocab: int = 99,
             "attention_mask": mask}
 
 
+def lagrangian_game(l0, steps: int, lr: float) -> dict:
+    """Gates (AdamW descent) vs multipliers (ascent) on `l0`'s Lagrangian alone, clamping log α after every step as the
+    trainer does; returns the last step's logs."""
+    opt = torch.optim.AdamW([
+        {"params": l0.gate_parameters(), "lr": lr, "weight_decay": 0.0},
+        {"params": l0.lambda_parameters(), "lr": lr, "weight_decay": 0.0, "maximize": True},
+    ])
+    logs = {}
+    for step in range(steps):
+        opt.zero_grad()
+        loss, logs = l0.lagrangian(step)
+        loss.backward()
+        opt.step()
+        l0.clamp_()
+    return logs
+
+
 def run_clean_python(code: str, env: dict | None = None, timeout: int = 240) -> str:
     """Runs `code` in a fresh interpreter that cannot import this project's packages (as a Hub user would)."""
     prelude = textwrap.dedent(

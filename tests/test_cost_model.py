@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tests.conftest import ragged_config
+from tests.conftest import lagrangian_game, ragged_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from efficientvlm.training.method.cost import Run, prunable_flops, retrieval_path, unit_costs
@@ -71,19 +71,9 @@ def test_retrieval_path_puts_the_pair_count_on_fusion():
     assert costs["fusion.ffn.0"] / costs["text.ffn.0"] == 240 / 50
 
 
-def _lagrangian_game(l0, steps: int = 400) -> None:
+def _lagrangian_game(l0, steps: int = 400) -> dict:
     torch.manual_seed(0)
-    opt = torch.optim.AdamW([
-        {"params": l0.gate_parameters(), "lr": 0.1, "weight_decay": 0.0},
-        {"params": l0.lambda_parameters(), "lr": 0.1, "weight_decay": 0.0, "maximize": True},
-    ])
-    for step in range(steps):
-        opt.zero_grad()
-        loss, logs = l0.lagrangian(step)
-        loss.backward()
-        opt.step()
-        l0.clamp_()
-    return logs
+    return lagrangian_game(l0, steps, lr=0.1)
 
 
 def test_flops_budget_reaches_its_target_and_differs_from_params():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-from tests.conftest import tiny_config
+from tests.conftest import lagrangian_game, tiny_config
 from efficientvlm.training import ModalL0Module, materialize
 from efficientvlm.training.method.materialize import pruned_config
 from efficientvlm.training.method.structure import count_parameters, unit_groups
@@ -90,16 +90,7 @@ def test_lagrangian_game_reaches_targets(targets):
     """Gates (descent) vs multipliers (ascent) on the Lagrangian alone converge to the target(s) within 0.03."""
     torch.manual_seed(0)
     l0 = ModalL0Module(tiny_config(), target_sparsity=0.5, modality_targets=targets)
-    opt = torch.optim.AdamW([
-        {"params": l0.gate_parameters(), "lr": 0.1, "weight_decay": 0.0},
-        {"params": l0.lambda_parameters(), "lr": 0.1, "weight_decay": 0.0, "maximize": True},
-    ])
-    for step in range(400):
-        opt.zero_grad()
-        loss, _ = l0.lagrangian(step)
-        loss.backward()
-        opt.step()
-        l0.clamp_()
+    lagrangian_game(l0, steps=400, lr=0.1)
     sparsity = l0.expected_sparsity()
     for name, target in (targets or {"total": 0.5}).items():
         assert float(sparsity[name].detach()) == pytest.approx(target, abs=0.03)
@@ -144,16 +135,7 @@ def test_gate_file_round_trip_keeps_the_constraint_set(tmp_path):
 
 
 def _heads_removed_by_lagrangian_game(l0, steps=60):
-    opt = torch.optim.AdamW([
-        {"params": l0.gate_parameters(), "lr": 0.05, "weight_decay": 0.0},
-        {"params": l0.lambda_parameters(), "lr": 0.05, "weight_decay": 0.0, "maximize": True},
-    ])
-    for step in range(steps):
-        opt.zero_grad()
-        loss, _ = l0.lagrangian(step)
-        loss.backward()
-        opt.step()
-        l0.clamp_()
+    lagrangian_game(l0, steps, lr=0.05)
     masks = l0.deterministic_masks()
     heads = [m for enc in (masks.vision, masks.text, masks.fusion) for kind in ("head", "cross_head")
              for m in (getattr(enc, kind) or []) if m is not None]
