@@ -50,6 +50,35 @@ def test_tiny_benchmark_reports_protocol_and_ratios(tmp_path):
     assert pruned["speedup_over_flops_ratio"] == pytest.approx(pruned["speedup"] / pruned["flops_speedup"])
 
 
+def test_bench_times_the_models_round_robin(monkeypatch):
+    """Every round of a workload runs each model once in turn (drift hits all alike), and the speed-up range is the
+    spread of the per-round paired ratios."""
+    from efficientvlm.training.commands import bench
+
+    calls = []
+    build = bench.build_models
+
+    def hooked(args):
+        models, source = build(args)
+        for name, model in models.items():
+            model.fusion_model.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
+        return models, source
+
+    monkeypatch.setattr(bench, "build_models", hooked)
+    args = BenchArguments(preset="tiny", repeats=3, warmup=1, num_images=2, num_texts=2, k=1)
+    result = bench.run_benchmark(args)
+    rounds = args.warmup + args.repeats
+    # the fusion workload is timed last: its runs alternate teacher, student, pruned in every round
+    assert calls[-3 * rounds:] == ["teacher", "student", "pruned"] * rounds
+    for entry in result["models"].values():
+        assert len(entry["latency_runs_ms"]) == args.repeats and entry["speedup_runs"] == args.repeats
+        assert entry["speedup_min"] <= entry["speedup_max"]
+    teacher, pruned = result["models"]["teacher"], result["models"]["pruned"]
+    paired = [t / p for t, p in zip(teacher["latency_runs_ms"], pruned["latency_runs_ms"])]
+    assert (pruned["speedup_min"], pruned["speedup_max"]) == (min(paired), max(paired))
+    assert "round robin" in result["protocol"]["timing"]
+
+
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--num_images", "2",

@@ -1,8 +1,9 @@
 """Benchmark: parameters, analytic FLOPs and measured latency of teacher vs student vs pruned student.
 
-Protocol (printed with every run): one process, one device, the same inputs for every model; for each model and each
-workload: `warmup` untimed runs, then `repeats` timed runs (synchronised on GPU); we report the median and the
-min / max; throughput = images per second on the retrieval path. The retrieval path is the ALBEF/X-VLM inference:
+Protocol (printed with every run): one process, one device, the same inputs for every model; for each workload the
+models run round robin, once each per round: `warmup` untimed rounds, then `repeats` timed ones (synchronised on GPU),
+so drift hits every model alike; we report the median and the min / max, and the speed-up's range over the rounds'
+paired ratios; throughput = images per second on the retrieval path. The retrieval path is the ALBEF/X-VLM inference:
 encode `num_images` images and `num_texts` texts, ITC scores for all pairs, ITM re-scoring of the top-k candidates of
 every image query and every text query ((num_images + num_texts)·k fusion passes, cached tokens). Latency depends on
 shapes only, so random weights are used unless `--model` checkpoints are given.
@@ -19,6 +20,7 @@ import copy
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,7 +42,7 @@ from ..method.structure import (
 )
 from ..method.student import student_config
 from ..tasks.retrieval import retrieval_step
-from .latency import summarize, time_runs
+from .latency import measure_interleaved, speedup_summary, summarize
 from .presets import PRESETS, xvlm_clip_config
 
 
@@ -316,27 +318,43 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
 WORKLOADS = ("retrieval", "vision", "text", "fusion")
 
 
-def measure(model, args: BenchArguments, device: torch.device, dtype: torch.dtype, after_run=None) -> dict:
-    """Latency of the retrieval path and of each encoder alone for one model (`after_run`: called after each run)."""
+def workloads(model, args: BenchArguments, device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    """One model's timed workloads: the retrieval path and each encoder alone, on inputs fixed by seed 0."""
     config = model.config
     g = torch.Generator().manual_seed(0)
     size = config.vision_config.image_size
     pixels = torch.randn(args.num_images, 3, size, size, generator=g).to(device, dtype)
     ids = torch.randint(5, config.text_config.vocab_size, (args.num_texts, args.text_length), generator=g).to(device)
     mask = torch.ones_like(ids)
-    image_tokens = model.encode_image(pixels).last_hidden_state
-    text_tokens = model.encode_text(ids, mask).last_hidden_state
+    with torch.inference_mode():
+        image_tokens = model.encode_image(pixels).last_hidden_state
+        text_tokens = model.encode_text(ids, mask).last_hidden_state
     pairs = (args.num_images + args.num_texts) * args.k
     pair_image = torch.arange(pairs, device=device) % args.num_images
     pair_text = torch.arange(pairs, device=device) % args.num_texts
-    workloads = {
+    return {
         "retrieval": lambda: retrieval_step(model, pixels, ids, mask, args.k),
         "vision": lambda: model.encode_image(pixels),
         "text": lambda: model.encode_text(ids, mask),
         "fusion": lambda: model.fuse(text_tokens[pair_text], mask[pair_text], image_tokens[pair_image]),
     }
-    return {name: summarize(time_runs(workloads[name], args.warmup, args.repeats, device, after_run))
-            for name in WORKLOADS}
+
+
+def measure(models: dict, args: BenchArguments, device: torch.device, dtype: torch.dtype, progress=None,
+            after_run=None) -> dict[str, dict[str, list[float]]]:
+    """Timings (ms) per model and workload. Every repeat of a workload runs all models once in turn (round robin,
+    `measure_interleaved`), so drift — thermal, frequency, other processes — hits every model alike and each round
+    gives one paired speed-up; `progress(workload)` is called before each workload, `after_run` after each run."""
+    runs = {name: workloads(model, args, device, dtype) for name, model in models.items()}
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    for workload in WORKLOADS:
+        if progress:
+            progress(workload)
+        timed = measure_interleaved({name: runs[name][workload] for name in models}, args.repeats, args.warmup,
+                                    device, after_run)
+        for name in models:
+            times[name][workload] = timed[name]
+    return times
 
 
 def _flops(config, args: BenchArguments) -> dict[str, float]:
@@ -392,26 +410,32 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     models, source = build_models(args)
-    results = {}
+    models = {name: model.to(device, dtype).eval() for name, model in models.items()}
     # one tick per run (warm-up or timed) of every workload of every model, on stderr
     bar = tqdm(total=len(models) * len(WORKLOADS) * (args.warmup + args.repeats), desc="bench", unit="run")
-    for name, model in models.items():
+
+    def announce(workload: str) -> None:
+        bar.set_postfix_str(workload)
         if progress:
-            progress(name)
-        bar.set_postfix_str(name)
-        model = model.to(device, dtype).eval()
-        timings = measure(model, args, device, dtype, after_run=bar.update)
+            progress(workload)
+
+    timings = measure(models, args, device, dtype, progress=announce, after_run=bar.update)
+    results = {}
+    for name, model in models.items():
         flops = _flops(model.config, args)
         params = count_parameters(model.config, ("itm",))
+        retrieval = summarize(timings[name]["retrieval"])
         results[name] = {
             "params": params["total"],
             "prunable_params": prunable_parameters(model.config)["total"],
             "gflops": flops["retrieval"] / 1e9,
-            "latency_ms": timings["retrieval"]["median_ms"],
-            "latency_min_ms": timings["retrieval"]["min_ms"],
-            "latency_max_ms": timings["retrieval"]["max_ms"],
-            "throughput_images_per_s": args.num_images / (timings["retrieval"]["median_ms"] / 1000),
-            "encoders": {m: {**timings[m], "gflops": flops[m] / 1e9} for m in ("vision", "text", "fusion")},
+            "latency_ms": retrieval["median_ms"],
+            "latency_min_ms": retrieval["min_ms"],
+            "latency_max_ms": retrieval["max_ms"],
+            "latency_runs_ms": timings[name]["retrieval"],
+            "throughput_images_per_s": args.num_images / (retrieval["median_ms"] / 1000),
+            "encoders": {m: {**summarize(timings[name][m]), "gflops": flops[m] / 1e9}
+                         for m in ("vision", "text", "fusion")},
         }
     bar.close()
     base = _add_ratios(results)
@@ -427,9 +451,9 @@ def _add_ratios(results: dict) -> str:
     base = results[base_name]
     for entry in results.values():
         entry["speedup"] = base["latency_ms"] / entry["latency_ms"]
-        # models are timed one after another (not paired), so the range is the bound from the min / max runs
-        entry["speedup_min"] = base["latency_min_ms"] / entry["latency_max_ms"]
-        entry["speedup_max"] = base["latency_max_ms"] / entry["latency_min_ms"]
+        # models are timed round robin: each round gives one paired ratio; the range is theirs
+        paired = speedup_summary(base["latency_runs_ms"], entry["latency_runs_ms"])
+        entry["speedup_min"], entry["speedup_max"], entry["speedup_runs"] = paired["min"], paired["max"], paired["runs"]
         entry["flops_speedup"] = base["gflops"] / entry["gflops"]
         # speed-up ÷ FLOPs speed-up: 1 = latency falls as fast as FLOPs (per workload: retrieval here, encoders below)
         entry["flops_ratio"] = entry["speedup"] / entry["flops_speedup"]
@@ -462,7 +486,9 @@ def protocol(args: BenchArguments, source: dict) -> dict:
     else:
         info.update(preset=args.preset, pad_multiple=args.pad_multiple, target_sparsity=args.target_sparsity,
                     split=source["split"])
-    info["timing"] = "median of `repeats` runs after `warmup` untimed runs; min/max reported"
+    info["timing"] = ("models interleaved: every round runs each model once in turn (round robin), `warmup` untimed "
+                      "rounds, then `repeats` timed ones; median, min / max per model; speed-up range = the per-round "
+                      "paired ratios")
     return info
 
 
@@ -490,8 +516,8 @@ def format_table(result: dict) -> str:
             f"{r['flops_speedup']:>9.2f}"
             f"{r['flops_ratio']:>7.2f}"
         )
-    lines.append(f"Speed-ups are over {p['speedup_baseline']}: ratio of medians; [min-max] = slowest / fastest run "
-                 "pairing (models timed one after another); ratio = speed-up / FLOPs speed-up (flops_ratio).")
+    lines.append(f"Speed-ups are over {p['speedup_baseline']}: ratio of medians; [min-max] = range of the per-round "
+                 "ratios (models timed round robin, one run each per round); ratio = speed-up / FLOPs speed-up (flops_ratio).")
     lines.append("")
     lines.append(f"Per encoder (median ms, speed-up vs {p['speedup_baseline']} / FLOPs speed-up = flops_ratio):")
     for name, r in result["models"].items():

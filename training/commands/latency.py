@@ -33,15 +33,6 @@ def speedup_summary(base_ms: list[float], times_ms: list[float]) -> dict[str, fl
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "runs": len(ratios)}
 
 
-def time_runs(
-    fn: Callable[[], object], warmup: int, repeats: int, device: torch.device | None = None,
-    after_run: Callable[[], None] | None = None,
-) -> list[float]:
-    """`warmup` untimed calls, then `repeats` timed ones (ms each), under inference mode, synchronised on CUDA;
-    `after_run` (e.g. a progress bar's update) is called after every call, outside the timed region."""
-    return measure_interleaved({"run": fn}, repeats, warmup, device, after_run)["run"]
-
-
 def measure_interleaved(
     workloads: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, device: torch.device | None = None,
     after_run: Callable[[], None] | None = None,
