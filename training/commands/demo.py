@@ -33,6 +33,7 @@ from ..tasks import TASKS, Task, get_task
 from .presets import demo_config
 from .stages import (
     DataArguments,
+    describe_eval_data,
     PruneArguments,
     StudentArguments,
     TeacherArguments,
@@ -58,7 +59,7 @@ official ones (retrieval 0.01 would leave the gates near their initial sparsity 
 # and pruning take `prune_steps`).
 PROFILES = {
     "default": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=6000, distill_steps=200,
-                    prune_steps=300, batch=32, eval_images=200, lr=1e-3, itm_k=8, latency_repeats=5,
+                    prune_steps=300, batch=32, eval_images=1000, lr=1e-3, itm_k=8, latency_repeats=5,
                     itm_negatives_warmup_steps=1000, task_teacher_steps=300),
     "quick": dict(image_size=32, hidden=64, ffn=256, heads=4, teacher_steps=120, distill_steps=40, prune_steps=60,
                   batch=32, eval_images=64, lr=1e-3, itm_k=4, latency_repeats=3, itm_negatives_warmup_steps=30,
@@ -150,7 +151,7 @@ class DemoArguments:
                              "`make demo-teacher`, or pass --train_teacher true)")
 
 
-MODEL_ORDER = ("teacher", "student", "pruned", "student_no_kd", "pruned_no_kd")
+MODEL_ORDER = ("teacher", "student", "pruned", "student_no_kd", "pruned_no_kd", "pruned_uniform")
 
 
 def _training_args(cls, output_dir: str, steps: int, profile: dict, seed: int, **kwargs):
@@ -254,6 +255,7 @@ class Chain:
     cards: dict
     steps: dict
     prune_settings: dict = field(default_factory=dict)
+    ranks: dict = field(default_factory=dict)  # per-query ranks of each model (retrieval: paired comparisons)
 
 
 def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
@@ -274,8 +276,7 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
     if fine_tuned:
         report = _task_report(chain, task, latency, args, profile, timings)
     else:
-        report = _report(chain.models, chain.metrics, latency, chain.expected, args, profile, timings,
-                         chain.provenance)
+        report = _report(chain, latency, args, profile, timings)
         report["protocol"].update(task=task.name, metric=task.metric)
 
     teacher = chain.models["teacher"]
@@ -300,36 +301,57 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
 
 def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, timings: dict) -> Chain:
     """The shipped (or trained) pre-training teacher is the task teacher; per run (KD, and the no-KD baselines):
-    general distillation → retrieval fine-tuning with task KD + modal-adaptive pruning → materialize → evaluate."""
+    general distillation → retrieval fine-tuning with task KD + modal-adaptive pruning → materialize → evaluate; and
+    the uniform baseline: the KD student pruned with the same KD and steps, every layer cut to the same share."""
     data = _demo_data(profile, task.name)
     eval_data = eval_set(data)
-    teacher, teacher_metrics, teacher_dir, provenance = _teacher(args, work, profile, data, eval_data, timings)
+    ranks: dict = {}
+
+    def evaluate(name: str, model, processor) -> dict:  # the task's metrics + the per-query ranks (paired CIs)
+        metrics, ranks[name] = task.evaluate(model, processor, data, eval_data, True, None, return_ranks=True)
+        return {**metrics, "data": describe_eval_data(data, eval_data)}
+
+    if args.train_teacher:
+        teacher, _, teacher_dir, provenance = _teacher(args, work, profile, data, eval_data, timings)
+        teacher_metrics = _timed(timings, "teacher_eval", lambda: evaluate("teacher", teacher,
+                                                                           _processor(teacher_dir)))
+    else:
+        teacher_dir, provenance = args.teacher, _shipped_provenance(args.teacher)
+        teacher = EfficientVLMForPreTraining.from_pretrained(teacher_dir).eval()
+        teacher_metrics = _timed(timings, "teacher_eval", lambda: evaluate("teacher", teacher,
+                                                                           _processor(teacher_dir)))
     processor = _processor(teacher_dir)
     models, metrics, expected = {"teacher": teacher}, {"teacher": teacher_metrics}, {}
     distill_steps = args.distill_steps or profile["distill_steps"]
     prune_steps = args.prune_steps or profile["prune_steps"]
 
+    def prune(pruned_name: str, student_dir: str, kd: bool, **extra) -> None:
+        # the demo's short schedule: a faster reg lr than the official 0.01, half the learning rate
+        prune_args = _prune_args(os.path.join(work, pruned_name), prune_steps, profile, args,
+                                 reg_learning_rate=DEMO_REG_LR, lambda_vlp=0.5, learning_rate=profile["lr"] / 2,
+                                 **extra)
+        _timed(timings, pruned_name, lambda: run_prune(
+            PruneArguments(student=student_dir, teacher=teacher_dir, kd=kd), data, prune_args, eval_data=False))
+        models[pruned_name], expected[pruned_name] = load_pruned(prune_args.output_dir)  # materialize
+        metrics[pruned_name] = _timed(timings, f"{pruned_name}_eval", lambda: evaluate(
+            pruned_name, models[pruned_name], processor))
+
     runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
     for student_name, pruned_name, kd in runs:
         distill_args = _training_args(DistillationArguments, os.path.join(work, student_name), distill_steps, profile,
                                       args.seed, lambda_vlp=0.6)
-        models[student_name], metrics[student_name] = _timed(timings, student_name, lambda: run_distill(
-            StudentArguments(teacher=teacher_dir, kd=kd), data, distill_args, eval_data))
-        # the demo's short schedule: a faster reg lr than the official 0.01, half the learning rate
-        prune_args = _prune_args(os.path.join(work, pruned_name), prune_steps, profile, args,
-                                 reg_learning_rate=DEMO_REG_LR,
-                                 lambda_vlp=0.5, learning_rate=profile["lr"] / 2)
-        _timed(timings, pruned_name, lambda: run_prune(
-            PruneArguments(student=distill_args.output_dir, teacher=teacher_dir, kd=kd), data, prune_args,
-            eval_data=False))
-        models[pruned_name], expected[pruned_name] = load_pruned(prune_args.output_dir)  # materialize
-        metrics[pruned_name] = _timed(timings, f"{pruned_name}_eval", lambda: evaluate_model(
-            models[pruned_name], processor, data, eval_data))
+        models[student_name], _ = _timed(timings, student_name, lambda: run_distill(
+            StudentArguments(teacher=teacher_dir, kd=kd), data, distill_args, eval_data=False))
+        metrics[student_name] = _timed(timings, f"{student_name}_eval", lambda: evaluate(
+            student_name, models[student_name], processor))
+        prune(pruned_name, distill_args.output_dir, kd)
+        if kd and args.baselines:  # the same KD student, the same KD and steps, the same share off every layer
+            prune("pruned_uniform", distill_args.output_dir, True, uniform_split=True)
     cards = {name: {"recipe": RECIPES[name], "how_made": HOW_MADE[name],
                     "summary": f"EfficientVLM demo {name.replace('_', ' ')} for image-text retrieval on synthetic "
                                "scenes."} for name in models}
     return Chain(models, metrics, expected, data, eval_data, teacher_dir, provenance, cards,
-                 {"distill": distill_steps, "prune": prune_steps})
+                 {"distill": distill_steps, "prune": prune_steps}, ranks=ranks)
 
 
 def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timings: dict) -> Chain:
@@ -429,8 +451,44 @@ def _write_teacher_config(work: str, profile: dict, data: DataArguments) -> str:
     return path
 
 
-def _report(models, metrics, latency, expected, args, profile, timings, provenance) -> dict:
+PAIRED = {"student_kd_minus_no_kd": ("student", "student_no_kd"), "pruned_kd_minus_no_kd": ("pruned", "pruned_no_kd"),
+          "pruned_learned_minus_uniform": ("pruned", "pruned_uniform")}
+"""The paired comparisons of the retrieval report: r_mean(a) − r_mean(b) on the same held-out queries."""
+
+
+def _paired(ranks: dict) -> dict:
+    """Each `PAIRED` difference whose two models ran, with its paired bootstrap 95 % interval over query images."""
+    from ..metrics.confidence import paired_r_mean_difference
+
+    return {name: paired_r_mean_difference(ranks[a], ranks[b]) for name, (a, b) in PAIRED.items()
+            if a in ranks and b in ranks}
+
+
+def _eval_protocol(data: DataArguments, eval_data: dict) -> dict:
+    """{"name", "images", "captions_per_image", "twins_per_image"} of the held-out retrieval set."""
+    per_image = {len(texts) for texts in eval_data["img2txt"]}
+    twins = {len(t) for t in eval_data.get("twins", [[]])}
+    return {"name": data.eval_protocol if data.dataset == "synthetic" and not data.eval_dataset else "file",
+            "images": len(eval_data["img2txt"]),
+            "captions_per_image": per_image.pop() if len(per_image) == 1 else sorted(per_image),
+            "twins_per_image": twins.pop() if len(twins) == 1 else sorted(twins)}
+
+
+def _evaluation_text(protocol: dict, profile: dict) -> str:
+    twins = (f", {protocol['twins_per_image']} twins per image in the gallery (same objects rearranged, or an "
+             "attribute swapped between two objects)" if protocol["twins_per_image"] else "")
+    return (f"{protocol['images']} held-out synthetic scenes ({protocol['name']} protocol), "
+            f"{protocol['captions_per_image']} captions each{twins}; TR counts any of an image's captions, IR is per "
+            f"caption; ITM re-ranks the ITC top-{profile['itm_k']} (X-VLM match logit); 95 % CI: percentile "
+            "bootstrap over query images (2000 resamples); twin accuracy: a caption's ITM score for its image above "
+            "each twin's (first caption of every image)")
+
+
+def _report(chain: Chain, latency, args, profile, timings) -> dict:
     from ..method.structure import count_parameters
+
+    models, metrics, expected, provenance = chain.models, chain.metrics, chain.expected, chain.provenance
+    protocol = _eval_protocol(chain.data, chain.eval_data)
 
     runs = latency["teacher"]["latency_runs"]
     out = {"models": {}, "protocol": {
@@ -440,18 +498,20 @@ def _report(models, metrics, latency, expected, args, profile, timings, provenan
             f"(40 tokens); retrieval path: encode all, ITC all pairs, ITM on top-{profile['itm_k']} per query; "
             f"{_runs_text(runs)}"
         ),
-        "evaluation": f"{profile['eval_images']} held-out synthetic scenes, one unique caption each; ITM re-ranks "
-                      f"the ITC top-{profile['itm_k']} (X-VLM match logit)",
+        "evaluation": _evaluation_text(protocol, profile),
         "profile": "quick" if args.quick else "default", "seed": args.seed, "target_sparsity": args.target_sparsity,
         "steps": {"distill": args.distill_steps or profile["distill_steps"],
                   "prune": args.prune_steps or profile["prune_steps"]},
         "baselines": "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "
                      "distillation steps; pruned_no_kd: that student pruned to the same target with the task loss "
-                     "only (no teacher)",
+                     "only (no teacher); pruned_uniform: the KD student pruned with the same task KD and steps, every "
+                     "encoder held to the target by its own multipliers and every layer cut to the same share at the "
+                     "freeze (--uniform_split)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-    }, "teacher_provenance": provenance, "stage_seconds": timings}
+    }, "eval_protocol": protocol, "teacher_provenance": provenance, "stage_seconds": timings}
     out["models"] = _model_entries(models, metrics, latency, expected, "r_mean",
                                    lambda model: count_parameters(model.config, ("itm",))["total"])
+    out["paired"] = _paired(chain.ranks)
     return out
 
 
@@ -499,7 +559,8 @@ def _model_entries(models, metrics, latency, expected, metric: str, params) -> d
         entry["sparsity_vs_teacher"], entry["structure"] = report["sparsity"], report["structure"]
         entry[f"{metric}_fraction_of_teacher"] = entry[metric] / max(metrics["teacher"][metric], 1e-9)
         out[name] = entry
-    for pruned_name, student_name in (("pruned", "student"), ("pruned_no_kd", "student_no_kd")):
+    for pruned_name, student_name in (("pruned", "student"), ("pruned_no_kd", "student_no_kd"),
+                                      ("pruned_uniform", "student")):
         if pruned_name in out:
             entry = out[pruned_name]
             entry["sparsity_vs_student"] = sparsity_report(models[pruned_name].config,
@@ -509,7 +570,8 @@ def _model_entries(models, metrics, latency, expected, metric: str, params) -> d
 
 
 TABLE_COLUMNS = {"retrieval": (("TR@1", "txt_r1", 6), ("TR@5", "txt_r5", 6), ("IR@1", "img_r1", 6),
-                               ("IR@5", "img_r5", 6), ("r_mean", "r_mean", 8), ("ITC only", "r_mean_itc", 9))}
+                               ("IR@5", "img_r5", 6), ("r_mean", "r_mean", 8), ("95% CI", "r_mean_ci95", 12),
+                               ("ITC only", "r_mean_itc", 9), ("twin %", "twin_accuracy", 7))}
 """The metric columns of `format_report` per task (header, key, width); other tasks: their card's report keys."""
 
 
@@ -522,7 +584,7 @@ def format_report(report: dict) -> str:
     share of the teacher's metric, latency."""
     task = get_task(report["protocol"].get("task", "retrieval"))
     metric, columns = task.metric, _table_columns(task)
-    head = (f"{'model':<14}{'params':>8}" + "".join(f"{title:>{width}}" for title, _, width in columns)
+    head = (f"{'model':<15}{'params':>8}" + "".join(f"{title:>{width}}" for title, _, width in columns)
             + f"{'% teacher':>10}{'latency ms':>11}{'speedup':>8}{'[min-max]':>12}"
             "  sparsity vs student (v/t/f[/decoder], total)")
     lines = [head]
@@ -532,7 +594,7 @@ def format_report(report: dict) -> str:
         stacks = [m for m in ("vision", "text", "fusion", "decoder") if m in s]
         sparsity = "/".join(f"{s[m]:.2f}" for m in stacks) + f", {s['total']:.2f}" if s else "-"
         lines.append(
-            f"{name:<14}{r['params'] / 1e6:>7.2f}M" + "".join(f"{r[key]:>{width}.1f}" for _, key, width in columns)
+            f"{name:<15}{r['params'] / 1e6:>7.2f}M" + "".join(_cell(r.get(key), width) for _, key, width in columns)
             + f"{r[f'{metric}_fraction_of_teacher']:>10.1%}{r['latency_ms']:>11.1f}{r['speedup']:>8.2f}"
             f"{'[' + format(r['speedup_min'], '.2f') + '-' + format(r['speedup_max'], '.2f') + ']':>12}  {sparsity}"
         )
@@ -543,7 +605,21 @@ def format_report(report: dict) -> str:
               f"{pruned['speedup']:.2f}x speed-up with {pruned['params'] / report['models']['teacher']['params']:.0%} "
               f"of its parameters; wall time {report['wall_time_s']:.0f} s.",
               "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()) + "."]
+    for name, d in report.get("paired", {}).items():
+        lo, hi = d["ci95"]
+        verdict = "beyond" if lo > 0 or hi < 0 else "inside"
+        lines.append(f"Paired {name.replace('_', ' ')}: {d['mean']:+.2f} r_mean, 95% CI [{lo:+.2f}, {hi:+.2f}] "
+                     f"(zero {'outside' if verdict == 'beyond' else 'inside'} the interval).")
     return "\n".join(lines)
+
+
+def _cell(value, width: int) -> str:
+    """A table cell: a number with one decimal, an interval as lo-hi, '-' when the model has no such value."""
+    if value is None:
+        return f"{'-':>{width}}"
+    if isinstance(value, (list, tuple)):
+        return f"{f'{value[0]:.1f}-{value[1]:.1f}':>{width}}"
+    return f"{value:>{width}.1f}"
 
 
 RECIPES = {
@@ -556,6 +632,9 @@ RECIPES = {
               "(modal-adaptive), then materialized into a smaller dense model.",
     "student_no_kd": "Baseline: the same half-depth student (same init) trained on the VLP losses only, no teacher.",
     "pruned_no_kd": "Baseline: the no-KD student pruned to the same target with the task loss only, no teacher.",
+    "pruned_uniform": "Baseline: the distilled student pruned with the same task KD, target and steps, but every "
+                      "encoder held to the target by its own multipliers and every layer cut to the same share of its "
+                      "heads and FFN parameters (no learned split).",
 }
 HOW_MADE = {
     "teacher": "trained from scratch as the teacher of the EfficientVLM demo",
@@ -563,6 +642,7 @@ HOW_MADE = {
     "pruned": "distilled and then modal-adaptively pruned (and physically materialized)",
     "student_no_kd": "initialised from every other teacher layer and trained without distillation (baseline)",
     "pruned_no_kd": "pruned without distillation from the no-KD student (baseline)",
+    "pruned_uniform": "distilled and then pruned by the same share in every layer (uniform baseline)",
 }
 TASK_RECIPES = {
     "teacher": "The demo's pre-training teacher (trained to convergence on synthetic scenes, see "
@@ -593,6 +673,26 @@ class DemoTeacherArguments:
     max_steps: int = field(default=PROFILES["default"]["teacher_steps"], metadata={"help": "Step budget."})
     eval_every: int = field(default=250, metadata={"help": "Held-out evaluation interval (steps)."})
     convergence_band: float = field(default=1.5, metadata={"help": "Stop when the last quarter stays within ±band."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue from this teacher (the binding stage: `make demo-teacher` first trains an "
+                          "object teacher from scratch without twins, then continues it with twins); default: from "
+                          "scratch."},
+    )
+    synthetic_twins: float = field(
+        default=0.0, metadata={"help": "Share of training scenes that come with a twin in the batch (see `teacher "
+                                       "--help`); 0 = independent scenes (the object stage)."}
+    )
+    synthetic_captions: int = field(default=1, metadata={"help": "1..N captions per training image."})
+    learning_rate: float = field(default=PROFILES["default"]["lr"], metadata={"help": "Constant AdamW lr."})
+    itm_negatives_warmup_steps: int = field(
+        default=PROFILES["default"]["itm_negatives_warmup_steps"],
+        metadata={"help": "Random → hard ITM negatives over this many steps (0 = hard from the start)."},
+    )
+    eval_images: int = field(
+        default=PROFILES["default"]["eval_images"],
+        metadata={"help": "Held-out images of the learning curve (twins protocol: a multiple of 4)."},
+    )
 
 
 def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda text: None) -> dict:
@@ -600,15 +700,17 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
     writes it as a Hub-ready folder with `provenance.json` (command, data, seed, curve) and the curve's plot."""
     import tempfile
 
-    profile = PROFILES["default"]
+    profile = {**PROFILES["default"], "lr": args.learning_rate, "eval_images": args.eval_images,
+               "itm_negatives_warmup_steps": args.itm_negatives_warmup_steps}
     data = _demo_data(profile)
+    data.synthetic_twins, data.synthetic_captions = args.synthetic_twins, args.synthetic_captions
     with tempfile.TemporaryDirectory(prefix="efficientvlm-demo-teacher-") as work:
-        config_path = _write_teacher_config(work, profile, data)
+        config_path = None if args.init_from else _write_teacher_config(work, profile, data)
         train_args = _teacher_args(os.path.join(work, "teacher"), args.max_steps, profile, args.seed)
         train_args.lr_scheduler_type = "constant_with_warmup"  # a budget, not a schedule: stopping may come early
         train_args.logging_steps = 50
-        teacher_args = TeacherArguments(config=config_path, eval_every=args.eval_every, stop_when_converged=True,
-                                        convergence_band=args.convergence_band)
+        teacher_args = TeacherArguments(config=config_path, init_from=args.init_from, eval_every=args.eval_every,
+                                        stop_when_converged=True, convergence_band=args.convergence_band)
         start = time.time()
         model, metrics = run_teacher(teacher_args, data, train_args)
         with open(os.path.join(train_args.output_dir, "learning_curve.json")) as f:
@@ -616,15 +718,19 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
         provenance = {
             "command": command, "seed": args.seed, "steps_trained": curve["curve"][-1]["step"],
             "step_budget": args.max_steps, "train_seconds": round(time.time() - start, 1),
-            "data": f"fresh synthetic scenes every step ({profile['image_size']} px, batch {profile['batch']}); held-out: "
-                    f"{profile['eval_images']} scenes (eval seed {data.eval_seed}), ITM re-ranks the ITC top-"
-                    f"{profile['itm_k']}",
-            "recipe": f"ITC + ITM + MLM from scratch, AdamW lr {profile['lr']} (constant after {train_args.warmup_steps} "
-                      f"warm-up steps), ITM negatives random → hard over {profile['itm_negatives_warmup_steps']} steps",
+            "data": f"fresh synthetic scenes every step ({profile['image_size']} px, batch {profile['batch']}; "
+                    f"twin share {data.synthetic_twins}, 1-{data.synthetic_captions} captions per image); held-out: "
+                    f"{profile['eval_images']} images, protocol {data.eval_protocol} (eval seed {data.eval_seed}), ITM "
+                    f"re-ranks the ITC top-{profile['itm_k']}",
+            "recipe": f"ITC + ITM + MLM {'from ' + args.init_from if args.init_from else 'from scratch'}, AdamW lr "
+                      f"{profile['lr']} (constant after {train_args.warmup_steps} warm-up steps), ITM negatives random "
+                      f"→ hard over {profile['itm_negatives_warmup_steps']} steps",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch "
                        f"{torch.__version__}",
             "metrics": metrics, "learning_curve": curve,
         }
+        if args.init_from:
+            provenance["initialised_from"] = _shipped_provenance(args.init_from)
         provenance_path = os.path.join(work, PROVENANCE_FILE)
         with open(provenance_path, "w") as f:
             json.dump(provenance, f, indent=2)

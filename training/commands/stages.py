@@ -14,7 +14,7 @@ import torch
 from modeling_efficientvlm import ITM_SCORES, EfficientVLMConfig, EfficientVLMForPreTraining
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 
-from ..data.scenes import NLVR2_LEVELS
+from ..data.scenes import EVAL_PROTOCOLS, NLVR2_LEVELS
 from ..method.arguments import DistillationArguments, PruningArguments
 from ..method.student import init_student_from_teacher, load_layer_map, resolve_layer_map
 from ..method.trainers import (
@@ -70,6 +70,13 @@ class DataSourceArguments:
         default=100,
         metadata={"help": "Size of the held-out synthetic set (images for retrieval and captioning, items for nlvr2)."},
     )
+    eval_protocol: str = field(
+        default="twins",
+        metadata={"help": "Held-out synthetic retrieval set: 'twins' (COCO-style: 5 distinct captions per image, and "
+                          "every image has 3 twins in the gallery — the same objects rearranged or with an attribute "
+                          "swapped between two objects — so ranking needs relations and binding; --eval_images a "
+                          "multiple of 4) or 'scenes' (the earlier set: one caption per image)."},
+    )
     eval_seed: int = field(
         default=10_000,
         metadata={"help": "Seed of the held-out synthetic set (disjoint stream) and of the held-out share of a JSON "
@@ -86,6 +93,12 @@ class DataSourceArguments:
         get_task(self.task)  # raises naming the registered tasks
         if self.itm_score not in ITM_SCORES:
             raise ValueError(f"--itm_score must be one of {ITM_SCORES}, got {self.itm_score!r}")
+        if self.eval_protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"--eval_protocol must be one of {EVAL_PROTOCOLS}, got {self.eval_protocol!r}")
+        if (self.task == "retrieval" and self.eval_protocol == "twins" and self.dataset == "synthetic"
+                and not self.eval_dataset and self.eval_images % 4):
+            raise ValueError(f"--eval_protocol twins holds groups of 4 images (a scene and its 3 twins): --eval_images "
+                             f"must be a multiple of 4, got {self.eval_images}")
         if self.nlvr2_level not in NLVR2_LEVELS:
             raise ValueError(f"--nlvr2_level must be one of {NLVR2_LEVELS}, got {self.nlvr2_level!r}")
         if self.dataset != "synthetic" and not os.path.isfile(self.dataset):
@@ -100,6 +113,17 @@ class DataArguments(DataSourceArguments):
 
     mlm_probability: float = field(default=0.25, metadata={"help": "MLM masking probability (0 disables MLM)."})
     max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per caption."})
+    synthetic_twins: float = field(
+        default=0.5,
+        metadata={"help": "Synthetic image-caption training: share of scenes that come with a twin (the same objects "
+                          "rearranged, or an attribute swapped between two objects) in the same batch, the hard "
+                          "negative that teaches relations and binding (0: independent scenes)."},
+    )
+    synthetic_captions: int = field(
+        default=2,
+        metadata={"help": "Synthetic image-caption training: each image yields 1 to this many distinct captions in one "
+                          "batch (COCO-style; ITC targets and ITM negatives follow the image ids)."},
+    )
     holdout_fraction: float = field(
         default=0.1,
         metadata={"help": "Without --eval_dataset, a JSON --dataset is split: this share of its images (retrieval) "
@@ -112,6 +136,9 @@ class DataArguments(DataSourceArguments):
         super().__post_init__()
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"--mlm_probability must lie in [0, 1), got {self.mlm_probability}")
+        if not 0.0 <= self.synthetic_twins <= 1.0 or self.synthetic_captions < 1:
+            raise ValueError(f"--synthetic_twins must lie in [0, 1] and --synthetic_captions be >= 1, got "
+                             f"{self.synthetic_twins} and {self.synthetic_captions}")
         if not 0.0 < self.holdout_fraction < 1.0 or self.holdout_max < 1:
             raise ValueError(f"--holdout_fraction must lie in (0, 1) and --holdout_max be >= 1, got "
                              f"{self.holdout_fraction} and {self.holdout_max}")

@@ -147,6 +147,13 @@ class PruningArguments(DistillationArguments):
                           "gate's log α by one common δ so the deterministic masks meet the target exactly (the "
                           "Lagrangian only holds the expected sparsity on average and overshoots in short runs)."},
     )
+    uniform_split: bool = field(
+        default=False,
+        metadata={"help": "The uniform baseline: every encoder is held to the target by its own multipliers while the "
+                          "gates train, and when the structure is frozen every layer of every encoder is cut to the "
+                          "same share of its prunable parameters (instead of snapping the learned split to the "
+                          "budget). Per-encoder targets default to --target_sparsity."},
+    )
     one_sided_lagrangian: bool = field(default=False, metadata={"help": "TinyCLIP's λ1·max(t−ŝ,0)+λ2·max(t−ŝ,0)²."})
     reg_learning_rate: float | None = field(
         default=None,

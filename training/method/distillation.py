@@ -141,8 +141,10 @@ def _stream_mask(pruning_masks, modality: str) -> torch.Tensor | None:
     return getattr(pruning_masks, STREAMS[modality]).hidden
 
 
-def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_batch: bool) -> torch.Tensor:
-    """ITC on the local batch, or (multi-process, `global_batch`) against the features gathered from every rank.
+def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_batch: bool,
+        image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """ITC on the local batch, or (multi-process, `global_batch`) against the features gathered from every rank;
+    with `image_ids` (B,) every pair showing the same image is a positive (X-VLM's image-id targets).
 
     `torch.distributed.nn.all_gather` is differentiable, and DDP averages the gradients of the per-rank means, so
     the update equals that of one process computing the loss over the global batch.
@@ -150,12 +152,18 @@ def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_b
     import torch.distributed as dist
 
     if not (global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return L.itc_loss(image_feat, text_feat, temperature)
+        mask = None if image_ids is None else L.same_image_mask(image_ids)
+        return L.itc_loss(image_feat, text_feat, temperature, positive_mask=mask)
     from torch.distributed.nn.functional import all_gather
 
     all_image, all_text = torch.cat(all_gather(image_feat)), torch.cat(all_gather(text_feat))
     offset = dist.get_rank() * image_feat.shape[0]
-    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature, offset)
+    all_ids = None
+    if image_ids is not None:  # dataset-wide ids (X-VLM's idx): the same image on two ranks is one positive
+        gathered = [torch.empty_like(image_ids) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, image_ids.contiguous())
+        all_ids = torch.cat(gathered)
+    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature, offset, image_ids, all_ids)
 
 
 def check_compatible(student_config, teacher_config, hidden_kd_on: bool) -> None:

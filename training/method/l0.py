@@ -298,6 +298,34 @@ class ModalL0Module(nn.Module):
             sparsity_at(deltas[name])
         return deltas
 
+    @torch.no_grad()
+    def snap_uniform_(self) -> dict[str, int]:
+        """The uniform baseline's structure: every layer of every encoder loses the same share of its prunable
+        parameters (its encoder's target, else the global one); returns {group name: units removed}.
+
+        Per layer, each attention sub-layer removes round(t · heads) heads and the FFN the neurons that bring the
+        layer's removed parameters closest to t · its prunable parameters (heads are coarse, neurons fine), so the
+        share per layer, and therefore in total, is t up to one neuron. Which units go is the gates' learned ranking
+        (each group's log α shifted by its own δ until its deterministic mask keeps the count). Sub-layer and hidden
+        gates are not part of this baseline.
+        """
+        if self.layer_gates or self.hidden_gates:
+            raise ValueError("the uniform split snaps heads and FFN neurons only: no layer or hidden gates")
+        layers: dict[tuple[str, int], list[UnitGroup]] = {}
+        for g in self.groups:
+            layers.setdefault((g.modality, g.layer), []).append(g)
+        removed: dict[str, int] = {}
+        for (modality, _), groups in layers.items():
+            target = self.modality_targets.get(modality, self.target_sparsity)
+            budget = target * sum(g.size * g.unit_params for g in groups)
+            for g in sorted(groups, key=lambda g: g.kind == "ffn"):  # attention first: the FFN takes the rest
+                count = round(target * g.size) if g.kind != "ffn" else round(budget / g.unit_params)
+                removed[g.name] = min(max(count, 0), g.size)
+                budget -= removed[g.name] * g.unit_params
+        for g in self.groups:
+            _keep_exactly(self.gate(g), g.size - removed[g.name])
+        return removed
+
     def freeze(self) -> None:
         """Stops pruning: from now on forwards use the deterministic masks (training continues on the weights)."""
         self.frozen.fill_(True)
@@ -525,6 +553,21 @@ def masks_from_values(
     for group in groups:  # a sub-layer of size 0 in the config has no group: its entry stays None
         getattr(encoders[group.modality], group.kind)[group.layer] = values[group.name]
     return PruningMasks(**encoders)
+
+
+def _keep_exactly(gate: HardConcreteGate, kept: int) -> None:
+    """Shifts `gate`'s log α by one δ (bisection) so that its deterministic mask keeps exactly `kept` gates; the
+    ranking of the gates is unchanged."""
+    original = gate.log_alpha.detach().clone()
+    low, high = -60.0, 60.0  # kept count rises with δ
+    for _ in range(60):
+        mid = (low + high) / 2
+        gate.log_alpha.copy_(original + mid)
+        count = int(gate.deterministic().sum())
+        if count == kept:
+            return
+        low, high = (mid, high) if count < kept else (low, mid)
+    raise RuntimeError(f"internal error: no shift of log α keeps exactly {kept} of {original.numel()} gates")
 
 
 def _deterministic(gate: HardConcreteGate, multiple: int = 1) -> torch.Tensor:

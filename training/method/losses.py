@@ -43,22 +43,54 @@ def itc_loss(
     text_feat: torch.Tensor,
     temperature: torch.Tensor | float,
     labels: torch.Tensor | None = None,
+    positive_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE: L_itc = ½[CE(s_i2t, y) + CE(s_t2i, y)], s_i2t = img · txtᵀ / τ, s_t2i = s_i2tᵀ.
+
+    With several captions per image in the batch (COCO, Flickr30K: 5) the targets are soft, as X-VLM's image-id
+    targets: row i of y is uniform over the texts j with positive_mask[i, j] (every caption of image i's image), and
+    the t2i rows likewise over the images of the text's image: L = −½[Σ_j y_ij log p_i2t(j) + Σ_i y_ji log p_t2i(i)].
 
     Args:
         image_feat: (B, E) L2-normalised image embeddings.
         text_feat: (B, E) L2-normalised text embeddings.
         temperature: τ, a scalar (tensor) already clamped by the caller (see `clamp_temperature`).
         labels: (B,) index of the matching text for each image (and image for each text); default the diagonal.
+        positive_mask: (B, B) bool, True where image i and text j belong to the same image (e.g. equal image ids,
+            `same_image_mask`); overrides `labels`. Its diagonal must be True.
 
     Returns:
         Scalar loss.
     """
     sim = image_feat @ text_feat.t() / temperature  # (B, B)
+    if positive_mask is not None:
+        return soft_itc_loss(sim, sim.t(), positive_mask)
     if labels is None:
         labels = torch.arange(sim.shape[0], device=sim.device)
     return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)) / 2
+
+
+def same_image_mask(image_ids: torch.Tensor, other_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, B') bool: True where row i and column j show the same image (equal ids); `other_ids` defaults to the rows'."""
+    other_ids = image_ids if other_ids is None else other_ids
+    return image_ids[:, None] == other_ids[None, :]
+
+
+def soft_itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    """½ mean over rows of the cross-entropy against targets uniform over each row's positives, both directions.
+
+    Args:
+        sim_i2t: (B, C) logits of the local images against C texts.
+        sim_t2i: (B, C) logits of the local texts against C images.
+        positive_mask: (B, C) bool, positives of each local row among the C candidates (the same mask serves both
+            directions: text i's image is image i's image).
+    """
+    if not bool(positive_mask.any(dim=1).all()):
+        raise ValueError("positive_mask must mark at least one positive in every row")
+    targets = positive_mask.float() / positive_mask.sum(dim=1, keepdim=True)
+    i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * targets).sum(dim=1).mean()
+    t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * targets).sum(dim=1).mean()
+    return (i2t + t2i) / 2
 
 
 def _draw_negatives(
@@ -85,7 +117,8 @@ def _draw_negatives(
 
 def itc_loss_global(
     image_feat: torch.Tensor, text_feat: torch.Tensor, all_image_feat: torch.Tensor, all_text_feat: torch.Tensor,
-    temperature: torch.Tensor | float, offset: int,
+    temperature: torch.Tensor | float, offset: int, image_ids: torch.Tensor | None = None,
+    all_image_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ITC of a local batch against gathered features of the global batch (multi-process X-VLM).
 
@@ -94,13 +127,17 @@ def itc_loss_global(
         all_image_feat / all_text_feat: (W·B, E) embeddings of every rank, this rank's at rows offset..offset+B−1.
         temperature: τ.
         offset: index of this rank's first pair in the global batch.
+        image_ids / all_image_ids: (B,) and (W·B,) image ids of the local and the global batch: then every pair of
+            the global batch that shows the same image is a positive (soft targets, `soft_itc_loss`).
 
     Returns:
         ½[CE(img · all_txtᵀ / τ, offset + i) + CE(txt · all_imgᵀ / τ, offset + i)], the mean over local rows.
     """
-    labels = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
     i2t = image_feat @ all_text_feat.t() / temperature
     t2i = text_feat @ all_image_feat.t() / temperature
+    if image_ids is not None:
+        return soft_itc_loss(i2t, t2i, same_image_mask(image_ids, all_image_ids))
+    labels = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
     return (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
 
 

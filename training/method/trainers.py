@@ -26,6 +26,7 @@ from .distillation import check_compatible, kd_pairs
 from .l0 import GATES_FILE, ModalL0Module, read_gates_file
 from .latency_table import latency_table_for
 from .student import resolve_layer_map, save_layer_map
+from .structure import modalities
 
 NOISE_RNG_FILE = "noise_rng.safetensors"  # hard-concrete noise + ITM negative sampling generator
 STAGING_DIR = ".checkpoint-staging"
@@ -244,7 +245,11 @@ def _freeze(l0: ModalL0Module, args, step: int) -> None:
     if bool(l0.frozen):
         return
     before = l0.achieved_sparsity()["budget"]["total"].item()
-    deltas = l0.snap_to_target_() if getattr(args, "snap_to_target", False) else {}
+    if getattr(args, "uniform_split", False):
+        removed = l0.snap_uniform_()
+        deltas = {"uniform per layer": float(sum(removed.values()))}
+    else:
+        deltas = l0.snap_to_target_() if getattr(args, "snap_to_target", False) else {}
     achieved = l0.achieved_sparsity()
     l0.freeze()
     logger.info(
@@ -341,7 +346,9 @@ def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "re
     l0 = ModalL0Module(
         student.config,
         target_sparsity=args.target_sparsity,
-        modality_targets=args.modality_targets,
+        # the uniform baseline holds every encoder to the target by its own multipliers (`--uniform_split`)
+        modality_targets={**({m: args.target_sparsity for m in modalities(student.config)} if args.uniform_split
+                             else {}), **args.modality_targets},
         one_sided=args.one_sided_lagrangian,
         warmup_steps=args.sparsity_warmup_steps or 0,
         budget=args.budget,

@@ -27,6 +27,7 @@ from modeling_efficientvlm.modeling_efficientvlm import RERANK_BLOCK_SCORES
 from ..method import losses as L
 from ..method.cost import retrieval_path
 from ..method.distillation import attention_kd, hidden_kd, itc
+from ..metrics.confidence import PerQueryRanks, r_mean_ci
 from .base import ModelCardSpec, Task
 
 RECALL_AT = (1, 5, 10)
@@ -125,13 +126,18 @@ def retrieval_losses(
     s_text = student.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, use_attn, use_hidden)
     sim = student.image_itc_embeds(s_image.last_hidden_state) @ student.text_itc_embeds(s_text.last_hidden_state).t()
     logits_i2t = sim.detach().float() / student.temperature.detach().float()
-    neg_text, neg_image = L.sample_itm_negatives(logits_i2t, generator=generator,
+    # several captions of one image in the batch (COCO; the synthetic stream's groups): image-id positives for the
+    # ITC targets, and no other caption of the same image is ever drawn as an ITM negative (X-VLM)
+    image_ids = inputs.get("image_ids")
+    image_ids = None if image_ids is None else image_ids.to(sim.device)
+    positives = None if image_ids is None else L.same_image_mask(image_ids)
+    neg_text, neg_image = L.sample_itm_negatives(logits_i2t, generator=generator, positive_mask=positives,
                                                  uniform_share=uniform_negative_share(args, step))
     image_idx, text_idx, itm_labels = L.build_itm_pairs(neg_text, neg_image, batch)
     pairs = (image_idx.to(sim.device), text_idx.to(sim.device))
     s = _forward_all(student, inputs, masks, pairs, use_attn, use_hidden, use_mlm, s_image, s_text)
     vlp = {
-        "itc": itc(s["image_feat"], s["text_feat"], student.temperature, args.itc_global_batch),
+        "itc": itc(s["image_feat"], s["text_feat"], student.temperature, args.itc_global_batch, image_ids),
         "itm": L.itm_loss(s["itm_logits"], itm_labels.to(sim.device)),
     }
     if use_mlm:
@@ -169,9 +175,13 @@ def train_data(data, processor, seed: int, mlm: bool):
         processor, max_length=data.max_length, mlm_probability=data.mlm_probability if mlm else 0.0,
         max_masks=data.max_masks,
     )
+    from functools import partial
+
     from ..data.scenes import SyntheticRetrievalDataset
 
-    return caption_pairs(data, seed, SyntheticRetrievalDataset), collator
+    synthetic = partial(SyntheticRetrievalDataset, twin_probability=data.synthetic_twins,
+                        max_captions=data.synthetic_captions)
+    return caption_pairs(data, seed, synthetic), collator
 
 
 def caption_pairs(data, seed: int, synthetic: type):
@@ -209,8 +219,10 @@ def eval_data(data) -> dict:
             held_out["captions"].extend(captions)
             held_out["txt2img"].extend([index] * len(captions))
         return held_out
-    from ..data.scenes import make_retrieval_eval_set
+    from ..data.scenes import make_retrieval_eval_set, make_twin_retrieval_eval_set
 
+    if data.eval_protocol == "twins":
+        return make_twin_retrieval_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
     return make_retrieval_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
 
 
@@ -424,7 +436,9 @@ def evaluate_retrieval(
     max_length: int = 40,
     itm_score: str = "match_logit",
     query_block: int | None = None,
-) -> dict[str, float]:
+    twins: Sequence[Sequence[int]] | None = None,
+    return_ranks: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], PerQueryRanks]:
     """Image-text retrieval with ITC ranking and ITM re-ranking of each query's top-k (X-VLM protocol).
 
     Image and text tokens are encoded once and cached on `device`; re-ranking (`model.rerank_blocks`) gathers them
@@ -447,9 +461,16 @@ def evaluate_retrieval(
         itm_score: how re-ranked pairs are scored (`modeling_efficientvlm.ITM_SCORES`; X-VLM: "match_logit").
         query_block: queries scored per block (None: blocks of about `RERANK_BLOCK_SCORES` scores); the metrics
             do not depend on it.
+        twins: per image, its twins in the set (`make_twin_retrieval_eval_set`): adds "twin_accuracy", the share of
+            (caption, twin of its image) pairs where the caption scores its own image above the twin under the
+            re-rank score (ITM; ITC when k = 0), and "twin_accuracy_itc" under ITC alone (50 = chance); the first
+            caption of every image against each of its twins.
+        return_ranks: also return the per-query ranks of the re-ranked scores (for paired comparisons).
 
     Returns:
-        `retrieval_metrics` of the re-ranked scores, plus the same keys suffixed `_itc` for ITC-only ranking.
+        `retrieval_metrics` of the re-ranked scores, plus the same keys suffixed `_itc` for ITC-only ranking and
+        "r_mean_ci95" ([lo, hi], percentile bootstrap over query images, `metrics.confidence.r_mean_ci`); with
+        `return_ranks` a tuple (metrics, `PerQueryRanks`).
     """
     if len(images) != len(img2txt) or len(captions) != len(txt2img):
         raise ValueError(f"{len(images)} images / {len(captions)} captions do not match img2txt ({len(img2txt)}) / "
@@ -482,19 +503,64 @@ def evaluate_retrieval(
                 ranks[direction, "itc"][start:stop] = itc
                 ranks[direction, "rerank"][start:stop] = itc if scores is sim else _ranks(
                     scores.cpu().numpy(), positives[direction][start:stop], f"re-ranked {direction} scores")
+            if twins is not None:
+                twin_metrics = _twin_accuracy(model, twins, txt2img, image_embeds, text_embeds, k > 0,
+                                              image_tokens=image_tokens, text_tokens=text_tokens,
+                                              attention_mask=text_mask, pruning_masks=pruning_masks,
+                                              itm_score=itm_score, batch_size=batch_size)
     finally:
         model.train(was_training)
     metrics = _metrics(ranks["i2t", "rerank"], ranks["t2i", "rerank"])
     itc_only = _metrics(ranks["i2t", "itc"], ranks["t2i", "itc"])
-    return {**metrics, **{f"{key}_itc": value for key, value in itc_only.items()}}
+    per_query = PerQueryRanks(ranks["i2t", "rerank"], ranks["t2i", "rerank"], np.asarray(txt2img, dtype=np.int64))
+    metrics = {**metrics, **{f"{key}_itc": value for key, value in itc_only.items()},
+               "r_mean_ci95": r_mean_ci(per_query)}
+    if twins is not None:
+        metrics.update(twin_metrics)
+    return (metrics, per_query) if return_ranks else metrics
 
 
-def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None) -> dict:
-    """The task's metrics on `held_out` (see `eval_data`), with the data arguments' k, ITM score and max length."""
+def _twin_accuracy(model, twins: Sequence[Sequence[int]], txt2img: Sequence[int], image_embeds: torch.Tensor,
+                   text_embeds: torch.Tensor, use_itm: bool, **pair_kwargs: Any) -> dict[str, float]:
+    """{"twin_accuracy", "twin_accuracy_itc"}: % of (caption, twin of its image) pairs where the caption scores its
+    own image higher than the twin (ties count half), under the re-rank score (`itm_pair_scores`; ITC without ITM)
+    and under ITC alone; one caption per image (its first), every twin."""
+    first = {}  # the first caption of every image: 1 + m fusion passes per image, not per caption
+    for text, image in enumerate(txt2img):
+        first.setdefault(int(image), text)
+    triples = [(text, image, twin) for image, text in sorted(first.items()) for twin in twins[image]]
+    if not triples:
+        return {}
+    device = image_embeds.device
+    texts, own_idx, other_idx = torch.tensor(triples, device=device).t()
+    itc = {name: (image_embeds[idx].float() * text_embeds[texts].float()).sum(-1)
+           for name, idx in (("own", own_idx), ("other", other_idx))}
+    out = {"twin_accuracy_itc": _win_rate(itc["own"], itc["other"])}
+    if not use_itm:
+        out["twin_accuracy"] = out["twin_accuracy_itc"]
+        return out
+    # each distinct (image, text) pair once: every caption's own image appears once per twin in `own`
+    images, text_idx = torch.cat([own_idx, other_idx]), torch.cat([texts, texts])
+    pairs, inverse = torch.unique(torch.stack([images, text_idx]), dim=1, return_inverse=True)
+    pair_itc = (image_embeds[pairs[0]].float() * text_embeds[pairs[1]].float()).sum(-1)
+    scores = model.itm_pair_scores(image_idx=pairs[0], text_idx=pairs[1], itc=pair_itc, **pair_kwargs)[inverse]
+    out["twin_accuracy"] = _win_rate(scores[: len(triples)], scores[len(triples):])
+    return out
+
+
+def _win_rate(own: torch.Tensor, other: torch.Tensor) -> float:
+    """% of pairs with own > other, ties counted half."""
+    return float(100.0 * ((own > other).float() + 0.5 * (own == other).float()).mean())
+
+
+def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None,
+             return_ranks: bool = False) -> dict | tuple[dict, PerQueryRanks]:
+    """The task's metrics on `held_out` (see `eval_data`), with the data arguments' k, ITM score and max length;
+    "twin_accuracy" where the set names each image's twins; with `return_ranks` also the per-query ranks."""
     return evaluate_retrieval(
         model, held_out["images"], held_out["captions"], held_out["img2txt"], held_out["txt2img"], processor,
         k=data.itm_k, show_progress=show_progress, pruning_masks=pruning_masks, max_length=data.max_length,
-        itm_score=data.itm_score,
+        itm_score=data.itm_score, twins=held_out.get("twins"), return_ranks=return_ranks,
     )
 
 
