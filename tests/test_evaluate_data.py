@@ -61,7 +61,8 @@ def test_synthetic_scenes_take_the_checkpoint_image_size_without_a_saved_process
     assert main(["evaluate", "--model", str(setup / "bare"), "--eval_images", "4", "--eval_seed", "7",
                  "--itm_k", "2"]) == 0
     printed = _printed(capsys)
-    assert printed["data"]["description"] == "built-in synthetic scenes, 4 images, 4 captions, seed 7, 32 px"
+    assert printed["data"]["description"] == ("built-in synthetic scenes (twins protocol), 4 images, 20 "
+                                                     "captions, seed 7, 32 px")
     assert printed["data"]["source"] == "synthetic" and 0 <= printed["r_mean"] <= 100
 
 

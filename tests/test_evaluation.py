@@ -178,7 +178,9 @@ def test_evaluate_retrieval_tiny_model_counts_itm_pairs(processor):
     model.itm_logits = counting_itm
     m = evaluate_retrieval(model, images, captions, *gt, processor, k=2, batch_size=4, show_progress=False,
                            pruning_masks=PruningMasks())
-    assert set(m) == KEYS | {f"{key}_itc" for key in KEYS}
+    assert set(m) == KEYS | {f"{key}_itc" for key in KEYS} | {"r_mean_ci95"}
+    lo, hi = m.pop("r_mean_ci95")
+    assert 0.0 <= lo <= m["r_mean"] <= hi <= 100.0
     assert all(0.0 <= v <= 100.0 for v in m.values())
     assert model.training  # mode restored
     assert max(calls) <= 4 and 6 * 2 <= sum(calls) <= 2 * 6 * 2 < 6 * 6  # O(N k) pairs, never N^2
@@ -189,7 +191,7 @@ def test_evaluate_retrieval_tiny_model_counts_itm_pairs(processor):
     text = processor(text=captions, padding="longest", truncation=True, max_length=40)
     scores = torch.stack([model.score_pairs(pixels[i].expand(6, -1, -1, -1), text["input_ids"], text["attention_mask"])
                           for i in range(6)])
-    assert {k: v for k, v in full.items() if not k.endswith("_itc")} == retrieval_metrics(scores, *gt)
+    assert {k: v for k, v in full.items() if not k.endswith(("_itc", "_ci95"))} == retrieval_metrics(scores, *gt)
 
 
 # --------------------------------------------------------------------------------------------- evaluate module

@@ -693,6 +693,7 @@ class DemoTeacherArguments:
         default=PROFILES["default"]["eval_images"],
         metadata={"help": "Held-out images of the learning curve (twins protocol: a multiple of 4)."},
     )
+    eval_protocol: str = field(default="twins", metadata={"help": "Held-out set of the curve: 'twins' or 'scenes'."})
 
 
 def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda text: None) -> dict:
@@ -704,6 +705,7 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
                "itm_negatives_warmup_steps": args.itm_negatives_warmup_steps}
     data = _demo_data(profile)
     data.synthetic_twins, data.synthetic_captions = args.synthetic_twins, args.synthetic_captions
+    data.eval_protocol = args.eval_protocol
     with tempfile.TemporaryDirectory(prefix="efficientvlm-demo-teacher-") as work:
         config_path = None if args.init_from else _write_teacher_config(work, profile, data)
         train_args = _teacher_args(os.path.join(work, "teacher"), args.max_steps, profile, args.seed)

@@ -74,8 +74,9 @@ class DataSourceArguments:
         default="twins",
         metadata={"help": "Held-out synthetic retrieval set: 'twins' (COCO-style: 5 distinct captions per image, and "
                           "every image has 3 twins in the gallery — the same objects rearranged or with an attribute "
-                          "swapped between two objects — so ranking needs relations and binding; --eval_images a "
-                          "multiple of 4) or 'scenes' (the earlier set: one caption per image)."},
+                          "swapped between two objects — so ranking needs relations and binding; a multiple of 4 "
+                          "--eval_images keeps every group whole) or 'scenes' (the earlier set: one caption per "
+                          "image)."},
     )
     eval_seed: int = field(
         default=10_000,
@@ -95,10 +96,6 @@ class DataSourceArguments:
             raise ValueError(f"--itm_score must be one of {ITM_SCORES}, got {self.itm_score!r}")
         if self.eval_protocol not in EVAL_PROTOCOLS:
             raise ValueError(f"--eval_protocol must be one of {EVAL_PROTOCOLS}, got {self.eval_protocol!r}")
-        if (self.task == "retrieval" and self.eval_protocol == "twins" and self.dataset == "synthetic"
-                and not self.eval_dataset and self.eval_images % 4):
-            raise ValueError(f"--eval_protocol twins holds groups of 4 images (a scene and its 3 twins): --eval_images "
-                             f"must be a multiple of 4, got {self.eval_images}")
         if self.nlvr2_level not in NLVR2_LEVELS:
             raise ValueError(f"--nlvr2_level must be one of {NLVR2_LEVELS}, got {self.nlvr2_level!r}")
         if self.dataset != "synthetic" and not os.path.isfile(self.dataset):
@@ -345,7 +342,8 @@ def describe_eval_data(data: DataSourceArguments, held_out) -> dict:
                 f"{data.holdout_fraction}, at most --holdout_max {data.holdout_max}, seed {data.eval_seed})")
     else:
         source = "synthetic"
-        text = f"built-in synthetic scenes, {count_text}, seed {data.eval_seed}, {data.image_size} px"
+        protocol = f" ({data.eval_protocol} protocol)" if data.task == "retrieval" else ""
+        text = f"built-in synthetic scenes{protocol}, {count_text}, seed {data.eval_seed}, {data.image_size} px"
     return {"description": text, "source": source, **counts}
 
 

@@ -768,7 +768,8 @@ def make_twin_retrieval_eval_set(n_images: int = 1000, seed: int = 0, image_size
     text retrieval counts the best-ranked of an image's captions, image retrieval is per caption.
 
     Args:
-        n_images: number of images; a multiple of 1 + twins_per_image.
+        n_images: number of images; a multiple of 1 + twins_per_image keeps every group whole (else the last
+            group has fewer twins).
         seed: seed; the set is a pure function of its arguments.
         image_size: image side in pixels.
         captions_per_image: distinct captions per image.
@@ -780,9 +781,9 @@ def make_twin_retrieval_eval_set(n_images: int = 1000, seed: int = 0, image_size
         other images of each image's group) and twin_kinds=list[str] ("original" or a `TWIN_KINDS` entry).
     """
     group = 1 + twins_per_image
-    if n_images < group or n_images % group or captions_per_image < 1 or twins_per_image < 0:
-        raise ValueError(f"n_images ({n_images}) must be a positive multiple of 1 + twins_per_image ({group}), "
-                         f"captions_per_image >= 1 (got {captions_per_image})")
+    if n_images < 1 or captions_per_image < 1 or twins_per_image < 0:
+        raise ValueError(f"need n_images >= 1, captions_per_image >= 1 and twins_per_image >= 0, got {n_images}, "
+                         f"{captions_per_image} and {twins_per_image}")
     rng = random.Random(f"efficientvlm-twin-retrieval-eval-{seed}")
     seen: set[tuple] = set()
     out: dict = {"images": [], "captions": [], "img2txt": [], "txt2img": [], "twins": [], "twin_kinds": []}
@@ -802,7 +803,8 @@ def make_twin_retrieval_eval_set(n_images: int = 1000, seed: int = 0, image_size
         if any(len(c) < captions_per_image for c in captions):
             continue
         seen.update(keys)
-        first = len(scenes)
+        first, size = len(scenes), min(group, n_images - len(scenes))  # the last group may be cut short
+        members, kinds, captions = members[:size], kinds[:size], captions[:size]
         for index, (scene, kind, descriptions) in enumerate(zip(members, kinds, captions)):
             image = len(scenes)
             scenes.append(scene)
@@ -810,7 +812,7 @@ def make_twin_retrieval_eval_set(n_images: int = 1000, seed: int = 0, image_size
             out["captions"].extend(statement_text(d) for d in descriptions)
             out["img2txt"].append(list(range(start, len(out["captions"]))))
             out["txt2img"].extend([image] * len(descriptions))
-            out["twins"].append([first + j for j in range(group) if j != index])
+            out["twins"].append([first + j for j in range(size) if j != index])
             out["twin_kinds"].append(kind)
     if len(set(out["captions"])) != len(out["captions"]):
         raise RuntimeError("internal error: duplicate captions in the synthetic twin retrieval set")

@@ -129,6 +129,8 @@ def retrieval_losses(
     # several captions of one image in the batch (COCO; the synthetic stream's groups): image-id positives for the
     # ITC targets, and no other caption of the same image is ever drawn as an ITM negative (X-VLM)
     image_ids = inputs.get("image_ids")
+    if image_ids is not None and image_ids.unique().numel() < 2:
+        image_ids = None  # a batch of one image (tiny batches): its captions are each other's only negatives
     image_ids = None if image_ids is None else image_ids.to(sim.device)
     positives = None if image_ids is None else L.same_image_mask(image_ids)
     neg_text, neg_image = L.sample_itm_negatives(logits_i2t, generator=generator, positive_mask=positives,
@@ -469,7 +471,8 @@ def evaluate_retrieval(
 
     Returns:
         `retrieval_metrics` of the re-ranked scores, plus the same keys suffixed `_itc` for ITC-only ranking and
-        "r_mean_ci95" ([lo, hi], percentile bootstrap over query images, `metrics.confidence.r_mean_ci`); with
+        "r_mean_ci95" ([lo, hi], percentile bootstrap over query images, `metrics.confidence.r_mean_ci`; from 2
+        images on); with
         `return_ranks` a tuple (metrics, `PerQueryRanks`).
     """
     if len(images) != len(img2txt) or len(captions) != len(txt2img):
@@ -513,8 +516,9 @@ def evaluate_retrieval(
     metrics = _metrics(ranks["i2t", "rerank"], ranks["t2i", "rerank"])
     itc_only = _metrics(ranks["i2t", "itc"], ranks["t2i", "itc"])
     per_query = PerQueryRanks(ranks["i2t", "rerank"], ranks["t2i", "rerank"], np.asarray(txt2img, dtype=np.int64))
-    metrics = {**metrics, **{f"{key}_itc": value for key, value in itc_only.items()},
-               "r_mean_ci95": r_mean_ci(per_query)}
+    metrics = {**metrics, **{f"{key}_itc": value for key, value in itc_only.items()}}
+    if len(img2txt) > 1:  # one query image has no spread to resample
+        metrics["r_mean_ci95"] = r_mean_ci(per_query)
     if twins is not None:
         metrics.update(twin_metrics)
     return (metrics, per_query) if return_ranks else metrics
