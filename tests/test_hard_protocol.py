@@ -285,3 +285,26 @@ def test_a_batch_of_one_image_falls_back_to_its_captions_as_negatives(tmp_path):
     total, parts = R.retrieval_losses(student, None, batch, _args(DistillationArguments, tmp_path), None,
                                       generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(total) and float(parts["itm"]) > 0
+
+
+def test_seed_summary_means_spreads_and_paired_counts():
+    from efficientvlm.training.commands.demo import format_seed_summary, summarize_seeds
+
+    def report(seed, teacher, pruned, diff, ci):
+        entry = lambda v: {"r_mean": v, "r_mean_ci95": [v - 1, v + 1], "twin_accuracy": 80.0,  # noqa: E731
+                           "r_mean_fraction_of_teacher": v / teacher, "speedup": 2.0 + seed / 10, "params": 10}
+        return {"protocol": {"task": "retrieval", "target_sparsity": 0.4, "seed": seed, "metric": "r_mean"},
+                "eval_protocol": {"name": "twins"}, "models": {"teacher": entry(teacher), "pruned": entry(pruned)},
+                "paired": {"pruned_kd_minus_no_kd": {"mean": diff, "ci95": ci}}}
+
+    summary = summarize_seeds([report(0, 60.0, 58.0, 1.0, [0.2, 1.8]), report(1, 60.0, 55.0, -0.5, [-1.5, 0.5])])
+    assert summary["models"]["pruned"]["mean"] == pytest.approx(56.5)
+    assert summary["models"]["pruned"]["spread"] == pytest.approx(3.0)
+    assert summary["models"]["pruned"]["speedup_range"] == [2.0, 2.1]
+    assert summary["paired"]["pruned_kd_minus_no_kd"]["mean"] == pytest.approx(0.25)
+    assert summary["paired"]["pruned_kd_minus_no_kd"]["seeds_excluding_zero"] == 1
+    assert "| pruned | 58.0 / 55.0 | 56.5 | 3.0 |" in format_seed_summary(summary)
+    with pytest.raises(ValueError, match="differ"):
+        other = report(2, 60.0, 50.0, 0.0, [-1, 1])
+        other["protocol"]["target_sparsity"] = 0.5
+        summarize_seeds([report(0, 60.0, 58.0, 1.0, [0.2, 1.8]), other])

@@ -34,6 +34,7 @@ DESCRIPTIONS = {
     "demo": "Run the whole chain (retrieval, or --task nlvr2 | captioning) on built-in synthetic data; writes "
             "report.json + Hub-ready folders.",
     "demo-teacher": "Train the demo's teacher from scratch until its held-out learning curve flattens (shipped).",
+    "demo-summary": "One table over several demo seeds: mean, spread and CIs per model, paired differences.",
     "convert-xvlm": "Convert an X-VLM / EfficientVLM .pth checkpoint into a Hub-ready folder.",
     "build-tuxpaint": "Build an ALBEF-format JSON from the Debian tuxpaint-stamps-default package.",
     "compare-splits": "Uniform vs manual vs learned (modal-adaptive) split at equal total sparsity: metric, params, "
@@ -200,6 +201,13 @@ def _demo(argv: list[str]) -> None:
     run_demo(args, write=_write)
 
 
+def _demo_summary(argv: list[str]) -> None:
+    from .demo import DemoSummaryArguments, run_demo_summary
+
+    (args,) = _parse("demo-summary", (DemoSummaryArguments,), argv)
+    run_demo_summary(args, write=_write)
+
+
 def _demo_teacher(argv: list[str]) -> None:
     from .demo import DemoTeacherArguments, build_demo_teacher
 
@@ -268,6 +276,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "push": _push,
     "demo": _demo,
     "demo-teacher": _demo_teacher,
+    "demo-summary": _demo_summary,
     "convert-xvlm": _convert,
     "build-tuxpaint": _tuxpaint,
     "analyze-modules": _analyze,

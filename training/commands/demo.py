@@ -765,3 +765,89 @@ def link_remote_code(folder: str) -> None:
             target = os.path.join(folder, name)
             os.remove(target)
             os.symlink(os.path.relpath(source, folder), target)
+
+
+@dataclass
+class DemoSummaryArguments:
+    """Arguments of `efficientvlm demo-summary`: one table over the report.json files of several demo seeds."""
+
+    reports: list[str] = field(default_factory=list, metadata={"help": "report.json files of `demo` runs (seeds)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Also write summary.json + summary.md here."})
+
+    def __post_init__(self):
+        if len(self.reports) < 1:
+            raise ValueError("--reports needs at least one report.json")
+        for path in self.reports:
+            if not os.path.isfile(path):
+                raise ValueError(f"--reports: {path} is not a file")
+
+
+def summarize_seeds(reports: list[dict]) -> dict:
+    """Per model: r_mean (and its 95 % CI) and twin accuracy per seed, mean and spread (max − min), speed-up range,
+    parameters; per paired comparison: the difference and its CI per seed, the mean difference and how many seeds'
+    intervals exclude zero. Reports must share the protocol (task, evaluation set, target)."""
+    keys = [(r["protocol"].get("task"), json.dumps(r.get("eval_protocol"), sort_keys=True),
+             r["protocol"].get("target_sparsity")) for r in reports]
+    if len(set(keys)) != 1:
+        raise ValueError(f"the reports differ in task / evaluation set / target: {sorted(set(keys))}")
+    metric = reports[0]["protocol"].get("metric", "r_mean")
+    seeds = [r["protocol"].get("seed") for r in reports]
+    models = {}
+    for name in [n for n in MODEL_ORDER if all(n in r["models"] for r in reports)]:
+        entries = [r["models"][name] for r in reports]
+        values = [e[metric] for e in entries]
+        models[name] = {
+            "per_seed": values, "mean": sum(values) / len(values), "spread": max(values) - min(values),
+            "ci95_per_seed": [e.get(f"{metric}_ci95") for e in entries],
+            "twin_accuracy_per_seed": [e.get("twin_accuracy") for e in entries],
+            "fraction_of_teacher_mean": sum(e[f"{metric}_fraction_of_teacher"] for e in entries) / len(entries),
+            "speedup_range": [min(e["speedup"] for e in entries), max(e["speedup"] for e in entries)],
+            "params_range": [min(e["params"] for e in entries), max(e["params"] for e in entries)],
+            "sparsity_vs_student": [e.get("sparsity_vs_student", {}).get("total") for e in entries],
+        }
+    paired = {}
+    for name in [n for n in PAIRED if all(n in r.get("paired", {}) for r in reports)]:
+        runs = [r["paired"][name] for r in reports]
+        paired[name] = {"per_seed": [d["mean"] for d in runs], "ci95_per_seed": [d["ci95"] for d in runs],
+                        "mean": sum(d["mean"] for d in runs) / len(runs),
+                        "seeds_excluding_zero": sum(d["ci95"][0] > 0 or d["ci95"][1] < 0 for d in runs)}
+    return {"seeds": seeds, "metric": metric, "eval_protocol": reports[0].get("eval_protocol"), "models": models,
+            "paired": paired}
+
+
+def format_seed_summary(summary: dict) -> str:
+    """The summary as two markdown tables (models; paired differences)."""
+    seeds = " / ".join(str(s) for s in summary["seeds"])
+    lines = [f"| model | {summary['metric']} seeds {seeds} | mean | spread | 95 % CI per seed | twin % | % of teacher | "
+             "speed-up vs teacher | params |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        cis = ", ".join("–" if ci is None else f"{ci[0]:.1f}–{ci[1]:.1f}" for ci in m["ci95_per_seed"])
+        twins = " / ".join("–" if t is None else f"{t:.1f}" for t in m["twin_accuracy_per_seed"])
+        lines.append(f"| {name} | {' / '.join(f'{v:.1f}' for v in m['per_seed'])} | {m['mean']:.1f} | "
+                     f"{m['spread']:.1f} | {cis} | {twins} | {m['fraction_of_teacher_mean']:.1%} | "
+                     f"{m['speedup_range'][0]:.2f}–{m['speedup_range'][1]:.2f}× | "
+                     f"{m['params_range'][0] / 1e6:.2f}–{m['params_range'][1] / 1e6:.2f} M |")
+    if summary["paired"]:
+        lines += ["", "| paired difference (same queries) | per seed [95 % CI] | mean | seeds whose CI excludes 0 |",
+                  "|---|---|---|---|"]
+        for name, d in summary["paired"].items():
+            per = "; ".join(f"{v:+.2f} [{lo:+.2f}, {hi:+.2f}]" for v, (lo, hi) in zip(d["per_seed"], d["ci95_per_seed"]))
+            lines.append(f"| {name} | {per} | {d['mean']:+.2f} | {d['seeds_excluding_zero']} of {len(d['per_seed'])} |")
+    return "\n".join(lines)
+
+
+def run_demo_summary(args: DemoSummaryArguments, write=lambda text: None) -> dict:
+    reports = []
+    for path in args.reports:
+        with open(path) as f:
+            reports.append(json.load(f))
+    summary = summarize_seeds(reports)
+    text = format_seed_summary(summary)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
+            f.write(text + "\n")
+    write(text)
+    return summary
