@@ -8,6 +8,8 @@ import pytest
 from tests.conftest import run_clean_python
 from efficientvlm.training.commands.cli import main
 
+pytestmark = pytest.mark.slow  # runs the demo, then its snippets in fresh interpreters
+
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
@@ -20,16 +22,25 @@ def demo_dir(tmp_path_factory):
 def test_report_has_every_model_and_field(demo_dir):
     report = json.loads((demo_dir / "report.json").read_text())
     models = report["models"]
-    assert set(models) == {"teacher", "student", "pruned", "student_no_kd", "pruned_no_kd"}
+    assert set(models) == {"teacher", "student", "pruned", "student_no_kd", "pruned_no_kd", "pruned_uniform"}
     for entry in models.values():
         for key in ("params", "r_mean", "r_mean_itc", "latency_ms", "speedup", "txt_r1", "img_r1",
-                    "sparsity_vs_teacher", "r_mean_fraction_of_teacher"):
+                    "sparsity_vs_teacher", "r_mean_fraction_of_teacher", "r_mean_ci95", "twin_accuracy"):
             assert key in entry
-        assert 0 <= entry["r_mean"] <= 100
+        assert 0 <= entry["r_mean_ci95"][0] <= entry["r_mean"] <= entry["r_mean_ci95"][1] <= 100
+        assert 0 <= entry["twin_accuracy"] <= 100
+    # the hard protocol: 5 captions per image, 3 twins per image (quick: 64 images = 16 whole groups)
+    assert report["eval_protocol"] == {"name": "twins", "images": 64, "captions_per_image": 5, "twins_per_image": 3}
+    assert set(report["paired"]) == {"student_kd_minus_no_kd", "pruned_kd_minus_no_kd", "pruned_learned_minus_uniform"}
+    for difference in report["paired"].values():
+        assert difference["ci95"][0] <= difference["mean"] <= difference["ci95"][1]
+    uniform = models["pruned_uniform"]["sparsity_vs_student"]  # the same share off every encoder
+    assert max(uniform[m] for m in ("vision", "text", "fusion")) - min(uniform[m] for m in ("vision", "text",
+                                                                                          "fusion")) < 0.02
     assert models["teacher"]["speedup"] == 1.0
     assert models["pruned"]["params"] < models["student"]["params"] < models["teacher"]["params"]
     assert models["student_no_kd"]["params"] == models["student"]["params"]  # same student, trained without KD
-    for name in ("pruned", "pruned_no_kd"):
+    for name in ("pruned", "pruned_no_kd", "pruned_uniform"):
         assert set(models[name]["sparsity_vs_student"]) == {"vision", "text", "fusion", "total"}
     assert "threads" in report["protocol"]["latency"]
     # the teacher is the shipped, converged one, and the report says where it came from

@@ -33,7 +33,8 @@ DESCRIPTIONS = {
     "push": "Upload a Hub-ready folder to a Hugging Face Hub repo.",
     "demo": "Run the whole chain (retrieval, or --task nlvr2 | captioning) on built-in synthetic data; writes "
             "report.json + Hub-ready folders.",
-    "demo-teacher": "Train the demo's teacher from scratch until its held-out learning curve flattens (shipped).",
+    "demo-teacher": "Train the demo's teacher until its held-out learning curve flattens (objects from scratch, or "
+                    "--init_from + twins: binding); `make demo-teacher` runs both stages of the shipped one.",
     "demo-summary": "One table over several demo seeds: mean, spread and CIs per model, paired differences.",
     "convert-xvlm": "Convert an X-VLM / EfficientVLM .pth checkpoint into a Hub-ready folder.",
     "build-tuxpaint": "Build an ALBEF-format JSON from the Debian tuxpaint-stamps-default package.",

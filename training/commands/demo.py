@@ -138,8 +138,25 @@ class DemoArguments:
         default=None, metadata={"help": "Override the task teacher's fine-tuning steps (--task other than retrieval)."}
     )
     overwrite: bool = field(default=True, metadata={"help": "Replace an existing output dir."})
+    student_layers: str | None = field(
+        default=None,
+        metadata={"help": "Student depths 'vision,text,fusion' (retrieval; default half of the teacher's, e.g. "
+                          "'3,2,2' for a quarter-depth student of the 12/6/6 demo teacher); layers are taken from the "
+                          "teacher by the default map (the last teacher layer of each block)."},
+    )
+
+    def student_depths(self) -> dict[str, int]:
+        """{"vision": n, "text": n, "fusion": n} from --student_layers (empty: half depth)."""
+        if not self.student_layers:
+            return {}
+        parts = self.student_layers.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--student_layers must be three positive integers 'vision,text,fusion', got "
+                             f"{self.student_layers!r}")
+        return dict(zip(("vision", "text", "fusion"), (int(p) for p in parts)))
 
     def __post_init__(self):
+        self.student_depths()  # raises on a malformed --student_layers
         get_task(self.task)  # raises naming the registered tasks
         for name in ("teacher_steps", "distill_steps", "prune_steps", "task_teacher_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -180,10 +197,9 @@ def _teacher_args(output_dir: str, steps: int, profile: dict, seed: int) -> Dist
 def _prune_args(output_dir: str, steps: int, profile: dict, args: DemoArguments, **task_kd) -> PruningArguments:
     """The demo's pruning schedule: target ramp over the first third, masks frozen for the last 15 %. Task-KD settings
     not given in `task_kd` take the task's official values (`Task.prune_defaults`)."""
-    return _training_args(
-        PruningArguments, output_dir, steps, profile, args.seed, target_sparsity=args.target_sparsity,
-        sparsity_warmup_steps=steps // 3, freeze_masks_step=int(steps * 0.85), **task_kd,
-    )
+    schedule = {"sparsity_warmup_steps": steps // 3, "freeze_masks_step": int(steps * 0.85), **task_kd}
+    return _training_args(PruningArguments, output_dir, steps, profile, args.seed,
+                          target_sparsity=args.target_sparsity, **schedule)
 
 
 def _latency(models: dict, processor, data: DataArguments, eval_data: dict, repeats: int) -> dict:
@@ -340,13 +356,17 @@ def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, 
     for student_name, pruned_name, kd in runs:
         distill_args = _training_args(DistillationArguments, os.path.join(work, student_name), distill_steps, profile,
                                       args.seed, lambda_vlp=0.6)
+        depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
         models[student_name], _ = _timed(timings, student_name, lambda: run_distill(
-            StudentArguments(teacher=teacher_dir, kd=kd), data, distill_args, eval_data=False))
+            StudentArguments(teacher=teacher_dir, kd=kd, **depths), data, distill_args, eval_data=False))
         metrics[student_name] = _timed(timings, f"{student_name}_eval", lambda: evaluate(
             student_name, models[student_name], processor))
         prune(pruned_name, distill_args.output_dir, kd)
-        if kd and args.baselines:  # the same KD student, the same KD and steps, the same share off every layer
-            prune("pruned_uniform", distill_args.output_dir, True, uniform_split=True)
+        if kd and args.baselines:  # the same KD student, the same KD and steps, the same share off every layer:
+            # the uniform structure is fixed when the target ramp ends, so its weights train under it for the other
+            # two thirds of the steps (the learned split keeps moving until 85 %)
+            prune("pruned_uniform", distill_args.output_dir, True, uniform_split=True,
+                  freeze_masks_step=prune_steps // 3)
     cards = {name: {"recipe": RECIPES[name], "how_made": HOW_MADE[name],
                     "summary": f"EfficientVLM demo {name.replace('_', ' ')} for image-text retrieval on synthetic "
                                "scenes."} for name in models}
@@ -500,13 +520,14 @@ def _report(chain: Chain, latency, args, profile, timings) -> dict:
         ),
         "evaluation": _evaluation_text(protocol, profile),
         "profile": "quick" if args.quick else "default", "seed": args.seed, "target_sparsity": args.target_sparsity,
+        "student_layers": args.student_layers or "half",
         "steps": {"distill": args.distill_steps or profile["distill_steps"],
                   "prune": args.prune_steps or profile["prune_steps"]},
         "baselines": "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "
                      "distillation steps; pruned_no_kd: that student pruned to the same target with the task loss "
                      "only (no teacher); pruned_uniform: the KD student pruned with the same task KD and steps, every "
-                     "encoder held to the target by its own multipliers and every layer cut to the same share at the "
-                     "freeze (--uniform_split)",
+                     "encoder held to the target by its own multipliers and every layer cut to the same share when "
+                     "the target ramp ends (--uniform_split, structure frozen at a third of the steps)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }, "eval_protocol": protocol, "teacher_provenance": provenance, "stage_seconds": timings}
     out["models"] = _model_entries(models, metrics, latency, expected, "r_mean",
@@ -787,9 +808,11 @@ def summarize_seeds(reports: list[dict]) -> dict:
     parameters; per paired comparison: the difference and its CI per seed, the mean difference and how many seeds'
     intervals exclude zero. Reports must share the protocol (task, evaluation set, target)."""
     keys = [(r["protocol"].get("task"), json.dumps(r.get("eval_protocol"), sort_keys=True),
-             r["protocol"].get("target_sparsity")) for r in reports]
+             r["protocol"].get("target_sparsity"), json.dumps(r["protocol"].get("steps"), sort_keys=True),
+             r["protocol"].get("student_layers", "half")) for r in reports]
     if len(set(keys)) != 1:
-        raise ValueError(f"the reports differ in task / evaluation set / target: {sorted(set(keys))}")
+        raise ValueError(f"the reports differ in task / evaluation set / target / steps / student depth: "
+                         f"{sorted(set(keys))}")
     metric = reports[0]["protocol"].get("metric", "r_mean")
     seeds = [r["protocol"].get("seed") for r in reports]
     models = {}
