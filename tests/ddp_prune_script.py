@@ -17,6 +17,7 @@ from efficientvlm.training import (  # noqa: E402
     init_student_from_teacher,
     make_gated_model,
 )
+from efficientvlm.training.tasks import get_task  # noqa: E402
 
 
 def main(out: str, per_device: int) -> None:
@@ -31,9 +32,9 @@ def main(out: str, per_device: int) -> None:
         save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
         ddp_backend="gloo" if distributed else None, target_sparsity=0.5, reg_learning_rate=0.1,
     )
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(8), data_collator=_collate,
-                                         teacher_model=teacher)
+                                         teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     state = {k: v.tolist() for k, v in gated.l0.state_dict().items() if v.dtype.is_floating_point}
     state["student.vision_model.layers.0.mlp.fc1.weight"] = student.vision_model.layers[0].mlp.fc1.weight.tolist()

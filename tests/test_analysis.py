@@ -12,6 +12,7 @@ from efficientvlm.training import EfficientVLMPruningTrainer, PruningArguments, 
 from efficientvlm.training.commands.analysis import encoder_masks, magnitude_importance, unit_importance
 from efficientvlm.training.method.materialize import pruned_config
 from efficientvlm.training.method.structure import prunable_parameters, unit_groups
+from efficientvlm.training.tasks import get_task
 
 
 @pytest.mark.parametrize("modality", ["vision", "text", "fusion"])
@@ -56,10 +57,10 @@ def test_per_encoder_targets_are_met_by_a_short_pruning_run(tmp_path):
     # the per-encoder multipliers themselves (no snapping at the end, which would shift the expectation)
     args = _args(PruningArguments, tmp_path, max_steps=400, reg_learning_rate=0.1, sparsity_warmup_steps=50,
                  learning_rate=5e-4, snap_to_target=False, **targets)
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     assert gated.l0.constraints == ["vision", "text", "fusion"]  # each encoder has its own multipliers
     EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(100), data_collator=_collate,
-                               teacher_model=teacher).train()
+                               teacher_model=teacher, task=get_task("retrieval")).train()
     sparsity = gated.l0.expected_sparsity()
     for modality in ("vision", "text", "fusion"):
         assert float(sparsity[modality].detach()) == pytest.approx(targets[f"{modality}_target"], abs=0.03)

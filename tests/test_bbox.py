@@ -33,6 +33,7 @@ from efficientvlm.training.data.tokenization import synthetic_tokenizer
 from efficientvlm.training.method import losses as L
 from efficientvlm.training.method.distillation import layer_maps
 from efficientvlm.training.tasks.retrieval import bbox_term, retrieval_losses
+from efficientvlm.training.tasks import get_task
 
 
 # ------------------------------------------------------------------------------------------------- losses by hand
@@ -258,7 +259,8 @@ def test_trainer_logs_loss_bbox(tmp_path, processor):
     args = _args(tmp_path, max_steps=2)
     train = SyntheticRetrievalDataset(seed=0, num_samples=8, image_size=32)
     trainer = EfficientVLMDistillationTrainer(model=_model().train(), args=args, train_dataset=train,
-                                              data_collator=RetrievalCollator(processor), teacher_model=None)
+                                              data_collator=RetrievalCollator(processor), teacher_model=None,
+                                              task=get_task("retrieval"))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss_itc" in entry]
     assert len(logged) == 2 and all(entry["loss_bbox"] > 0 for entry in logged)

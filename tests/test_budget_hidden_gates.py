@@ -8,6 +8,7 @@ from efficientvlm.training.method.cost import path_to_json, prunable_flops, retr
 from efficientvlm.training.method.l0 import ModalL0Module
 from efficientvlm.training.method.materialize import pruned_config
 from efficientvlm.training.method.structure import prunable_parameters
+from efficientvlm.training.tasks import get_task
 
 
 def _randomise(l0: ModalL0Module, seed: int, spread: float = 3.0, mean: float = 0.0) -> None:
@@ -141,9 +142,9 @@ def test_short_flops_run_with_layer_and_hidden_gates_meets_its_budget_and_materi
     args = _args(PruningArguments, tmp_path, max_steps=40, target_sparsity=0.4, reg_learning_rate=0.1,
                  sparsity_warmup_steps=10, freeze_masks_step=30, learning_rate=5e-4, budget="flops",
                  budget_path="images=16,texts=16,k=4,text_length=7", layer_gates=True, hidden_gates=True)
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(10), data_collator=_collate,
-                                         teacher_model=teacher)
+                                         teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert bool(gated.l0.frozen)
     achieved = gated.l0.achieved_sparsity()["budget"]["total"]

@@ -103,7 +103,8 @@ def test_flops_budget_reaches_its_target_and_differs_from_params():
 
 
 def test_flops_budget_settings_round_trip_and_errors(tmp_path):
-    from efficientvlm.training.method.cost import path_to_json, task_path
+    from efficientvlm.training.method.cost import path_to_json
+    from efficientvlm.training.tasks import task_path
     from efficientvlm.training.method.l0 import ModalL0Module
     from tests.conftest import tiny_config
 
@@ -206,7 +207,8 @@ def test_vqa_and_captioning_paths_match_the_encoder_flops():
     """VQA: the answer decoder's path FLOPs = the first-token step + k re-scored answers (= `vqa_flops` without its
     LM head); captioning: one step = one full pass over the prompt, and every later step costs one token against all
     cached keys (less than re-running the prefix)."""
-    from efficientvlm.training.method.cost import captioning_path, task_path, vqa_path
+    from efficientvlm.training.method.cost import captioning_path, vqa_path
+    from efficientvlm.training.tasks import task_path
     from efficientvlm.training.method.structure import encoder_flops, vqa_flops
     from modeling_efficientvlm.configuration_efficientvlm import decoder_config_from_fusion
     from tests.conftest import tiny_config

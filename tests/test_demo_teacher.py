@@ -16,6 +16,7 @@ from efficientvlm.training.method import losses as L
 from efficientvlm.training.method.arguments import DistillationArguments
 from efficientvlm.training.method.trainers import EfficientVLMDistillationTrainer
 from efficientvlm.training.tasks.retrieval import uniform_negative_share
+from efficientvlm.training.tasks import get_task
 
 
 def _curve(values, itc=None, every=100):
@@ -47,7 +48,8 @@ def test_curve_callback_records_and_stops_training(tmp_path):
     teacher = _teacher()
     args = _args(DistillationArguments, tmp_path, max_steps=40)
     trainer = EfficientVLMDistillationTrainer(model=teacher, args=args, train_dataset=_batches(40),
-                                              data_collator=_collate, teacher_model=None, callbacks=[callback])
+                                              data_collator=_collate, teacher_model=None, callbacks=[callback],
+                                              task=get_task("retrieval"))
     trainer.train()
     # at step 6 the last quarter (steps >= 4.5) holds one point; at step 8 two flat ones: stop
     assert trainer.state.global_step == 8 and callback.converged_at == 8

@@ -11,6 +11,7 @@ from tests.conftest import tiny_config
 from tests.test_trainer import _args, _batches, _collate, _teacher
 from efficientvlm.training import DistillationArguments, EfficientVLMDistillationTrainer, init_student_from_teacher
 from efficientvlm.training.commands.atomic import atomic_directory
+from efficientvlm.training.tasks import get_task
 
 
 def test_nan_loss_stops_with_step_and_term_and_saves_nothing(tmp_path):
@@ -21,7 +22,7 @@ def test_nan_loss_stops_with_step_and_term_and_saves_nothing(tmp_path):
         item["pixel_values"] = torch.full_like(item["pixel_values"], float("nan"))
     args = _args(DistillationArguments, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=1)
     trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=data, data_collator=_collate,
-                                              teacher_model=teacher)
+                                              teacher_model=teacher, task=get_task("retrieval"))
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: terms \[.*'itc'"):
         trainer.train()
     assert not any(name.startswith("checkpoint-") for name in os.listdir(tmp_path / "out"))
@@ -32,7 +33,8 @@ def test_incompatible_teacher_vocabulary_is_refused(tmp_path):
     student = EfficientVLMForPreTraining(tiny_config(text=dict(vocab_size=50)))
     with pytest.raises(ValueError, match=r"student vocab_size \(50\) != teacher vocab_size \(99\)"):
         EfficientVLMDistillationTrainer(model=student, args=_args(DistillationArguments, tmp_path),
-                                        train_dataset=_batches(1), data_collator=_collate, teacher_model=teacher)
+                                        train_dataset=_batches(1), data_collator=_collate, teacher_model=teacher,
+                                        task=get_task("retrieval"))
 
 
 def test_width_mismatch_without_projection_is_refused(tmp_path):
@@ -40,7 +42,8 @@ def test_width_mismatch_without_projection_is_refused(tmp_path):
     student = EfficientVLMForPreTraining(tiny_config(vision=dict(hidden_size=16, head_dim=4)))
     with pytest.raises(ValueError, match="vision_config.hidden_size differs .* set beta_hidden=0"):
         EfficientVLMDistillationTrainer(model=student, args=_args(DistillationArguments, tmp_path),
-                                        train_dataset=_batches(1), data_collator=_collate, teacher_model=teacher)
+                                        train_dataset=_batches(1), data_collator=_collate, teacher_model=teacher,
+                                        task=get_task("retrieval"))
 
 
 def test_truncated_safetensors_and_corrupt_config_are_reported(tmp_path):
@@ -88,7 +91,8 @@ def test_interrupted_checkpoint_leaves_no_checkpoint_folder(tmp_path, monkeypatc
     teacher = _teacher()
     args = _args(DistillationArguments, tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1)
     trainer = EfficientVLMDistillationTrainer(model=init_student_from_teacher(teacher), args=args,
-                                              train_dataset=_batches(2), data_collator=_collate, teacher_model=teacher)
+                                              train_dataset=_batches(2), data_collator=_collate, teacher_model=teacher,
+                                              task=get_task("retrieval"))
 
     def die(output_dir):
         raise OSError("disk full")
@@ -104,6 +108,6 @@ def test_checkpoints_are_renamed_into_place_and_rotated(tmp_path):
     args = _args(DistillationArguments, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=1,
                  save_total_limit=2)
     EfficientVLMDistillationTrainer(model=init_student_from_teacher(teacher), args=args, train_dataset=_batches(3),
-                                    data_collator=_collate, teacher_model=teacher).train()
+                                    data_collator=_collate, teacher_model=teacher, task=get_task("retrieval")).train()
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "checkpoint-3"]
     assert (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").exists()

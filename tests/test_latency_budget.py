@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from efficientvlm.training.method.cost import path_to_json, task_path
+from efficientvlm.training.method.cost import path_to_json
 from efficientvlm.training.method.l0 import ModalL0Module
 from efficientvlm.training.method.latency_table import (
     check_latency_table, fit_line, load_latency_table, measure_latency_table, predicted_latency, save_latency_table,
 )
 from efficientvlm.training.method.structure import unit_groups
+from efficientvlm.training.tasks import get_task, task_path
 from tests.conftest import tiny_config
 
 FAST = {"points": 2, "repeats": 1, "warmup": 1, "min_seconds": 0.0, "progress": False}
@@ -178,7 +179,8 @@ def test_latency_budget_argument_errors():
 
     with pytest.raises(ValueError, match="--latency_table is the cost table of a latency budget"):
         make_gated_model(EfficientVLMForImageTextRetrieval(config), PruningArguments(output_dir="x",
-                                                                                    latency_table="t.json"))
+                                                                                    latency_table="t.json"),
+                  get_task("retrieval"))
     with pytest.raises(ValueError, match="budget must be 'params', 'flops' or 'latency'"):
         PruningArguments(output_dir="x", budget="seconds")
 
@@ -191,7 +193,7 @@ def test_latency_budget_without_a_table_measures_one_on_the_training_device(tmp_
 
     student = EfficientVLMForImageTextRetrieval(tiny_config())
     args = _args(PruningArguments, tmp_path, budget="latency", budget_path="images=4,texts=4,k=2,text_length=7")
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     saved = load_latency_table(str(tmp_path / "latency_table.json"), student.config)
     assert gated.l0.budget == "latency" and gated.l0.latency_table == saved
     assert saved["cost_path"]["fusion"] == [[(4 + 4) * 2, 7, 7, 17]] and saved["device"].startswith("cpu")
@@ -216,9 +218,9 @@ def test_short_latency_run_meets_its_budget(tmp_path):
     args = _args(PruningArguments, tmp_path / "run", max_steps=40, target_sparsity=0.4, reg_learning_rate=0.1,
                  sparsity_warmup_steps=10, freeze_masks_step=30, learning_rate=5e-4, budget="latency",
                  latency_table=str(tmp_path / "table.json"), layer_gates=True)
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(10), data_collator=_collate,
-                                         teacher_model=teacher)
+                                         teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert bool(gated.l0.frozen)
     achieved = float(gated.l0.achieved_sparsity()["budget"]["total"])

@@ -21,6 +21,7 @@ from efficientvlm.training import (
 from efficientvlm.training.method.distillation import layer_maps
 from efficientvlm.training.method.l0 import GATES_FILE
 from efficientvlm.training.tasks.retrieval import retrieval_losses
+from efficientvlm.training.tasks import get_task
 
 
 def _batches(n=8, batch=4, seed=0, vocab=99):
@@ -106,7 +107,7 @@ def test_distillation_decreases_losses_and_leaves_teacher_unchanged(tmp_path):
     # in absolute terms, so it gets a larger weight to move within 30 steps
     args = _args(DistillationArguments, tmp_path, max_steps=30, lambda_vlp=0.0, alpha_attn=100.0)
     trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=data, data_collator=_collate,
-                                              teacher_model=teacher)
+                                              teacher_model=teacher, task=get_task("retrieval"))
     batch = _collate(data[:4])
     maps = layer_maps(student.config, teacher.config)
     _, first = retrieval_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
@@ -131,9 +132,9 @@ def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path)
     student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
     args = _args(PruningArguments, tmp_path, max_steps=120, target_sparsity=0.5, reg_learning_rate=0.1,
                  sparsity_warmup_steps=20, save_strategy="steps", save_steps=60, learning_rate=5e-4)
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(30), data_collator=_collate,
-                                         teacher_model=teacher)
+                                         teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     # the structure is snapped to the target when training ends: what materialize keeps removes 0.5
     assert bool(gated.l0.frozen)
@@ -178,10 +179,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path, pruning):
         else:
             cls, kw = DistillationArguments, {}
         args = _args(cls, out, max_steps=6, save_strategy="steps", save_steps=3, **kw)
-        model = make_gated_model(student, args) if pruning else student
+        model = make_gated_model(student, args, get_task("retrieval")) if pruning else student
         trainer_cls = EfficientVLMPruningTrainer if pruning else EfficientVLMDistillationTrainer
         trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=_collate,
-                              teacher_model=teacher)
+                              teacher_model=teacher, task=get_task("retrieval"))
         trainer.train(resume_from_checkpoint=resume)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -79,9 +79,9 @@ def _pruning_run(out, freeze: int | None, resume: str | None = None, steps: int 
     student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
     args = _args(PruningArguments, out, max_steps=steps, target_sparsity=0.5, reg_learning_rate=0.5,
                  sparsity_warmup_steps=0, freeze_masks_step=freeze, save_strategy="steps", save_steps=1)
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(steps), data_collator=_collate,
-                                         teacher_model=teacher)
+                                         teacher_model=teacher, task=get_task("retrieval"))
     trainer.train(resume_from_checkpoint=resume)
     return gated, trainer
 
@@ -143,7 +143,8 @@ def test_the_initialisation_map_is_the_kd_map_and_is_saved(tmp_path, monkeypatch
     monkeypatch.setattr(L, "attention_kd_loss", spy)
     args = _args(DistillationArguments, tmp_path, max_steps=2)
     trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=_batches(2),
-                                              data_collator=_collate, teacher_model=teacher, layer_map=chosen)
+                                              data_collator=_collate, teacher_model=teacher, layer_map=chosen,
+                                              task=get_task("retrieval"))
     assert trainer.maps["vision"]["attn"] == [(0, 0), (1, 3)]
     assert trainer.maps["text"]["hidden"] == [(0, 0), (1, 1), (2, 3)]
     trainer.train()
@@ -195,12 +196,14 @@ def test_unset_task_kd_settings_take_the_official_values(tmp_path, task, lam, re
     student = model_cls(init_student_from_teacher(teacher).config)
     args = _args(PruningArguments, tmp_path)
     assert args.lambda_vlp is None and args.reg_learning_rate is None and args.cross_attention_kd is None
-    EfficientVLMPruningTrainer(model=make_gated_model(student, args), args=args, train_dataset=_batches(1),
-                               data_collator=_collate, teacher_model=model_cls(teacher.config), task=task)
+    EfficientVLMPruningTrainer(model=make_gated_model(student, args, get_task(task)), args=args,
+                               train_dataset=_batches(1), data_collator=_collate,
+                               teacher_model=model_cls(teacher.config), task=get_task(task))
     assert (args.lambda_vlp, args.reg_learning_rate, args.cross_attention_kd) == (lam, reg, True)
     explicit = _args(PruningArguments, tmp_path, lambda_vlp=0.3, reg_learning_rate=0.02, cross_attention_kd=False)
-    EfficientVLMPruningTrainer(model=make_gated_model(student, explicit), args=explicit, train_dataset=_batches(1),
-                               data_collator=_collate, teacher_model=model_cls(teacher.config), task=task)
+    EfficientVLMPruningTrainer(model=make_gated_model(student, explicit, get_task(task)), args=explicit,
+                               train_dataset=_batches(1), data_collator=_collate,
+                               teacher_model=model_cls(teacher.config), task=get_task(task))
     assert (explicit.lambda_vlp, explicit.reg_learning_rate, explicit.cross_attention_kd) == (0.3, 0.02, False)
 
 
@@ -210,9 +213,9 @@ def test_sparsity_warmup_defaults_to_one_epoch(tmp_path):
     teacher = _teacher()
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
     args = _args(PruningArguments, tmp_path, max_steps=8)  # 2 batches per epoch, 4 epochs
-    gated = make_gated_model(student, args)
+    gated = make_gated_model(student, args, get_task("retrieval"))
     trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(2), data_collator=_collate,
-                                         teacher_model=teacher)
+                                         teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert args.sparsity_warmup_steps == 2 and gated.l0.warmup_steps == 2
     targets = [e["target_global"] for e in trainer.state.log_history if "target_global" in e]
@@ -298,6 +301,30 @@ def test_training_has_no_import_cycle_and_modeling_never_imports_it():
         assert "training" not in {n.split(".")[0] for n in _imports(path, ROOT / "modeling_efficientvlm")}
         text = path.read_text()
         assert "efficientvlm.training" not in text and "import training" not in text and "from training" not in text
+
+
+def test_method_layer_never_imports_tasks_or_commands(tmp_path):
+    """Layers only look down: training/method (losses, gates, cost model, trainers) imports no module of
+    training/tasks or training/commands, at module level or inside a function, nor the package root (whose lazy
+    exports lead there); the commands resolve `--task` and pass the `Task` on. The no-cycle test above still holds."""
+    root = ROOT / "training"
+
+    def upward(path: Path, package_root: Path) -> list[str]:
+        return sorted(t for t in _imports(path, package_root)
+                      if t == "training" or t.split(".")[1] in ("tasks", "commands"))
+
+    method = sorted((root / "method").rglob("*.py"))
+    assert len(method) > 5
+    for path in method:
+        assert not upward(path, root), (str(path.relative_to(ROOT)), upward(path, root))
+        text = path.read_text()  # a dynamic import would hide the edge from the walk
+        assert "import_module" not in text and "__import__" not in text, path.relative_to(ROOT)
+    # the walk sees function-level imports: a lazy `from ..tasks import get_task` in method/ is an edge
+    probe = tmp_path / "training" / "method" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("def f():\n    from ..tasks import get_task\n    from ..commands.cli import main\n")
+    assert upward(probe, tmp_path / "training") == ["training.commands.cli", "training.commands.cli.main",
+                                                    "training.tasks", "training.tasks.get_task"]
 
 
 def test_a_task_is_one_module_and_one_registry_line():

@@ -234,6 +234,7 @@ def recovery_fine_tune(model, processor, data, steps: int, learning_rate: float,
 
     from ..method.arguments import DistillationArguments
     from ..method.trainers import EfficientVLMDistillationTrainer
+    from ..tasks import get_task
     from .stages import build_datasets
 
     model = copy.deepcopy(model).train()
@@ -246,7 +247,7 @@ def recovery_fine_tune(model, processor, data, steps: int, learning_rate: float,
         )
         train, collator = build_datasets(data, processor, seed, mlm=False)
         trainer = EfficientVLMDistillationTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
-                                                  teacher_model=None, task=data.task)
+                                                  teacher_model=None, task=get_task(data.task))
         trainer.train()
     return model.eval()
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..method.cost import has_path, path_to_json, prunable_flops, task_path
+from ..method.cost import path_to_json, prunable_flops
 from ..method.latency_table import format_latency_table, latency_share, latency_table_for
 from ..method.structure import modalities, prunable_parameters
-from ..tasks import get_task
+from ..tasks import get_task, has_path, task_path
 from .latency import measure_interleaved, summarize
 
 STRATEGIES = ("uniform", "manual", "learned", "flops", "flops+layers", "flops+hidden", "flops+layers+hidden",
@@ -167,17 +167,17 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     from .stages import eval_set, evaluate_model, load_processor, load_task_model, run_prune
 
     strategies = compare.parsed_strategies()
-    args.apply_task_defaults(get_task(data.task).prune_defaults)  # the protocol below names the values every run uses
+    task = get_task(data.task)  # resolved once; the method layer gets the Task
+    args.apply_task_defaults(task.prune_defaults)  # the protocol below names the values every run uses
     target = args.target_sparsity
     student = load_task_model(prune.student, data.task).eval()
-    path = task_path(data.task, student.config, compare.flops_path) if has_path(data.task) else None
+    path = task_path(task, student.config, compare.flops_path) if has_path(task) else None
     if path is None and set(strategies) & set(BUDGET_STRATEGIES):
-        task_path(data.task, student.config)  # raises: no inference-path model for this task
+        task_path(task, student.config)  # raises: no inference-path model for this task
     split_text = compare.manual_split or default_manual_split(data.task, target)
     manual = resolve_split(split_text, student.config, target) if "manual" in strategies else {}
     processor = load_processor(data, prune.student)
     held_out = eval_set(data)
-    task = get_task(data.task)
     metric = task.metric
     root = args.output_dir
     os.makedirs(root, exist_ok=True)
@@ -185,7 +185,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
     table = table_file = None
     if any(BUDGET_STRATEGIES.get(s, ("",))[0] == "latency" for s in strategies):  # one table for every latency run
         # prune's --latency_table, else measured once on --flops_path's path and written beside the runs
-        table, table_file = latency_table_for(student.config, data.task, args.latency_table, compare.flops_path, root)
+        table, table_file = latency_table_for(student.config, task, args.latency_table, compare.flops_path, root)
         write(format_latency_table(table, student.config))
 
     results: dict[str, dict] = {}

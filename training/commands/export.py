@@ -18,12 +18,12 @@ from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 from .atomic import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
-from ..method.cost import path_from_json, path_to_json, prunable_flops, task_path
+from ..method.cost import path_from_json, path_to_json, prunable_flops
 from ..method.latency_table import latency_share
 from ..method.l0 import ModalL0Module, read_gates_file
 from ..method.materialize import materialize
 from ..method.structure import VQA_HEADS, count_parameters, modalities, prunable_parameters, structure_table
-from ..tasks import task_of_model
+from ..tasks import task_of_model, task_path
 from ..method.l0 import GATES_FILE
 
 # shipped as package data of `efficientvlm.model_cards` (the repository's model_cards/), so a wheel install finds it
@@ -148,7 +148,7 @@ def budget_report(checkpoint: str, pruned) -> dict | None:
         path = path_from_json(raw_path)
     else:
         try:
-            path = task_path(task_of_model(pruned).name, student)
+            path = task_path(task_of_model(pruned), student)
         except ValueError:
             path = None
     kept_params = prunable_parameters(pruned.config)["total"] / prunable_parameters(student)["total"]

@@ -9,13 +9,13 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMConfig
 
-from ..method.cost import task_path, vision_tokens
+from ..method.cost import vision_tokens
 from ..method.latency_table import (
     check_latency_table, format_latency_table, measure_latency_table, save_latency_table, transfer_table,
 )
 from ..method.student import student_config
 from .presets import preset_config
-from ..tasks import TASKS
+from ..tasks import TASKS, task_path
 
 
 @dataclass

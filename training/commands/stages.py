@@ -23,7 +23,7 @@ from ..method.trainers import (
     GatedModel,
     make_gated_model,
 )
-from ..tasks import TASKS, get_task
+from ..tasks import TASKS, check_has_path, get_task
 from .atomic import FINAL_STAGING, owns_output_dir, publish_files
 from .presets import PRESETS, preset_config
 
@@ -466,10 +466,13 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     torch.manual_seed(args.seed)  # a new task head (NLVR2) starts the same in every run with this seed
     student = load_task_model(prune.student, data.task)
     check_vocab(student.config, processor, f"prune --student {prune.student}")
-    get_task(data.task).prepare_model(student, processor, data)
+    task = get_task(data.task)  # resolved here; the method layer gets the Task
+    task.prepare_model(student, processor, data)
     if teacher is not None:
         check_vocab(teacher.config, processor, f"prune --teacher {prune.teacher}")
-    gated = make_gated_model(student, args, data.task)
+    if not args.latency_table and (args.budget == "flops" or args.budget == "latency" and args.world_size <= 1):
+        check_has_path(task)  # the budget needs the task's path: raises naming the tasks that have one
+    gated = make_gated_model(student, args, task)
     _, metrics = _train_and_evaluate(EfficientVLMPruningTrainer, gated, teacher, processor, data, args, 2, eval_data,
                                      layer_map=load_layer_map(prune.student))
     return gated, metrics
@@ -487,7 +490,7 @@ def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed
     train, collator = build_datasets(data, processor, args.seed + seed_offset, mlm=mlm)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
-        teacher_model=teacher, task=data.task, layer_map=layer_map, callbacks=callbacks or None,
+        teacher_model=teacher, task=get_task(data.task), layer_map=layer_map, callbacks=callbacks or None,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     staging = os.path.join(args.output_dir, FINAL_STAGING)

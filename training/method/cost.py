@@ -186,30 +186,17 @@ def parse_sizes(task: str, defaults: dict[str, int], text: str) -> dict[str, int
     return sizes
 
 
-def has_path(task: str) -> bool:
-    """Whether `task` declares an inference path (`Task.cost_path`), i.e. can be pruned with a FLOPs budget."""
-    from ..tasks import get_task  # the tasks declare their paths; this module stays free of task names
+def inference_path(task, config, text: str = "") -> Path:
+    """The inference path of `task` (a `training.tasks.Task`, or anything with its `name`, `cost_path` and
+    `path_sizes`) at the sizes of `text` over its `path_sizes`: `task.cost_path(config, **sizes)`.
 
-    return get_task(task).cost_path is not None
-
-
-def task_path(task: str, config, text: str = "") -> Path:
-    """The inference path of `task` (its `Task.cost_path`) at the sizes of `text` over its `Task.path_sizes`."""
-    from ..tasks import get_task
-
-    spec = get_task(task)
-    if spec.cost_path is None:
-        raise ValueError(
-            f"--budget flops has no inference-path model for task {task!r} (tasks with one: "
-            f"{sorted(name for name in _task_names() if has_path(name))}); use --budget params"
-        )
-    return spec.cost_path(config, **parse_sizes(task, spec.path_sizes, text))
-
-
-def _task_names() -> list[str]:
-    from ..tasks import TASKS
-
-    return list(TASKS)
+    The task comes from the caller (commands resolve `--task` once): this layer knows no task names. A task without
+    a path model raises; `training.tasks.task_path` takes a name and names the tasks that have one.
+    """
+    if getattr(task, "cost_path", None) is None:
+        raise ValueError(f"--budget flops has no inference-path model for task {getattr(task, 'name', task)!r}; "
+                         "use --budget params")
+    return task.cost_path(config, **parse_sizes(task.name, task.path_sizes, text))
 
 
 def width_terms(weight, group: UnitGroup) -> tuple[float, float, float]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
 
-from .cost import Path, Run, path_from_json, path_to_json, task_path
+from .cost import Path, Run, inference_path, path_from_json, path_to_json
 from .structure import ENCODER_CONFIG_KEYS, UnitGroup, unit_groups
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def measure_latency_table(
 
     Args:
         config: the (student) EfficientVLMConfig to be pruned.
-        path: the task's inference path (`cost.task_path`); the table prices the units on it.
+        path: the task's inference path (`cost.inference_path`); the table prices the units on it.
         device / dtype: where and in what precision the model will serve.
         batch: sequences per timed call (a run of `count` sequences costs seconds·count / min(count, batch)).
         points: unit counts timed per group (size/points, 2·size/points, ..., size).
@@ -285,16 +285,17 @@ def save_latency_table(table: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def latency_table_for(config, task: str, table_file: str = "", budget_path: str = "",
+def latency_table_for(config, task, table_file: str = "", budget_path: str = "",
                       output_dir: str | None = None) -> tuple[dict, str | None]:
     """The table a latency budget prices `config`'s units by, and the file holding it: `table_file` (checked against
     `config`), else measured now on the training device (CUDA when there is one) on `task`'s path at `budget_path` and
-    written to `output_dir`/latency_table.json (not written without an `output_dir`)."""
+    written to `output_dir`/latency_table.json (not written without an `output_dir`). `task`: a `training.tasks.Task`
+    (see `cost.inference_path`), resolved by the caller."""
     if table_file:
         return load_latency_table(table_file, config), table_file
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logger.info("no latency table given: measuring the student's sub-layers on %s", device)
-    table = measure_latency_table(config, task_path(task, config, budget_path), device=device)
+    table = measure_latency_table(config, inference_path(task, config, budget_path), device=device)
     if not output_dir:
         return table, None
     file = os.path.join(output_dir, LATENCY_TABLE_FILE)

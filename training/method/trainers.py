@@ -19,9 +19,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from ..tasks import get_task
 from .arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
-from .cost import path_to_json, task_path
+from .cost import inference_path, path_to_json
 from .distillation import check_compatible, kd_pairs
 from .l0 import GATES_FILE, ModalL0Module, read_gates_file
 from .latency_table import latency_table_for
@@ -42,8 +41,9 @@ class EfficientVLMDistillationTrainer(Trainer):
     Args:
         teacher_model: the teacher (any EfficientVLM head class compatible with the student's task), or None to
             train with the task losses only (teacher pre-training / fine-tuning).
-        task: the `Task` (or its name) whose `loss_step` runs every step; default "retrieval" (image-caption pairs:
-            also the pre-training and general-distillation step).
+        task: the `training.tasks.Task` whose `loss_step` runs every step (retrieval — image-caption pairs — is also
+            the pre-training and general-distillation step). The caller resolves it (`training.tasks.get_task`):
+            this layer imports no task module.
         layer_map: per encoder, the teacher layer each student layer was initialised from — the ONE map every KD
             term uses (attention: (i, map[i]); hidden: outputs of those layers + embeddings). Default: the student's
             depth-derived map (`student.default_init_map`). Saved beside the student as `layer_map.json`.
@@ -55,7 +55,7 @@ class EfficientVLMDistillationTrainer(Trainer):
         model: nn.Module | None = None,
         *args,
         teacher_model: nn.Module | None,
-        task=None,
+        task,
         layer_map: dict[str, list[int]] | None = None,
         **kwargs,
     ):
@@ -64,7 +64,9 @@ class EfficientVLMDistillationTrainer(Trainer):
         super().__init__(model, *args, **kwargs)
         if not isinstance(self.args, DistillationArguments):
             raise TypeError("EfficientVLMDistillationTrainer needs DistillationArguments (or PruningArguments)")
-        self.task = get_task(task or "retrieval")
+        if task is None or isinstance(task, str):
+            raise TypeError(f"task must be a training.tasks.Task (training.tasks.get_task(name)), got {task!r}")
+        self.task = task
         self.teacher = teacher_model
         self.maps = None
         self.layer_map = layer_map
@@ -327,17 +329,18 @@ def _constant(_step: int) -> float:
     return 1.0
 
 
-def make_gated_model(student: nn.Module, args: PruningArguments, task: str = "retrieval") -> GatedModel:
+def make_gated_model(student: nn.Module, args: PruningArguments, task) -> GatedModel:
     """Wraps a student with a ModalL0Module built from its config and the pruning arguments (an unset warm-up is
     resolved when training starts, see `L0Callback`); `--budget flops` weighs every unit by its FLOPs on `task`'s
-    inference path."""
+    inference path. `task`: a `training.tasks.Task` (its `prune_defaults`, `cost_path` and `path_sizes` are read),
+    resolved by the caller."""
     if args.target_sparsity is None:  # the task's official target (the other task defaults: see the trainer)
-        args.target_sparsity = get_task(task).prune_defaults.get("target_sparsity", 0.25)
+        args.target_sparsity = task.prune_defaults.get("target_sparsity", 0.25)
     if args.latency_table and args.budget != "latency":
         raise ValueError("--latency_table is the cost table of a latency budget: give it with --budget latency")
     cost_path = table = None
     if args.budget == "flops":
-        cost_path = path_to_json(task_path(task, student.config, args.budget_path))
+        cost_path = path_to_json(inference_path(task, student.config, args.budget_path))
     if args.budget == "latency":
         if not args.latency_table and args.world_size > 1:  # every process must price the units alike
             raise ValueError("--budget latency on several processes needs --latency_table (measure it once with "

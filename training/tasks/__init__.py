@@ -35,4 +35,28 @@ def task_of_model(model_or_config) -> Task:
     return RETRIEVAL
 
 
-__all__ = ["ModelCardSpec", "TASKS", "Task", "get_task", "task_of_model"]
+def has_path(task: str | Task) -> bool:
+    """Whether `task` declares an inference path (`Task.cost_path`), i.e. can be pruned with a FLOPs budget."""
+    return get_task(task).cost_path is not None
+
+
+def check_has_path(task: str | Task) -> Task:
+    """The task; ValueError naming the tasks that have an inference-path model when `task` has none."""
+    spec = get_task(task)
+    if spec.cost_path is None:
+        raise ValueError(
+            f"--budget flops has no inference-path model for task {spec.name!r} (tasks with one: "
+            f"{sorted(name for name in TASKS if has_path(name))}); use --budget params"
+        )
+    return spec
+
+
+def task_path(task: str | Task, config, text: str = ""):
+    """The inference path of `task` (its `Task.cost_path`) at the sizes of `text` over its `Task.path_sizes`
+    (`training.method.cost.inference_path`, after `check_has_path`)."""
+    from ..method.cost import inference_path
+
+    return inference_path(check_has_path(task), config, text)
+
+
+__all__ = ["ModelCardSpec", "TASKS", "Task", "check_has_path", "get_task", "has_path", "task_of_model", "task_path"]
