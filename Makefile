@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 
-.PHONY: install demo demo-teacher test
+.PHONY: install demo demo-teacher test test-fast
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH_PIN)"
@@ -27,6 +27,11 @@ demo-teacher: install
 
 test: install
 	$(PYTHON) -m pytest tests
+
+# The fast lane while editing: everything but the tests marked slow (subprocesses, fresh interpreters, venvs and
+# wheels, DDP, demos, long training runs). `make test` (what CI runs) still runs them all.
+test-fast: install
+	$(PYTHON) -m pytest -m "not slow" tests
 
 # The split study of issue #10 on top of `make demo`'s output (~40 min on 2 CPU cores; ~20 min more per SEED=1, 2, ...):
 #   1. an NLVR2 teacher fine-tuned from the demo teacher (synthetic NLVR2, easy level, 1500 steps);

@@ -48,6 +48,7 @@ def test_least_important_units_go_first():
     assert masks.text.ffn[0][0] == 0 and masks.text.ffn[0][-1] == 1
 
 
+@pytest.mark.slow
 def test_per_encoder_targets_are_met_by_a_short_pruning_run(tmp_path):
     teacher = _teacher()
     initialised = init_student_from_teacher(teacher)

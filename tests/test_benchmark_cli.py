@@ -91,6 +91,7 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert "Protocol:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_help_and_errors(capsys):
     assert main([]) == 0
     listed = capsys.readouterr().out

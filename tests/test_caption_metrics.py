@@ -159,6 +159,7 @@ def test_caption_metrics_reject_malformed_inputs(predictions, references, messag
 
 
 # ---------------------------------------------------------------------------------------------- evaluate modules
+@pytest.mark.slow
 def test_caption_evaluate_modules_load_by_path_offline(tmp_path):
     predictions = ["A cat sat on the mat.", "a dog runs", "birds birds birds"]
     references = [["the cat sat on the mat", "A cat is on the mat"], ["a dog runs fast", "the dog is running"],

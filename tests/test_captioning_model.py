@@ -223,6 +223,7 @@ def test_masked_forward_equals_materialized():
 WORDS = ["a", "picture", "of", "red", "blue", "circle", "square", "left"]
 
 
+@pytest.mark.slow
 def test_image_to_text_pipeline_in_clean_interpreter(tmp_path):
     """The built-in pipeline("image-to-text") (transformers 5: image-text-to-text) on a saved folder, without our
     package: same captions as generate in process."""

@@ -225,6 +225,7 @@ def test_generation_passes_the_pruning_masks_to_every_decoding_step(monkeypatch)
     assert all(value is masks for value in seen)
 
 
+@pytest.mark.slow
 def test_card_usage_snippet_captions_in_a_clean_interpreter(tmp_path):
     """The card's AutoModelForImageTextToText snippet runs with only torch + transformers (remote code)."""
     processor = _processor()

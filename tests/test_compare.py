@@ -207,6 +207,7 @@ def test_analyze_modules_with_recovery_on_nlvr2(chain, tmp_path, capsys):
     assert "+ fine-tune" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_nlvr2_export_card_and_its_usage_snippet_run_without_our_package(chain, tmp_path):
     from tests.conftest import run_clean_python
     from efficientvlm.training.tasks.nlvr2 import USAGE as USAGE_NLVR2

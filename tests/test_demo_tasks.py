@@ -9,6 +9,8 @@ from efficientvlm.training.commands import demo
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.tasks import TASKS, get_task
 
+pytestmark = pytest.mark.slow  # runs the demo for every task
+
 MODELS = {"teacher", "student", "pruned"}
 STEPS = {"teacher_fine_tune": 2, "distill": 2, "student_fine_tune": 3, "prune": 3}
 ARCHITECTURE = {"nlvr2": "EfficientVLMForVisualReasoning", "captioning": "EfficientVLMForConditionalGeneration",

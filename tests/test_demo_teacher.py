@@ -102,6 +102,7 @@ def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
     assert stages.PruneArguments(student=str(teacher_dir), teacher="", kd=False).kd is False
 
 
+@pytest.mark.slow
 def test_shipped_demo_teacher_is_hub_ready_converged_and_small():
     from efficientvlm.training.commands.demo import DEMO_TEACHER_DIR, PROVENANCE_FILE
 

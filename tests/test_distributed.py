@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # DDP: two processes through torchrun
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_prune_script.py")
 

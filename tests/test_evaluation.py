@@ -197,6 +197,7 @@ def test_evaluate_retrieval_tiny_model_counts_itm_pairs(processor):
 # --------------------------------------------------------------------------------------------- evaluate module
 
 
+@pytest.mark.slow
 def test_evaluate_module_loads_by_path_offline(tmp_path):
     scores = _ranked_matrix([0, 0, 0, 0, 1, 3, 4, 5, 8, 9, 10, 11])
     img2txt = [[i] for i in range(12)]

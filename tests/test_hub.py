@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
@@ -40,6 +41,7 @@ def _load_by_repo_id(hub_url: str, repo_id: str, inputs_path: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_cli_push_then_load_by_repo_id(local_hub, tmp_path):
     model, folder = _folder(tmp_path)
     inputs = tiny_inputs()

@@ -99,6 +99,7 @@ def test_unknown_endpoint_is_404_json(local_hub):
     assert err.value.code == 404 and "unsupported endpoint" in json.load(err.value)["error"]
 
 
+@pytest.mark.slow
 def test_transformers_bert_and_tokenizer_roundtrip(local_hub, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -131,6 +132,7 @@ def test_transformers_bert_and_tokenizer_roundtrip(local_hub, tmp_path):
     assert result["out"] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_transformers_remote_code(local_hub, tmp_path):
     pytest.importorskip("torch")
     folder = tmp_path / "foo"

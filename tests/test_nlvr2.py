@@ -129,6 +129,7 @@ def test_all_ones_pruning_masks_equal_no_masks():
     torch.testing.assert_close(_forward(model, batch, pruning_masks=masks).logits, _forward(model, batch).logits)
 
 
+@pytest.mark.slow
 def test_remote_code_round_trip_as_sequence_classification(tmp_path):
     model, batch = _model(), _batch()
     model.save_pretrained(tmp_path)

@@ -57,6 +57,7 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_wheel_ships_templates_assets_and_metric_under_the_distribution_name(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
@@ -74,6 +75,7 @@ def test_wheel_ships_templates_assets_and_metric_under_the_distribution_name(whe
     assert "efficientvlm = efficientvlm.training.commands.cli:main" in entry_points
 
 
+@pytest.mark.slow
 def test_wheel_install_runs_the_chain_from_outside_the_source_tree(wheel, tmp_path):
     """Fresh venv (dependencies from the system site, the package only from the wheel), then teacher → distill →
     prune → export → evaluate from a working directory that is not the checkout."""

@@ -232,6 +232,7 @@ def test_push_to_hub_uploads_a_pipeline_ready_folder(setup, tmp_path, monkeypatc
     assert (uploaded / "pipeline_efficientvlm.py").is_file() and (uploaded / "processor_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_remote_code_pipelines_in_clean_interpreter(setup):
     """Both saved folders load `image-text-retrieval` and `zero-shot-image-classification` without our package."""
     model, processor, pipe, images, paths = (setup[k] for k in ("model", "processor", "pipe", "images", "paths"))

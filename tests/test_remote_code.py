@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import BertTokenizer
 
@@ -17,6 +18,7 @@ def tiny_processor() -> EfficientVLMProcessor:
     return EfficientVLMProcessor(build_image_processor(32), BertTokenizer(vocab=vocab))
 
 
+@pytest.mark.slow
 def test_ragged_model_and_processor_load_as_remote_code(tmp_path):
     torch.manual_seed(0)
     model = EfficientVLMForPreTraining(ragged_config()).eval()

@@ -62,6 +62,7 @@ def _start_lock_holder(folder) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
 def test_second_run_into_an_owned_output_dir_exits_2_and_a_dead_owner_is_taken_over(models, tmp_path, caplog):
     out = tmp_path / "run"
     holder = _start_lock_holder(out)

@@ -144,6 +144,7 @@ def test_materialize_equivalence_and_size(seed, scaled):
     assert pruned.num_parameters() < model.num_parameters()
 
 
+@pytest.mark.slow
 def test_materialized_model_loads_as_remote_code(tmp_path):
     torch.manual_seed(0)
     model = EfficientVLMForImageTextRetrieval(tiny_config()).eval()

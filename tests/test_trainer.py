@@ -126,6 +126,7 @@ def test_distillation_decreases_losses_and_leaves_teacher_unchanged(tmp_path):
                        student.state_dict()["vision_model.layers.0.mlp.fc1.weight"])
 
 
+@pytest.mark.slow
 def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path):
     teacher = _teacher()
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)

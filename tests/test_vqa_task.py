@@ -146,6 +146,7 @@ def test_task_record():
     assert task.card.pipeline_tag == "visual-question-answering" and task.card.metric_keys == ("accuracy",)
 
 
+@pytest.mark.slow
 def test_pipeline_and_usage_snippet_in_a_clean_interpreter(setup, tmp_path):
     """The exported folder answers through `pipeline("visual-question-answering", trust_remote_code=True)` and the
     card's usage snippet, in an interpreter that cannot import this project."""
