@@ -269,11 +269,12 @@ def test_uniform_snap_cuts_every_layer_by_the_same_share():
 
 def test_uniform_split_argument_holds_each_encoder_to_the_target(tmp_path):
     from efficientvlm.training.method.trainers import make_gated_model
+    from efficientvlm.training.tasks import get_task
     from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 
     student = EfficientVLMForImageTextRetrieval(tiny_config())
     args = _args(PruningArguments, tmp_path, target_sparsity=0.3, uniform_split=True)
-    gated = make_gated_model(student, args, "retrieval")
+    gated = make_gated_model(student, args, get_task("retrieval"))
     assert gated.l0.modality_targets == {"vision": 0.3, "text": 0.3, "fusion": 0.3}
     assert "global" not in gated.l0.constraints
 
