@@ -126,7 +126,7 @@ class DemoArguments:
     target_sparsity: float = field(
         default=0.5,
         metadata={"help": "Global target sparsity of the pruning stage (share of the student's prunable parameters). "
-                          "0.5: the pruned student measured 3.0-3.1x faster than the teacher at 100 % of its r_mean on "
+                          "0.5: the pruned student measured 2.85-3.07x faster than the teacher at 100.7 % of its r_mean on "
                           "the twins protocol; 0.4 gave 2.42-2.53x (docs/retrieval-demo.md)."},
     )
     teacher: str = field(default=DEMO_TEACHER_DIR, metadata={"help": "Teacher checkpoint (default: the shipped one)."})
