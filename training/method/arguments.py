@@ -78,7 +78,7 @@ TASK_DEFAULT = "default: the task's official value"
 
 @dataclass
 class PruningArguments(DistillationArguments):
-    """Distillation arguments plus modal-adaptive pruning (REFERENCE §3).
+    """Distillation arguments plus modal-adaptive pruning (paper §3.2; CoFi).
 
     Task-KD settings left unset (None) take the task's official values when the trainer is built (`prune --task`):
     retrieval λ = 0.5, reg lr 0.01; NLVR2 λ = 0.8, reg lr 0.1; both distil the fusion cross-attention maps; the target

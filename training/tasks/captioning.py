@@ -3,7 +3,7 @@
 The student and teacher are `EfficientVLMForConditionalGeneration` models: the text and fusion stacks form one causal
 decoder (text layers self-attend causally, fusion layers also cross-attend to the image tokens) with the MLM head as
 LM head. Training text is "[CLS] a picture of <caption> [SEP]" with [CLS] and the prompt out of the loss
-(`CaptioningCollator`); the model shifts the labels itself and smooths them by 0.1 (REFERENCE.md §4).
+(`CaptioningCollator`); the model shifts the labels itself and smooths them by 0.1 (X-VLM captioning).
 
 Task KD: decoder-logit KL on the predicted positions (teacher-forced on the same batch), attention KD over the vision
 self-attention, the causal text and fusion self-attention and (with `cross_attention_kd`) the fusion cross-attention,
@@ -271,7 +271,7 @@ TASK = Task(
     teacher_class=EfficientVLMForConditionalGeneration,
     metric="cider",
     loss_step=captioning_losses,
-    # official captioning config: 0.7·task + 0.3·KD, reg lr 0.01 (REFERENCE.md §3), cross-attention maps in task KD
+    # official captioning config: 0.7·task + 0.3·KD, reg lr 0.01 (official EfficientVLM config), cross-attention maps in task KD
     prune_defaults={"lambda_vlp": CAPTIONING_LAMBDA, "reg_learning_rate": 0.01, "cross_attention_kd": True,
                     "target_sparsity": 0.25},
     train_data=train_data,

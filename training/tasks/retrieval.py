@@ -3,7 +3,7 @@
 The loss step is also the pre-training step: `teacher` (no teacher model: VLP losses only) and general distillation
 (`distill`) train on image-caption pairs with it; retrieval fine-tuning (`prune --task retrieval`) adds task KD.
 
-Evaluation protocol (REFERENCE.md §4): ITC cosine similarity for every (image, text) pair; for each query the top-k
+Evaluation protocol (ALBEF / X-VLM): ITC cosine similarity for every (image, text) pair; for each query the top-k
 candidates by ITC are re-scored by the ITM head (`EfficientVLMForImageTextRetrieval.rerank_blocks`) and every
 other candidate keeps its ITC order below them (X-VLM's −100 for all of them would cap R@K at K > k). Text retrieval
 (TR) ranks the texts of each image and counts the best-ranked of its ground-truth captions; image retrieval (IR)

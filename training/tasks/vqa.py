@@ -6,7 +6,7 @@ as for retrieval; the answer decoder (causal self-attention, cross-attention to 
 to its word embeddings) is trained teacher-forced on every annotator answer of a question, each answer's token-summed
 cross-entropy weighted by its annotator share (`VQACollator`; the model computes Σ_a w_a·CE_a / B).
 
-Task KD (λ = 0.6 task + 0.4 KD, REFERENCE.md §4): decoder-logit KL on the predicted answer positions (teacher-forced on
+Task KD (λ = 0.6 task + 0.4 KD, the official EfficientVLM VQA config): decoder-logit KL on the predicted answer positions (teacher-forced on
 the same answers), attention KD of the vision / text / fusion self-attention, the fusion cross-attention and the
 decoder's causal self- and cross-attention, hidden-state KD of all three encoders and the decoder. The decoder pairs
 are the student's layer map for "decoder" when it has one, else the fusion map (each decoder layer is initialised
@@ -369,7 +369,7 @@ TASK = Task(
     teacher_class=EfficientVLMForQuestionAnswering,
     metric="accuracy",
     loss_step=vqa_losses,
-    # official VQA config: 0.6·task + 0.4·KD, reg lr 0.01, target 0.35 (REFERENCE.md §3-4), cross-attention maps
+    # official VQA config: 0.6·task + 0.4·KD, reg lr 0.01, target 0.35 (official EfficientVLM VQA config), cross-attention maps
     prune_defaults={"lambda_vlp": VQA_LAMBDA, "reg_learning_rate": 0.01, "cross_attention_kd": True,
                     "target_sparsity": 0.35},
     train_data=train_data,
