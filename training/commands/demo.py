@@ -333,7 +333,8 @@ def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, 
         return {**metrics, "data": describe_eval_data(data, eval_data)}
 
     if args.train_teacher:
-        teacher, _, teacher_dir, provenance = _teacher(args, work, profile, data, eval_data, timings)
+        # evaluated below with its per-query ranks, not a second time inside the teacher stage
+        teacher, _, teacher_dir, provenance = _teacher(args, work, profile, data, False, timings)
         teacher_metrics = _timed(timings, "teacher_eval", lambda: evaluate("teacher", teacher,
                                                                            _processor(teacher_dir)))
     else:

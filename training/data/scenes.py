@@ -584,14 +584,18 @@ def make_twin(rng: random.Random, scene: Scene, kind: str) -> Scene | None:
 
 def _distinct_descriptions(rng: random.Random, scene: Scene, others: list[Scene], n: int,
                            tries: int = 40) -> list[Description]:
-    """Up to `n` distinct descriptions true of `scene` and false of every scene in `others`."""
+    """Up to `n` distinct descriptions true of `scene` (checked: RuntimeError otherwise, an internal error of
+    `describe_scene`) and false of every scene in `others`, in the order first drawn."""
     found: dict[str, Description] = {}
     for _ in range(tries):
         desc = _distinguishing_description(rng, scene, others, tries=1)
-        if desc is not None:
-            found.setdefault(statement_text(desc), desc)
-            if len(found) == n:
-                break
+        if desc is None:
+            continue
+        if not statement_is_true(scene, desc):
+            raise RuntimeError(f"internal error: describe_scene gave a false description {desc} of {scene}")
+        found.setdefault(statement_text(desc), desc)
+        if len(found) == n:
+            break
     return list(found.values())
 
 
@@ -617,7 +621,7 @@ def make_retrieval_group(rng: random.Random, image_size: int = 64, twin_probabil
     for image_id, (scene, descriptions) in enumerate(zip(scenes, groups)):
         for desc in descriptions:
             negative = hard_negative(rng, scene, desc)
-            if negative is None:  # rare: fall back to the first description's negative or skip the caption
+            if negative is None:  # rare (no minimal edit found false): the caption is left out
                 continue
             items.append({**_retrieval_item(scene, desc, negative, image_size, return_scene), "image_id": image_id})
     return items
@@ -838,17 +842,7 @@ def scene_captions(rng: random.Random, scene: Scene, n: int = CAPTION_REFERENCES
     Raises:
         RuntimeError: a description the checker finds false (an internal error of `describe_scene`).
     """
-    captions: list[str] = []
-    for _ in range(tries):
-        desc = describe_scene(rng, scene)
-        if not statement_is_true(scene, desc):
-            raise RuntimeError(f"internal error: describe_scene gave a false description {desc} of {scene}")
-        text = statement_text(desc)
-        if text not in captions:
-            captions.append(text)
-            if len(captions) == n:
-                break
-    return captions
+    return [statement_text(d) for d in _distinct_descriptions(rng, scene, [], n, tries)]
 
 
 def make_captioning_item(rng: random.Random, image_size: int = 64, return_scene: bool = False) -> dict:

@@ -537,18 +537,18 @@ def _twin_accuracy(model, twins: Sequence[Sequence[int]], txt2img: Sequence[int]
         return {}
     device = image_embeds.device
     texts, own_idx, other_idx = torch.tensor(triples, device=device).t()
-    itc = {name: (image_embeds[idx].float() * text_embeds[texts].float()).sum(-1)
-           for name, idx in (("own", own_idx), ("other", other_idx))}
-    out = {"twin_accuracy_itc": _win_rate(itc["own"], itc["other"])}
+    # each distinct (image, text) pair scored once: a caption's own image appears once per twin
+    pairs, inverse = torch.unique(torch.stack([torch.cat([own_idx, other_idx]), torch.cat([texts, texts])]), dim=1,
+                                  return_inverse=True)
+    pair_itc = (image_embeds[pairs[0]].float() * text_embeds[pairs[1]].float()).sum(-1)
+    n = len(triples)
+    itc = pair_itc[inverse]
+    out = {"twin_accuracy_itc": _win_rate(itc[:n], itc[n:])}
     if not use_itm:
         out["twin_accuracy"] = out["twin_accuracy_itc"]
         return out
-    # each distinct (image, text) pair once: every caption's own image appears once per twin in `own`
-    images, text_idx = torch.cat([own_idx, other_idx]), torch.cat([texts, texts])
-    pairs, inverse = torch.unique(torch.stack([images, text_idx]), dim=1, return_inverse=True)
-    pair_itc = (image_embeds[pairs[0]].float() * text_embeds[pairs[1]].float()).sum(-1)
     scores = model.itm_pair_scores(image_idx=pairs[0], text_idx=pairs[1], itc=pair_itc, **pair_kwargs)[inverse]
-    out["twin_accuracy"] = _win_rate(scores[: len(triples)], scores[len(triples):])
+    out["twin_accuracy"] = _win_rate(scores[:n], scores[n:])
     return out
 
 
