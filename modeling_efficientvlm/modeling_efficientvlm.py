@@ -122,6 +122,36 @@ class PruningMasks:
     decoder: EncoderPruningMasks = field(default_factory=EncoderPruningMasks)
 
 
+@dataclass
+class CrossAttentionKeyValues:
+    """One fusion layer's cross-attention keys and values of image tokens, already projected: (B, H, S, Dh) each."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
+class ImageKeyValueCache:
+    """The image side of the fusion encoder, projected once (`EfficientVLMModel.image_key_value_cache`): per fusion
+    layer the cross-attention keys and values of G images, (G, H, S, Dh) each (None where a layer has no
+    cross-attention). `fuse` accepts it in place of image tokens after `select` has matched it to the text batch, so
+    an image re-scored against many texts is projected to K/V once per layer instead of once per pair."""
+
+    layers: list[CrossAttentionKeyValues | None]
+
+    def select(self, index: torch.Tensor) -> ImageKeyValueCache:
+        """The cache of a text batch whose row b reads image `index[b]` ((B,) long); a broadcast view (no copy) when
+        every row reads the same image."""
+        one = bool((index == index[0]).all())
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x[index[:1]].expand(index.numel(), *x.shape[1:]) if one else x.index_select(0, index)
+
+        return ImageKeyValueCache(
+            [None if kv is None else CrossAttentionKeyValues(rows(kv.key), rows(kv.value)) for kv in self.layers]
+        )
+
+
 def _removed(num_units: int, mask: torch.Tensor | None) -> bool:
     """A sub-layer is removed when it has no units, or when every unit's mask is exactly zero."""
     return num_units == 0 or (mask is not None and not bool(mask.any()))
@@ -200,8 +230,9 @@ class EfficientVLMAttention(nn.Module):
         appended to the cache at layer `cache_index` and the queries attend to the cached + new ones."""
         batch, length, _ = hidden_states.shape
         kv = hidden_states if key_value_states is None else key_value_states
-        split = lambda x: x.view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        query, key, value = split(self.q_proj(hidden_states)), split(self.k_proj(kv)), split(self.v_proj(kv))
+        query = self._split(self.q_proj(hidden_states))
+        # projected image keys / values (an `ImageKeyValueCache` entry) are used as they are
+        key, value = (kv.key, kv.value) if isinstance(kv, CrossAttentionKeyValues) else self.project_key_values(kv)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, cache_index)  # (B, H, S_past + T, Dh) each
         dropout = self.dropout if self.training else 0.0
@@ -218,6 +249,14 @@ class EfficientVLMAttention(nn.Module):
             context = context * head_mask.to(context.dtype).view(1, -1, 1, 1)
         context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.out_proj(context), (probs if output_attentions else None)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, H·Dh) → (B, H, S, Dh)."""
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_key_values(self, key_value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, S, Dh) of `key_value_states` (B, S, D_kv): what `forward` attends to."""
+        return self._split(self.k_proj(key_value_states)), self._split(self.v_proj(key_value_states))
 
 
 class EfficientVLMMLP(nn.Module):
@@ -622,12 +661,23 @@ class EfficientVLMFusionTransformer(nn.Module):
         `hidden_mask` (D_text,): the TEXT stream's hidden mask (the fusion encoder continues that stream).
 
         With `config.shared_cross_kv`, `image_hidden_states` is the pair (image 0 (B, N, D_vision), image 1) (and
-        `image_attention_mask` None or a pair): layer i reads image i mod 2.
+        `image_attention_mask` None or a pair): layer i reads image i mod 2. An `ImageKeyValueCache` (selected for
+        the batch) stands for image tokens whose cross-attention keys / values are already projected.
         `causal=True`: causal self-attention (the captioning decoder); `past_key_values` caches the self-attention of
         layer i at index `cache_offset + i` (cross-attention keys / values are recomputed from the image tokens).
         """
         dtype = text_hidden_states.dtype
-        paired = isinstance(image_hidden_states, (tuple, list))
+        if isinstance(image_hidden_states, ImageKeyValueCache):  # projected K/V: one entry per layer (no image mask)
+            if getattr(self.config, "shared_cross_kv", False) or len(image_hidden_states.layers) != len(self.layers):
+                raise ValueError(
+                    f"an ImageKeyValueCache of {len(image_hidden_states.layers)} layers does not fit this fusion "
+                    f"encoder ({len(self.layers)} layers, shared_cross_kv = "
+                    f"{getattr(self.config, 'shared_cross_kv', False)})"
+                )
+            image_hidden_states, image_attention_mask = tuple(image_hidden_states.layers), None
+            paired = False
+        else:
+            paired = isinstance(image_hidden_states, (tuple, list))
         if bool(getattr(self.config, "shared_cross_kv", False)) != paired or (paired and len(image_hidden_states) != 2):
             raise ValueError(
                 "a fusion encoder with shared_cross_kv (NLVR2) reads a pair of image token tensors (image 0, image 1); "
@@ -855,6 +905,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         """Fusion encoder over aligned pairs: text (B, T, D_text) with image (B, 1 + N, D_vision).
 
         `causal` / `past_key_values`: the captioning decoder; fusion layer i caches at index (text layers) + i.
+        `image_tokens` may be an `ImageKeyValueCache` selected for the batch (`image_key_value_cache`).
         """
         masks = pruning_masks.fusion if pruning_masks is not None else None
         return self.fusion_model(
@@ -869,6 +920,17 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             cache_offset=len(self.text_model.layers),
             hidden_mask=stream_mask(pruning_masks, "text", self.config.text_config.hidden_size),
         )
+
+    def image_key_value_cache(self, image_tokens: torch.Tensor) -> ImageKeyValueCache:
+        """Projects image tokens (G, 1 + N, D_vision) to every fusion layer's cross-attention keys and values once
+        (the image side of the fusion encoder: it does not depend on the text). Cross-head masks scale contexts, not
+        K/V, so one cache serves a gated model's masks too."""
+        layers: list[CrossAttentionKeyValues | None] = []
+        for layer in self.fusion_model.layers:
+            attention = getattr(layer, "cross_attn", None)
+            layers.append(None if attention is None else
+                          CrossAttentionKeyValues(*attention.project_key_values(image_tokens)))
+        return ImageKeyValueCache(layers)
 
     def forward(
         self,
@@ -1058,6 +1120,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         itc: torch.Tensor | None = None,
         batch_size: int | None = None,
         progress=None,
+        reuse_image_kv: bool = True,
     ) -> torch.Tensor:
         """Ranking scores (P,) of pairs (image_idx[p], text_idx[p]) of cached encoder tokens.
 
@@ -1071,7 +1134,13 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
             itc: (P,) ITC cosines of the pairs (only "match_logit_plus_itc" reads them).
             batch_size: pairs per fusion pass (None = all at once).
             progress: optional fn(iterable) -> iterable (e.g. tqdm) over the batches.
+            reuse_image_kv: group the pairs by image and project each image's tokens to the cross-attention keys
+                and values once per fusion layer for all its texts (`_itm_scores_by_image`); False: the reference
+                engine, one full fusion pass per pair (the two agree to float rounding).
         """
+        if reuse_image_kv:
+            return self._itm_scores_by_image(image_tokens, text_tokens, attention_mask, image_idx, text_idx,
+                                             pruning_masks, itm_score, itc, batch_size, progress)
         total = image_idx.numel()
         step = batch_size or max(total, 1)
         starts = range(0, total, step)
@@ -1104,6 +1173,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         directions: tuple[str, ...] = ("i2t", "t2i"),
         progress=None,
         query_block: int | None = None,
+        reuse_image_kv: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """ITC top-k → ITM re-ranking (ALBEF / X-VLM) of a whole similarity matrix (`rerank_blocks` on its rows).
 
@@ -1117,6 +1187,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
             pruning_masks, itm_score, batch_size, progress: as `itm_pair_scores`.
             directions: "i2t" (image queries rank texts) and / or "t2i" (text queries rank images).
             query_block: queries re-ranked per block (bounds the temporaries; see `rerank_blocks`).
+            reuse_image_kv: as `itm_pair_scores` (False: the per-pair reference engine).
 
         Returns:
             (scores_i2t (N_img, N_txt) or None, scores_t2i (N_txt, N_img) or None), float32; None for a direction
@@ -1134,10 +1205,44 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         for direction, start, _, scores in self.rerank_blocks(
             rows, (n_img, n_txt), k, image_tokens, text_tokens, attention_mask, pruning_masks=pruning_masks,
             itm_score=itm_score, batch_size=batch_size, directions=directions, progress=progress,
-            query_block=query_block,
+            query_block=query_block, reuse_image_kv=reuse_image_kv,
         ):
             out[direction][start : start + scores.shape[0]] = scores
         return out.get("i2t"), out.get("t2i")
+
+    def _itm_scores_by_image(self, image_tokens, text_tokens, attention_mask, image_idx, text_idx, pruning_masks,
+                             itm_score: str, itc, batch_size: int | None, progress) -> torch.Tensor:
+        """`itm_pair_scores` with the image side computed once per image: pairs sorted by image; consecutive images
+        whose pairs fit in `batch_size` form a group whose K/V (`image_key_value_cache`) are projected together;
+        an image with more texts than `batch_size` is a group of its own, its texts scored in several passes."""
+        total = image_idx.numel()
+        scores = torch.empty(total, dtype=torch.float32, device=image_tokens.device)
+        step = batch_size or max(total, 1)
+        order = torch.argsort(image_idx, stable=True)
+        images, counts = torch.unique_consecutive(image_idx[order], return_counts=True)
+        ends = counts.cumsum(0).tolist()  # end of each image's pairs in `order`
+        groups, first = [], 0  # (first image, stop image) of each group
+        for i in range(len(ends)):
+            starts_at = ends[first - 1] if first else 0
+            if i + 1 == len(ends) or ends[i + 1] - starts_at > step:
+                groups.append((first, i + 1))
+                first = i + 1
+        passes = [(g0, g1, start) for g0, g1 in groups
+                  for start in range(ends[g0 - 1] if g0 else 0, ends[g1 - 1], step)]
+        cache, cached = None, None
+        for g0, g1, start in progress(passes) if progress is not None else passes:
+            if cached != (g0, g1):  # one projection per group (= per image) and fusion layer
+                cache, cached = self.image_key_value_cache(image_tokens[images[g0:g1]]), (g0, g1)
+                local = torch.repeat_interleave(torch.arange(g1 - g0, device=order.device), counts[g0:g1])
+                offset = ends[g0 - 1] if g0 else 0
+            stop = min(start + step, ends[g1 - 1])
+            pairs, texts = order[start:stop], text_idx[order[start:stop]]
+            mask = attention_mask[texts]
+            length = int(mask.sum(1).max())
+            logits, _ = self.itm_logits(text_tokens[texts, :length], mask[:, :length],
+                                        cache.select(local[start - offset : stop - offset]), pruning_masks)
+            scores[pairs] = itm_match_scores(logits, itm_score, None if itc is None else itc[pairs])
+        return scores
 
     @torch.no_grad()
     def rerank_blocks(
@@ -1154,6 +1259,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         directions: tuple[str, ...] = ("i2t", "t2i"),
         progress=None,
         query_block: int | None = None,
+        reuse_image_kv: bool = True,
     ) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
         """ITC top-k → ITM re-ranking one block of queries at a time, so no (N_img, N_txt) matrix need exist.
 
@@ -1166,7 +1272,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
                 rows of the (N_img, N_txt) matrix for "i2t", rows of its transpose for "t2i".
             shape: (N_img, N_txt).
             k, image_tokens, text_tokens, attention_mask, pruning_masks, itm_score, batch_size, directions,
-                progress: as `rerank`.
+                progress, reuse_image_kv: as `rerank`.
             query_block: queries per block (None = as many as keep a block under `RERANK_BLOCK_SCORES` scores).
 
         Yields:
@@ -1191,7 +1297,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
                 top[direction] = torch.cat([b.indices for b in best])  # (Q, k)
                 itc[direction] = torch.cat([b.values for b in best])
             itm = self._top_pair_scores(top, itc, n_txt, image_tokens, text_tokens, attention_mask, pruning_masks,
-                                        itm_score, batch_size, progress)
+                                        itm_score, batch_size, progress, reuse_image_kv)
         for direction, spans in blocks.items():
             for start, stop in spans:
                 sim = sim_rows(direction, start, stop).float()
@@ -1199,7 +1305,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
                 yield direction, start, sim, scores
 
     def _top_pair_scores(self, top: dict, itc: dict, n_txt: int, image_tokens, text_tokens, attention_mask,
-                         pruning_masks, itm_score: str, batch_size: int | None, progress) -> dict[str, torch.Tensor]:
+                         pruning_masks, itm_score: str, batch_size: int | None, progress,
+                         reuse_image_kv: bool = True) -> dict[str, torch.Tensor]:
         """ITM scores {direction: (Q, k)} of each query's top-k `top` {direction: (Q, k)}, with their ITC values
         `itc`; each unique (image, text) pair is scored once, however many queries have it in their top-k."""
         ids, values = [], []
@@ -1213,6 +1320,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         scores = self.itm_pair_scores(
             image_tokens, text_tokens, attention_mask, unique_ids // n_txt, unique_ids % n_txt,
             pruning_masks=pruning_masks, itm_score=itm_score, itc=pair_itc, batch_size=batch_size, progress=progress,
+            reuse_image_kv=reuse_image_kv,
         )
         out, offset = {}, 0
         for direction, columns in top.items():
@@ -2397,6 +2505,8 @@ __all__ = [
     "EfficientVLMPreTrainedModel",
     "EfficientVLMQuestionAnsweringOutput",
     "EfficientVLMVisualReasoningOutput",
+    "CrossAttentionKeyValues",
+    "ImageKeyValueCache",
     "duplicate_fusion_state",
     "head_width",
     "nlvr_config",
