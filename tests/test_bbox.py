@@ -21,14 +21,9 @@ from tests.conftest import tiny_config
 from efficientvlm.training import DistillationArguments, EfficientVLMDistillationTrainer
 from efficientvlm.training.data.collators import NO_BOX, RetrievalCollator, box_in_center_crop
 from efficientvlm.training.data.files import load_albef_json
-from efficientvlm.training.data.scenes import (
-    Scene,
-    SyntheticRetrievalDataset,
-    make_retrieval_item,
-    object_box,
-    random_scene,
-    render_scene,
-)
+from efficientvlm.training.data.retrieval_dataset import SyntheticRetrievalDataset, make_retrieval_item
+from efficientvlm.training.data.scene_render import object_box, render_scene
+from efficientvlm.training.data.scene_world import Scene, random_scene
 from efficientvlm.training.data.tokenization import synthetic_tokenizer
 from efficientvlm.training.method import losses as L
 from efficientvlm.training.method.distillation import layer_maps

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from efficientvlm.training.metrics.captioning import (BLEU_METRIC_DIR, CIDER_METRIC_DIR, bleu, cider_d,
+from efficientvlm.training.metrics.caption_scores import (BLEU_METRIC_DIR, CIDER_METRIC_DIR, bleu, cider_d,
                                                        tokenize_caption)
 
 # The toolkit's smoothing: p_k = (correct_k + 1e-15) / (guess_k + 1e-9); so compare with a relative tolerance.

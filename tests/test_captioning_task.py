@@ -13,15 +13,11 @@ from modeling_efficientvlm.modeling_efficientvlm import shifted_lm_loss
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 from tests.conftest import run_clean_python, tiny_config
 from efficientvlm.training.commands.cli import main
-from efficientvlm.training.commands.presets import preset_config
+from efficientvlm.training.infra.presets import preset_config
 from efficientvlm.training.data.collators import CaptioningCollator, caption_prompt_ids
-from efficientvlm.training.data.scenes import (
-    CAPTION_MAX_OBJECTS,
-    SyntheticCaptioningDataset,
-    make_captioning_eval_set,
-    parse_statement,
-    statement_is_true,
-)
+from efficientvlm.training.data.captioning_dataset import CAPTION_MAX_OBJECTS, SyntheticCaptioningDataset, make_captioning_eval_set
+from efficientvlm.training.data.scene_language import parse_statement
+from efficientvlm.training.data.scene_world import statement_is_true
 from efficientvlm.training.data.tokenization import synthetic_tokenizer
 from efficientvlm.training.method.arguments import DistillationArguments
 from efficientvlm.training.method.distillation import layer_maps

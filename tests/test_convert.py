@@ -27,13 +27,12 @@ from transformers import (
 )
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
-from efficientvlm.training.commands.convert import (
-    ConvertXVLMArguments,
+from efficientvlm.training.commands.convert import ConvertXVLMArguments, run_convert_xvlm
+from efficientvlm.training.method.initializers import (
     _vit_supported,
     convert_xvlm_checkpoint,
     from_vision_text_pretrained,
     interpolate_position_table,
-    run_convert_xvlm,
 )
 
 KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "xvlm_checkpoint_keys"
@@ -271,7 +270,7 @@ def test_hub_folder_with_processor_and_cli_arguments(tmp_path, checkpoints):
 
 def test_full_size_teacher_config_from_reference_shapes():
     """Config inference on the real shapes (meta tensors: no memory, no weights)."""
-    from efficientvlm.training.commands.convert import xvlm_config_from_state_dict
+    from efficientvlm.training.method.initializers import xvlm_config_from_state_dict
 
     state = {k: torch.empty(s, device="meta") for k, s, _ in reference_keys("teacher_retrieval384")}
     config = xvlm_config_from_state_dict(state)

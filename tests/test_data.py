@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from efficientvlm.training.data.collators import NLVR2Collator, RetrievalCollator, mask_tokens
-from efficientvlm.training.data.scenes import (
-    SYNTHETIC_WORDS, Count, Description, Exists, ObjectRef, PairStatement, Relation, Scene, SyntheticNLVR2Dataset,
-    SyntheticRetrievalDataset, hard_negative, make_nlvr2_eval_set, make_retrieval_eval_set, make_statement,
-    parse_statement, random_scene, render_scene, statement_is_true, statement_text,
-)
+from efficientvlm.training.data.nlvr2_dataset import SyntheticNLVR2Dataset, make_nlvr2_eval_set
+from efficientvlm.training.data.retrieval_dataset import SyntheticRetrievalDataset, make_retrieval_eval_set
+from efficientvlm.training.data.scene_language import SYNTHETIC_WORDS, parse_statement, statement_text
+from efficientvlm.training.data.scene_render import render_scene
+from efficientvlm.training.data.scene_world import Count, Description, Exists, ObjectRef, PairStatement, Relation, Scene, hard_negative, make_statement, random_scene, statement_is_true
 from efficientvlm.training.data.files import (
     build_tuxpaint_json, from_hf_dataset, load_albef_json, load_image, load_nlvr2_json, load_retrieval_eval_set,
 )
@@ -161,7 +161,7 @@ def test_render_places_objects_in_their_cells():
     rng = random.Random(0)
     scenes = [random_scene(rng) for _ in range(1000)]
     images = [render_scene(s) for s in scenes]  # speed sanity: 1000 renders are quick
-    from efficientvlm.training.data.scenes import _COLOR_RGB
+    from efficientvlm.training.data.scene_render import _COLOR_RGB
 
     for scene, image in zip(scenes[:50], images[:50]):
         for o in scene.objects:
@@ -186,7 +186,7 @@ def test_nlvr2_text_alone_does_not_predict_the_label():
     (an earlier generator picked the quantifier from the scenes, and "both ..." was false 78 % of the time)."""
     import random
 
-    from efficientvlm.training.data.scenes import _nlvr2_example
+    from efficientvlm.training.data.nlvr2_dataset import _nlvr2_example
 
     rng = random.Random(0)
     groups = {}
@@ -213,7 +213,7 @@ def test_nlvr2_easy_level_describes_whole_scenes():
 def test_perturb_scene_changes_one_object_and_keeps_kinds_distinct():
     import random
 
-    from efficientvlm.training.data.scenes import MAX_OBJECTS, MIN_OBJECTS, perturb_scene, random_scene
+    from efficientvlm.training.data.scene_world import MAX_OBJECTS, MIN_OBJECTS, perturb_scene, random_scene
 
     rng = random.Random(0)
     for _ in range(200):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from tests.conftest import run_clean_python
 from tests.test_trainer import _args, _batches, _collate, _teacher
-from efficientvlm.training.commands.learning_curve import HeldOutCurveCallback, converged
+from efficientvlm.training.infra.learning_curve import HeldOutCurveCallback, converged
 from efficientvlm.training.method import losses as L
 from efficientvlm.training.method.arguments import DistillationArguments
 from efficientvlm.training.method.trainers import EfficientVLMDistillationTrainer
@@ -102,8 +103,38 @@ def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
     assert stages.PruneArguments(student=str(teacher_dir), teacher="", kd=False).kd is False
 
 
+def test_shipped_demo_teacher_remote_code_is_real_files_equal_to_the_library():
+    """Real files, not links (a copied folder must load); byte for byte the library's (`make remote-code`)."""
+    import modeling_efficientvlm
+    from efficientvlm.training.commands.demo import DEMO_TEACHER_DIR
+
+    library = os.path.dirname(os.path.abspath(modeling_efficientvlm.__file__))
+    names = sorted(n for n in os.listdir(library) if n.endswith(".py") and n != "__init__.py")
+    assert {"modeling_efficientvlm.py", "configuration_efficientvlm.py", "processing_efficientvlm.py",
+            "pipeline_efficientvlm.py"} <= set(names)
+    for name in names:
+        shipped = os.path.join(DEMO_TEACHER_DIR, name)
+        assert os.path.isfile(shipped) and not os.path.islink(shipped), f"{shipped} must be a real file"
+        with open(shipped, "rb") as a, open(os.path.join(library, name), "rb") as b:
+            assert a.read() == b.read(), f"{shipped} differs from the library's: run `make remote-code`"
+
+
+def test_copy_remote_code_replaces_links_without_touching_the_library(tmp_path):
+    import modeling_efficientvlm
+    from efficientvlm.training.commands.demo import copy_remote_code
+
+    library = os.path.dirname(os.path.abspath(modeling_efficientvlm.__file__))
+    source = os.path.join(library, "modeling_efficientvlm.py")
+    before = open(source, "rb").read()
+    os.symlink(source, tmp_path / "modeling_efficientvlm.py")
+    names = copy_remote_code(str(tmp_path))
+    assert "modeling_efficientvlm.py" in names and not os.path.islink(tmp_path / "modeling_efficientvlm.py")
+    assert (tmp_path / "modeling_efficientvlm.py").read_bytes() == before == open(source, "rb").read()
+    assert {n for n in os.listdir(tmp_path)} == set(names)
+
+
 @pytest.mark.slow
-def test_shipped_demo_teacher_is_hub_ready_converged_and_small():
+def test_shipped_demo_teacher_is_hub_ready_converged_and_small(tmp_path):
     from efficientvlm.training.commands.demo import DEMO_TEACHER_DIR, PROVENANCE_FILE
 
     files = set(os.listdir(DEMO_TEACHER_DIR))
@@ -120,16 +151,12 @@ def test_shipped_demo_teacher_is_hub_ready_converged_and_small():
     assert provenance["command"].startswith("efficientvlm demo-teacher") and "seed" in provenance
     card = open(os.path.join(DEMO_TEACHER_DIR, "README.md")).read()
     assert "learning_curve.png" in card and "demo-teacher" in card
-    # its remote code is the library's own (links), and it loads as a Hub user would load it
-    import modeling_efficientvlm
-
-    library = os.path.dirname(os.path.abspath(modeling_efficientvlm.__file__))
-    for name in ("modeling_efficientvlm.py", "configuration_efficientvlm.py", "processing_efficientvlm.py"):
-        assert os.path.realpath(os.path.join(DEMO_TEACHER_DIR, name)) == os.path.join(library, name)
+    # its remote code is the library's own (test below), and a copy of the folder loads as a Hub user would load it
+    copy = shutil.copytree(DEMO_TEACHER_DIR, tmp_path / "demo_teacher")  # what `cp -r` makes of it
     out = run_clean_python(
         f"""
         from transformers import AutoModelForPreTraining
-        model = AutoModelForPreTraining.from_pretrained({DEMO_TEACHER_DIR!r}, trust_remote_code=True)
+        model = AutoModelForPreTraining.from_pretrained({str(copy)!r}, trust_remote_code=True)
         print(type(model).__name__, sum(p.numel() for p in model.parameters()))
         """
     )

@@ -16,7 +16,8 @@ from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor,
 from tests.conftest import tiny_config
 from efficientvlm.training.data import files
 from efficientvlm.training.tasks import retrieval
-from efficientvlm.training.tasks.retrieval import evaluate_retrieval, retrieval_metrics
+from efficientvlm.training.metrics.retrieval_ranks import retrieval_metrics
+from efficientvlm.training.tasks.retrieval import evaluate_retrieval
 
 WORDS = "a an the red blue green cube ball cone left right of on top is are two one image".split()
 N = 12

@@ -20,7 +20,8 @@ from modeling_efficientvlm.modeling_efficientvlm import PruningMasks
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 from tests.conftest import tiny_config
 from efficientvlm.training.tasks.nlvr2 import evaluate_nlvr2
-from efficientvlm.training.tasks.retrieval import METRIC_DIR, evaluate_retrieval, make_retrieval_compute_metrics, retrieval_metrics
+from efficientvlm.training.metrics.retrieval_ranks import METRIC_DIR, make_retrieval_compute_metrics, retrieval_metrics
+from efficientvlm.training.tasks.retrieval import evaluate_retrieval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "a an the red blue green cube ball cone left right of on top is are two one image".split()
@@ -210,7 +211,7 @@ def test_evaluate_module_loads_by_path_offline(tmp_path):
         metric = evaluate.load({METRIC_DIR!r})
         rows = {scores.tolist()!r}
         a = metric.compute(predictions=rows, references={img2txt!r})
-        from efficientvlm.training.tasks.retrieval import load_retrieval_metric
+        from efficientvlm.training.metrics.retrieval_ranks import load_retrieval_metric
         other = load_retrieval_metric()
         other.add_batch(predictions=rows[:5], references={img2txt[:5]!r})
         b = other.compute(predictions=rows[5:], references={img2txt[5:]!r}, txt2img=list(range(12)),

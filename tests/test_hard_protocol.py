@@ -11,18 +11,14 @@ import pytest
 import torch
 
 from efficientvlm.training.data.collators import RetrievalCollator
-from efficientvlm.training.data.scenes import (
-    SyntheticRetrievalDataset,
-    make_twin_retrieval_eval_set,
-    parse_statement,
-    random_scene,
-    statement_is_true,
-    swap_attributes_scene,
-)
+from efficientvlm.training.data.retrieval_dataset import SyntheticRetrievalDataset, make_twin_retrieval_eval_set
+from efficientvlm.training.data.scene_language import parse_statement
+from efficientvlm.training.data.scene_world import random_scene, statement_is_true, swap_attributes_scene
 from efficientvlm.training.method import losses as L
 from efficientvlm.training.method.arguments import DistillationArguments, PruningArguments
 from efficientvlm.training.method.l0 import ModalL0Module
 from efficientvlm.training.metrics.confidence import PerQueryRanks, paired_r_mean_difference, r_mean_ci
+from efficientvlm.training.metrics.retrieval_ranks import recall_metrics, retrieval_metrics
 from efficientvlm.training.tasks import retrieval as R
 from tests.conftest import tiny_config
 from tests.test_trainer import _args, _batches, _collate, _teacher
@@ -91,7 +87,7 @@ def test_text_retrieval_counts_any_of_five_captions():
     scores[0, 3], scores[0, 5] = 1.0, 0.5
     scores[1, 9], scores[1, 0] = 1.0, 0.9
     img2txt, txt2img = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], [0] * 5 + [1] * 5
-    metrics = R.retrieval_metrics(scores, img2txt, txt2img)
+    metrics = retrieval_metrics(scores, img2txt, txt2img)
     assert metrics["txt_r1"] == 100.0
     # image retrieval is per caption: only captions 3 and 9 score their image strictly first (0 prefers image 1,
     # 5 prefers image 0, the six all-zero columns tie and ties count against the ground truth)
@@ -224,7 +220,7 @@ def _ranks(seed: int, n_img: int = 40, per: int = 5, skill: float = 0.5) -> PerQ
 def test_bootstrap_r_mean_at_full_weights_is_the_metric():
     ranks = _ranks(0)
     img2txt = [list(range(i * 5, i * 5 + 5)) for i in range(40)]
-    expected = R._metrics(ranks.txt_ranks, ranks.img_ranks)["r_mean"]
+    expected = recall_metrics(ranks.txt_ranks, ranks.img_ranks)["r_mean"]
     from efficientvlm.training.metrics.confidence import _r_means
 
     assert float(_r_means(ranks, np.ones((1, 40)))[0]) == pytest.approx(expected)

@@ -15,7 +15,7 @@ from modeling_efficientvlm.modeling_efficientvlm import (
 from tests.conftest import run_clean_python, tiny_config
 from tests.test_remote_code import tiny_processor
 from efficientvlm.training.data.collators import NLVR2Collator
-from efficientvlm.training.data.scenes import make_nlvr2_eval_set
+from efficientvlm.training.data.nlvr2_dataset import make_nlvr2_eval_set
 from efficientvlm.training.method.arguments import DistillationArguments
 from efficientvlm.training.method.distillation import layer_maps
 from efficientvlm.training.tasks.nlvr2 import NLVR2_LAMBDA, evaluate_nlvr2, nlvr2_losses

@@ -11,7 +11,7 @@ from modeling_efficientvlm import EfficientVLMForPreTraining, EfficientVLMForVis
 from tests.conftest import tiny_config, tiny_inputs
 from tests.test_cli_stages import COMMON
 from efficientvlm.training.commands.cli import main
-from efficientvlm.training.commands.presets import preset_config
+from efficientvlm.training.infra.presets import preset_config
 from efficientvlm.training.data.tokenization import synthetic_tokenizer
 from efficientvlm.training.tasks import get_task
 from efficientvlm.training.tasks.nlvr2_domain import (

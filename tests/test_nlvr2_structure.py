@@ -22,7 +22,7 @@ from modeling_efficientvlm import (
     PruningMasks,
 )
 from tests.conftest import tiny_config
-from efficientvlm.training.commands.convert import convert_xvlm_checkpoint
+from efficientvlm.training.method.initializers import convert_xvlm_checkpoint
 from efficientvlm.training.method.distillation import layer_maps
 from efficientvlm.training.method.l0 import ModalL0Module
 from efficientvlm.training.method.materialize import materialize

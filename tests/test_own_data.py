@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from efficientvlm.training.commands.cli import main
-from efficientvlm.training.commands.presets import preset_config
+from efficientvlm.training.infra.presets import preset_config
 from efficientvlm.training.commands.stages import (
     DataArguments,
     TeacherArguments,

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
-from efficientvlm.training.commands import atomic
-from efficientvlm.training.commands.atomic import LOCK_FILE, RUN_FILE, OutputDirInUseError, owned_output_dir
+from efficientvlm.training.infra import runs as atomic
+from efficientvlm.training.infra.runs import LOCK_FILE, RUN_FILE, OutputDirInUseError, owned_output_dir
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.commands.export import check_export_source
-from efficientvlm.training.commands.presets import tiny_bench_config
+from efficientvlm.training.infra.presets import tiny_bench_config
 from efficientvlm.training.commands.stages import DataArguments, load_processor
 from efficientvlm.training.method.l0 import ModalL0Module
 from efficientvlm.training.method.student import init_student_from_teacher
@@ -55,7 +55,7 @@ def run_cli(argv: list[str]) -> int | str:
 
 def _start_lock_holder(folder) -> subprocess.Popen:
     """A second real process that owns `folder` (as a stage would) and sleeps until killed."""
-    code = ("import sys, time\nfrom efficientvlm.training.commands.atomic import owned_output_dir\n"
+    code = ("import sys, time\nfrom efficientvlm.training.infra.runs import owned_output_dir\n"
             "with owned_output_dir(sys.argv[1], 'prune', ()):\n    print('locked', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "locked"

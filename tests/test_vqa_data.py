@@ -10,14 +10,14 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from efficientvlm.training.data.scenes import Scene, SceneObject
-from efficientvlm.training.data.vqa import (
+from efficientvlm.training.data.scene_world import Scene, SceneObject
+from efficientvlm.training.data.vqa_dataset import (
     BLIND_ACCURACY, MAJORITY_ACCURACY, TEMPLATE_ANSWERS, TEMPLATES, VQA_ANSWERS, Question, VQACollator,
     answer_question, answer_weights, load_answer_list, load_vqa_json, make_vqa_eval_set, make_vqa_item,
     question_only_baseline, scene_for_answer,
 )
-from efficientvlm.training.data.scenes import ObjectRef
-from efficientvlm.training.metrics.vqa import VQA_ACCURACY_METRIC_DIR, normalize_answer, vqa_accuracy, vqa_scores
+from efficientvlm.training.data.scene_world import ObjectRef
+from efficientvlm.training.metrics.vqa_scores import VQA_ACCURACY_METRIC_DIR, normalize_answer, vqa_accuracy, vqa_scores
 
 
 @pytest.fixture(scope="module")

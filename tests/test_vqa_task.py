@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPImageProcessor
 
 from efficientvlm.training.data.tokenization import synthetic_tokenizer
-from efficientvlm.training.data.vqa import QUESTION_WORDS, VQA_ANSWERS, VQACollator, make_vqa_eval_set, make_vqa_item
+from efficientvlm.training.data.vqa_dataset import QUESTION_WORDS, VQA_ANSWERS, VQACollator, make_vqa_eval_set, make_vqa_item
 from efficientvlm.training.method.arguments import DistillationArguments
 from efficientvlm.training.method.distillation import layer_maps
 from efficientvlm.training.tasks import get_task
@@ -231,7 +231,7 @@ def _xvlm_vqa_state(model: EfficientVLMForQuestionAnswering) -> dict[str, torch.
 
 
 def test_convert_xvlm_vqa_layout():
-    from efficientvlm.training.commands.convert import convert_xvlm_checkpoint
+    from efficientvlm.training.method.initializers import convert_xvlm_checkpoint
 
     torch.manual_seed(0)  # one head width for all stacks, as in X-VLM (64; here 8)
     config = tiny_config(text=dict(hidden_size=32, head_dim=8), fusion=dict(hidden_size=32, head_dim=8))

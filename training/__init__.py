@@ -4,7 +4,7 @@
              the shared distillation terms, argument dataclasses, the Trainer subclasses
   tasks/     one module per task (retrieval, nlvr2): head class, data, loss step, evaluation, inference path; registry
   data/      synthetic scenes, file formats, collators, the synthetic-caption tokenizer
-  commands/  the `efficientvlm` CLI and its stages, demo, export / push, bench, analysis, compare, convert, presets
+  commands/  the `efficientvlm` CLI: argument dataclasses and thin `run_*` functions over the library
   metrics/   the retrieval metric as a local `evaluate` module
 
 Imports torch/transformers-heavy pieces lazily so `efficientvlm --help` stays fast.
@@ -16,6 +16,7 @@ _EXPORTS = {
     "ModalL0Module": ".method.l0",
     "HardConcreteGate": ".method.gates",
     "init_student_from_teacher": ".method.student",
+    "load_layer_map": ".method.student",
     "count_parameters": ".method.structure",
     "materialize": ".method.materialize",
     "EfficientVLMDistillationTrainer": ".method.trainers",
@@ -24,13 +25,17 @@ _EXPORTS = {
     "make_gated_model": ".method.trainers",
     "DistillationArguments": ".method.arguments",
     "PruningArguments": ".method.arguments",
+    "RetrievalCollator": ".data.collators",
     "TASKS": ".tasks",
     "get_task": ".tasks",
-    "from_vision_text_pretrained": ".commands.convert",
-    "convert_xvlm_checkpoint": ".commands.convert",
+    "from_vision_text_pretrained": ".method.initializers",
+    "convert_xvlm_checkpoint": ".method.initializers",
     "evaluate_retrieval": ".tasks.retrieval",
-    "retrieval_metrics": ".tasks.retrieval",
+    "retrieval_metrics": ".metrics.retrieval_ranks",
     "evaluate_nlvr2": ".tasks.nlvr2",
+    "save_hub_ready": ".commands.export",
+    "PushArguments": ".commands.push",
+    "push_folder": ".commands.push",
 }
 
 __all__ = sorted(_EXPORTS)

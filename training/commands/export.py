@@ -17,7 +17,7 @@ from modeling_efficientvlm import EfficientVLMConfig
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
-from .atomic import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
+from ..infra.runs import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
 from ..method.cost import path_from_json, path_to_json, prunable_flops
 from ..method.latency_table import latency_share
 from ..method.l0 import ModalL0Module, read_gates_file

@@ -14,7 +14,8 @@ import torch
 from modeling_efficientvlm import ITM_SCORES, EfficientVLMConfig, EfficientVLMForPreTraining
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 
-from ..data.scenes import EVAL_PROTOCOLS, NLVR2_LEVELS
+from ..data.nlvr2_dataset import NLVR2_LEVELS
+from ..data.retrieval_dataset import EVAL_PROTOCOLS
 from ..method.arguments import DistillationArguments, PruningArguments
 from ..method.student import init_student_from_teacher, load_layer_map, resolve_layer_map
 from ..method.trainers import (
@@ -24,8 +25,8 @@ from ..method.trainers import (
     make_gated_model,
 )
 from ..tasks import TASKS, check_has_path, get_task
-from .atomic import FINAL_STAGING, owns_output_dir, publish_files
-from .presets import PRESETS, preset_config
+from ..infra.runs import FINAL_STAGING, owns_output_dir, publish_files
+from ..infra.presets import PRESETS, preset_config
 
 METRICS_FILE = "eval_results.json"
 
@@ -395,7 +396,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     if teacher.init_from:
         model = model_cls.from_pretrained(teacher.init_from)
     elif teacher.vision_model or teacher.text_model:
-        from .convert import from_vision_text_pretrained
+        from ..method.initializers import from_vision_text_pretrained
 
         model = from_vision_text_pretrained(
             teacher.vision_model, teacher.text_model, teacher.num_text_layers,
@@ -416,7 +417,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     task.prepare_model(model, processor, data)
     callbacks = []
     if teacher.eval_every:
-        from .learning_curve import HeldOutCurveCallback
+        from ..infra.learning_curve import HeldOutCurveCallback
 
         held_out = eval_set(data) if eval_data in (None, False) else eval_data
         curve = HeldOutCurveCallback(
@@ -428,7 +429,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     result = _train_and_evaluate(EfficientVLMDistillationTrainer, model, None, processor, data, args, 0, eval_data,
                                  layer_map=load_layer_map(teacher.init_from), callbacks=callbacks)
     if callbacks and args.should_save:
-        from .learning_curve import write_curve
+        from ..infra.learning_curve import write_curve
 
         write_curve(callbacks[0].summary(), args.output_dir)
     return result

@@ -90,7 +90,7 @@ def tokenizer_from_captions(json_paths: str | list[str], directory: str | None =
 
 def synthetic_tokenizer(directory: str | None = None) -> BertTokenizerFast:
     """The tokenizer for the built-in synthetic scene captions (`training.data.SYNTHETIC_WORDS`)."""
-    from .scenes import SYNTHETIC_WORDS
+    from .scene_language import SYNTHETIC_WORDS
 
     return build_tokenizer(SYNTHETIC_WORDS, directory)
 

@@ -1,6 +1,6 @@
 """Visual question answering data: synthetic questions on the built-in scenes, and the X-VLM / ALBEF VQA JSON format.
 
-Synthetic VQA. Six question templates, each answered from the scene graph (`training.data.scenes`):
+Synthetic VQA. Six question templates, each answered from the scene graph (`training.data.scene_world`):
 
     color     "what color is the small circle?"         → one of COLORS     (6 answers)
     shape     "what shape is the big red object?"        → one of SHAPES     (4)
@@ -37,10 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .scenes import (
-    COLORS, GRID, NUMBER_WORDS, RELATIONS, SHAPES, SIZES, ObjectRef, Scene, SceneObject, _SyntheticIterable,
-    rejitter_scene, render_scene,
-)
+from .scene_render import render_scene
+from .scene_world import COLORS, GRID, NUMBER_WORDS, RELATIONS, SHAPES, SIZES, ObjectRef, Scene, SceneObject, rejitter_scene
+from .synthetic_stream import _SyntheticIterable
 
 TEMPLATES = ("color", "shape", "size", "count", "exists", "relation")
 COUNT_ANSWERS = tuple(NUMBER_WORDS[:4])  # zero .. three

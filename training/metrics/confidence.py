@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RECALL_AT = (1, 5, 10)
+from .retrieval_ranks import RECALL_AT
+
 BOOTSTRAP_RESAMPLES = 2000
 CI_LEVEL = 0.95
 

@@ -10,7 +10,7 @@ self-attention, the causal text and fusion self-attention and (with `cross_atten
 and hidden-state KD of all three stacks, with the shared helpers of `training.method.distillation`.
 
 Evaluation: beam search 3, 5-20 new tokens after the prompt (`GENERATION`), BLEU-4 and CIDEr-D with the COCO caption
-toolkit's tokenisation (`training.metrics.captioning`), in percent. METEOR and SPICE need the toolkit's Java tools
+toolkit's tokenisation (`training.metrics.caption_scores`), in percent. METEOR and SPICE need the toolkit's Java tools
 and are not computed.
 """
 
@@ -26,7 +26,7 @@ from modeling_efficientvlm import EfficientVLMForConditionalGeneration
 
 from ..data.collators import CAPTION_PROMPT, caption_prompt_ids
 from ..method import losses as L
-from ..method.cost import captioning_path
+from ..method.cost import captioning_flops, captioning_path
 from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd
 from .base import ModelCardSpec, Task
 
@@ -137,7 +137,7 @@ def train_data(data, processor, seed: int, mlm: bool):
     from ..data.collators import CaptioningCollator
 
     collator = CaptioningCollator(processor, max_length=data.max_length)
-    from ..data.scenes import SyntheticCaptioningDataset
+    from ..data.captioning_dataset import SyntheticCaptioningDataset
     from .retrieval import caption_pairs
 
     return caption_pairs(data, seed, SyntheticCaptioningDataset), collator
@@ -151,7 +151,7 @@ def eval_data(data) -> dict:
         from .retrieval import eval_data as caption_json_eval_data
 
         return caption_json_eval_data(data)  # the same file formats and hold-out rules as retrieval
-    from ..data.scenes import make_captioning_eval_set
+    from ..data.captioning_dataset import make_captioning_eval_set
 
     return make_captioning_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
 
@@ -208,7 +208,7 @@ def evaluate_captioning(
     Returns:
         {"bleu4": BLEU-4 × 100, "cider": CIDEr-D × 100, "captions": number of images captioned}.
     """
-    from ..metrics.captioning import bleu, cider_d
+    from ..metrics.caption_scores import bleu, cider_d
 
     if len(images) != len(references) or not len(images):
         raise ValueError(f"need one reference list per image and at least one image, got {len(images)} images and "
@@ -293,4 +293,5 @@ TASK = Task(
     # COCO Karpathy test: "[CLS] a picture of" + up to 20 new tokens, beam 3 (CAPTION_GENERATION_DEFAULTS)
     path_sizes={"images": 5000, "prompt_length": 5, "new_tokens": 20, "beams": 3},
     cost_path=captioning_path,
+    flops=captioning_flops,
 )

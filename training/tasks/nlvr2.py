@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from modeling_efficientvlm import EfficientVLMForVisualReasoning
 
 from ..method import losses as L
-from ..method.cost import nlvr2_path
+from ..method.cost import nlvr2_flops, nlvr2_path
 from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd, stack_outputs
 from .base import ModelCardSpec, Task
 
@@ -89,7 +89,7 @@ def train_data(data, processor, seed: int, mlm: bool):
 
     collator = NLVR2Collator(processor, max_length=data.max_length)
     if data.dataset == "synthetic":
-        from ..data.scenes import SyntheticNLVR2Dataset
+        from ..data.nlvr2_dataset import SyntheticNLVR2Dataset
 
         return SyntheticNLVR2Dataset(seed=seed, image_size=data.image_size, level=data.nlvr2_level), collator
     from ..data.files import load_nlvr2_json
@@ -110,7 +110,7 @@ def eval_data(data) -> list:
             return load_nlvr2_json(data.eval_dataset, data.image_root)
         items = load_nlvr2_json(data.dataset, data.image_root, check_images=False)
         return items.select(held_out_rows(data, range(len(items)), True))
-    from ..data.scenes import make_nlvr2_eval_set
+    from ..data.nlvr2_dataset import make_nlvr2_eval_set
 
     return make_nlvr2_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size,
                                level=data.nlvr2_level)
@@ -279,4 +279,5 @@ TASK = Task(
     # two images and one statement of <= 40 tokens per item
     path_sizes={"items": 1000, "text_length": 40},
     cost_path=nlvr2_path,
+    flops=nlvr2_flops,
 )

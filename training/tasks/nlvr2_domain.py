@@ -147,7 +147,7 @@ def train_data(data, processor, seed: int, mlm: bool):
     """(train dataset, collator): the pre-training image-caption pairs (synthetic scenes or an ALBEF / X-VLM JSON, less
     its held-out images) collated without MLM; the pairs are drawn per batch by `domain_losses`."""
     from ..data.collators import RetrievalCollator
-    from ..data.scenes import SyntheticRetrievalDataset
+    from ..data.retrieval_dataset import SyntheticRetrievalDataset
     from .retrieval import caption_pairs
 
     collator = RetrievalCollator(processor, max_length=data.max_length)

@@ -13,7 +13,7 @@ are the student's layer map for "decoder" when it has one, else the fusion map (
 from the fusion layer of the same index, in teacher and student alike).
 
 Evaluation: the paper's answer ranking over a fixed answer list (`rank_answers`: first-token probability of every
-answer, top-k (128), full-sequence log-likelihood, argmax), scored by VQA accuracy (`training.metrics.vqa`, percent).
+answer, top-k (128), full-sequence log-likelihood, argmax), scored by VQA accuracy (`training.metrics.vqa_scores`, percent).
 
 Vocabulary: the demo's synthetic caption vocabulary has no question words ("what", "how", "yes", "no", ...).
 `prepare_model` adds the missing `QUESTION_WORDS` to the tokenizer (whole-word added tokens, the same ids in every
@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from modeling_efficientvlm import EfficientVLMForQuestionAnswering
 
-from ..data.vqa import QUESTION_WORDS, VQA_ANSWERS, VQACollator, VQAItems, encode_answers, iter_questions
+from ..data.vqa_dataset import QUESTION_WORDS, VQA_ANSWERS, VQACollator, VQAItems, encode_answers, iter_questions
 from ..method import losses as L
-from ..method.cost import vqa_path
+from ..method.cost import vqa_flops, vqa_path
 from ..method.distillation import attention_kd, hidden_kd, stack_outputs
 from .base import ModelCardSpec, Task
 
@@ -193,7 +193,7 @@ def _answer_list_for(path: str) -> list[str]:
     """The answer list of a VQA JSON: `answer_list.json` beside it (X-VLM's layout)."""
     import os
 
-    from ..data.vqa import answer_list_beside, load_answer_list
+    from ..data.vqa_dataset import answer_list_beside, load_answer_list
 
     answer_file = answer_list_beside(path)
     if not os.path.isfile(answer_file):
@@ -207,11 +207,11 @@ def train_data(data, processor, seed: int, mlm: bool):
     `--eval_dataset`: less its held-out questions). `mlm` is unused."""
     collator = VQACollator(processor, max_length=data.max_length, answer_max_length=ANSWER_MAX_LENGTH)
     if data.dataset == "synthetic":
-        from ..data.vqa import SyntheticVQADataset
+        from ..data.vqa_dataset import SyntheticVQADataset
 
         return SyntheticVQADataset(seed=seed, image_size=data.image_size), collator
     from ..data.holdout import held_out_rows
-    from ..data.vqa import load_vqa_json
+    from ..data.vqa_dataset import load_vqa_json
 
     items = load_vqa_json(data.dataset, data.image_root)
     if not data.eval_dataset:
@@ -224,14 +224,14 @@ def eval_data(data) -> VQAItems:
     the questions of a JSON `--dataset` held out from training, else `--eval_images` synthetic questions."""
     if data.eval_dataset or data.dataset != "synthetic":
         from ..data.holdout import held_out_rows
-        from ..data.vqa import load_vqa_json
+        from ..data.vqa_dataset import load_vqa_json
 
         path = data.eval_dataset or data.dataset
         items = load_vqa_json(path, data.image_root, check_images=bool(data.eval_dataset))
         if not data.eval_dataset:
             items = [items[row] for row in held_out_rows(data, range(len(items)), True)]
         return VQAItems(items, _answer_list_for(path))
-    from ..data.vqa import make_vqa_eval_set
+    from ..data.vqa_dataset import make_vqa_eval_set
 
     return make_vqa_eval_set(data.eval_images, seed=data.eval_seed, image_size=data.image_size)
 
@@ -288,7 +288,7 @@ def evaluate_vqa(model, items: Sequence[dict], processor: Any, answer_list: Sequ
     Raises:
         ValueError: an item without annotator answers (a test split scored elsewhere cannot be evaluated here).
     """
-    from ..metrics.vqa import vqa_scores
+    from ..metrics.vqa_scores import vqa_scores
 
     unanswered = [index for index, item in enumerate(items) if not item.get("answer")]
     if unanswered:
@@ -392,4 +392,5 @@ TASK = Task(
     # rank_answers: the top k_test = 128 answers re-scored over <= 10 tokens
     path_sizes={"questions": 1000, "question_length": 40, "k": RANK_K, "answer_length": ANSWER_MAX_LENGTH},
     cost_path=vqa_path,
+    flops=vqa_flops,
 )

@@ -1,7 +1,7 @@
 """Corpus BLEU-1..4 of generated captions as in the COCO caption toolkit, as a local `evaluate` metric.
 
 Load it by path, no Hub access: `evaluate.load("<efficientvlm.training.metrics>/bleu")`. The computation is
-`efficientvlm.training.metrics.captioning.bleu` (pycocoevalcap's BleuScorer, option "closest", PTB-style tokenization
+`efficientvlm.training.metrics.caption_scores.bleu` (pycocoevalcap's BleuScorer, option "closest", PTB-style tokenization
 in pure Python), so scripts using this module and the captioning task's evaluation agree exactly.
 """
 
@@ -10,13 +10,13 @@ import evaluate
 
 
 def _import_bleu():
-    """`efficientvlm.training.metrics.captioning.bleu`: the metric is the package's own function.
+    """`efficientvlm.training.metrics.caption_scores.bleu`: the metric is the package's own function.
 
     `evaluate.load` runs a copy of this file from its modules cache, so the computation is imported from the installed
     package (`pip install efficientvlm[train]`), never from a path next to this file.
     """
     try:
-        from efficientvlm.training.metrics.captioning import bleu
+        from efficientvlm.training.metrics.caption_scores import bleu
     except ImportError as error:
         raise ImportError("the caption BLEU metric computes with efficientvlm's `efficientvlm.training` package: "
                           "`pip install 'efficientvlm[train]'` first") from error

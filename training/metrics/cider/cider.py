@@ -1,7 +1,7 @@
 """CIDEr-D of generated captions as in the COCO caption toolkit, as a local `evaluate` metric.
 
 Load it by path, no Hub access: `evaluate.load("<efficientvlm.training.metrics>/cider")`. The computation is
-`efficientvlm.training.metrics.captioning.cider_d` (pycocoevalcap's CiderScorer with document frequencies from the
+`efficientvlm.training.metrics.caption_scores.cider_d` (pycocoevalcap's CiderScorer with document frequencies from the
 evaluated references, PTB-style tokenization in pure Python), so scripts using this module and the captioning task's
 evaluation agree exactly. Document frequencies come from ALL references passed (add_batch accumulates them), so
 compute over the whole evaluation set at once, as the toolkit does.
@@ -12,13 +12,13 @@ import evaluate
 
 
 def _import_cider_d():
-    """`efficientvlm.training.metrics.captioning.cider_d`: the metric is the package's own function.
+    """`efficientvlm.training.metrics.caption_scores.cider_d`: the metric is the package's own function.
 
     `evaluate.load` runs a copy of this file from its modules cache, so the computation is imported from the installed
     package (`pip install efficientvlm[train]`), never from a path next to this file.
     """
     try:
-        from efficientvlm.training.metrics.captioning import cider_d
+        from efficientvlm.training.metrics.caption_scores import cider_d
     except ImportError as error:
         raise ImportError("the caption CIDEr metric computes with efficientvlm's `efficientvlm.training` package: "
                           "`pip install 'efficientvlm[train]'` first") from error

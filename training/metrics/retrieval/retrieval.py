@@ -1,7 +1,7 @@
 """Image-text retrieval recall (TR / IR R@1/5/10 and r_mean) as a local `evaluate` metric.
 
-Load it by path, no Hub access: `evaluate.load(efficientvlm.training.tasks.retrieval.METRIC_DIR)` or
-`load_retrieval_metric()` from that module. The computation is `efficientvlm.training.tasks.retrieval.retrieval_metrics`, so the
+Load it by path, no Hub access: `evaluate.load(efficientvlm.training.metrics.retrieval_ranks.METRIC_DIR)` or
+`load_retrieval_metric()` from that module. The computation is `efficientvlm.training.metrics.retrieval_ranks.retrieval_metrics`, so the
 Trainer's `compute_metrics` and this module agree exactly.
 """
 
@@ -10,13 +10,13 @@ import evaluate
 
 
 def _import_retrieval_metrics():
-    """`efficientvlm.training.tasks.retrieval.retrieval_metrics`: the metric is the package's own function.
+    """`efficientvlm.training.metrics.retrieval_ranks.retrieval_metrics`: the metric is the package's own function.
 
     `evaluate.load` runs a copy of this file from its modules cache, so the computation is imported from the installed
     package (`pip install efficientvlm[train]`), never from a path next to this file.
     """
     try:
-        from efficientvlm.training.tasks.retrieval import retrieval_metrics
+        from efficientvlm.training.metrics.retrieval_ranks import retrieval_metrics
     except ImportError as error:
         raise ImportError("the retrieval metric computes with efficientvlm's `efficientvlm.training` package: "
                           "`pip install 'efficientvlm[train]'` first") from error
@@ -38,7 +38,7 @@ Args:
 Returns:
     txt_r1, txt_r5, txt_r10, txt_r_mean, img_r1, img_r5, img_r10, img_r_mean, r_mean (percent floats).
 Example:
-    >>> metric = evaluate.load(METRIC_DIR)  # from efficientvlm.training.tasks.retrieval
+    >>> metric = evaluate.load(METRIC_DIR)  # from efficientvlm.training.metrics.retrieval_ranks
     >>> metric.compute(predictions=[[0.9, 0.1], [0.2, 0.8]], references=[[0], [1]])["r_mean"]
     100.0
 """

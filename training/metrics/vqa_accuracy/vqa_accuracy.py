@@ -1,7 +1,7 @@
 """VQA accuracy (min(#annotators agreeing / 3, 1), official answer normalisation) as a local `evaluate` metric.
 
 Load it by path, no Hub access: `evaluate.load("<efficientvlm.training.metrics>/vqa_accuracy")`. The computation is
-`efficientvlm.training.metrics.vqa.vqa_accuracy`, so scripts using this module and the VQA task's evaluation agree.
+`efficientvlm.training.metrics.vqa_scores.vqa_accuracy`, so scripts using this module and the VQA task's evaluation agree.
 """
 
 import datasets
@@ -9,13 +9,13 @@ import evaluate
 
 
 def _import_vqa_accuracy():
-    """`efficientvlm.training.metrics.vqa.vqa_accuracy`: the metric is the package's own function.
+    """`efficientvlm.training.metrics.vqa_scores.vqa_accuracy`: the metric is the package's own function.
 
     `evaluate.load` runs a copy of this file from its modules cache, so the computation is imported from the installed
     package (`pip install efficientvlm[train]`), never from a path next to this file.
     """
     try:
-        from efficientvlm.training.metrics.vqa import vqa_accuracy
+        from efficientvlm.training.metrics.vqa_scores import vqa_accuracy
     except ImportError as error:
         raise ImportError("the VQA accuracy metric computes with efficientvlm's `efficientvlm.training` package: "
                           "`pip install 'efficientvlm[train]'` first") from error
