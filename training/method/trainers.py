@@ -189,6 +189,15 @@ class EfficientVLMDistillationTrainer(Trainer):
             self._loss_count = 0
         super().log(logs, start_time)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The card `--push_to_hub` writes describes the student (its config names what it was trained from), not
+        the `GatedModel` wrapper, which has no config."""
+        wrapper, self.model = self.model, self.student
+        try:
+            super().create_model_card(*args, **kwargs)
+        finally:
+            self.model = wrapper
+
 
 class GatedModel(nn.Module):
     """The module the Trainer wraps: the student plus (when pruning) its L0 gates and multipliers.
