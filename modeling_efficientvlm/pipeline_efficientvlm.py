@@ -45,6 +45,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .index_efficientvlm import GalleryIndex, is_index_folder, load_gallery_index, model_fingerprint
 from .processing_efficientvlm import open_image, prepare_images
 
 TASK = "image-text-retrieval"
@@ -277,6 +278,8 @@ class ImageTextRetrievalPipeline(Pipeline):
     ) -> dict[str, Any]:
         """Validates the inputs and resolves both modalities (images are loaded lazily, batch by batch)."""
         queries, gallery = inputs["queries"], inputs["gallery"]
+        if isinstance(gallery, GalleryIndex) or is_index_folder(gallery):
+            return self._preprocess_index(queries, gallery, query_type)
         if not isinstance(gallery, (list, tuple)):
             raise TypeError(f"`gallery` must be a list of images or a list of texts, got {type(gallery).__name__}")
         if len(gallery) == 0:
@@ -303,6 +306,8 @@ class ImageTextRetrievalPipeline(Pipeline):
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> dict[str, Any]:
         """Encodes queries and gallery in batches, scores with ITC, re-scores the top candidates with ITM."""
+        if "index" in model_inputs:
+            return self._forward_index(model_inputs, top_k, rerank_k, itm_score, scale_by_temperature, batch_size)
         queries, gallery = model_inputs["queries"], model_inputs["gallery"]
         query_mod, gallery_mod = model_inputs["query_modality"], model_inputs["gallery_modality"]
         query_emb = self._embed(queries, query_mod, batch_size)  # (Q, E)
@@ -355,6 +360,74 @@ class ImageTextRetrievalPipeline(Pipeline):
                 ranked.append(entry)
             results.append(ranked)
         return results
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # A gallery index (`efficientvlm index`): texts or images → the index's images
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _preprocess_index(self, queries: list[Any], gallery: Any, query_type: str | None) -> dict[str, Any]:
+        """Loads the index (once per folder and pipeline) and checks it was built with this pipeline's model."""
+        if not isinstance(gallery, GalleryIndex):
+            key = (os.path.realpath(gallery), os.path.getmtime(os.path.join(gallery, "index.json")))
+            cache = self.__dict__.setdefault("_index_cache", {})
+            if key not in cache:
+                cache.clear()  # one index held at a time
+                cache[key] = load_gallery_index(gallery)
+            gallery = cache[key]
+        if getattr(self, "_model_fingerprint", None) is None:
+            self._model_fingerprint = model_fingerprint(self.model)  # hashed once per pipeline
+        gallery.check_model(self.model, self._model_fingerprint)
+        return {"queries": queries, "query_modality": _resolve_modality(queries, query_type, "query"),
+                "index": gallery}
+
+    def _forward_index(self, model_inputs: dict[str, Any], top_k: int | None, rerank_k: int, itm_score: str,
+                       scale_by_temperature: bool, batch_size: int) -> dict[str, Any]:
+        """ITC search of the index (the only step that reads the whole gallery), then ITM re-scoring of each text
+        query's `rerank_k` best candidates with their stored or re-encoded image tokens (the brute-force path's
+        ranking: re-ranked candidates by ITM first, then the rest by ITC)."""
+        index, queries, query_mod = model_inputs["index"], model_inputs["queries"], model_inputs["query_modality"]
+        num = len(index)
+        k = num if top_k is None else min(top_k, num)
+        rerank = min(rerank_k, num)
+        if rerank and query_mod == IMAGE:
+            raise ValueError("rerank_k > 0 re-scores (text, image) pairs with the ITM head: an image query ranks an "
+                             "image index by ITC alone; pass rerank_k=0")
+        query_emb = self._embed(queries, query_mod, batch_size)  # (Q, E)
+        itc, order = index.search(query_emb, max(k, rerank))  # (Q, n) each, best first
+        if scale_by_temperature:
+            itc = itc / self._temperature()
+        scores = itc.clone()
+        reranked = torch.zeros_like(order, dtype=torch.bool)
+        if rerank:
+            itm = self._index_itm_scores(queries, index, order[:, :rerank], itc[:, :rerank], itm_score, batch_size)
+            head = itm.argsort(dim=1, descending=True, stable=True)  # (Q, rerank)
+            order[:, :rerank] = torch.gather(order[:, :rerank], 1, head)
+            scores[:, :rerank] = torch.gather(itm, 1, head)
+            itc[:, :rerank] = torch.gather(itc[:, :rerank], 1, head)
+            reranked[:, :rerank] = True
+        return {"indices": order[:, :k], "scores": scores[:, :k], "itc_scores": itc[:, :k],
+                "reranked": reranked[:, :k], "gallery": index.references, "gallery_modality": IMAGE,
+                "with_rerank": rerank > 0}
+
+    def _index_itm_scores(self, queries: list[str], index: GalleryIndex, candidates: torch.Tensor,
+                          itc: torch.Tensor, itm_score: str, batch_size: int) -> torch.Tensor:
+        """ITM scores (Q, R) of each text query's candidates (Q, R) (gallery rows): the model's pair scoring, each
+        candidate image's tokens (stored in the index, else re-encoded from its source) read once."""
+        if not callable(getattr(self.model, "itm_pair_scores", None)):
+            raise ValueError(f"rerank_k > 0 needs an ITM head, but {type(self.model).__name__} has none")
+        rows, image_idx = torch.unique(candidates, return_inverse=True)  # (U,), (Q, R)
+        if index.has_image_tokens:
+            image_tokens = index.image_tokens(rows.tolist()).to(self.device, self.model.dtype)
+        else:
+            image_tokens = torch.stack(self._tokens([index.image(r) for r in rows.tolist()], IMAGE, batch_size))
+        text_tokens, text_mask = _pad_tokens(self._tokens(queries, TEXT, batch_size))
+        text_idx = torch.arange(len(queries))[:, None].expand_as(candidates)
+        scores = self.model.itm_pair_scores(
+            image_tokens, text_tokens, text_mask, image_idx.reshape(-1).to(self.device),
+            text_idx.reshape(-1).to(self.device), itm_score=itm_score, itc=itc.reshape(-1).to(self.device),
+            batch_size=batch_size,
+        )
+        return scores.float().cpu().view_as(candidates)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Encoding helpers
@@ -602,7 +675,7 @@ def _add_zero_shot_auto_map(model: Any) -> None:
 
 def save_pipeline_files(model_dir: str | os.PathLike) -> None:
     """Makes a saved model folder pipeline-ready: adds `custom_pipelines` to its config.json and copies this file
-    and `processing_efficientvlm.py`, which it imports (the two must be of one version).
+    and `processing_efficientvlm.py` and `index_efficientvlm.py`, which it imports (all of one version).
 
     Use it after `model.save_pretrained(model_dir)` and `processor.save_pretrained(model_dir)` (an alternative to
     `ImageTextRetrievalPipeline(...).save_pretrained`). It also maps `AutoModelForZeroShotImageClassification` in
@@ -633,7 +706,8 @@ def save_pipeline_files(model_dir: str | os.PathLike) -> None:
         auto_map[ZERO_SHOT_AUTO_CLASS] = auto_map["AutoModel"]
         config["auto_map"] = auto_map
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for source in (Path(__file__), Path(__file__).with_name("processing_efficientvlm.py")):
+    for source in (Path(__file__), *(Path(__file__).with_name(n) for n in ("processing_efficientvlm.py",
+                                                                           "index_efficientvlm.py"))):
         destination = folder / source.name
         if source.resolve() != destination.resolve():
             shutil.copyfile(source, destination)

@@ -43,6 +43,8 @@ DESCRIPTIONS = {
     "latency-table": "Measure per-unit latency of a student's sub-layers on its task's path (for prune --budget "
                      "latency).",
     "analyze-modules": "Module sensitivity: prune one encoder at increasing ratios (+ optional recovery), table + plot.",
+    "index": "Embed an image gallery once into an index folder (resumable; RANK / WORLD_SIZE build shards).",
+    "search": "Query an index with a text (ITC top-k, ITM re-ranking of --rerank_k) or an image; prints JSON.",
 }
 
 
@@ -241,6 +243,20 @@ def _tuxpaint(argv: list[str]) -> None:
     _write(f"wrote {args.output_json}")
 
 
+def _index(argv: list[str]) -> None:
+    from .index import IndexArguments, build_index
+
+    (args,) = _parse("index", (IndexArguments,), argv)
+    _write(json.dumps(build_index(args), indent=2))
+
+
+def _search(argv: list[str]) -> None:
+    from .index import SearchArguments, run_search
+
+    (args,) = _parse("search", (SearchArguments,), argv)
+    _write(json.dumps(run_search(args), indent=2))
+
+
 def _analyze(argv: list[str]) -> None:
     from .analysis import AnalyzeArguments, run_analysis
     from .stages import DataArguments
@@ -283,6 +299,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "analyze-modules": _analyze,
     "compare-splits": _compare,
     "latency-table": _latency_table,
+    "index": _index,
+    "search": _search,
 }
 
 

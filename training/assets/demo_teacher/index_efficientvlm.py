@@ -1,0 +1,1 @@
+../../../modeling_efficientvlm/index_efficientvlm.py
