@@ -17,7 +17,15 @@ from modeling_efficientvlm import EfficientVLMConfig
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
-from ..infra.runs import MODEL_FILES, RUN_FILE, atomic_directory, missing_files, read_run_record, stage_files
+from ..infra.runs import (
+    MODEL_FILES,
+    RUN_FILE,
+    atomic_directory,
+    folder_writer,
+    missing_files,
+    read_run_record,
+    stage_files,
+)
 from ..method.cost import path_from_json, path_to_json, prunable_flops
 from ..method.latency_table import latency_share
 from ..method.l0 import ModalL0Module, read_gates_file
@@ -365,12 +373,13 @@ def save_hub_ready(
 
     `files` maps extra file names to source paths copied into the folder (e.g. a learning curve)."""
     extra = dict(extra or {})
-    if os.path.exists(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
     extra.setdefault("task", task_of_model(model).name)
     if reference_config is not None:
         extra.setdefault("reference_name", reference_label(reference_config))
-    with atomic_directory(output_dir, prefix=".export-") as tmp:
+    # one writer at a time (a second gets OutputDirInUseError naming the first); checked again under the lock
+    with folder_writer(output_dir), atomic_directory(output_dir, prefix=".export-") as tmp:
+        if os.path.exists(output_dir) and not overwrite:
+            raise FileExistsError(f"{output_dir} exists; pass --overwrite true to replace it")
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)

@@ -380,7 +380,15 @@ def teacher_config(teacher: TeacherArguments, data: DataArguments, vocab_size: i
 
 
 # -------------------------------------------------------------------------------------------------------- stages
-@owns_output_dir("teacher")
+def _data_inputs(data: DataSourceArguments) -> dict[str, str | None]:
+    """The folders a stage reads through its data arguments that its saves would write over: a local --tokenizer
+    (the processor is saved into --output_dir). Data files are only read, never replaced."""
+    return {"--tokenizer": data.tokenizer if data.tokenizer and os.path.isdir(data.tokenizer) else None}
+
+
+@owns_output_dir("teacher", inputs=lambda teacher, data, **_: {
+    "--init_from": teacher.init_from, "--config": teacher.config, "--vision_model": teacher.vision_model,
+    "--text_model": teacher.text_model, **_data_inputs(data)})
 def run_teacher(teacher: TeacherArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
     """Pre-trains (or fine-tunes) a teacher with the VLP losses: ITC + ITM with hard negatives + MLM.
 
@@ -435,7 +443,8 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
     return result
 
 
-@owns_output_dir("distill")
+@owns_output_dir("distill", inputs=lambda student_args, data, **_: {
+    "--teacher": student_args.teacher, **_data_inputs(data)})
 def run_distill(student_args: StudentArguments, data: DataArguments, args: DistillationArguments, eval_data=None):
     """General distillation: half-depth student initialised from the teacher, VLP + KD on image-caption pairs."""
     if data.task != "retrieval":
@@ -453,7 +462,9 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
                                processor, data, args, 1, eval_data, layer_map=layer_map)
 
 
-@owns_output_dir("prune")
+@owns_output_dir("prune", inputs=lambda prune, data, args, **_: {
+    "--student": prune.student, "--teacher": prune.teacher if prune.kd else None,
+    "--latency_table": getattr(args, "latency_table", None), **_data_inputs(data)})
 def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments, eval_data=None):
     """Task fine-tuning with task KD + modal-adaptive L0 pruning; saves the student and its gates.
 
@@ -477,6 +488,20 @@ def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments
     _, metrics = _train_and_evaluate(EfficientVLMPruningTrainer, gated, teacher, processor, data, args, 2, eval_data,
                                      layer_map=load_layer_map(prune.student))
     return gated, metrics
+
+
+def _check_not_empty(data: DataArguments, train) -> None:
+    """Raises naming the training file when no training record is left (the Trainer would fail with
+    `num_samples=0`, naming no file)."""
+    try:
+        size = len(train)
+    except TypeError:  # a synthetic stream has no length and never runs dry
+        return
+    if size == 0:
+        held_out = "" if data.eval_dataset else (
+            f" after holding out --holdout_fraction {data.holdout_fraction} of its images / items for evaluation "
+            "(give a separate --eval_dataset, or more records)")
+        raise ValueError(f"--dataset {data.dataset}: no training records{held_out}")
 
 
 def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed_offset: int, eval_data,

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 TUXPAINT_STAMPS_DIR = "/usr/share/tuxpaint/stamps"
 _ON_ERROR = ("raise", "skip")
+_PROGRESS_FROM = 5000  # records: a progress bar while a file this long is checked
 
 
 # ------------------------------------------------------------------------------------------------------- images
@@ -76,6 +77,8 @@ def _read_json_list(json_path: str) -> list:
         raise ValueError(f"cannot read JSON file {json_path!r}: {error}") from error
     if not isinstance(records, list):
         raise ValueError(f"{json_path!r}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise ValueError(f"{json_path!r}: holds no records (an empty JSON list)")
     return records
 
 
@@ -117,7 +120,12 @@ def _collect(records: list, parse: Callable[[Any, int], Any], on_error: str, whe
     if on_error not in _ON_ERROR:
         raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
     parsed, skipped = [], []
-    for index, record in enumerate(records):
+    progress = records
+    if len(records) >= _PROGRESS_FROM:  # image headers are checked here: say how far it got on large files
+        from tqdm.auto import tqdm
+
+        progress = tqdm(records, desc=f"checking {os.path.basename(where)}", unit="record", mininterval=2.0)
+    for index, record in enumerate(progress):
         try:
             parsed.append(parse(record, index))
         except ValueError as error:

@@ -62,12 +62,56 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one step
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's `renameat2`, or None where it is missing (not Linux, old glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange_paths(first: str, second: str) -> bool:
+    """Swaps two existing paths in one atomic step (`renameat2(RENAME_EXCHANGE)`): a reader of either name sees the
+    old entry or the new one, never none. Returns False where the system or filesystem cannot (the caller falls back
+    to two renames)."""
+    function = _renameat2()
+    if function is None:
+        return False
+    import ctypes
+
+    at_fdcwd = -100
+    if function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # unsupported here: fall back
+        return False
+    raise OSError(error, os.strerror(error), first, None, second)
+
+
 def replace_path(source: str, target: str) -> None:
-    """Moves `source` onto `target`; an existing `target` is renamed aside first and deleted only once `source` is in
-    place, so readers see the old version or the new one, never a deleted or half-deleted one (the only gap is
-    between two renames on one filesystem)."""
+    """Moves `source` onto `target`. A file is replaced by one rename (atomic). An existing folder is swapped with
+    `source` in one atomic step where Linux's `renameat2(RENAME_EXCHANGE)` works (readers of `target` never find it
+    missing), else renamed aside first and then replaced (two renames: a reader may find `target` missing for the
+    instant between them); the old version is deleted only once the new one is in place."""
     if not os.path.lexists(target):
         os.replace(source, target)
+        return
+    if (not os.path.isdir(target) or os.path.islink(target)) and not os.path.isdir(source):
+        os.replace(source, target)  # a file or link over a file or link: rename(2) replaces it atomically
+        return
+    if os.path.isdir(source) and exchange_paths(source, target):
+        shutil.rmtree(source, ignore_errors=True)  # `source` now names the old version
         return
     aside = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(target))
     old = os.path.join(aside, os.path.basename(target))
@@ -180,8 +224,8 @@ class _Lock:
     """An exclusive lock on `<folder>/.efficientvlm.lock`: `flock` (released by the kernel however the process ends)
     plus the owner's pid, host and start time in the file, for the message another run gets and for stale locks."""
 
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, LOCK_FILE)
+    def __init__(self, folder: str, path: str | None = None):
+        self.path = path or os.path.join(folder, LOCK_FILE)
         self.folder = folder
         self.fd: int | None = None
         while self.fd is None:
@@ -239,7 +283,68 @@ class _Lock:
         self.fd = None
 
 
+def writer_lock_path(folder: str) -> str:
+    """The lock of a folder that is replaced as a whole (`export`): a hidden file beside it, `.<name>.efficientvlm.lock`
+    (a lock inside the folder would move away with the old version)."""
+    folder = os.path.abspath(os.fspath(folder))
+    return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}{LOCK_FILE}")
+
+
+@contextlib.contextmanager
+def folder_writer(folder: str) -> Iterator[None]:
+    """Holds the writer lock of a folder that is written as a whole (`export`, `save_hub_ready`): a second writer gets
+    `OutputDirInUseError` naming the first one's pid, host and start time (exit 2), as a second stage run does."""
+    folder = os.path.abspath(os.fspath(folder))
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    lock = _Lock(folder, writer_lock_path(folder))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 # -------------------------------------------------------------------------------------------------- ownership
+class OutputDirExistsError(FileExistsError):
+    """The output folder holds a finished run or a model that the command was not told to replace (exit 2)."""
+
+
+def check_output_dir(output_dir: str, command: str, inputs: dict[str, str | None] | None = None,
+                     overwrite: bool = False, resume: bool = False) -> None:
+    """Refuses an `output_dir` that a run of `command` must not write into, before anything is written.
+
+    Always refused: an output folder that is one of the run's inputs or holds one (realpaths compared: `inputs` maps
+    the flag, e.g. "--teacher", to its path). Refused unless `overwrite` (or `resume`: the Trainer's
+    `--resume_from_checkpoint` continues the run in place): a folder holding a complete run (its run record says
+    "complete") or a model without a run record (config.json + weights: an export, a conversion). An unfinished run
+    (record "running" / "failed") may be rerun into its folder.
+
+    Raises:
+        ValueError: output_dir is (or contains) an input.
+        OutputDirExistsError: output_dir holds a complete run or a model.
+    """
+    target = os.path.realpath(output_dir)
+    for flag, path in (inputs or {}).items():
+        if not path:
+            continue
+        source = os.path.realpath(path)
+        if source == target or source.startswith(target + os.sep):
+            what = "is" if source == target else "holds"
+            raise ValueError(f"{command}: --output_dir {output_dir} {what} the {flag} {path} the run reads; writing "
+                             "there would replace its own input: pick another --output_dir")
+    if overwrite or resume or not os.path.isdir(output_dir):
+        return
+    record = read_run_record(output_dir)
+    if record is not None and record.get("status") == "complete":
+        raise OutputDirExistsError(
+            f"{command}: {output_dir} holds a complete `efficientvlm {record.get('stage')}` run (finished "
+            f"{record.get('finished')}); pass --overwrite true to replace it (or --resume_from_checkpoint to continue "
+            "it), or pick another --output_dir")
+    if record is None and not missing_files(output_dir, MODEL_FILES):
+        raise OutputDirExistsError(
+            f"{command}: {output_dir} holds a model (config.json and weights, no run record); pass --overwrite true "
+            "to write over it, or pick another --output_dir")
+
+
 def _snapshot(folder: str) -> dict[str, tuple[int, int, int]]:
     ours = (LOCK_FILE, RUN_FILE, FINAL_STAGING)
     entries = {}
@@ -252,7 +357,8 @@ def _snapshot(folder: str) -> dict[str, tuple[int, int, int]]:
 
 @contextlib.contextmanager
 def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple[str, ...]]) -> Iterator[None]:
-    """Owns `output_dir` for one run of `stage`.
+    """Owns `output_dir` for one run of `stage` (callers check beforehand whether it may write there:
+    `check_output_dir`).
 
     Takes the lock before anything is written (another run gets `OutputDirInUseError`), records the run as
     "running" in `efficientvlm_run.json`, and on success checks `required` and records "complete" with the files
@@ -297,6 +403,7 @@ def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple
             else:
                 _write_atomic(record_path, previous)  # nothing changed: the earlier run's record stands
             raise
+        _remove_stale(output_dir, previous, before)
         files = sorted(e.name for e in os.scandir(output_dir)
                        if e.is_file() and e.name not in (LOCK_FILE, RUN_FILE))
         _write_json(record_path, {"stage": stage, "status": "complete", **owner,
@@ -305,14 +412,33 @@ def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple
         lock.release()
 
 
+def _remove_stale(output_dir: str, previous: bytes | None, before: dict) -> None:
+    """After a run that replaced a complete one (`--overwrite`): removes the top-level files the earlier run listed
+    that this run left untouched (e.g. its eval_results.json when this run did not evaluate), so nothing in the folder
+    describes another model."""
+    try:
+        old_files = json.loads(previous or b"{}").get("files") or []
+    except ValueError:
+        return
+    now = _snapshot(output_dir)
+    for name in old_files:
+        if isinstance(name, str) and name in before and now.get(name) == before[name] and os.sep not in name:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, name))
+
+
 @contextlib.contextmanager
-def stage_output(args, stage: str) -> Iterator[None]:
-    """`owned_output_dir(args.output_dir, stage, stage_files(stage))` on the global main process only.
+def stage_output(args, stage: str, inputs: dict[str, str | None] | None = None) -> Iterator[None]:
+    """`owned_output_dir(args.output_dir, stage, stage_files(stage))` on the global main process only, after
+    `check_output_dir` (on every process: it only reads) with the stage's `inputs`, `args.overwrite` and
+    `args.resume_from_checkpoint`.
 
     Under DDP only process 0 takes the lock and writes the run record: the other ranks write nothing to output_dir
     outside checkpoints (`should_save` is False there), and if process 0 cannot take the lock it exits with status 2,
     which makes torchrun stop the other ranks — no rank waits on a lock, so nothing can deadlock.
     """
+    check_output_dir(args.output_dir, stage, inputs, overwrite=bool(getattr(args, "overwrite", False)),
+                     resume=bool(args.resume_from_checkpoint))
     if args.process_index != 0:
         yield
         return
@@ -320,16 +446,21 @@ def stage_output(args, stage: str) -> Iterator[None]:
         yield
 
 
-def owns_output_dir(stage: str):
-    """Decorator: runs a stage function (which takes its `TrainingArguments` as `args`) inside `stage_output`."""
+def owns_output_dir(stage: str, inputs=None):
+    """Decorator: runs a stage function (which takes its `TrainingArguments` as `args`) inside `stage_output`.
+
+    `inputs`: fn(**the function's bound arguments) -> {flag: path} of the folders and files the stage reads (an
+    output folder that is one of them is refused)."""
 
     def decorate(fn):
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)
         def wrapper(*positional, **keywords):
-            args = signature.bind(*positional, **keywords).arguments["args"]
-            with stage_output(args, stage):
+            bound = signature.bind(*positional, **keywords)
+            bound.apply_defaults()
+            args = bound.arguments["args"]
+            with stage_output(args, stage, inputs(**bound.arguments) if inputs else None):
                 return fn(*positional, **keywords)
 
         return wrapper

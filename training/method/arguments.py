@@ -38,6 +38,12 @@ class DistillationArguments(TrainingArguments):
                           "encoder trained from scratch leave the ITM prior."},
     )
     use_mlm: bool = field(default=True, metadata={"help": "Use MLM (loss and KD) when the batch has masked text."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Write into an --output_dir that holds a complete run or a model (default: refuse; an "
+                          "unfinished run's folder is always reusable, and an --output_dir that is one of the "
+                          "stage's inputs is always refused)."},
+    )
     bbox_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of X-VLM's box loss L_BBOX (L1 + 1 − GIoU of the box head's prediction for a phrase "
