@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 
-.PHONY: install demo demo-teacher test test-fast
+.PHONY: install demo demo-teacher remote-code test test-fast
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH_PIN)"
@@ -24,6 +24,11 @@ demo-teacher: install
 	efficientvlm demo-teacher --init_from $(TEACHER_BUILD) --output_dir training/assets/demo_teacher \
 		--synthetic_twins 1.0 --synthetic_captions 2 --learning_rate 5e-4 --itm_negatives_warmup_steps 0 \
 		--max_steps 3000 --eval_every 200 --eval_images 400
+
+# The shipped demo teacher holds real copies of the remote-code files (a copied or zipped folder must still load with
+# trust_remote_code): rewrite them after editing modeling_efficientvlm/ (tests/test_demo_teacher.py checks they match).
+remote-code:
+	$(PYTHON) -c "from efficientvlm.training.commands.demo import DEMO_TEACHER_DIR, copy_remote_code as c; c(DEMO_TEACHER_DIR)"
 
 test: install
 	$(PYTHON) -m pytest tests

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -730,6 +732,53 @@ HUB_AUTO_MAP = {
 }
 
 
+HEAD_PREFIXES = ("itm_head.", "mlm_head.", "bbox_head.", "nlvr_head.", "decoder_model.")
+"""Weight-name prefixes of the heads. A checkpoint may lack a whole head its class has (the head is initialised: a task
+model built from a pre-training checkpoint) or hold a whole head its class lacks (dropped); every other tensor of the
+checkpoint and of the model must match up, else `from_pretrained` raises `CheckpointMismatchError`."""
+QUIET_NEW_HEADS = ("bbox_head.",)
+"""Heads initialised without a MISSING line in transformers' load report: the box head serves only pre-training
+(L_BBOX), and converted or older checkpoints have none."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The tensors of a checkpoint do not all load into the model its config.json builds (a layer more or fewer than
+    the config says, part of a head): `from_pretrained` refuses it rather than run with unused or random weights."""
+
+
+def _head_of(key: str) -> str | None:
+    return next((head for head in HEAD_PREFIXES if key.startswith(head)), None)
+
+
+def unfitting_weights(model: nn.Module, missing, unexpected) -> tuple[list[str], list[str]]:
+    """The (missing, unexpected) keys of a load that show that the checkpoint does not fit `model`.
+
+    Fits: a whole head of the model absent from the checkpoint (initialised), a whole head the model lacks present in
+    it (dropped). Does not fit: any other missing or unexpected key, e.g. an encoder layer more or fewer than the
+    config says, or a head only partly in the checkpoint. Tied copies (never stored) are not counted as missing.
+    """
+    tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
+    own = [key for key in model.state_dict() if key not in tied]
+    heads = {_head_of(key) for key in own} - {None}
+    missing = set(missing) - tied
+    whole = {head for head in heads if all(key in missing for key in own if key.startswith(head))}
+    bad_missing = sorted(key for key in missing if _head_of(key) not in whole)
+    bad_unexpected = sorted(key for key in unexpected if _head_of(key) is None or _head_of(key) in heads)
+    return bad_missing, bad_unexpected
+
+
+def _mismatch_message(path, class_name: str, missing: list[str], unexpected: list[str]) -> str:
+    """One line: the folder, the class, and the first three keys of each kind."""
+
+    def keys(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = [f"{len(unexpected)} checkpoint tensors have no place in the model ({keys(unexpected)})"] if unexpected else []
+    parts += [f"{len(missing)} model tensors are not in the checkpoint ({keys(missing)})"] if missing else []
+    return (f"{path}: the weights do not fit the {class_name} that config.json describes: {'; '.join(parts)}. "
+            "Use the config.json saved with these weights (layer counts and per-layer lists must match)")
+
+
 class EfficientVLMPreTrainedModel(PreTrainedModel):
     config_class = EfficientVLMConfig
     config: EfficientVLMConfig
@@ -744,9 +793,48 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^bbox_head\.", r"^decoder_model\."]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves safetensors + config + remote code; `auto_map` always lists every EfficientVLM Auto class."""
+        """Saves safetensors + config + remote code; `auto_map` always lists every EfficientVLM Auto class. The
+        weight files get the permissions of every other file (0666 minus the umask), not safetensors' private 0600."""
         self.config.auto_map = {**HUB_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        for name in os.listdir(save_directory):
+            if name.endswith(".safetensors"):
+                os.chmod(os.path.join(save_directory, name), 0o666 & ~mask)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, refusing weights that do not fit the config (`CheckpointMismatchError`,
+        see `unfitting_weights`): a whole head may be missing (initialised) or extra (dropped), nothing else."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              **kwargs)
+        judged = model.__dict__.pop("_unfitting_weights", None)  # set by `_adjust_missing_and_unexpected_keys`
+        missing, unexpected = judged or unfitting_weights(model, info["missing_keys"], info["unexpected_keys"])
+        if missing or unexpected:
+            raise cls._mismatch_error(pretrained_model_name_or_path, missing, unexpected)
+        info["missing_keys"] = {*info["missing_keys"], *model.__dict__.pop("_quiet_missing", ())}  # not reported
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _mismatch_error(cls, path, missing: list[str], unexpected: list[str]) -> Exception:
+        return CheckpointMismatchError(_mismatch_message(path, cls.__name__, missing, unexpected))
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        """transformers' hook that filters the load report by `_keys_to_ignore_on_load_*`: also judges the keys
+        (`unfitting_weights`, on the missing keys before a quiet head is filtered out). Weights that do not fit
+        empty the report (`from_pretrained` raises one line instead of a table); a new box head is not reported."""
+        ignore = [re.compile(pattern) for pattern in (self._keys_to_ignore_on_load_missing or ())]
+        missing = {key for key in loading_info.missing_keys if not any(p.search(key) for p in ignore)}
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        self._unfitting_weights = unfitting_weights(self, missing, loading_info.unexpected_keys)
+        if any(self._unfitting_weights):
+            loading_info.missing_keys, loading_info.unexpected_keys = set(), set()
+        else:
+            self._quiet_missing = {k for k in loading_info.missing_keys if k.startswith(QUIET_NEW_HEADS)}
+            loading_info.missing_keys = set(loading_info.missing_keys) - self._quiet_missing
 
     def post_init(self):
         """Declares the K/V tensors a `shared_cross_kv` fusion pair shares as tied weights (odd copy → even copy), so
@@ -1562,7 +1650,11 @@ class _SingleFusionEncoders(EfficientVLMModel):
     """Loads the encoders of a single-fusion (retrieval / pre-training) checkpoint for `EfficientVLMForVisualReasoning`
     (other classes' heads are dropped quietly; an `nlvr_head` is reported, see `from_pretrained`)."""
 
-    _keys_to_ignore_on_load_unexpected = [r"^(?!nlvr_head\.)"]
+    _keys_to_ignore_on_load_unexpected = [r"^itm_head\.", r"^mlm_head\.", r"^bbox_head\.", r"^decoder_model\."]
+
+    @classmethod
+    def _mismatch_error(cls, path, missing: list[str], unexpected: list[str]) -> Exception:
+        return CheckpointMismatchError(_mismatch_message(path, "EfficientVLMForVisualReasoning", missing, unexpected))
 
     def __init__(self, config: EfficientVLMConfig):
         super().__init__(config)

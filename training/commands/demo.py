@@ -630,7 +630,10 @@ def format_report(report: dict) -> str:
     lines += ["", f"Teacher: {source}.", f"Latency: {p['latency']}.", f"Evaluation: {p['evaluation']}.",
               f"Pruned keeps {pruned[f'{metric}_fraction_of_teacher']:.1%} of the teacher's {metric} at "
               f"{pruned['speedup']:.2f}x speed-up with {pruned['params'] / report['models']['teacher']['params']:.0%} "
-              f"of its parameters; wall time {report['wall_time_s']:.0f} s.",
+              f"of its parameters; wall time {report['wall_time_s']:.0f} s."
+              + (" Smoke run (--quick): too few steps and held-out items for these shares to be a measurement (a "
+                 "share above 100 % is noise); run without --quick to measure." if p.get("profile") == "quick"
+                 else ""),
               "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()) + "."]
     for name, d in report.get("paired", {}).items():
         lo, hi = d["ci95"]
@@ -775,23 +778,26 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
                               "efficientvlm-synthetic-scenes", "summary": "The teacher the EfficientVLM demo starts "
                               "from: a 12/6/6-layer X-VLM-style model trained to convergence on synthetic scenes."})
     if os.path.realpath(args.output_dir) == os.path.realpath(DEMO_TEACHER_DIR):
-        link_remote_code(args.output_dir)
+        copy_remote_code(args.output_dir)
     write(json.dumps({k: provenance[k] for k in ("steps_trained", "train_seconds", "metrics")}, indent=2))
     return provenance
 
 
-def link_remote_code(folder: str) -> None:
-    """Replaces the remote-code copies in a folder shipped inside the package by relative links to the library's own
-    files, so the shipped teacher's `trust_remote_code` path never goes stale (a wheel stores the links' contents)."""
+def copy_remote_code(folder: str) -> list[str]:
+    """Writes the library's remote-code files (`modeling_efficientvlm/*.py` but `__init__.py`) into `folder` as real
+    files, replacing older copies or links, and returns their names. The shipped teacher must load with
+    `trust_remote_code` from a copy of its folder (`cp -r`, a zip), which relative links break; its copies are kept
+    equal to the library byte for byte by a test, and `make remote-code` rewrites them after an edit of the library."""
     import modeling_efficientvlm
 
     library = os.path.dirname(os.path.abspath(modeling_efficientvlm.__file__))
-    for name in os.listdir(folder):
-        source = os.path.join(library, name)
-        if name.endswith(".py") and os.path.isfile(source):
-            target = os.path.join(folder, name)
-            os.remove(target)
-            os.symlink(os.path.relpath(source, folder), target)
+    names = sorted(n for n in os.listdir(library) if n.endswith(".py") and n != "__init__.py")
+    for name in names:
+        target = os.path.join(folder, name)
+        if os.path.lexists(target):
+            os.remove(target)  # a link would make copyfile write through it into the library
+        shutil.copyfile(os.path.join(library, name), target)
+    return names
 
 
 @dataclass
