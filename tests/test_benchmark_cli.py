@@ -58,8 +58,8 @@ def test_bench_times_the_models_round_robin(monkeypatch):
     calls = []
     build = bench.build_models
 
-    def hooked(args):
-        models, source = build(args)
+    def hooked(args, task=None):
+        models, source = build(args, task)
         for name, model in models.items():
             model.fusion_model.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
         return models, source
@@ -68,8 +68,10 @@ def test_bench_times_the_models_round_robin(monkeypatch):
     args = BenchArguments(preset="tiny", repeats=3, warmup=1, num_images=2, num_texts=2, k=1)
     result = bench.run_benchmark(args)
     rounds = args.warmup + args.repeats
-    # the fusion workload is timed last: its runs alternate teacher, student, pruned in every round
-    assert calls[-3 * rounds:] == ["teacher", "student", "pruned"] * rounds
+    # the fusion workload is timed last: its runs alternate teacher, student, pruned in every round (a timed sample
+    # is a Timer's sizing call + its blocks: consecutive calls of one model)
+    turns = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert turns[-3 * rounds:] == ["teacher", "student", "pruned"] * rounds
     for entry in result["models"].values():
         assert len(entry["latency_runs_ms"]) == args.repeats and entry["speedup_runs"] == args.repeats
         assert entry["speedup_min"] <= entry["speedup_max"]
@@ -101,3 +103,36 @@ def test_cli_help_and_errors(capsys):
     assert "--preset must be one of" in capsys.readouterr().err
     result = subprocess.run([sys.executable, "-m", "efficientvlm.training.commands.cli", "prune", "--help"], capture_output=True, text=True)
     assert "--target_sparsity" in result.stdout and "Global target sparsity" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["retrieval", "nlvr2", "vqa", "captioning"])
+def test_bench_runs_every_task_and_writes_its_name(task, tmp_path, capsys):
+    """`bench --task T` times the task's own workload (`Task.workload`) and prices its path (`Task.flops`); the JSON
+    has the retrieval fields plus the task name."""
+    from efficientvlm.training.tasks import get_task
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--task", task, "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--num_images", "2",
+                 "--num_texts", "2", "--k", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["task"] == data["protocol"]["task"] == task
+    assert set(data["models"]) == {"teacher", "student", "pruned"}
+    for entry in data["models"].values():
+        assert {"params", "gflops", "latency_ms", "latency_runs_ms", "speedup", "speedup_min", "speedup_max",
+                "flops_speedup", "flops_ratio", "speedup_over_flops_ratio", "throughput_images_per_s"} <= set(entry)
+        assert set(entry["encoders"]) == {"vision", "text", "fusion"}
+    teacher, pruned = data["models"]["teacher"], data["models"]["pruned"]
+    assert pruned["gflops"] < teacher["gflops"] and teacher["speedup"] == 1.0
+    sizes = data["protocol"]["path_sizes"]
+    assert set(sizes) == set(get_task(task).path_sizes) | {"image_tokens"}
+    assert data["protocol"]["path"].startswith(f"{task}: ")
+    printed = capsys.readouterr().out
+    assert "Protocol:" in printed and "Per encoder" in printed
+
+
+def test_bench_rejects_a_task_without_a_cost_model_and_unpaired_texts():
+    with pytest.raises(ValueError, match="declares no inference-path cost model"):
+        BenchArguments(task="nlvr2_domain")
+    with pytest.raises(ValueError, match="must equal --num_images"):
+        BenchArguments(num_images=4, num_texts=8)

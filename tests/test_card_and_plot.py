@@ -8,7 +8,7 @@ import torch
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
 from tests.conftest import ragged_config, tiny_config
 from tests.test_remote_code import tiny_processor
-from efficientvlm.training.commands import latency
+from efficientvlm.training.infra import timing as latency
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.commands.export import (
     LOCAL_REPO,

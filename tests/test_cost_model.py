@@ -209,7 +209,7 @@ def test_vqa_and_captioning_paths_match_the_encoder_flops():
     cached keys (less than re-running the prefix)."""
     from efficientvlm.training.method.cost import captioning_path, vqa_path
     from efficientvlm.training.tasks import task_path
-    from efficientvlm.training.method.structure import encoder_flops, vqa_flops
+    from efficientvlm.training.method.cost import encoder_flops, vqa_flops
     from modeling_efficientvlm.configuration_efficientvlm import decoder_config_from_fusion
     from tests.conftest import tiny_config
 
@@ -217,7 +217,7 @@ def test_vqa_and_captioning_paths_match_the_encoder_flops():
     config.decoder_config = decoder_config_from_fusion(config)
     q, k, a, n = 7, 5, 4, 3
     path = vqa_path(config, n, q, k, a)
-    reference = vqa_flops(config, n, q, num_answers=50, answer_length=a, k=k)
+    reference = vqa_flops(config, n, q, k=k, answer_length=a)
     dec = config.decoder_config
     lm_head = (n + n * k * a) * 2 * (dec.hidden_size * dec.hidden_size + dec.hidden_size * dec.vocab_size)
     flops = prunable_flops(config, path)
@@ -228,8 +228,8 @@ def test_vqa_and_captioning_paths_match_the_encoder_flops():
     config = tiny_config()
     tokens = 1 + (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     one = prunable_flops(config, captioning_path(config, images=2, prompt_length=5, new_tokens=1, beams=3))
-    assert one["text"] == 6 * encoder_flops(config, "text", 5)
-    assert one["fusion"] == 6 * encoder_flops(config, "fusion", 5, context=tokens)
+    assert one["text"] == encoder_flops(config, "text", [Run(6, 5, 5)])
+    assert one["fusion"] == encoder_flops(config, "fusion", [Run(6, 5, 5, tokens)])
     cached = prunable_flops(config, captioning_path(config, images=2, prompt_length=5, new_tokens=8, beams=3))
-    rerun = sum(6 * encoder_flops(config, "text", 5 + s) for s in range(8))
+    rerun = sum(encoder_flops(config, "text", [Run(6, 5 + s, 5 + s)]) for s in range(8))
     assert one["text"] < cached["text"] < rerun

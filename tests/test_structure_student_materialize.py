@@ -12,8 +12,9 @@ from modeling_efficientvlm import (
 from tests.conftest import ragged_config, run_clean_python, tiny_config, tiny_inputs
 from efficientvlm.training.method.materialize import materialize
 from efficientvlm.training.method.structure import (
-    PRETRAINING_HEADS, count_parameters, encoder_flops, prunable_parameters, unit_groups,
+    PRETRAINING_HEADS, count_parameters, prunable_parameters, unit_groups,
 )
+from efficientvlm.training.method.cost import Run, encoder_flops
 from efficientvlm.training.method.student import default_init_map, init_student_from_teacher
 
 
@@ -62,7 +63,7 @@ def test_flops_brute_force_on_tiny_vision():
     model.encode_image(torch.randn(1, 3, 32, 32))
     tokens = 17
     attention_macs = 2 * tokens * tokens * 3 * config.vision_config.head_dim  # QK^T and PV, layer 0 only
-    assert encoder_flops(config, "vision", tokens) == 2 * (sum(macs) + attention_macs)
+    assert encoder_flops(config, "vision", [Run(1, tokens, tokens)]) == 2 * (sum(macs) + attention_macs)
 
 
 def test_default_init_map_and_errors():

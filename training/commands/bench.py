@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import platform
+from collections import UserDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -27,8 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 import modeling_efficientvlm
-from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
+from modeling_efficientvlm import EfficientVLMConfig
 
+from ..infra.presets import PRESETS, xvlm_clip_config
+from ..infra.timing import measure_interleaved, speedup_summary, summarize
+from ..method.cost import Path, encoder_flops, parse_sizes
 from ..method.l0 import HIDDEN_MULTIPLE
 from ..method.materialize import set_stream_width
 from ..method.structure import (
@@ -36,20 +40,21 @@ from ..method.structure import (
     ENCODER_CONFIG_KEYS,
     MODALITIES,
     count_parameters,
-    encoder_flops,
     prunable_parameters,
-    retrieval_flops,
 )
 from ..method.student import student_config
-from ..tasks.retrieval import retrieval_step
-from .latency import measure_interleaved, speedup_summary, summarize
-from .presets import PRESETS, xvlm_clip_config
+from ..tasks import TASKS, Task, get_task
 
 
 @dataclass
 class BenchArguments:
     """Arguments of `efficientvlm bench`."""
 
+    task: str = field(
+        default="retrieval",
+        metadata={"help": f"Whose inference path to time (`Task.workload`) and price (`Task.flops`): one of "
+                          f"{sorted(n for n, t in TASKS.items() if t.flops is not None)}."},
+    )
     preset: str = field(default="xvlm-clip", metadata={"help": "Shapes: 'xvlm-clip' (paper), 'demo', or 'tiny'."})
     model: list[str] = field(
         default_factory=list,
@@ -75,10 +80,19 @@ class BenchArguments:
     )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16."})
-    num_images: int = field(default=8, metadata={"help": "Images in the retrieval workload."})
-    num_texts: int = field(default=8, metadata={"help": "Texts in the retrieval workload."})
-    text_length: int = field(default=40, metadata={"help": "Tokens per text (X-VLM: 40)."})
-    k: int = field(default=4, metadata={"help": "ITM re-ranking candidates per query."})
+    num_images: int = field(
+        default=8, metadata={"help": "Held-out items in the timed batch (retrieval: images; NLVR2: image pairs; VQA: "
+                                     "questions; captioning: images)."})
+    num_texts: int = field(
+        default=8, metadata={"help": "Texts in the retrieval workload: each held-out image with its caption, so it "
+                                     "must equal --num_images (kept for existing command lines)."})
+    text_length: int = field(default=40, metadata={"help": "Tokens per text (X-VLM: 40); texts are padded to it."})
+    k: int = field(default=4, metadata={"help": "ITM re-ranking candidates per query (retrieval)."})
+    path_sizes: str = field(
+        default="",
+        metadata={"help": "Sizes of the task's path for the FLOPs, as prune --budget_path (e.g. 'k=128' for VQA's "
+                          "re-scored answers); default: the batch and lengths above, the rest at the task's protocol."},
+    )
     warmup: int = field(default=2, metadata={"help": "Untimed runs per measurement."})
     repeats: int = field(default=5, metadata={"help": "Timed runs per measurement."})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = leave as is)."})
@@ -97,6 +111,13 @@ class BenchArguments:
         for name in ("num_images", "num_texts", "text_length", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_texts != self.num_images:
+            raise ValueError(f"--num_texts ({self.num_texts}) must equal --num_images ({self.num_images}): the task's "
+                             "workload pairs each held-out image with its text")
+        task = get_task(self.task)
+        if task.flops is None:
+            raise ValueError(f"--task {self.task}: the task declares no inference-path cost model (Task.flops); "
+                             f"bench knows {sorted(n for n, t in TASKS.items() if t.flops is not None)}")
 
 
 def parse_split(split: str, default: float) -> dict[str, float]:
@@ -315,103 +336,191 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, -(-n // multiple) * multiple) if multiple > 1 else n
 
 
-WORKLOADS = ("retrieval", "vision", "text", "fusion")
+ENCODERS = ("vision", "text", "fusion")
+"""Encoders timed alone (after the task's whole path), each on its first run of the task's path."""
+WORKLOADS = ("path", *ENCODERS)
+COUNT_SIZES = ("images", "items", "questions")
+"""Path sizes (`Task.path_sizes`) that count the items of the timed batch (--num_images)."""
+BENCH_SIZES = {"texts": "num_texts", "text_length": "text_length", "question_length": "text_length", "k": "k"}
+"""Other path sizes set from bench arguments; sizes named neither here nor in COUNT_SIZES keep the task's protocol
+values (e.g. VQA's answer_length, captioning's beams), and --path_sizes overrides any."""
 
 
-def workloads(model, args: BenchArguments, device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
-    """One model's timed workloads: the retrieval path and each encoder alone, on inputs fixed by seed 0."""
+def path_sizes(task: Task, args: BenchArguments) -> dict[str, int]:
+    """The sizes of `task`'s inference path at the bench workload: its protocol sizes (`Task.path_sizes`) with the
+    batch and lengths of the bench arguments, then --path_sizes."""
+    sizes = {name: args.num_images if name in COUNT_SIZES else getattr(args, BENCH_SIZES[name], value)
+             if name in BENCH_SIZES else value for name, value in task.path_sizes.items()}
+    text = ",".join(f"{name}={value}" for name, value in sizes.items())
+    return parse_sizes(task.name, task.path_sizes, ",".join(filter(None, [text, args.path_sizes])))
+
+
+def bench_path(task: Task, config, args: BenchArguments) -> Path:
+    """`task`'s inference path (`Task.cost_path`) at `path_sizes`."""
+    return task.cost_path(config, **path_sizes(task, args))
+
+
+def bench_flops(task: Task, config, args: BenchArguments) -> dict[str, int]:
+    """FLOPs of the timed workloads (`training.method.cost`, the one FLOPs model): "path" = the task's whole path
+    with its heads (`Task.flops`), and each encoder on its first run of the path (what the encoder workloads time)."""
+    path = bench_path(task, config, args)
+    out = {"path": task.flops(config, **path_sizes(task, args))["total"]}
+    for modality in ENCODERS:
+        out[modality] = encoder_flops(config, modality, path[modality][:1]) if path.get(modality) else 0
+    return out
+
+
+def _encoder_workloads(model, path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    """Each encoder alone on its first run of the path (random inputs of the run's shapes, seed 0): vision on `count`
+    images, text on `count` sequences of `tokens`, fusion on `count` sequences reading `cross_keys` image tokens."""
     config = model.config
     g = torch.Generator().manual_seed(0)
-    size = config.vision_config.image_size
-    pixels = torch.randn(args.num_images, 3, size, size, generator=g).to(device, dtype)
-    ids = torch.randint(5, config.text_config.vocab_size, (args.num_texts, args.text_length), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    with torch.inference_mode():
-        image_tokens = model.encode_image(pixels).last_hidden_state
-        text_tokens = model.encode_text(ids, mask).last_hidden_state
-    pairs = (args.num_images + args.num_texts) * args.k
-    pair_image = torch.arange(pairs, device=device) % args.num_images
-    pair_text = torch.arange(pairs, device=device) % args.num_texts
-    return {
-        "retrieval": lambda: retrieval_step(model, pixels, ids, mask, args.k),
-        "vision": lambda: model.encode_image(pixels),
-        "text": lambda: model.encode_text(ids, mask),
-        "fusion": lambda: model.fuse(text_tokens[pair_text], mask[pair_text], image_tokens[pair_image]),
-    }
+    out = {}
+    if path.get("vision"):
+        size = config.vision_config.image_size
+        pixels = torch.randn(path["vision"][0].count, 3, size, size, generator=g).to(device, dtype)
+        out["vision"] = lambda: model.encode_image(pixels)
+    if path.get("text"):
+        run = path["text"][0]
+        ids = torch.randint(5, config.text_config.vocab_size, (run.count, run.tokens), generator=g).to(device)
+        out["text"] = lambda: model.encode_text(ids, torch.ones_like(ids))
+    if path.get("fusion"):
+        run = path["fusion"][0]
+        text = torch.randn(run.count, run.tokens, config.text_config.hidden_size, generator=g).to(device, dtype)
+        image = torch.randn(run.count, run.cross_keys, config.vision_config.hidden_size, generator=g).to(device, dtype)
+        mask = torch.ones(run.count, run.tokens, dtype=torch.long, device=device)
+        if getattr(config.fusion_encoder_config, "shared_cross_kv", False):  # NLVR2 pairs: one tensor per image
+            image = (image, image.clone())
+        out["fusion"] = lambda: model.fuse(text, mask, image)
+    return out
 
 
-def measure(models: dict, args: BenchArguments, device: torch.device, dtype: torch.dtype, progress=None,
-            after_run=None) -> dict[str, dict[str, list[float]]]:
-    """Timings (ms) per model and workload. Every repeat of a workload runs all models once in turn (round robin,
+def bench_data(task: Task, args: BenchArguments, image_size: int):
+    """(data arguments, processor, held-out set) of the task's workload: `--num_images` built-in synthetic held-out
+    items at the models' image size, texts padded to --text_length, ITM re-ranking --k."""
+    from .stages import DataArguments, load_processor
+
+    data = DataArguments(task=task.name, image_size=image_size, max_length=args.text_length, itm_k=args.k,
+                         eval_images=args.num_images)
+    return data, load_processor(data), task.eval_data(data)
+
+
+def workloads(task: Task, model, inputs: tuple, args: BenchArguments, device: torch.device,
+              dtype: torch.dtype) -> dict[str, Callable]:
+    """One model's timed workloads: the task's inference path (`Task.workload` on `--num_images` held-out items) and
+    each encoder alone."""
+    data, processor, held_out = inputs
+    run = task.workload(model, processor, data, held_out, args.num_images)
+
+    _move_inputs(run, device, dtype)
+    return {"path": run, **_encoder_workloads(model, bench_path(task, model.config, args), device, dtype)}
+
+
+def _moved(value, device: torch.device, dtype: torch.dtype):
+    """`value` with its tensors on `device` (floating ones in `dtype`), through dicts, UserDicts (a processor's
+    BatchFeature) and lists / tuples; anything else (the model) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, dict):
+        return {key: _moved(item, device, dtype) for key, item in value.items()}
+    if isinstance(value, UserDict):
+        value.data = _moved(value.data, device, dtype)
+        return value
+    if isinstance(value, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in value):
+        return type(value)(_moved(item, device, dtype) for item in value)
+    return value
+
+
+def _move_inputs(fn: Callable, device: torch.device, dtype: torch.dtype) -> None:
+    """Moves the inputs a task's workload closed over (built by the processor on the CPU in float32) to the models'
+    device and dtype, in place, so the timed call transfers nothing."""
+    for cell in fn.__closure__ or ():
+        cell.cell_contents = _moved(cell.cell_contents, device, dtype)
+
+
+def measure(task: Task, models: dict, inputs: tuple, args: BenchArguments, device: torch.device,
+            dtype: torch.dtype, progress=None, after_run=None) -> dict[str, dict[str, list[float]]]:
+    """Timings (ms) per model and workload. Every round of a workload times all models once in turn (round robin,
     `measure_interleaved`), so drift — thermal, frequency, other processes — hits every model alike and each round
     gives one paired speed-up; `progress(workload)` is called before each workload, `after_run` after each run."""
-    runs = {name: workloads(model, args, device, dtype) for name, model in models.items()}
+    runs = {name: workloads(task, model, inputs, args, device, dtype) for name, model in models.items()}
     times: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     for workload in WORKLOADS:
+        if not all(workload in run for run in runs.values()):
+            continue
         if progress:
             progress(workload)
-        timed = measure_interleaved({name: runs[name][workload] for name in models}, args.repeats, args.warmup,
-                                    device, after_run)
+        timed = measure_interleaved({name: runs[name][workload] for name in models}, args.repeats,
+                                    warmup=args.warmup, after_run=after_run)
         for name in models:
             times[name][workload] = timed[name]
     return times
 
 
-def _flops(config, args: BenchArguments) -> dict[str, float]:
-    size = config.vision_config.image_size
-    tokens = 1 + (size // config.vision_config.patch_size) ** 2
-    pairs = (args.num_images + args.num_texts) * args.k
-    return {
-        "retrieval": retrieval_flops(config, args.num_images, args.num_texts, args.text_length, args.k)["total"],
-        "vision": args.num_images * encoder_flops(config, "vision", tokens),
-        "text": args.num_texts * encoder_flops(config, "text", args.text_length),
-        "fusion": pairs * encoder_flops(config, "fusion", args.text_length, tokens),
-    }
-
-
-def load_checkpoint(path: str) -> EfficientVLMForImageTextRetrieval:
+def load_checkpoint(path: str, task: Task | str = "retrieval"):
     """Loads a checkpoint as the class it was saved from (config.json "architectures"), so a pre-training checkpoint
-    keeps its MLM head and nothing is reported UNEXPECTED; the timed path uses only the ITC / ITM parts that every
-    image-text class shares."""
+    keeps its MLM head and nothing is reported UNEXPECTED; it must be a `task.model_class` (the timed path uses only
+    the parts that class has)."""
+    task = get_task(task)
     config = EfficientVLMConfig.from_pretrained(path)
     names = [n for n in (config.architectures or []) if hasattr(modeling_efficientvlm, n)]
-    cls = getattr(modeling_efficientvlm, names[0]) if names else EfficientVLMForImageTextRetrieval
-    if not issubclass(cls, EfficientVLMForImageTextRetrieval):
-        raise ValueError(f"--model {path}: a {cls.__name__} checkpoint (config.json architectures) has no image-text "
-                         "retrieval path (ITC + ITM heads), which is what bench times")
+    cls = getattr(modeling_efficientvlm, names[0]) if names else task.model_class
+    if not issubclass(cls, task.model_class):
+        raise ValueError(f"--model {path}: a {cls.__name__} checkpoint (config.json architectures) has no "
+                         f"{task.card.speed_name} path ({task.model_class.__name__}), which is what bench --task "
+                         f"{task.name} times")
     return cls.from_pretrained(path, config=config)
 
 
-def build_models(args: BenchArguments) -> tuple[dict[str, torch.nn.Module], dict]:
-    """teacher / student / pruned from checkpoints (`--model NAME=DIR`) or from the preset (random weights); returns
-    the models and {"weights": ..., "split": how the preset's pruned student was made (`pruned_student_config`)}."""
+def preset_models_configs(args: BenchArguments) -> dict[str, EfficientVLMConfig]:
+    """The preset's teacher, its student and the pruned student (`pruned_student_config`), by name (shapes only)."""
+    teacher_cfg = xvlm_clip_config(args.image_size) if args.preset == "xvlm-clip" else PRESETS[args.preset]()
+    student_cfg = student_config(teacher_cfg)
+    return {"teacher": teacher_cfg, "student": student_cfg, "pruned": pruned_student_config(args, student_cfg)[0]}
+
+
+def build_models(args: BenchArguments, task: Task | str | None = None) -> tuple[dict[str, torch.nn.Module], dict]:
+    """teacher / student / pruned of `task`'s model class (default: --task) from checkpoints (`--model NAME=DIR`) or
+    from the preset (random weights); returns the models and {"weights": ..., "split": how the preset's pruned student
+    was made (`pruned_student_config`)}."""
+    task = get_task(task or args.task)
     if args.model:
         models = {}
         for name, path in parse_models(args.model).items():
-            models[name] = load_checkpoint(path)
+            models[name] = load_checkpoint(path, task)
         return models, {"weights": "checkpoints"}
-    teacher_cfg = xvlm_clip_config(args.image_size) if args.preset == "xvlm-clip" else PRESETS[args.preset]()
-    student_cfg = student_config(teacher_cfg)
-    pruned_cfg, split = pruned_student_config(args, student_cfg)
+    configs = preset_models_configs(args)
+    split = pruned_student_config(args, configs["student"])[1]
     torch.manual_seed(0)
-    models = {
-        name: EfficientVLMForImageTextRetrieval._from_config(cfg, attn_implementation="sdpa")
-        for name, cfg in (("teacher", teacher_cfg), ("student", student_cfg), ("pruned", pruned_cfg))
-    }
+    models = {name: task.model_class._from_config(cfg, attn_implementation="sdpa") for name, cfg in configs.items()}
     return models, {"weights": "random weights (latency depends on shapes only)", "split": split}
 
 
+def _parameters(model) -> int:
+    """The model's parameters: `count_parameters` with the retrieval heads for a retrieval model (a pre-training
+    checkpoint's MLM / box heads are not on the timed path), else every parameter the model holds."""
+    if isinstance(model, modeling_efficientvlm.EfficientVLMForImageTextRetrieval):
+        return count_parameters(model.config, ("itm",))["total"]
+    return sum(p.numel() for p in model.parameters())
+
+
 def run_benchmark(args: BenchArguments, progress=None) -> dict:
-    """Runs the benchmark; returns {"protocol": {...}, "models": {...}} (retrieval path at the top level per model)."""
+    """Runs the benchmark of --task; returns {"task", "protocol": {...}, "models": {...}} (the task's path at the top
+    level per model, each encoder alone under "encoders")."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked but no CUDA device is available")
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models, source = build_models(args)
+    task = get_task(args.task)
+    models, source = build_models(args, task)
+    image_size = next(iter(models.values())).config.vision_config.image_size
+    inputs = bench_data(task, args, image_size)
+    for model in models.values():
+        task.prepare_model(model, inputs[1])
     models = {name: model.to(device, dtype).eval() for name, model in models.items()}
-    # one tick per run (warm-up or timed) of every workload of every model, on stderr
+    # one tick per run (warm-up call or timed sample) of every workload of every model, on stderr
     bar = tqdm(total=len(models) * len(WORKLOADS) * (args.warmup + args.repeats), desc="bench", unit="run")
 
     def announce(workload: str) -> None:
@@ -419,30 +528,30 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
         if progress:
             progress(workload)
 
-    timings = measure(models, args, device, dtype, progress=announce, after_run=bar.update)
+    timings = measure(task, models, inputs, args, device, dtype, progress=announce, after_run=bar.update)
     results = {}
     for name, model in models.items():
-        flops = _flops(model.config, args)
-        params = count_parameters(model.config, ("itm",))
-        retrieval = summarize(timings[name]["retrieval"])
+        flops = bench_flops(task, model.config, args)
+        path = summarize(timings[name]["path"])
         results[name] = {
-            "params": params["total"],
+            "params": _parameters(model),
             "prunable_params": prunable_parameters(model.config)["total"],
-            "gflops": flops["retrieval"] / 1e9,
-            "latency_ms": retrieval["median_ms"],
-            "latency_min_ms": retrieval["min_ms"],
-            "latency_max_ms": retrieval["max_ms"],
-            "latency_runs_ms": timings[name]["retrieval"],
-            "throughput_images_per_s": args.num_images / (retrieval["median_ms"] / 1000),
+            "gflops": flops["path"] / 1e9,
+            "latency_ms": path["median_ms"],
+            "latency_min_ms": path["min_ms"],
+            "latency_max_ms": path["max_ms"],
+            "latency_runs_ms": timings[name]["path"],
+            "throughput_images_per_s": args.num_images / (path["median_ms"] / 1000),
             "encoders": {m: {**summarize(timings[name][m]), "gflops": flops[m] / 1e9}
-                         for m in ("vision", "text", "fusion")},
+                         for m in ENCODERS if m in timings[name]},
         }
     bar.close()
     base = _add_ratios(results)
-    info = protocol(args, source)
+    info = protocol(args, source, task, inputs[0])
     info["speedup_baseline"] = base
-    info["image_size"] = next(iter(models.values())).config.vision_config.image_size
-    return {"protocol": info, "models": results}
+    info["image_size"] = image_size
+    info["path_sizes"] = path_sizes(task, args)
+    return {"task": task.name, "protocol": info, "models": results}
 
 
 def _add_ratios(results: dict) -> str:
@@ -455,7 +564,7 @@ def _add_ratios(results: dict) -> str:
         paired = speedup_summary(base["latency_runs_ms"], entry["latency_runs_ms"])
         entry["speedup_min"], entry["speedup_max"], entry["speedup_runs"] = paired["min"], paired["max"], paired["runs"]
         entry["flops_speedup"] = base["gflops"] / entry["gflops"]
-        # speed-up ÷ FLOPs speed-up: 1 = latency falls as fast as FLOPs (per workload: retrieval here, encoders below)
+        # speed-up ÷ FLOPs speed-up: 1 = latency falls as fast as FLOPs (per workload: the path here, encoders below)
         entry["flops_ratio"] = entry["speedup"] / entry["flops_speedup"]
         entry["speedup_over_flops_ratio"] = entry["flops_ratio"]  # older name, kept for existing readers
         entry["params_fraction"] = entry["params"] / base["params"]
@@ -467,9 +576,11 @@ def _add_ratios(results: dict) -> str:
     return base_name
 
 
-def protocol(args: BenchArguments, source: dict) -> dict:
-    """What was measured and how (`source`: `build_models`' weights and split record)."""
+def protocol(args: BenchArguments, source: dict, task: Task, data) -> dict:
+    """What was measured and how (`source`: `build_models`' weights and split record; `data`: the workload's data
+    arguments)."""
     info = {
+        "task": task.name,
         "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),
         "dtype": args.dtype,
@@ -477,7 +588,7 @@ def protocol(args: BenchArguments, source: dict) -> dict:
         "torch": torch.__version__,
         "attention": "sdpa",
         "weights": source["weights"],
-        "path": "retrieval: encode images + texts, ITC all pairs, ITM on top-k per image and per text query",
+        "path": f"{task.name}: {task.workload_text(data, args.num_images)} (built-in synthetic held-out items)",
     }
     info.update({k: v for k, v in asdict(args).items() if k in (
         "image_size", "num_images", "num_texts", "text_length", "k", "warmup", "repeats")})
@@ -486,9 +597,10 @@ def protocol(args: BenchArguments, source: dict) -> dict:
     else:
         info.update(preset=args.preset, pad_multiple=args.pad_multiple, target_sparsity=args.target_sparsity,
                     split=source["split"])
-    info["timing"] = ("models interleaved: every round runs each model once in turn (round robin), `warmup` untimed "
-                      "rounds, then `repeats` timed ones; median, min / max per model; speed-up range = the per-round "
-                      "paired ratios")
+    info["timing"] = ("models interleaved: every round times each model once in turn (round robin), `warmup` untimed "
+                      "rounds first, then `repeats` timed ones, each sample a torch.utils.benchmark Timer "
+                      "(blocked_autorange: one sizing / warm-up call, accelerator synchronised, the current thread "
+                      "count); median, min / max per model; speed-up range = the per-round paired ratios")
     return info
 
 

@@ -36,7 +36,7 @@ from ..method.cost import path_to_json, prunable_flops
 from ..method.latency_table import format_latency_table, latency_share, latency_table_for
 from ..method.structure import modalities, prunable_parameters
 from ..tasks import get_task, has_path, task_path
-from .latency import measure_interleaved, summarize
+from ..infra.timing import measure_interleaved, summarize
 
 STRATEGIES = ("uniform", "manual", "learned", "flops", "flops+layers", "flops+hidden", "flops+layers+hidden",
               "latency", "latency+layers")
@@ -149,8 +149,7 @@ def measure_latency(models: dict, processor, data, eval_data, batch: int, repeat
     items); repeats interleave the models so drift hits all alike."""
     task = get_task(data.task)
     workloads = {name: task.workload(model.eval(), processor, data, eval_data, batch) for name, model in models.items()}
-    device = next(next(iter(models.values())).parameters()).device
-    times = measure_interleaved(workloads, repeats, warmup, device)
+    times = measure_interleaved(workloads, repeats, warmup=warmup)
     return {name: summarize(t) for name, t in times.items()}
 
 

@@ -211,12 +211,12 @@ def _latency(models: dict, processor, data: DataArguments, eval_data: dict, repe
     """Latency of every model on the task's inference path (`Task.workload`; retrieval: encode all, ITC, ITM
     re-ranking) on the same held-out batch, repeats interleaved (as `measure_latency`), and its speed-up over the
     teacher: median and range of the per-round ratios (`speedup_summary`)."""
-    from .latency import measure_interleaved, speedup_summary, summarize
+    from ..infra.timing import measure_interleaved, speedup_summary, summarize
 
     task = get_task(data.task)
     batch = min(LATENCY_BATCH, task.eval_size(eval_data))
     workloads = {name: task.workload(model.eval(), processor, data, eval_data, batch) for name, model in models.items()}
-    times = measure_interleaved(workloads, repeats, warmup=1, device=next(models["teacher"].parameters()).device)
+    times = measure_interleaved(workloads, repeats, warmup=1)
     out = {}
     for name, runs in times.items():
         m, speedup = summarize(runs), speedup_summary(times["teacher"], runs)

@@ -1,4 +1,6 @@
-"""What a prunable unit costs on a task's inference path: FLOPs per head / neuron, for FLOPs-budget pruning.
+"""The one FLOPs model: what a prunable unit, an encoder and a task's whole inference path cost, from the config.
+
+Used for FLOPs-budget pruning (per unit) and for the FLOPs that bench, compare and export report (per path).
 
 The parameter budget of the paper counts every head alike; at inference a fusion head runs once per (query,
 candidate) pair while a vision head runs once per image, so equal parameters are not equal time. Here the path is
@@ -9,11 +11,17 @@ them with hooks): attention head = its q/k/v/out projections + QKᵀ + PV; FFN n
 Softmax, LayerNorm and activations (O(T·d)) are not counted.
 
 Expected cost of a gated network = Σ_units P(z>0)·cost(unit) (`training.method.l0` with `budget="flops"`).
+
+A whole path adds the fixed matmuls around the units: the vision patch embedding (`encoder_flops`) and each task's
+heads (`retrieval_flops`: ITC + ITM head; `nlvr2_flops`: NLVR head; `vqa_flops` / `captioning_flops`: LM head per
+scored token). Every task's FLOPs = `path_flops(config, its path)` + its heads: one per-unit model for all of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+from modeling_efficientvlm.modeling_efficientvlm import head_width
 
 from .structure import UnitGroup, unit_groups
 
@@ -163,6 +171,78 @@ def captioning_path(config, images: int, prompt_length: int, new_tokens: int, be
         text.append(Run(count, 1, keys))
         fusion.append(Run(count, 1, keys, tokens))
     return {"vision": [Run(images, tokens, tokens)], "text": text, "fusion": fusion}
+
+
+def encoder_flops(config, modality: str, runs: list[Run]) -> int:
+    """Forward FLOPs of one encoder over `runs`: every unit of every group (`unit_flops` x group size) plus the
+    encoder's fixed matmuls (vision: the patch embedding, a (C·p², d) matmul per image token but [CLS]). Softmax,
+    LayerNorm and activations (O(T·d)) are not counted."""
+    total = sum(g.size * unit_flops(g, runs) for g in unit_groups(config) if g.modality == modality and g.size)
+    if modality == "vision":
+        v = config.vision_config
+        total += sum(2 * run.count * (run.tokens - 1) * v.num_channels * v.patch_size**2 * v.hidden_size
+                     for run in runs)
+    return total
+
+
+def path_flops(config, path: Path) -> dict[str, int]:
+    """FLOPs of every encoder on `path` (`encoder_flops`), per modality and "total" (without the task's heads)."""
+    out = {modality: encoder_flops(config, modality, runs) for modality, runs in path.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _lm_head_macs(sub) -> int:
+    """Multiply-accumulates of the MLM-style LM head on one token: dense (d, d) + decoder (d, vocab)."""
+    return sub.hidden_size * sub.hidden_size + sub.hidden_size * sub.vocab_size
+
+
+def retrieval_flops(config, images: int, texts: int, text_length: int, k: int, image_tokens: int = 0) -> dict[str, int]:
+    """FLOPs of the retrieval inference path (`retrieval_path`): encoders + ITC (projections, all-pairs scores) + the
+    ITM head on every re-ranked pair. Returns {"vision", "text", "itc", "fusion" (incl. the ITM head), "total"}."""
+    path = retrieval_path(config, images, texts, text_length, k, image_tokens)
+    out = path_flops(config, path)
+    v, t = config.vision_config, config.text_config
+    itc = 2 * images * texts * config.embed_dim
+    itc += 2 * (images * v.hidden_size + texts * t.hidden_size) * config.embed_dim
+    pairs = (images + texts) * k
+    w = head_width(config)
+    itm = pairs * 2 * (t.hidden_size * w + w * 2)  # ITM head: Linear(d, w) + Linear(w, 2)
+    fusion = out.get("fusion", 0) + itm
+    return {"vision": out["vision"], "text": out["text"], "itc": itc, "fusion": fusion,
+            "total": out["vision"] + out["text"] + itc + fusion}
+
+
+def nlvr2_flops(config, items: int, text_length: int, image_tokens: int = 0) -> dict[str, int]:
+    """FLOPs of NLVR2 classification (`nlvr2_path`) + the NLVR head on each item's [CLS]: Linear(d, w) + Linear(w,
+    num_labels). Returns {"vision", "text", "fusion" (incl. the head), "total"}."""
+    out = path_flops(config, nlvr2_path(config, items, text_length, image_tokens))
+    d, w, labels = config.text_config.hidden_size, head_width(config), getattr(config, "num_labels", 2)
+    out["fusion"] += items * 2 * (d * w + w * labels)
+    out["total"] = out["vision"] + out["text"] + out["fusion"]
+    return out
+
+
+def vqa_flops(config, questions: int, question_length: int, k: int, answer_length: int,
+              image_tokens: int = 0) -> dict[str, int]:
+    """FLOPs of VQA answer ranking (`vqa_path`: k re-scored answers per question, so pass min(k, answers)) + the answer
+    decoder's LM head over the whole vocabulary on every decoder token (as large as a decoder layer at V ~ 30k).
+    Returns {"vision", "text", "fusion", "decoder" (incl. the LM head), "total"}."""
+    out = path_flops(config, vqa_path(config, questions, question_length, k, answer_length, image_tokens))
+    tokens = questions + questions * k * answer_length  # the first-token step + k answers teacher-forced
+    out["decoder"] += tokens * 2 * _lm_head_macs(config.decoder_config)
+    out["total"] = sum(out[m] for m in ("vision", "text", "fusion", "decoder"))
+    return out
+
+
+def captioning_flops(config, images: int, prompt_length: int, new_tokens: int, beams: int,
+                     image_tokens: int = 0) -> dict[str, int]:
+    """FLOPs of cached beam-search captioning (`captioning_path`) + the LM head on each beam's new token per step.
+    Returns {"vision", "text", "fusion" (incl. the LM head), "total"}."""
+    out = path_flops(config, captioning_path(config, images, prompt_length, new_tokens, beams, image_tokens))
+    out["fusion"] += images * beams * new_tokens * 2 * _lm_head_macs(config.text_config)
+    out["total"] = out["vision"] + out["text"] + out["fusion"]
+    return out
 
 
 ZERO_ALLOWED = ("k", "image_tokens")

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
 
+from ..infra.timing import measure_interleaved
 from .cost import Path, Run, inference_path, path_from_json, path_to_json
 from .structure import ENCODER_CONFIG_KEYS, UnitGroup, unit_groups
 
@@ -83,29 +83,13 @@ def _workload(group: UnitGroup, units: int, encoder_config, run: Run, batch: int
     return lambda: x + module(norm(x), key_value_states=kv, past_key_values=cache)[0]
 
 
-def _median_seconds(fns: list, device, warmup: int, repeats: int, min_seconds: float) -> list[float]:
-    """Median seconds of one call of each of `fns`, timed round-robin (drift hits every unit count alike); each
-    sample loops a call enough times to last `min_seconds` (single calls of a small sub-layer are below timer noise)."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-    def timed(fn, loops: int) -> float:
-        start = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        sync()
-        return (time.perf_counter() - start) / loops
-
-    with torch.inference_mode():
-        for fn in fns:
-            for _ in range(max(warmup, 1)):
-                fn()
-        sync()
-        loops = [max(1, math.ceil(min_seconds / max(timed(fn, 1), 1e-7))) for fn in fns]
-        samples: list[list[float]] = [[] for _ in fns]
-        for _ in range(repeats):
-            for fn, n, out in zip(fns, loops, samples):
-                out.append(timed(fn, n))
-    return [statistics.median(out) for out in samples]
+def _median_seconds(fns: list, warmup: int, repeats: int, min_seconds: float) -> list[float]:
+    """Median seconds of one call of each of `fns`, timed round robin by the one harness (drift hits every unit count
+    alike); each sample loops calls for at least `min_seconds` (single calls of a small sub-layer are below timer
+    noise)."""
+    workloads = {str(i): fn for i, fn in enumerate(fns)}
+    times = measure_interleaved(workloads, repeats, warmup=warmup, min_run_time=min_seconds)
+    return [statistics.median(times[str(i)]) / 1000 for i in range(len(fns))]
 
 
 def fit_line(units: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -168,7 +152,7 @@ def measure_latency_table(
                 continue
             timed = min(run.count, batch)
             fns = [_workload(group, units, encoder_config, run, timed, device, dtype) for units in counts]
-            for i, value in enumerate(_median_seconds(fns, device, warmup, repeats, min_seconds)):
+            for i, value in enumerate(_median_seconds(fns, warmup, repeats, min_seconds)):
                 seconds[i] += value * run.count / timed
         intercept, slope = fit_line(counts, seconds)
         fits[signature] = {"group": group.name, "units": counts, "seconds": seconds, "fixed": intercept,
@@ -187,7 +171,8 @@ def measure_latency_table(
         "protocol": f"{str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, torch "
                     f"{torch.__version__}; per group: LayerNorm + sub-layer + residual timed at unit counts "
                     f"{points} points up to the group's size, batch ≤ {batch} sequences per run scaled to the run's "
-                    f"count, median of {repeats} round-robin samples ≥ {min_seconds * 1000:g} ms after {warmup} warm-ups; "
+                    f"count, median of {repeats} round-robin samples ≥ {min_seconds * 1000:g} ms (torch.utils.benchmark "
+                    f"blocked_autorange) after {warmup} warm-ups; "
                     "seconds = fixed + per_unit·units, least squares",
         "fits": list(fits.values()),
     }

@@ -1,7 +1,8 @@
-"""Sizes from the config alone: prunable units, exact parameter counts, analytic FLOPs.
+"""Sizes from the config alone: prunable units and exact parameter counts (FLOPs: `training.method.cost`).
 
 One place computes "how big is a network with these per-layer sizes", so the pruning size model (expected sparsity
-at given keep probabilities), the materialized-size report and the benchmark all agree by construction.
+at given keep probabilities), the materialized-size report and the benchmark all agree by construction; the FLOPs
+model (`cost.py`) prices the same `unit_groups`.
 
 Prunable units (the paper's pruning granularity):
   * an attention head of width `head_dim`: its q/k/v rows (+ biases) and out_proj columns;
@@ -202,97 +203,6 @@ def prunable_parameters(config) -> dict[str, int]:
         out[group.modality] += group.size * group.unit_params
     out["total"] = sum(out.values())
     return out
-
-
-def _attention_flops(tokens: int, context: int, group: UnitGroup) -> int:
-    inner = group.size * group.head_dim
-    projections = tokens * group.hidden_size * inner + 2 * context * group.kv_size * inner + tokens * inner * group.hidden_size
-    scores = 2 * tokens * context * inner  # QK^T and probs @ V
-    return 2 * (projections + scores)  # multiply-accumulate = 2 FLOPs
-
-
-def encoder_flops(config, modality: str, tokens: int, context: int | None = None) -> int:
-    """Forward FLOPs of one encoder for one sequence (matmuls only; softmax/LayerNorm/activations are O(T·d)).
-
-    Args:
-        config: an EfficientVLMConfig.
-        modality: "vision", "text", "fusion" or "decoder".
-        tokens: sequence length of this encoder's input.
-        context: fusion / decoder: number of tokens the cross-attention reads (image tokens / question tokens).
-    """
-    total = 0
-    for group in unit_groups(config):
-        if group.modality != modality or group.size == 0:
-            continue
-        if group.kind == "ffn":
-            total += 2 * 2 * tokens * group.hidden_size * group.size
-        elif group.kind == "cross_head":
-            total += _attention_flops(tokens, context or 0, group)
-        else:
-            total += _attention_flops(tokens, tokens, group)
-    if modality == "vision":
-        v = config.vision_config
-        total += 2 * v.num_patches * v.num_channels * v.patch_size**2 * v.hidden_size  # patch conv
-    return total
-
-
-def retrieval_flops(config, num_images: int, num_texts: int, text_length: int, k: int, image_size: int | None = None) -> dict[str, int]:
-    """FLOPs of the retrieval inference path: encode every image and text, ITC scores, ITM on top-k per query.
-
-    The ITM re-ranking fuses k candidates for every image query and every text query: (num_images + num_texts)·k
-    fusion passes (the ALBEF/X-VLM protocol).
-    """
-    v = config.vision_config
-    size = image_size or v.image_size
-    image_tokens = 1 + (size // v.patch_size) ** 2
-    scaled = config if size == v.image_size else _with_image_size(config, size)
-    vision = num_images * encoder_flops(scaled, "vision", image_tokens)
-    text = num_texts * encoder_flops(config, "text", text_length)
-    itc = 2 * num_images * num_texts * config.embed_dim
-    itc += 2 * (num_images * v.hidden_size + num_texts * config.text_config.hidden_size) * config.embed_dim
-    pairs = (num_images + num_texts) * k
-    fusion = pairs * encoder_flops(config, "fusion", text_length, context=image_tokens)
-    d, w = config.text_config.hidden_size, head_width(config)
-    itm = pairs * 2 * (d * w + w * 2)  # ITM head: Linear(d, w) + Linear(w, 2)
-    return {"vision": vision, "text": text, "itc": itc, "fusion": fusion + itm, "total": vision + text + itc + fusion + itm}
-
-
-def vqa_flops(
-    config, num_questions: int, question_length: int, num_answers: int, answer_length: int, k: int,
-    image_size: int | None = None,
-) -> dict[str, int]:
-    """FLOPs of the paper's VQA answer ranking (`EfficientVLMForQuestionAnswering.rank_answers`) for a batch.
-
-    Per question: one vision, text and fusion pass; one decoder step from the start token scoring every candidate's
-    first token; then min(k, num_answers) candidates re-scored over `answer_length` tokens each. Every decoder token
-    also runs the LM head over the whole vocabulary (dense d² + d·V), which is as large as a decoder layer at V ~ 30k.
-    """
-    v, dec = config.vision_config, config.decoder_config
-    size = image_size or v.image_size
-    image_tokens = 1 + (size // v.patch_size) ** 2
-    scaled = config if size == v.image_size else _with_image_size(config, size)
-    vision = num_questions * encoder_flops(scaled, "vision", image_tokens)
-    text = num_questions * encoder_flops(config, "text", question_length)
-    fusion = num_questions * encoder_flops(config, "fusion", question_length, context=image_tokens)
-    rescored = num_questions * min(k, num_answers)
-    decoder = num_questions * encoder_flops(config, "decoder", 1, context=question_length)
-    decoder += rescored * encoder_flops(config, "decoder", answer_length, context=question_length)
-    tokens = num_questions + rescored * answer_length
-    lm_head = tokens * 2 * (dec.hidden_size * dec.hidden_size + dec.hidden_size * dec.vocab_size)
-    total = vision + text + fusion + decoder + lm_head
-    return {"vision": vision, "text": text, "fusion": fusion, "decoder": decoder + lm_head, "total": total}
-
-
-def _with_image_size(config, image_size: int):
-    vision = config.vision_config.to_dict()
-    vision["image_size"] = image_size
-    return type(config)(
-        vision_config=vision,
-        text_config=config.text_config.to_dict(),
-        fusion_encoder_config=config.fusion_encoder_config.to_dict(),
-        embed_dim=config.embed_dim,
-        decoder_config=None if getattr(config, "decoder_config", None) is None else config.decoder_config.to_dict(),
-    )
 
 
 def structure_table(config) -> dict[str, dict[str, list[int] | int]]:

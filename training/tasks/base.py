@@ -56,6 +56,8 @@ class Task:
         path_sizes: the sizes of the task's inference path at its evaluation protocol (`prune --budget_path` names
             them), e.g. {"images": 5000, ...}; None: no path model (no FLOPs budget for the task).
         cost_path: fn(config, **path_sizes) -> `training.method.cost.Path`, the runs of each encoder on that path.
+        flops: fn(config, **path_sizes) -> FLOPs by part and "total" of the whole inference path: `cost_path`'s
+            encoders (`training.method.cost.path_flops`) + the task's heads (what bench reports); None with no path.
     """
 
     name: str
@@ -76,3 +78,4 @@ class Task:
     prepare_model: Callable[..., None] = field(default=lambda model, processor, data=None: None)
     path_sizes: dict[str, int] | None = None
     cost_path: Callable[..., Any] | None = None
+    flops: Callable[..., dict[str, int]] | None = None
