@@ -7,6 +7,7 @@ processor, and the training loaders import it from here, so one picture gives th
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,6 +19,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white (stamps, icons and logos are drawn on alpha)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+UNKNOWN_SHARE = 0.5  # more than this share of a text's tokens unknown: the processor warns (once)
+logger = logging.getLogger(__name__)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -107,9 +110,31 @@ class EfficientVLMProcessor(ProcessorMixin):
             text_kwargs.update({k: v for k, v in kwargs.items() if k in ("padding", "truncation", "max_length")})
             encoded = self.tokenizer(text, return_tensors=return_tensors, **text_kwargs)
             features.update({k: encoded[k] for k in ("input_ids", "attention_mask")})
+            if not getattr(self, "_warned_unknown", False):
+                self._warn_unknown(text, encoded["input_ids"])
         if images is not None:
             features.update(self.image_processor(prepare_images(images), return_tensors=return_tensors))
         return BatchFeature(features, tensor_type=return_tensors)
+
+    def _warn_unknown(self, text, input_ids) -> None:
+        """Logs one warning per processor when more than UNKNOWN_SHARE of a text's tokens are the tokenizer's unknown
+        token: the model then scores words it has never seen (a vocabulary built for other data)."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None:
+            return
+        special = set(getattr(self.tokenizer, "all_special_ids", ())) - {unk}
+        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else list(input_ids)
+        rows = [rows] if rows and isinstance(rows[0], int) else rows
+        for row, words in zip(rows, [text] if isinstance(text, str) else list(text)):
+            tokens = [token for token in row if token not in special]
+            unknown = sum(token == unk for token in tokens)
+            if tokens and unknown > UNKNOWN_SHARE * len(tokens):
+                self._warned_unknown = True
+                logger.warning(
+                    "%d of %d tokens of %r are unknown to this model's tokenizer (%s, %d tokens): results on such texts "
+                    "mean little; use words of the model's training data (warned once)", unknown, len(tokens),
+                    words, self.tokenizer.unk_token, len(self.tokenizer))
+                return
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -142,7 +142,11 @@ class DemoArguments:
     task_teacher_steps: int | None = field(
         default=None, metadata={"help": "Override the task teacher's fine-tuning steps (--task other than retrieval)."}
     )
-    overwrite: bool = field(default=True, metadata={"help": "Replace an existing output dir."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Run into an existing --output_dir: its models, report and any checkpoints a stopped demo "
+                          "left are replaced (default: refuse, as the stages do)."},
+    )
     student_layers: str | None = field(
         default=None,
         metadata={"help": "Student depths 'vision,text,fusion' (retrieval; default half of the teacher's, e.g. "
@@ -285,8 +289,10 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
     task = get_task(args.task)
     profile = demo_profile(task.name, args.quick)
     if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists (pass --overwrite true)")
+        raise FileExistsError(f"demo: {args.output} exists; pass --overwrite true to replace its models and "
+                              "report, or pick another --output")
     work = os.path.join(args.output, "checkpoints")
+    shutil.rmtree(work, ignore_errors=True)  # stage folders a stopped demo left: this run owns them (--overwrite)
     timings: dict[str, float] = {}
     # a task whose teacher is the pre-training model (retrieval) uses the shipped teacher as its task teacher
     fine_tuned = task.teacher_class is not EfficientVLMForPreTraining

@@ -60,6 +60,11 @@ class DataSourceArguments:
         metadata={"help": "Tokenizer dir (BERT WordPiece); default: a checkpoint's saved tokenizer, else the "
                           "synthetic-caption vocabulary (required with JSON data and no checkpoint tokenizer)."},
     )
+    force_tokenizer: bool = field(
+        default=False,
+        metadata={"help": "Use --tokenizer even where it differs from the tokenizer saved with the checkpoint (refused "
+                          "by default: the model's embedding rows belong to its own token ids)."},
+    )
     image_size: int = field(default=64, metadata={"help": "Image size in pixels (and of the synthetic scenes)."})
     nlvr2_level: str = field(
         default="hard",
@@ -272,10 +277,14 @@ def load_processor(data: DataSourceArguments, path: str | None = None) -> Effici
     if data.tokenizer:
         from transformers import AutoTokenizer
 
+        from ..data.tokenization import check_tokenizer_source
+
+        check_tokenizer_source(data.tokenizer)
         tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
     if path and os.path.isfile(os.path.join(path, "processor_config.json")):
         processor = EfficientVLMProcessor.from_pretrained(path)
         if tokenizer is not None:
+            _check_same_tokenizer(processor.tokenizer, tokenizer, path, data)
             processor.tokenizer = tokenizer
         return processor
     if tokenizer is None:
@@ -289,6 +298,22 @@ def load_processor(data: DataSourceArguments, path: str | None = None) -> Effici
     if path and os.path.isfile(os.path.join(path, "config.json")):
         image_size = EfficientVLMConfig.from_pretrained(path).vision_config.image_size
     return EfficientVLMProcessor(build_image_processor(image_size), tokenizer, max_length=data.max_length)
+
+
+def _check_same_tokenizer(saved, given, path: str, data: DataSourceArguments) -> None:
+    """Refuses a --tokenizer whose vocabulary differs from the one saved with the checkpoint at `path` (the model's
+    embedding rows belong to the saved token ids: other ids give a score that means nothing) unless
+    --force_tokenizer."""
+    if getattr(data, "force_tokenizer", False):
+        return
+    ours, theirs = saved.get_vocab(), given.get_vocab()
+    if ours == theirs:
+        return
+    differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])[:1]
+    example = f", e.g. {differing[0][0]!r}" if differing else ""
+    raise ValueError(f"--tokenizer {data.tokenizer} ({len(theirs)} tokens) is not the tokenizer saved with {path} "
+                     f"({len(ours)} tokens; ids differ{example}): the model would read other token ids than it was "
+                     "trained on; drop --tokenizer to use the saved one, or pass --force_tokenizer true")
 
 
 def check_vocab(config: EfficientVLMConfig, processor: EfficientVLMProcessor | None, where: str) -> None:

@@ -96,3 +96,26 @@ def synthetic_tokenizer(directory: str | None = None) -> BertTokenizerFast:
 
 
 __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "synthetic_tokenizer", "tokenizer_from_captions"]
+
+
+def check_tokenizer_source(value: str, flag: str = "--tokenizer") -> None:
+    """Raises ValueError at once, naming the path, when `value` is meant as a local folder but is not one, instead of
+    letting `from_pretrained` take it for a Hub repo id (a minute of network retries, then an error that never says
+    the folder is missing).
+
+    A value is meant as a local path when it starts with ".", "/" or "~", ends with a separator, has more than one
+    "/" (a Hub id has at most one: "user/name"), or its parent folder exists here ("data/tokenizr" beside "data/").
+    With HF_HUB_OFFLINE set, any value that is not an existing folder is refused (nothing can be downloaded)."""
+    if os.path.isdir(value):
+        return
+    if os.path.exists(value):
+        raise ValueError(f"{flag} {value} is a file; give the tokenizer's folder (with tokenizer.json or vocab.txt)")
+    parent = os.path.dirname(value.rstrip(os.sep))
+    local = (value.startswith((".", os.sep, "~")) or value.endswith(os.sep) or value.count("/") > 1
+             or (parent and os.path.isdir(parent)))
+    if local:
+        raise ValueError(f"{flag} {value}: no such folder (the path does not exist)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise ValueError(f"{flag} {value}: no such local folder, and HF_HUB_OFFLINE is set, so it cannot be fetched "
+                         "from the Hub")
