@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m pip install --quiet -e ".[train,dev]"
 
 demo: install
-	efficientvlm demo --output $(DEMO_DIR) --overwrite true
+	efficientvlm demo --output_dir $(DEMO_DIR) --overwrite true
 
 # Rebuilds the teacher `make demo` starts from (shipped in training/assets/demo_teacher), in two stages, each until
 # its held-out learning curve flattens: (1) objects: from scratch on independent scenes (evaluated every 250 steps,

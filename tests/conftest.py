@@ -1,16 +1,24 @@
-"""Shared fixtures: tiny configs (hidden 32, 2 layers, 4 heads, odd FFN width 37, 32-px images, 8-px patches)."""
+"""Shared fixtures and helpers: tiny configs (hidden 32, 2 layers, 4 heads, odd FFN width 37, 32-px images, 8-px
+patches), tiny batches / teacher / Trainer arguments, a tiny processor, the CLI's tiny-run flags, an own-data folder,
+synthetic X-VLM checkpoints with the official key names."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
+from transformers import BertTokenizer
 
-from modeling_efficientvlm import EfficientVLMConfig
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
+from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 from tests.conftest_hub import local_hub, local_hub_server  # noqa: F401  (fixtures)
 
 
@@ -97,3 +105,154 @@ def run_clean_python(code: str, env: dict | None = None, timeout: int = 240) -> 
 @pytest.fixture
 def config() -> EfficientVLMConfig:
     return tiny_config()
+
+
+# ------------------------------------------------------------------------------------------ Trainer-level helpers
+def tiny_batches(n=8, batch=4, seed=0, vocab=99):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n * batch):
+        ids = torch.randint(5, vocab, (7,), generator=g)
+        labels = torch.full((7,), -100)
+        mlm_ids = ids.clone()
+        labels[2], mlm_ids[2] = ids[2], 4
+        items.append({"pixel_values": torch.randn(3, 32, 32, generator=g), "input_ids": ids,
+                      "attention_mask": torch.ones(7, dtype=torch.long), "mlm_input_ids": mlm_ids, "mlm_labels": labels})
+    return items
+
+
+def stack_batch(items):
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def training_args(cls, tmp_path, **kw):
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+                    save_strategy="no", logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True,
+                    dataloader_num_workers=0)
+    defaults.update(kw)
+    return cls(**defaults)
+
+
+def tiny_teacher():
+    torch.manual_seed(0)
+    return EfficientVLMForPreTraining._from_config(tiny_config(), attn_implementation="sdpa")
+
+
+TINY_TEXTS = ["a red circle", "a blue square left of a red circle", "blue", "a square", "red square"]
+
+
+TINY_WORDS = ["a", "red", "blue", "circle", "square", "left", "of"]
+
+
+def tiny_processor() -> EfficientVLMProcessor:
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS])}
+    return EfficientVLMProcessor(build_image_processor(32), BertTokenizer(vocab=vocab))
+
+
+CLI_COMMON = ["--image_size", "32", "--eval_images", "8", "--itm_k", "2", "--per_device_train_batch_size", "4",
+              "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true"]
+
+
+def cli_teacher_and_student(root):
+    """Runs the tiny `teacher` and `distill` stages (2 steps each) into root/teacher and root/student."""
+    from efficientvlm.training.commands.cli import main
+
+    assert main(["teacher", "--preset", "tiny", "--output_dir", str(root / "teacher"), "--max_steps", "2",
+                 *CLI_COMMON]) == 0
+    assert main(["distill", "--teacher", str(root / "teacher"), "--output_dir", str(root / "student"),
+                 "--max_steps", "2", *CLI_COMMON]) == 0
+
+
+OWN_DATA_COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30), "yellow": (230, 210, 20)}
+
+
+def write_own_dataset(root: Path, n_train: int = 8, n_test: int = 4) -> None:
+    """root/data/{train,test}.json (ALBEF format, two captions per image) and the PNGs under root/data/img."""
+    (root / "data" / "img").mkdir(parents=True)
+    records = []
+    for index in range(n_train + n_test):
+        color = list(OWN_DATA_COLORS)[index % len(OWN_DATA_COLORS)]
+        shape = "circle" if index % 2 else "square"
+        image = Image.new("RGB", (40, 40), "white")
+        box = (6 + index % 5, 6, 30 + index % 5, 30)
+        (ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle)(box, OWN_DATA_COLORS[color])
+        image.save(root / "data" / "img" / f"{index}.png")
+        records.append({"image": f"img/{index}.png", "caption": [f"a {color} {shape}", f"one {color} {shape} "
+                                                                                        f"number {index}"]})
+    (root / "data" / "train.json").write_text(json.dumps(records[:n_train]))
+    (root / "data" / "test.json").write_text(json.dumps(records[n_train:]))
+
+
+XVLM_KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "xvlm_checkpoint_keys"
+if not XVLM_KEYS_DIR.is_dir():
+    XVLM_KEYS_DIR = Path("/work/shared/reference/xvlm_checkpoint_keys")
+
+
+XVLM_SHRINK = {768: 32, 3072: 37, 30522: 99, 256: 16, 1536: 64}
+
+
+XVLM_HEAD_DIM = 8  # 32 / 4 heads
+
+
+def xvlm_reference_keys(name: str) -> list[tuple[str, list[int], str]]:
+    """(key, shape, dtype) rows of a reference key list."""
+    rows = []
+    for line in (XVLM_KEYS_DIR / f"{name}.txt").read_text().splitlines():
+        if line.strip():
+            key, shape, dtype = line.split("\t")
+            rows.append((key, [int(d) for d in re.findall(r"\d+", shape)], dtype))
+    return rows
+
+
+def synthetic_xvlm_checkpoint(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict with exactly the reference key names and shrunk widths (tied MLM tensors kept tied)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape, dtype in xvlm_reference_keys(name):
+        shape = [XVLM_SHRINK.get(d, d) for d in shape]
+        if dtype == "int64":  # position_ids buffers
+            state[key] = torch.arange(shape[-1]).expand(shape).clone()
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.1
+    if "text_encoder.cls.predictions.decoder.weight" in state:
+        state["text_encoder.cls.predictions.decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"]
+        state["text_encoder.cls.predictions.decoder.bias"] = state["text_encoder.cls.predictions.bias"]
+    return state
+
+
+def expected_xvlm_target(key: str, num_text_layers: int) -> str | None:
+    """Independent statement of where each X-VLM key must land (None = ignored)."""
+    if key.endswith("position_ids") or key.startswith("l0_module.") or key.endswith("decoder.bias"):
+        return None
+    vision = {
+        "vision_encoder.class_embedding": "vision_model.embeddings.class_embedding",
+        "vision_encoder.patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
+        "vision_encoder.pos_embed.weight": "vision_model.embeddings.position_embedding.weight",
+    }
+    if key in vision:
+        return vision[key]
+    if key.startswith("vision_encoder."):
+        return "vision_model." + key[len("vision_encoder.") :].replace("encoder.layers.", "layers.")
+    key = key.replace("text_encoder.bert.", "text_encoder.")
+    if key.startswith("text_encoder.embeddings."):
+        return "text_model." + key[len("text_encoder.") :]
+    if key.startswith("text_encoder.cls.predictions."):
+        rest = key[len("text_encoder.cls.predictions.") :].replace("transform.", "")
+        return "mlm_head." + rest
+    if m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.(.+)$", key):
+        index, rest = int(m.group(1)), m.group(2)
+        for old, new in (
+            ("crossattention.self.query", "cross_attn.q_proj"), ("crossattention.self.key", "cross_attn.k_proj"),
+            ("crossattention.self.value", "cross_attn.v_proj"), ("crossattention.output.dense", "cross_attn.out_proj"),
+            ("crossattention.output.LayerNorm", "layer_norm_cross"), ("attention.self.query", "self_attn.q_proj"),
+            ("attention.self.key", "self_attn.k_proj"), ("attention.self.value", "self_attn.v_proj"),
+            ("attention.output.dense", "self_attn.out_proj"), ("attention.output.LayerNorm", "layer_norm1"),
+            ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"), ("output.LayerNorm", "layer_norm2"),
+        ):
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old) :]
+                break
+        if index < num_text_layers:
+            return f"text_model.layers.{index}.{rest}"
+        return f"fusion_model.layers.{index - num_text_layers}.{rest}"
+    return key  # temp, vision_proj, text_proj, itm_head, bbox_head (X-VLM's box head: same names)

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from tests.test_trainer import _batches, _collate  # noqa: E402
+from tests.conftest import tiny_batches, stack_batch  # noqa: E402
 from efficientvlm.training import (  # noqa: E402
     EfficientVLMPruningTrainer,
     PruningArguments,
@@ -33,7 +33,7 @@ def main(out: str, per_device: int) -> None:
         ddp_backend="gloo" if distributed else None, target_sparsity=0.5, reg_learning_rate=0.1,
     )
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(8), data_collator=_collate,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(8), data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     state = {k: v.tolist() for k, v in gated.l0.state_dict().items() if v.dtype.is_floating_point}

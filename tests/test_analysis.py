@@ -7,7 +7,7 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from tests.conftest import tiny_config
-from tests.test_trainer import _args, _batches, _collate, _teacher
+from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 from efficientvlm.training import EfficientVLMPruningTrainer, PruningArguments, init_student_from_teacher, make_gated_model
 from efficientvlm.training.commands.analysis import encoder_masks, magnitude_importance, unit_importance
 from efficientvlm.training.method.materialize import pruned_config
@@ -50,17 +50,17 @@ def test_least_important_units_go_first():
 
 @pytest.mark.slow
 def test_per_encoder_targets_are_met_by_a_short_pruning_run(tmp_path):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     initialised = init_student_from_teacher(teacher)
     student = EfficientVLMForImageTextRetrieval(initialised.config)
     student.load_state_dict(initialised.state_dict(), strict=False)
     targets = {"vision_target": 0.3, "text_target": 0.6, "fusion_target": 0.45}
     # the per-encoder multipliers themselves (no snapping at the end, which would shift the expectation)
-    args = _args(PruningArguments, tmp_path, max_steps=400, reg_learning_rate=0.1, sparsity_warmup_steps=50,
+    args = training_args(PruningArguments, tmp_path, max_steps=400, reg_learning_rate=0.1, sparsity_warmup_steps=50,
                  learning_rate=5e-4, snap_to_target=False, **targets)
     gated = make_gated_model(student, args, get_task("retrieval"))
     assert gated.l0.constraints == ["vision", "text", "fusion"]  # each encoder has its own multipliers
-    EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(100), data_collator=_collate,
+    EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(100), data_collator=stack_batch,
                                teacher_model=teacher, task=get_task("retrieval")).train()
     sparsity = gated.l0.expected_sparsity()
     for modality in ("vision", "text", "fusion"):
@@ -68,12 +68,12 @@ def test_per_encoder_targets_are_met_by_a_short_pruning_run(tmp_path):
 
 
 def test_analyze_modules_cli_writes_table_json_and_plot(tmp_path, capsys):
-    from tests.test_cli_stages import COMMON
+    from tests.conftest import CLI_COMMON
     from efficientvlm.training.commands.cli import main
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
-    assert main(["teacher", "--preset", "tiny", "--output_dir", str(model_dir), "--max_steps", "1", *COMMON]) == 0
+    assert main(["teacher", "--preset", "tiny", "--output_dir", str(model_dir), "--max_steps", "1", *CLI_COMMON]) == 0
     capsys.readouterr()
     out = tmp_path / "analysis"
     assert main(["analyze-modules", "--model", str(model_dir), "--ratios", "0.2,0.5", "--output_dir", str(out),

@@ -40,9 +40,9 @@ def test_uniform_pruning_hits_the_requested_split():
 
 
 def test_tiny_benchmark_reports_protocol_and_ratios(tmp_path):
-    result = run_benchmark(BenchArguments(preset="tiny", repeats=2, warmup=1, num_images=2, num_texts=2, k=1))
+    result = run_benchmark(BenchArguments(preset="tiny", repeats=2, warmup=1, eval_images=2, num_texts=2, itm_k=1))
     protocol = result["protocol"]
-    for key in ("device", "dtype", "threads", "num_images", "text_length", "k", "repeats", "weights", "image_size"):
+    for key in ("device", "dtype", "threads", "eval_images", "text_length", "itm_k", "repeats", "weights", "image_size"):
         assert key in protocol
     teacher, pruned = result["models"]["teacher"], result["models"]["pruned"]
     assert teacher["speedup"] == 1.0 and teacher["speedup_over_flops_ratio"] == 1.0
@@ -65,7 +65,7 @@ def test_bench_times_the_models_round_robin(monkeypatch):
         return models, source
 
     monkeypatch.setattr(bench, "build_models", hooked)
-    args = BenchArguments(preset="tiny", repeats=3, warmup=1, num_images=2, num_texts=2, k=1)
+    args = BenchArguments(preset="tiny", repeats=3, warmup=1, eval_images=2, num_texts=2, itm_k=1)
     result = bench.run_benchmark(args)
     rounds = args.warmup + args.repeats
     # the fusion workload is timed last: its runs alternate teacher, student, pruned in every round (a timed sample
@@ -83,8 +83,8 @@ def test_bench_times_the_models_round_robin(monkeypatch):
 
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--num_images", "2",
-                 "--num_texts", "2", "--k", "1", "--json", str(out)])
+    code = main(["bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--eval_images", "2",
+                 "--num_texts", "2", "--itm_k", "1", "--output_json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     assert set(data["models"]) == {"teacher", "student", "pruned"}
@@ -113,8 +113,8 @@ def test_bench_runs_every_task_and_writes_its_name(task, tmp_path, capsys):
     from efficientvlm.training.tasks import get_task
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "--task", task, "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--num_images", "2",
-                 "--num_texts", "2", "--k", "1", "--json", str(out)]) == 0
+    assert main(["bench", "--task", task, "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--eval_images", "2",
+                 "--num_texts", "2", "--itm_k", "1", "--output_json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["task"] == data["protocol"]["task"] == task
     assert set(data["models"]) == {"teacher", "student", "pruned"}
@@ -134,5 +134,5 @@ def test_bench_runs_every_task_and_writes_its_name(task, tmp_path, capsys):
 def test_bench_rejects_a_task_without_a_cost_model_and_unpaired_texts():
     with pytest.raises(ValueError, match="declares no inference-path cost model"):
         BenchArguments(task="nlvr2_domain")
-    with pytest.raises(ValueError, match="must equal --num_images"):
-        BenchArguments(num_images=4, num_texts=8)
+    with pytest.raises(ValueError, match="must equal --eval_images"):
+        BenchArguments(eval_images=4, num_texts=8)

@@ -134,16 +134,16 @@ def test_short_flops_run_with_layer_and_hidden_gates_meets_its_budget_and_materi
     from efficientvlm.training.method.materialize import materialize
     from efficientvlm.training.method.trainers import make_gated_model
     from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-    from tests.test_trainer import _args, _batches, _collate, _teacher
+    from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
     student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
-    args = _args(PruningArguments, tmp_path, max_steps=40, target_sparsity=0.4, reg_learning_rate=0.1,
+    args = training_args(PruningArguments, tmp_path, max_steps=40, target_sparsity=0.4, reg_learning_rate=0.1,
                  sparsity_warmup_steps=10, freeze_masks_step=30, learning_rate=5e-4, budget="flops",
                  budget_path="images=16,texts=16,k=4,text_length=7", layer_gates=True, hidden_gates=True)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(10), data_collator=_collate,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(10), data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert bool(gated.l0.frozen)

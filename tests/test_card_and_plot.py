@@ -7,7 +7,7 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
 from tests.conftest import ragged_config, tiny_config
-from tests.test_remote_code import tiny_processor
+from tests.conftest import tiny_processor
 from efficientvlm.training.infra import timing as latency
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.commands.export import (
@@ -76,7 +76,7 @@ def test_push_writes_the_repo_id_into_the_published_card(local_hub, tmp_path):
                    "tiny-pruned", tiny_config())
     local = (folder / "README.md").read_text()
     assert f'"{LOCAL_REPO}"' in local
-    assert main(["push", "--folder", str(folder), "--repo_id", "tester/card-repo", "--endpoint", local_hub.url,
+    assert main(["push", "--model", str(folder), "--repo_id", "tester/card-repo", "--endpoint", local_hub.url,
                  "--token", "test"]) == 0
     published = open(hf_hub_download("tester/card-repo", "README.md", token="test")).read()
     assert 'from_pretrained("tester/card-repo"' in published and 'model="tester/card-repo"' in published
@@ -126,8 +126,8 @@ def test_bench_with_checkpoints_prints_them_loads_their_class_and_shows_progress
     assert type(models["teacher"]) is EfficientVLMForPreTraining  # its own class: no UNEXPECTED mlm_head
     capsys.readouterr()
     assert main(["bench", "--model", f"teacher={teacher}", f"pruned={pruned}", "--repeats", "1", "--warmup", "1",
-                 "--num_images", "2", "--num_texts", "2", "--text_length", "8", "--k", "1",
-                 "--json", str(tmp_path / "bench.json")]) == 0
+                 "--eval_images", "2", "--num_texts", "2", "--text_length", "8", "--itm_k", "1",
+                 "--output_json", str(tmp_path / "bench.json")]) == 0
     out, err = capsys.readouterr()
     assert f"teacher={teacher}" in out and f"pruned={pruned}" in out and "preset=" not in out
     assert "16/16" in err  # the progress bar: 2 models × 4 workloads × (1 warm-up + 1 timed run)

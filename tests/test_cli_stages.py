@@ -5,25 +5,16 @@ import json
 import pytest
 
 from efficientvlm.training.commands.cli import main
-
-COMMON = ["--image_size", "32", "--eval_images", "8", "--itm_k", "2", "--per_device_train_batch_size", "4",
-          "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true"]
-
-
-def teacher_and_student(root):
-    """Runs the tiny `teacher` and `distill` stages (2 steps each) into root/teacher and root/student."""
-    assert main(["teacher", "--preset", "tiny", "--output_dir", str(root / "teacher"), "--max_steps", "2", *COMMON]) == 0
-    assert main(["distill", "--teacher", str(root / "teacher"), "--output_dir", str(root / "student"),
-                 "--max_steps", "2", *COMMON]) == 0
+from tests.conftest import CLI_COMMON, cli_teacher_and_student
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
-    teacher_and_student(root)
+    cli_teacher_and_student(root)
     assert main(["prune", "--student", str(root / "student"), "--teacher", str(root / "teacher"),
                  "--output_dir", str(root / "pruned"), "--max_steps", "3", "--target_sparsity", "0.3",
-                 "--reg_learning_rate", "0.5", *COMMON]) == 0
+                 "--reg_learning_rate", "0.5", *CLI_COMMON]) == 0
     return root
 
 
@@ -38,7 +29,7 @@ def test_each_stage_writes_a_loadable_checkpoint_with_metrics(chain):
 
 def test_export_materializes_and_evaluate_reads_it(chain, capsys):
     out = chain / "export"
-    assert main(["export", "--checkpoint", str(chain / "pruned"), "--output_dir", str(out),
+    assert main(["export", "--model", str(chain / "pruned"), "--output_dir", str(out),
                  "--reference", str(chain / "teacher")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["params"] < report["reference_params"]
@@ -59,7 +50,7 @@ def test_export_refuses_existing_output_without_overwrite(chain, capsys):
     out = chain / "export2"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["export", "--checkpoint", str(chain / "pruned"), "--output_dir", str(out)]) == 2
+    assert main(["export", "--model", str(chain / "pruned"), "--output_dir", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
 
 
@@ -75,7 +66,7 @@ def test_export_names_its_reference_and_counts_it_with_the_same_head(chain, caps
     """The card and structure.json name the --reference folder; a teacher exported against itself is 100 % of it
     (its MLM head counted on both sides), and the plot's title names the reference."""
     out = chain / "teacher_export"
-    assert main(["export", "--checkpoint", str(chain / "teacher"), "--output_dir", str(out),
+    assert main(["export", "--model", str(chain / "teacher"), "--output_dir", str(out),
                  "--reference", str(chain / "teacher")]) == 0
     capsys.readouterr()
     structure = json.loads((out / "structure.json").read_text())
@@ -96,8 +87,8 @@ def test_flops_budget_prune_records_budget_and_achieved_fractions(chain, capsys)
     assert main(["prune", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
                  "--output_dir", str(out), "--max_steps", "3", "--target_sparsity", "0.3", "--budget", "flops",
                  "--budget_path", "images=100,texts=500,k=16,text_length=12", "--reg_learning_rate", "0.5",
-                 *COMMON]) == 0
-    assert main(["export", "--checkpoint", str(out), "--output_dir", str(chain / "export_flops")]) == 0
+                 *CLI_COMMON]) == 0
+    assert main(["export", "--model", str(out), "--output_dir", str(chain / "export_flops")]) == 0
     capsys.readouterr()
     structure = json.loads((chain / "export_flops" / "structure.json").read_text())
     budget = structure["budget"]
@@ -109,6 +100,6 @@ def test_flops_budget_prune_records_budget_and_achieved_fractions(chain, capsys)
     assert budget["achieved"]["flops"] == prunable_flops(pruned, path)["total"] / prunable_flops(student, path)["total"]
     assert budget["achieved"]["params"] == (
         prunable_parameters(pruned)["total"] / prunable_parameters(student)["total"])
-    assert main(["export", "--checkpoint", str(chain / "pruned"), "--output_dir", str(chain / "export_params")]) == 0
+    assert main(["export", "--model", str(chain / "pruned"), "--output_dir", str(chain / "export_params")]) == 0
     params_budget = json.loads((chain / "export_params" / "structure.json").read_text())["budget"]
     assert params_budget["kind"] == "params" and 0 < params_budget["achieved"]["flops"] <= 1

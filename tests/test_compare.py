@@ -8,7 +8,7 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForVisualReasoning
 from tests.conftest import tiny_config
-from tests.test_cli_stages import COMMON, teacher_and_student
+from tests.conftest import CLI_COMMON, cli_teacher_and_student
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.commands.compare import default_manual_split, resolve_split, strategy_targets
 from efficientvlm.training.method.structure import prunable_parameters
@@ -20,9 +20,9 @@ TINY_PRUNE = ["--max_steps", "3", "--reg_learning_rate", "0.5", "--latency_repea
 def chain(tmp_path_factory):
     """tiny teacher → student (general distillation) → NLVR2 teacher fine-tuned from the teacher (2 steps each)."""
     root = tmp_path_factory.mktemp("nlvr2_chain")
-    teacher_and_student(root)
+    cli_teacher_and_student(root)
     assert main(["teacher", "--task", "nlvr2", "--init_from", str(root / "teacher"), "--output_dir",
-                 str(root / "nlvr2_teacher"), "--max_steps", "2", *COMMON]) == 0
+                 str(root / "nlvr2_teacher"), "--max_steps", "2", *CLI_COMMON]) == 0
     return root
 
 
@@ -87,7 +87,7 @@ def test_nlvr2_teacher_and_prune_stages(chain, capsys):
     out = chain / "nlvr2_pruned"
     assert main(["prune", "--task", "nlvr2", "--student", str(chain / "student"), "--teacher",
                  str(chain / "nlvr2_teacher"), "--output_dir", str(out), "--max_steps", "3", "--lambda_vlp", "0.8",
-                 "--target_sparsity", "0.3", *COMMON]) == 0
+                 "--target_sparsity", "0.3", *CLI_COMMON]) == 0
     assert '"expected_sparsity"' in capsys.readouterr().out
     assert 0 <= json.loads((out / "eval_results.json").read_text())["accuracy"] <= 100
     from efficientvlm.training.commands.export import load_pruned
@@ -107,7 +107,7 @@ def test_compare_splits_runs_three_strategies_at_equal_total(chain, tmp_path, ca
     out = tmp_path / "compare"
     assert main(["compare-splits", "--task", task, "--student", str(chain / "student"), "--teacher", str(teacher),
                  "--output_dir", str(out), "--target_sparsity", "0.4", "--manual_split",
-                 "vision=0.2,text=auto,fusion=auto", *TINY_PRUNE, *COMMON]) == 0
+                 "vision=0.2,text=auto,fusion=auto", *TINY_PRUNE, *CLI_COMMON]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "comparison.json").read_text())
     assert report["task"] == task and report["metric"] == ("accuracy" if task == "nlvr2" else "r_mean")
@@ -131,7 +131,7 @@ def test_compare_splits_flops_strategies_run_at_the_learned_splits_flops(chain, 
     out = tmp_path / "compare_flops"
     assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
                  "--output_dir", str(out), "--target_sparsity", "0.4", "--strategies", "learned,flops,flops+layers",
-                 "--flops_path", "images=8,texts=40,k=2,text_length=12", *TINY_PRUNE, *COMMON]) == 0
+                 "--flops_path", "images=8,texts=40,k=2,text_length=12", *TINY_PRUNE, *CLI_COMMON]) == 0
     report = json.loads((out / "comparison.json").read_text())
     learned, flops, layers = (report["strategies"][name] for name in ("learned", "flops", "flops+layers"))
     assert learned["budget"] == "params" and flops["budget"] == "flops" and layers["layer_gates"] is True
@@ -146,26 +146,26 @@ def test_latency_table_cli_then_compare_splits_latency_strategy_and_its_export(c
     --latency_table` prunes at the latency the learned split kept (by that table) and reports it; the export of the
     latency run records its budget kind, the device and the achieved latency share in structure.json."""
     table = tmp_path / "table.json"
-    assert main(["latency-table", "--student", str(chain / "student"), "--output", str(table), "--budget_path",
+    assert main(["latency-table", "--student", str(chain / "student"), "--output_json", str(table), "--budget_path",
                  "images=4,texts=8,k=2,text_length=12", "--points", "2", "--repeats", "2"]) == 0
     printed = capsys.readouterr().out
     assert "ms per unit" in printed and f"written: {table}" in printed
     priced = tmp_path / "priced.json"  # the same student priced at the tiny bench preset's (wider, deeper) shapes
-    assert main(["latency-table", "--student", str(chain / "student"), "--output", str(priced), "--price_at", "tiny",
+    assert main(["latency-table", "--student", str(chain / "student"), "--output_json", str(priced), "--price_at", "tiny",
                  "--image_size", "64", "--points", "2", "--repeats", "1"]) == 0
     assert "priced at tiny student, 64 px" in capsys.readouterr().out
     assert json.loads(priced.read_text())["cost_path"]["vision"][0][1] == 1 + (64 // 8) ** 2
     out = tmp_path / "compare_latency"
     assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
                  "--output_dir", str(out), "--target_sparsity", "0.4", "--strategies", "learned,latency+layers",
-                 "--latency_table", str(table), *TINY_PRUNE, *COMMON]) == 0
+                 "--latency_table", str(table), *TINY_PRUNE, *CLI_COMMON]) == 0
     assert "table latency kept" in capsys.readouterr().out
     report = json.loads((out / "comparison.json").read_text())
     learned, latency = report["strategies"]["learned"], report["strategies"]["latency+layers"]
     assert latency["budget"] == "latency" and latency["layer_gates"] is True
     assert latency["targets"] == {"total": round(1 - learned["latency_kept"], 4)}
     assert 0 < latency["latency_kept"] <= 1 and str(table) in report["protocol"]["latency_table"]
-    assert main(["export", "--checkpoint", str(out / "latency+layers"), "--output_dir", str(tmp_path / "e")]) == 0
+    assert main(["export", "--model", str(out / "latency+layers"), "--output_dir", str(tmp_path / "e")]) == 0
     budget = json.loads((tmp_path / "e" / "structure.json").read_text())["budget"]
     assert budget["kind"] == "latency" and budget["latency_device"].startswith("cpu")
     assert budget["achieved"]["latency"] == pytest.approx(latency["latency_kept"])
@@ -177,7 +177,7 @@ def test_latency_table_cli_then_compare_splits_latency_strategy_and_its_export(c
 def test_compare_splits_rejects_a_bad_manual_split_before_training(chain, tmp_path, capsys):
     out = tmp_path / "bad"
     assert main(["compare-splits", "--student", str(chain / "student"), "--teacher", str(chain / "teacher"),
-                 "--output_dir", str(out), "--manual_split", "vision=0.9,text=0.9,fusion=0.9", *COMMON]) == 2
+                 "--output_dir", str(out), "--manual_split", "vision=0.9,text=0.9,fusion=0.9", *CLI_COMMON]) == 2
     assert "totals" in capsys.readouterr().err and not out.exists()
 
 
@@ -215,9 +215,9 @@ def test_nlvr2_export_card_and_its_usage_snippet_run_without_our_package(chain, 
     pruned = chain / "nlvr2_pruned"
     if not pruned.exists():  # this test may run alone
         assert main(["prune", "--task", "nlvr2", "--student", str(chain / "student"), "--teacher",
-                     str(chain / "nlvr2_teacher"), "--output_dir", str(pruned), "--max_steps", "2", *COMMON]) == 0
+                     str(chain / "nlvr2_teacher"), "--output_dir", str(pruned), "--max_steps", "2", *CLI_COMMON]) == 0
     out = tmp_path / "hub"
-    assert main(["export", "--checkpoint", str(pruned), "--output_dir", str(out)]) == 0
+    assert main(["export", "--model", str(pruned), "--output_dir", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "NLVR2" in card and "accuracy" in card and "pipeline_tag" not in card and "- nlvr2" in card
     assert "AutoModelForSequenceClassification" in card and 'pipeline("image-text-retrieval"' not in card

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,8 @@ from efficientvlm.training.method.initializers import (
     from_vision_text_pretrained,
     interpolate_position_table,
 )
+from tests.conftest import XVLM_HEAD_DIM, XVLM_KEYS_DIR, expected_xvlm_target, synthetic_xvlm_checkpoint, xvlm_reference_keys
 
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "xvlm_checkpoint_keys"
-if not KEYS_DIR.is_dir():
-    KEYS_DIR = Path("/work/shared/reference/xvlm_checkpoint_keys")
-SHRINK = {768: 32, 3072: 37, 30522: 99, 256: 16, 1536: 64}
-HEAD_DIM = 8  # 32 / 4 heads
 LAYOUTS = {  # name: (model class, vision depth, text depth, fusion depth, image size)
     "teacher_pretrain": (EfficientVLMForPreTraining, 12, 6, 6, 224),
     "teacher_retrieval384": (EfficientVLMForImageTextRetrieval, 12, 6, 6, 384),
@@ -47,72 +42,7 @@ LAYOUTS = {  # name: (model class, vision depth, text depth, fusion depth, image
     "student_eff_retrieval384": (EfficientVLMForImageTextRetrieval, 6, 3, 3, 384),
 }
 
-pytestmark = pytest.mark.skipif(not KEYS_DIR.is_dir(), reason="reference checkpoint key lists not available")
-
-
-# ------------------------------------------------------------------------------------------------ synthetic checkpoints
-def reference_keys(name: str) -> list[tuple[str, list[int], str]]:
-    """(key, shape, dtype) rows of a reference key list."""
-    rows = []
-    for line in (KEYS_DIR / f"{name}.txt").read_text().splitlines():
-        if line.strip():
-            key, shape, dtype = line.split("\t")
-            rows.append((key, [int(d) for d in re.findall(r"\d+", shape)], dtype))
-    return rows
-
-
-def synthetic_checkpoint(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random state dict with exactly the reference key names and shrunk widths (tied MLM tensors kept tied)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape, dtype in reference_keys(name):
-        shape = [SHRINK.get(d, d) for d in shape]
-        if dtype == "int64":  # position_ids buffers
-            state[key] = torch.arange(shape[-1]).expand(shape).clone()
-        else:
-            state[key] = torch.randn(shape, generator=g) * 0.1
-    if "text_encoder.cls.predictions.decoder.weight" in state:
-        state["text_encoder.cls.predictions.decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"]
-        state["text_encoder.cls.predictions.decoder.bias"] = state["text_encoder.cls.predictions.bias"]
-    return state
-
-
-def expected_target(key: str, num_text_layers: int) -> str | None:
-    """Independent statement of where each X-VLM key must land (None = ignored)."""
-    if key.endswith("position_ids") or key.startswith("l0_module.") or key.endswith("decoder.bias"):
-        return None
-    vision = {
-        "vision_encoder.class_embedding": "vision_model.embeddings.class_embedding",
-        "vision_encoder.patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
-        "vision_encoder.pos_embed.weight": "vision_model.embeddings.position_embedding.weight",
-    }
-    if key in vision:
-        return vision[key]
-    if key.startswith("vision_encoder."):
-        return "vision_model." + key[len("vision_encoder.") :].replace("encoder.layers.", "layers.")
-    key = key.replace("text_encoder.bert.", "text_encoder.")
-    if key.startswith("text_encoder.embeddings."):
-        return "text_model." + key[len("text_encoder.") :]
-    if key.startswith("text_encoder.cls.predictions."):
-        rest = key[len("text_encoder.cls.predictions.") :].replace("transform.", "")
-        return "mlm_head." + rest
-    if m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.(.+)$", key):
-        index, rest = int(m.group(1)), m.group(2)
-        for old, new in (
-            ("crossattention.self.query", "cross_attn.q_proj"), ("crossattention.self.key", "cross_attn.k_proj"),
-            ("crossattention.self.value", "cross_attn.v_proj"), ("crossattention.output.dense", "cross_attn.out_proj"),
-            ("crossattention.output.LayerNorm", "layer_norm_cross"), ("attention.self.query", "self_attn.q_proj"),
-            ("attention.self.key", "self_attn.k_proj"), ("attention.self.value", "self_attn.v_proj"),
-            ("attention.output.dense", "self_attn.out_proj"), ("attention.output.LayerNorm", "layer_norm1"),
-            ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"), ("output.LayerNorm", "layer_norm2"),
-        ):
-            if rest.startswith(old + "."):
-                rest = new + rest[len(old) :]
-                break
-        if index < num_text_layers:
-            return f"text_model.layers.{index}.{rest}"
-        return f"fusion_model.layers.{index - num_text_layers}.{rest}"
-    return key  # temp, vision_proj, text_proj, itm_head, bbox_head (X-VLM's box head: same names)
+pytestmark = pytest.mark.skipif(not XVLM_KEYS_DIR.is_dir(), reason="reference checkpoint key lists not available")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +51,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for i, name in enumerate(LAYOUTS):
         paths[name] = root / f"{name}.pth"
-        torch.save({"model": synthetic_checkpoint(name, seed=i)}, paths[name])
+        torch.save({"model": synthetic_xvlm_checkpoint(name, seed=i)}, paths[name])
     return paths
 
 
@@ -129,7 +59,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_convert_layout_maps_every_tensor_by_value(name, checkpoints):
     cls, n_vision, n_text, n_fusion, image_size = LAYOUTS[name]
-    model, report = convert_xvlm_checkpoint(checkpoints[name], head_dim=HEAD_DIM, return_report=True)
+    model, report = convert_xvlm_checkpoint(checkpoints[name], head_dim=XVLM_HEAD_DIM, return_report=True)
     assert type(model) is cls and not model.training
     cfg = model.config
     assert cfg.vision_config.num_hidden_layers == n_vision and cfg.vision_config.image_size == image_size
@@ -142,7 +72,7 @@ def test_convert_layout_maps_every_tensor_by_value(name, checkpoints):
     converted = model.state_dict()
     landed = set()
     for key, tensor in source.items():
-        target = expected_target(key, n_text)
+        target = expected_xvlm_target(key, n_text)
         if target is None:
             assert key in report.ignored, key
             continue
@@ -159,7 +89,7 @@ def test_convert_layout_maps_every_tensor_by_value(name, checkpoints):
 
 def test_fusion_layers_take_the_bert_layers_after_the_split(checkpoints):
     source = torch.load(checkpoints["teacher_pretrain"], weights_only=True)["model"]
-    model = convert_xvlm_checkpoint(source, head_dim=HEAD_DIM)
+    model = convert_xvlm_checkpoint(source, head_dim=XVLM_HEAD_DIM)
     fusion1, bert7 = model.fusion_model.layers[1], "text_encoder.bert.encoder.layer.7."
     assert torch.equal(fusion1.cross_attn.q_proj.weight, source[bert7 + "crossattention.self.query.weight"])
     assert torch.equal(fusion1.cross_attn.k_proj.weight, source[bert7 + "crossattention.self.key.weight"])
@@ -174,7 +104,7 @@ def test_fusion_layers_take_the_bert_layers_after_the_split(checkpoints):
 
 
 def test_convert_runs_a_forward(checkpoints):
-    model = convert_xvlm_checkpoint(checkpoints["student_pretrain"], head_dim=HEAD_DIM)
+    model = convert_xvlm_checkpoint(checkpoints["student_pretrain"], head_dim=XVLM_HEAD_DIM)
     g = torch.Generator().manual_seed(0)
     out = model(
         pixel_values=torch.randn(2, 3, 224, 224, generator=g), input_ids=torch.randint(5, 99, (2, 6), generator=g),
@@ -184,9 +114,9 @@ def test_convert_runs_a_forward(checkpoints):
 
 
 def test_position_interpolation_224_to_384(checkpoints):
-    base = convert_xvlm_checkpoint(checkpoints["student_pretrain"], head_dim=HEAD_DIM)
+    base = convert_xvlm_checkpoint(checkpoints["student_pretrain"], head_dim=XVLM_HEAD_DIM)
     big, report = convert_xvlm_checkpoint(
-        checkpoints["student_pretrain"], image_size=384, head_dim=HEAD_DIM, return_report=True
+        checkpoints["student_pretrain"], image_size=384, head_dim=XVLM_HEAD_DIM, return_report=True
     )
     assert (report.source_image_size, report.image_size, big.config.vision_config.image_size) == (224, 384, 384)
     table = big.vision_model.embeddings.position_embedding.weight
@@ -205,13 +135,13 @@ def test_unknown_and_missing_keys_are_listed(checkpoints):
     state = torch.load(checkpoints["student_pretrain"], weights_only=True)["model"]
     extra = dict(state, **{"vision_encoder.encoder.layers.0.mystery.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"unknown keys.*vision_encoder\.encoder\.layers\.0\.mystery\.weight"):
-        convert_xvlm_checkpoint(extra, head_dim=HEAD_DIM)
+        convert_xvlm_checkpoint(extra, head_dim=XVLM_HEAD_DIM)
     outside = dict(state, **{"queue_image": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"unknown keys.*queue_image"):
-        convert_xvlm_checkpoint(outside, head_dim=HEAD_DIM)
+        convert_xvlm_checkpoint(outside, head_dim=XVLM_HEAD_DIM)
     missing = {k: v for k, v in state.items() if k not in ("text_proj.bias", "itm_head.3.weight")}
     with pytest.raises(ValueError, match=r"missing keys") as info:
-        convert_xvlm_checkpoint(missing, head_dim=HEAD_DIM)
+        convert_xvlm_checkpoint(missing, head_dim=XVLM_HEAD_DIM)
     assert "text_proj.bias" in str(info.value) and "itm_head.3.weight" in str(info.value)
 
 
@@ -221,14 +151,14 @@ def test_bad_head_dim_and_untied_bias_are_refused(checkpoints):
         convert_xvlm_checkpoint(state)  # 32-wide projections with the default head_dim 64
     bad = dict(state, **{"text_encoder.cls.predictions.decoder.bias": torch.ones(99)})
     with pytest.raises(ValueError, match="decoder.bias"):
-        convert_xvlm_checkpoint(bad, head_dim=HEAD_DIM)
+        convert_xvlm_checkpoint(bad, head_dim=XVLM_HEAD_DIM)
 
 
 def test_untied_decoder_is_kept(checkpoints):
     state = torch.load(checkpoints["student_pretrain"], weights_only=True)["model"]
     decoder = torch.randn(99, 32)
     model = convert_xvlm_checkpoint(
-        dict(state, **{"text_encoder.cls.predictions.decoder.weight": decoder}), head_dim=HEAD_DIM
+        dict(state, **{"text_encoder.cls.predictions.decoder.weight": decoder}), head_dim=XVLM_HEAD_DIM
     )
     assert not model.config.tie_word_embeddings
     assert torch.equal(model.mlm_head.decoder.weight, decoder)
@@ -240,7 +170,7 @@ def test_bare_state_dict_with_module_prefix(tmp_path, checkpoints):
     state = torch.load(checkpoints["student_eff_retrieval384"], weights_only=True)["model"]
     path = tmp_path / "bare.pth"
     torch.save({"module." + k: v for k, v in state.items()}, path)
-    model = convert_xvlm_checkpoint(path, head_dim=HEAD_DIM)
+    model = convert_xvlm_checkpoint(path, head_dim=XVLM_HEAD_DIM)
     assert torch.equal(model.itm_head[3].weight, state["itm_head.3.weight"])
 
 
@@ -251,28 +181,28 @@ def test_hub_folder_with_processor_and_cli_arguments(tmp_path, checkpoints):
     build_tokenizer(["a", "red", "circle"], str(tmp_path / "tok"))
     out = tmp_path / "hub"
     (args,) = HfArgumentParser(ConvertXVLMArguments).parse_args_into_dataclasses(
-        ["--input", str(checkpoints["student_pretrain"]), "--output_dir", str(out), "--tokenizer_dir",
-         str(tmp_path / "tok"), "--head_dim", str(HEAD_DIM), "--image_size", "256"]
+        ["--model", str(checkpoints["student_pretrain"]), "--output_dir", str(out), "--tokenizer_dir",
+         str(tmp_path / "tok"), "--head_dim", str(XVLM_HEAD_DIM), "--image_size", "256"]
     )
     report = run_convert_xvlm(args)
     assert report["image_size"] == 256 and report["model_class"] == "EfficientVLMForPreTraining"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]  # temp dir renamed away
     reloaded = EfficientVLMForPreTraining.from_pretrained(out)
-    direct = convert_xvlm_checkpoint(checkpoints["student_pretrain"], image_size=256, head_dim=HEAD_DIM)
+    direct = convert_xvlm_checkpoint(checkpoints["student_pretrain"], image_size=256, head_dim=XVLM_HEAD_DIM)
     for key, tensor in direct.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], tensor, atol=0, rtol=0)
     processor = EfficientVLMProcessor.from_pretrained(out)
     assert processor.tokenizer.convert_tokens_to_ids("circle") == 7
     assert processor.image_processor.crop_size["height"] == 256
     with pytest.raises(FileExistsError, match="overwrite"):
-        convert_xvlm_checkpoint(checkpoints["student_pretrain"], out, head_dim=HEAD_DIM)
+        convert_xvlm_checkpoint(checkpoints["student_pretrain"], out, head_dim=XVLM_HEAD_DIM)
 
 
 def test_full_size_teacher_config_from_reference_shapes():
     """Config inference on the real shapes (meta tensors: no memory, no weights)."""
     from efficientvlm.training.method.initializers import xvlm_config_from_state_dict
 
-    state = {k: torch.empty(s, device="meta") for k, s, _ in reference_keys("teacher_retrieval384")}
+    state = {k: torch.empty(s, device="meta") for k, s, _ in xvlm_reference_keys("teacher_retrieval384")}
     config = xvlm_config_from_state_dict(state)
     assert config.vision_config.image_size == 384 and config.vision_config.patch_size == 16
     assert config.vision_config.num_attention_heads == [12] * 12 and config.vision_config.intermediate_size == [3072] * 12

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # runs the demo, then its snippets in fresh inter
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     # the quick profile with shorter stages: this checks the chain, the report and the folders, not the numbers
-    assert main(["demo", "--quick", "--distill_steps", "12", "--prune_steps", "24", "--output", str(out)]) == 0
+    assert main(["demo", "--quick", "--distill_steps", "12", "--prune_steps", "24", "--output_dir", str(out)]) == 0
     return out
 
 

@@ -25,7 +25,7 @@ def _run_demo(task: str, out) -> dict:
         entry["domain_steps"] = 2
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(demo.TASK_PROFILES, task, {"quick": entry})
-        assert main(["demo", "--task", task, "--quick", "--output", str(out), "--task_teacher_steps", "2",
+        assert main(["demo", "--task", task, "--quick", "--output_dir", str(out), "--task_teacher_steps", "2",
                      "--distill_steps", "2", "--prune_steps", "3"]) == 0
     return json.loads((out / "report.json").read_text())
 

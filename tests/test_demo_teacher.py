@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_clean_python
-from tests.test_trainer import _args, _batches, _collate, _teacher
+from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 from efficientvlm.training.infra.learning_curve import HeldOutCurveCallback, converged
 from efficientvlm.training.method import losses as L
 from efficientvlm.training.method.arguments import DistillationArguments
@@ -46,10 +46,10 @@ def test_curve_callback_records_and_stops_training(tmp_path):
 
     callback = HeldOutCurveCallback(evaluate, "r_mean", every=2, stop_when_converged=True, min_points=3,
                                     require_itm_gain=True)
-    teacher = _teacher()
-    args = _args(DistillationArguments, tmp_path, max_steps=40)
-    trainer = EfficientVLMDistillationTrainer(model=teacher, args=args, train_dataset=_batches(40),
-                                              data_collator=_collate, teacher_model=None, callbacks=[callback],
+    teacher = tiny_teacher()
+    args = training_args(DistillationArguments, tmp_path, max_steps=40)
+    trainer = EfficientVLMDistillationTrainer(model=teacher, args=args, train_dataset=tiny_batches(40),
+                                              data_collator=stack_batch, teacher_model=None, callbacks=[callback],
                                               task=get_task("retrieval"))
     trainer.train()
     # at step 6 the last quarter (steps >= 4.5) holds one point; at step 8 two flat ones: stop
@@ -62,9 +62,9 @@ def test_curve_callback_records_and_stops_training(tmp_path):
 
 
 def test_negatives_go_from_random_to_hard(tmp_path):
-    args = _args(DistillationArguments, tmp_path, itm_negatives_warmup_steps=100)
+    args = training_args(DistillationArguments, tmp_path, itm_negatives_warmup_steps=100)
     assert [uniform_negative_share(args, s) for s in (0, 50, 100, 500)] == [1.0, 0.5, 0.0, 0.0]
-    assert uniform_negative_share(_args(DistillationArguments, tmp_path), 0) == 0.0  # default: all hard
+    assert uniform_negative_share(training_args(DistillationArguments, tmp_path), 0) == 0.0  # default: all hard
     # the sampler's mixture: (1 − u)·softmax + u·uniform, measured on image 0 of a batch of 8
     sim = torch.full((8, 8), 0.0)
     sim.fill_diagonal_(5.0)
@@ -90,17 +90,17 @@ def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages, "_train_and_evaluate", fake_train)
     teacher_dir = tmp_path / "teacher"
-    _teacher().save_pretrained(teacher_dir)
+    tiny_teacher().save_pretrained(teacher_dir)
     data = stages.DataArguments(image_size=32)
     monkeypatch.setattr(stages, "load_processor", lambda data, path=None: None)
     run_distill = stages.run_distill.__wrapped__  # the stage body, without output-dir ownership (nothing is saved)
     run_distill(stages.StudentArguments(teacher=str(teacher_dir), kd=False), data,
-                _args(DistillationArguments, tmp_path / "s"))
-    run_distill(stages.StudentArguments(teacher=str(teacher_dir)), data, _args(DistillationArguments, tmp_path))
+                training_args(DistillationArguments, tmp_path / "s"))
+    run_distill(stages.StudentArguments(teacher=str(teacher_dir)), data, training_args(DistillationArguments, tmp_path))
     assert captured[0] is None and captured[1] is not None
     with pytest.raises(ValueError, match="--teacher must be an existing"):
-        stages.PruneArguments(student=str(teacher_dir), teacher="")
-    assert stages.PruneArguments(student=str(teacher_dir), teacher="", kd=False).kd is False
+        stages.PruneModelsArguments(student=str(teacher_dir), teacher="")
+    assert stages.PruneModelsArguments(student=str(teacher_dir), teacher="", kd=False).kd is False
 
 
 def test_shipped_demo_teacher_remote_code_is_real_files_equal_to_the_library():

@@ -13,7 +13,7 @@ from efficientvlm.training.data.tokenization import build_tokenizer, tokenizer_f
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 from tests.conftest import tiny_config
-from tests.test_own_data import write_dataset
+from tests.conftest import write_own_dataset
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     """root/data (8 train + 4 test images), root/ckpt (tiny 32-px model + processor with a caption tokenizer),
     root/bare (the same model without a processor) and root/big_tok (a 150-token tokenizer; the model has 99 rows)."""
     root = tmp_path_factory.mktemp("evaluate")
-    write_dataset(root)
+    write_own_dataset(root)
     torch.manual_seed(0)
     model = EfficientVLMForImageTextRetrieval(tiny_config())
     for name in ("ckpt", "bare"):

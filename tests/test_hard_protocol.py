@@ -21,7 +21,7 @@ from efficientvlm.training.metrics.confidence import PerQueryRanks, paired_r_mea
 from efficientvlm.training.metrics.retrieval_ranks import recall_metrics, retrieval_metrics
 from efficientvlm.training.tasks import retrieval as R
 from tests.conftest import tiny_config
-from tests.test_trainer import _args, _batches, _collate, _teacher
+from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 
 
 # ------------------------------------------------------------------------------------------------- the protocol
@@ -139,8 +139,8 @@ def test_global_itc_with_ids_equals_local_soft_itc_on_one_rank():
 
 
 def test_a_batch_with_several_captions_of_one_image_never_draws_them_as_negatives(tmp_path, monkeypatch):
-    student = _teacher().eval()
-    batch = _collate(_batches(2)[:6])
+    student = tiny_teacher().eval()
+    batch = stack_batch(tiny_batches(2)[:6])
     batch["pixel_values"][1] = batch["pixel_values"][0]  # rows 0, 1, 2: three captions of one image
     batch["pixel_values"][2] = batch["pixel_values"][0]
     batch["image_ids"] = torch.tensor([5, 5, 5, 6, 7, 8])
@@ -152,7 +152,7 @@ def test_a_batch_with_several_captions_of_one_image_never_draws_them_as_negative
         return original(neg_text, neg_image, size)
 
     monkeypatch.setattr(L, "build_itm_pairs", spy)
-    args = _args(DistillationArguments, tmp_path)
+    args = training_args(DistillationArguments, tmp_path)
     for seed in range(10):
         R.retrieval_losses(student, None, batch, args, None, generator=torch.Generator().manual_seed(seed))
     same = batch["image_ids"][:, None] == batch["image_ids"][None, :]
@@ -162,7 +162,7 @@ def test_a_batch_with_several_captions_of_one_image_never_draws_them_as_negative
     # the ITC term reads the ids. With pixel-identical copies of an image the soft targets give exactly the one-hot
     # loss (equal rows and columns average out); with two views of one image (augmentation, dropout) they differ
     itc = {}
-    for name, pixels in (("copies", batch["pixel_values"]), ("views", _collate(_batches(2)[:6])["pixel_values"])):
+    for name, pixels in (("copies", batch["pixel_values"]), ("views", stack_batch(tiny_batches(2)[:6])["pixel_values"])):
         for ids in ("with", "without"):
             inputs = {**batch, "pixel_values": pixels}
             if ids == "without":
@@ -269,7 +269,7 @@ def test_uniform_split_argument_holds_each_encoder_to_the_target(tmp_path):
     from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 
     student = EfficientVLMForImageTextRetrieval(tiny_config())
-    args = _args(PruningArguments, tmp_path, target_sparsity=0.3, uniform_split=True)
+    args = training_args(PruningArguments, tmp_path, target_sparsity=0.3, uniform_split=True)
     gated = make_gated_model(student, args, get_task("retrieval"))
     assert gated.l0.modality_targets == {"vision": 0.3, "text": 0.3, "fusion": 0.3}
     assert "global" not in gated.l0.constraints
@@ -277,9 +277,9 @@ def test_uniform_split_argument_holds_each_encoder_to_the_target(tmp_path):
 
 def test_a_batch_of_one_image_falls_back_to_its_captions_as_negatives(tmp_path):
     """Tiny batches can hold captions of a single image: no image-id negative exists, so the ids are set aside."""
-    student = _teacher().eval()
-    batch = {**_collate(_batches(1)[:3]), "image_ids": torch.tensor([4, 4, 4])}
-    total, parts = R.retrieval_losses(student, None, batch, _args(DistillationArguments, tmp_path), None,
+    student = tiny_teacher().eval()
+    batch = {**stack_batch(tiny_batches(1)[:3]), "image_ids": torch.tensor([4, 4, 4])}
+    total, parts = R.retrieval_losses(student, None, batch, training_args(DistillationArguments, tmp_path), None,
                                       generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(total) and float(parts["itm"]) > 0
 

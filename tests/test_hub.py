@@ -8,7 +8,7 @@ import torch
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
 from tests.conftest import run_clean_python, tiny_config, tiny_inputs
-from tests.test_remote_code import tiny_processor
+from tests.conftest import tiny_processor
 from efficientvlm.training.commands.cli import main
 
 
@@ -46,7 +46,7 @@ def test_cli_push_then_load_by_repo_id(local_hub, tmp_path):
     model, folder = _folder(tmp_path)
     inputs = tiny_inputs()
     torch.save(inputs, tmp_path / "inputs.pt")
-    assert main(["push", "--folder", str(folder), "--repo_id", "tester/efficientvlm-tiny",
+    assert main(["push", "--model", str(folder), "--repo_id", "tester/efficientvlm-tiny",
                  "--endpoint", local_hub.url, "--token", "test"]) == 0
     result = _load_by_repo_id(local_hub.url, "tester/efficientvlm-tiny", str(tmp_path / "inputs.pt"))
     torch.testing.assert_close(torch.tensor(result["itm"]), model(**inputs, compute_itm=True).itm_logits,

@@ -189,10 +189,10 @@ def test_latency_budget_without_a_table_measures_one_on_the_training_device(tmp_
     from efficientvlm.training import PruningArguments
     from efficientvlm.training.method.trainers import make_gated_model
     from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-    from tests.test_trainer import _args
+    from tests.conftest import training_args
 
     student = EfficientVLMForImageTextRetrieval(tiny_config())
-    args = _args(PruningArguments, tmp_path, budget="latency", budget_path="images=4,texts=4,k=2,text_length=7")
+    args = training_args(PruningArguments, tmp_path, budget="latency", budget_path="images=4,texts=4,k=2,text_length=7")
     gated = make_gated_model(student, args, get_task("retrieval"))
     saved = load_latency_table(str(tmp_path / "latency_table.json"), student.config)
     assert gated.l0.budget == "latency" and gated.l0.latency_table == saved
@@ -207,19 +207,19 @@ def test_short_latency_run_meets_its_budget(tmp_path):
     from efficientvlm.training.method.materialize import materialize
     from efficientvlm.training.method.trainers import make_gated_model
     from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-    from tests.test_trainer import _args, _batches, _collate, _teacher
+    from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
     student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
     table = _table(student.config, per_unit=lambda g: (3e-4 if g.modality == "fusion" else 1e-4) / (g.size / 4),
                    fixed=lambda g: 5e-5)
     save_latency_table(table, str(tmp_path / "table.json"))
-    args = _args(PruningArguments, tmp_path / "run", max_steps=40, target_sparsity=0.4, reg_learning_rate=0.1,
+    args = training_args(PruningArguments, tmp_path / "run", max_steps=40, target_sparsity=0.4, reg_learning_rate=0.1,
                  sparsity_warmup_steps=10, freeze_masks_step=30, learning_rate=5e-4, budget="latency",
                  latency_table=str(tmp_path / "table.json"), layer_gates=True)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(10), data_collator=_collate,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(10), data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert bool(gated.l0.frozen)

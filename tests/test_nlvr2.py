@@ -13,7 +13,7 @@ from modeling_efficientvlm.modeling_efficientvlm import (
     EncoderPruningMasks,
 )
 from tests.conftest import run_clean_python, tiny_config
-from tests.test_remote_code import tiny_processor
+from tests.conftest import tiny_processor
 from efficientvlm.training.data.collators import NLVR2Collator
 from efficientvlm.training.data.nlvr2_dataset import make_nlvr2_eval_set
 from efficientvlm.training.method.arguments import DistillationArguments

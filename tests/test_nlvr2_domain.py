@@ -9,7 +9,7 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMForPreTraining, EfficientVLMForVisualReasoning
 from tests.conftest import tiny_config, tiny_inputs
-from tests.test_cli_stages import COMMON
+from tests.conftest import CLI_COMMON
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.infra.presets import preset_config
 from efficientvlm.training.data.tokenization import synthetic_tokenizer
@@ -127,7 +127,7 @@ def test_pretrain_then_domain_then_nlvr2_fine_tune(tmp_path, caplog):
     EfficientVLMForPreTraining(preset_config("tiny", 32, len(synthetic_tokenizer()))).save_pretrained(
         tmp_path / "pretrained")
     assert main(["teacher", "--task", "nlvr2_domain", "--init_from", str(tmp_path / "pretrained"), "--output_dir",
-                 str(tmp_path / "domain"), "--max_steps", "2", *COMMON]) == 0
+                 str(tmp_path / "domain"), "--max_steps", "2", *CLI_COMMON]) == 0
     metrics = json.loads((tmp_path / "domain" / "eval_results.json").read_text())
     assert 0 <= metrics["accuracy"] <= 100 and metrics["data"]["items"] == 8  # 3-way accuracy on held-out pairs
     domain = EfficientVLMForVisualReasoning.from_pretrained(str(tmp_path / "domain"))
@@ -140,5 +140,5 @@ def test_pretrain_then_domain_then_nlvr2_fine_tune(tmp_path, caplog):
     kept = {k: v for k, v in domain.state_dict().items() if not k.startswith("nlvr_head.")}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in kept.items())
     assert main(["teacher", "--task", "nlvr2", "--init_from", str(tmp_path / "domain"), "--output_dir",
-                 str(tmp_path / "nlvr2"), "--max_steps", "1", *COMMON]) == 0
+                 str(tmp_path / "nlvr2"), "--max_steps", "1", *CLI_COMMON]) == 0
     assert num_labels(EfficientVLMForVisualReasoning.from_pretrained(str(tmp_path / "nlvr2"))) == 2

@@ -263,9 +263,9 @@ def _nlvr_checkpoint(layout: str, head: str = "cls_head", seed: int = 0) -> tupl
     NLVR `load_pretrained` builds it from a retrieval checkpoint: fusion layer l → layers n + 2l and n + 2l + 1,
     cross-attention key / value shared (one tensor), `cls_head` = build_mlp(d → 2d → 2) (or `ta_head` = Linear(d, 3)
     of the domain pre-training, which keeps `vision_proj`)."""
-    from tests.test_convert import synthetic_checkpoint
+    from tests.conftest import synthetic_xvlm_checkpoint
 
-    state = synthetic_checkpoint(layout, seed)
+    state = synthetic_xvlm_checkpoint(layout, seed)
     cross = r"text_encoder\.encoder\.layer\.(\d+)\.crossattention"
     n_text = min(int(m.group(1)) for k in state if (m := re.match(cross, k)))
     g = torch.Generator().manual_seed(seed + 1)
@@ -299,11 +299,11 @@ def _nlvr_checkpoint(layout: str, head: str = "cls_head", seed: int = 0) -> tupl
                                           ("student_eff_retrieval384", "cls_head"),  # EfficientVLM, 2 x 3 + l0_module
                                           ("student_eff_retrieval384", "ta_head")])  # NLVR domain pre-training
 def test_convert_xvlm_nlvr2_round_trip(layout, head, tmp_path):
-    from tests.test_convert import HEAD_DIM, expected_target
+    from tests.conftest import XVLM_HEAD_DIM, expected_xvlm_target
 
     state, n_text = _nlvr_checkpoint(layout, head)
     hub = layout.startswith("student")  # the Hub-folder round trip on the small layouts (the teacher's is 4x larger)
-    model, report = convert_xvlm_checkpoint(state, tmp_path / "out" if hub else None, head_dim=HEAD_DIM,
+    model, report = convert_xvlm_checkpoint(state, tmp_path / "out" if hub else None, head_dim=XVLM_HEAD_DIM,
                                             return_report=True)
     assert type(model) is EfficientVLMForVisualReasoning and report.layout == "nlvr2"
     fusion = model.config.fusion_encoder_config
@@ -312,7 +312,7 @@ def test_convert_xvlm_nlvr2_round_trip(layout, head, tmp_path):
     own = model.state_dict()
     covered = set()
     for key, tensor in state.items():  # every source key: converted by value, or ignored with a reason
-        target = expected_target(key, n_text)
+        target = expected_xvlm_target(key, n_text)
         if key.startswith("cls_head."):
             target = "nlvr_head." + key[len("cls_head."):]
         if target is None or key.startswith("ta_head."):
@@ -336,10 +336,10 @@ def test_convert_xvlm_nlvr2_round_trip(layout, head, tmp_path):
 
 
 def test_convert_xvlm_nlvr2_refuses_unshared_kv():
-    from tests.test_convert import HEAD_DIM
+    from tests.conftest import XVLM_HEAD_DIM
 
     state, n_text = _nlvr_checkpoint("student_eff_retrieval384")
     key = f"text_encoder.encoder.layer.{n_text + 1}.crossattention.self.key.weight"
     state[key] = state[key] + 1.0
     with pytest.raises(ValueError, match=rf"layer\.{n_text}/{n_text + 1}\.crossattention\.self\.key\.weight differ"):
-        convert_xvlm_checkpoint(state, head_dim=HEAD_DIM)
+        convert_xvlm_checkpoint(state, head_dim=XVLM_HEAD_DIM)

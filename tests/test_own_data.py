@@ -8,7 +8,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.infra.presets import preset_config
@@ -22,28 +21,11 @@ from efficientvlm.training.commands.stages import (
 from efficientvlm.training.data.holdout import holdout_indices, holdout_size
 from efficientvlm.training.data.tokenization import build_tokenizer, tokenizer_from_captions
 from efficientvlm.training.tasks import get_task
+from tests.conftest import write_own_dataset
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30), "yellow": (230, 210, 20)}
 FAST = ["--per_device_train_batch_size", "4", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
         "--disable_tqdm", "true", "--itm_k", "2"]
-
-
-def write_dataset(root: Path, n_train: int = 8, n_test: int = 4) -> None:
-    """root/data/{train,test}.json (ALBEF format, two captions per image) and the PNGs under root/data/img."""
-    (root / "data" / "img").mkdir(parents=True)
-    records = []
-    for index in range(n_train + n_test):
-        color = list(COLORS)[index % len(COLORS)]
-        shape = "circle" if index % 2 else "square"
-        image = Image.new("RGB", (40, 40), "white")
-        box = (6 + index % 5, 6, 30 + index % 5, 30)
-        (ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle)(box, COLORS[color])
-        image.save(root / "data" / "img" / f"{index}.png")
-        records.append({"image": f"img/{index}.png", "caption": [f"a {color} {shape}", f"one {color} {shape} "
-                                                                                        f"number {index}"]})
-    (root / "data" / "train.json").write_text(json.dumps(records[:n_train]))
-    (root / "data" / "test.json").write_text(json.dumps(records[n_train:]))
 
 
 def readme_commands() -> list[str]:
@@ -70,7 +52,7 @@ def run_command(line: str, steps: int) -> None:
 
 
 def test_readme_commands_train_export_and_evaluate_on_your_own_json(tmp_path, monkeypatch, capsys):
-    write_dataset(tmp_path)
+    write_own_dataset(tmp_path)
     monkeypatch.chdir(tmp_path)
     commands = readme_commands()
     assert [shlex.split(c)[1] if c.startswith("efficientvlm") else "python" for c in commands] == [
@@ -107,7 +89,7 @@ def test_an_image_size_the_patch_does_not_divide_names_the_flags(tmp_path, capsy
 
 def test_tiny_preset_trains_with_a_tokenizer_larger_than_its_default_vocabulary(tmp_path):
     """The tiny preset's own vocabulary is 99 tokens: a 150-token tokenizer used to end in an IndexError."""
-    write_dataset(tmp_path, n_train=4, n_test=2)
+    write_own_dataset(tmp_path, n_train=4, n_test=2)
     build_tokenizer([f"word{i}" for i in range(145)], str(tmp_path / "tok"))
     data = tmp_path / "data"
     assert main(["teacher", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--dataset",
@@ -118,7 +100,7 @@ def test_tiny_preset_trains_with_a_tokenizer_larger_than_its_default_vocabulary(
 
 
 def test_json_dataset_without_a_tokenizer_is_refused(tmp_path, capsys):
-    write_dataset(tmp_path, n_train=2, n_test=1)
+    write_own_dataset(tmp_path, n_train=2, n_test=1)
     assert main(["teacher", "--preset", "tiny", "--dataset", str(tmp_path / "data" / "train.json"),
                  "--output_dir", str(tmp_path / "t"), "--max_steps", "1", *FAST]) == 2
     assert "--tokenizer is required with JSON data" in capsys.readouterr().err
@@ -134,7 +116,7 @@ def test_holdout_is_deterministic_bounded_and_needs_two_records():
 
 
 def test_retrieval_trains_on_the_rest_and_evaluates_on_the_held_out_images(tmp_path):
-    write_dataset(tmp_path, n_train=20, n_test=1)
+    write_own_dataset(tmp_path, n_train=20, n_test=1)
     root = tmp_path / "data"
     data = DataArguments(dataset=str(root / "train.json"), image_root=str(root), tokenizer="unused")
     held = holdout_indices(20, data.holdout_fraction, data.holdout_max, data.eval_seed)
@@ -149,7 +131,7 @@ def test_retrieval_trains_on_the_rest_and_evaluates_on_the_held_out_images(tmp_p
 
 
 def test_nlvr2_holds_out_items_of_its_json(tmp_path):
-    write_dataset(tmp_path, n_train=2, n_test=1)
+    write_own_dataset(tmp_path, n_train=2, n_test=1)
     root = tmp_path / "data"
     items = [{"images": ["img/0.png", "img/1.png"], "sentence": f"statement {i}", "label": i % 2} for i in range(10)]
     (root / "nlvr2.json").write_text(json.dumps(items))
@@ -162,7 +144,7 @@ def test_nlvr2_holds_out_items_of_its_json(tmp_path):
 
 
 def test_teacher_without_eval_dataset_reports_the_held_out_images(tmp_path, capsys):
-    write_dataset(tmp_path, n_train=8, n_test=1)
+    write_own_dataset(tmp_path, n_train=8, n_test=1)
     root = tmp_path / "data"
     tokenizer_from_captions(str(root / "train.json"), str(tmp_path / "tok"))
     capsys.readouterr()

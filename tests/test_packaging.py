@@ -112,7 +112,7 @@ def test_wheel_install_runs_the_chain_from_outside_the_source_tree(wheel, tmp_pa
         ["distill", "--teacher", "teacher", "--output_dir", "student", *common],
         ["prune", "--student", "student", "--teacher", "teacher", "--output_dir", "pruned", "--target_sparsity", "0.3",
          *common],
-        ["export", "--checkpoint", "pruned", "--output_dir", "export", "--reference", "teacher"],
+        ["export", "--model", "pruned", "--output_dir", "export", "--reference", "teacher"],
         ["evaluate", "--model", "export", "--image_size", "32", "--eval_images", "8", "--itm_k", "2"],
     ]
     out = run(python, "-c", (

@@ -9,22 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BertTokenizer
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMModel
 from modeling_efficientvlm.pipeline_efficientvlm import ImageTextRetrievalPipeline, save_pipeline_files
-from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
-from tests.conftest import run_clean_python, tiny_config
+from tests.conftest import TINY_TEXTS, run_clean_python, tiny_config, tiny_processor
 
-WORDS = ["a", "red", "blue", "circle", "square", "left", "of"]
-TEXTS = ["a red circle", "a blue square left of a red circle", "blue", "a square", "red square"]
 QUERY = "a red circle"
 LABELS = ["red circle", "blue square", "square"]
-
-
-def tiny_processor() -> EfficientVLMProcessor:
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    return EfficientVLMProcessor(build_image_processor(32), BertTokenizer(vocab=vocab))
 
 
 def tiny_images(count: int = 4, seed: int = 0) -> list[Image.Image]:
@@ -86,7 +77,7 @@ def scores(result: list[dict], key: str = "score") -> torch.Tensor:
 
 def test_itc_ranking_matches_direct_computation(setup):
     model, processor, pipe, images = setup["model"], setup["processor"], setup["pipe"], setup["images"]
-    itc = direct_itc(model, processor, images, TEXTS)  # (4, 5)
+    itc = direct_itc(model, processor, images, TINY_TEXTS)  # (4, 5)
 
     result = pipe(QUERY, gallery=images, top_k=10)  # top_k above the gallery size: everything
     expected = itc[:, 0].sort(descending=True)
@@ -94,14 +85,14 @@ def test_itc_ranking_matches_direct_computation(setup):
     torch.testing.assert_close(scores(result), expected.values, atol=1e-5, rtol=1e-5)
     assert set(result[0]) == {"index", "score", "image"} and result[0]["image"] is images[result[0]["index"]]
 
-    result = pipe(images[1], gallery=TEXTS, top_k=3)  # image → texts, truncated
+    result = pipe(images[1], gallery=TINY_TEXTS, top_k=3)  # image → texts, truncated
     expected = itc[1].sort(descending=True)
     assert indices(result) == expected.indices[:3].tolist()
     torch.testing.assert_close(scores(result), expected.values[:3], atol=1e-5, rtol=1e-5)
-    assert [entry["text"] for entry in result] == [TEXTS[i] for i in indices(result)]
+    assert [entry["text"] for entry in result] == [TINY_TEXTS[i] for i in indices(result)]
 
     assert len(pipe(QUERY, gallery=images)) == 4 and len(pipe(QUERY, gallery=images, top_k=1)) == 1
-    assert len(pipe(images[0], gallery=TEXTS)) == 5  # default top_k=5
+    assert len(pipe(images[0], gallery=TINY_TEXTS)) == 5  # default top_k=5
 
     scaled = pipe(QUERY, gallery=images, top_k=None, scale_by_temperature=True)
     expected_scaled = itc[:, 0].sort(descending=True).values / model.temperature.detach()
@@ -117,14 +108,14 @@ def test_paths_and_path_objects_as_images(setup):
         assert indices(from_paths) == indices(from_pil)
         torch.testing.assert_close(scores(from_paths), scores(from_pil))
     assert pipe(QUERY, gallery=paths, gallery_type="image")[0]["image"] == paths[indices(from_pil)[0]]
-    from_image = scores(pipe(images[2], gallery=TEXTS))
-    torch.testing.assert_close(scores(pipe(Path(paths[2]), gallery=TEXTS)), from_image)
-    torch.testing.assert_close(scores(pipe(paths[2], gallery=TEXTS, query_type="image")), from_image)
+    from_image = scores(pipe(images[2], gallery=TINY_TEXTS))
+    torch.testing.assert_close(scores(pipe(Path(paths[2]), gallery=TINY_TEXTS)), from_image)
+    torch.testing.assert_close(scores(pipe(paths[2], gallery=TINY_TEXTS, query_type="image")), from_image)
 
 
 def test_rerank_reorders_by_direct_itm_scores(setup):
     model, processor, pipe, images = setup["model"], setup["processor"], setup["pipe"], setup["images"]
-    itc, itm = direct_itc(model, processor, images, TEXTS), direct_itm(model, processor, images, TEXTS)
+    itc, itm = direct_itc(model, processor, images, TINY_TEXTS), direct_itm(model, processor, images, TINY_TEXTS)
 
     # Text query over images: the top-3 ITC candidates are re-ordered by ITM; the last keeps its ITC score below them.
     itc_order = itc[:, 0].argsort(descending=True).tolist()
@@ -141,11 +132,11 @@ def test_rerank_reorders_by_direct_itm_scores(setup):
     result = pipe(QUERY, gallery=images, top_k=None, rerank_k=10)
     assert indices(result) == itm[:, 0].argsort(descending=True).tolist()
     torch.testing.assert_close(scores(result), itm[:, 0].sort(descending=True).values, atol=1e-5, rtol=1e-5)
-    result = pipe(images[3], gallery=TEXTS, top_k=3, rerank_k=5, batch_size=2)
+    result = pipe(images[3], gallery=TINY_TEXTS, top_k=3, rerank_k=5, batch_size=2)
     assert indices(result) == itm[3].argsort(descending=True)[:3].tolist()
     torch.testing.assert_close(scores(result), itm[3].sort(descending=True).values[:3], atol=1e-5, rtol=1e-5)
 
-    probs = pipe(images[3], gallery=TEXTS, top_k=3, rerank_k=5, itm_score="probability")
+    probs = pipe(images[3], gallery=TINY_TEXTS, top_k=3, rerank_k=5, itm_score="probability")
     assert indices(probs) == indices(result)
     torch.testing.assert_close(scores(probs), torch.sigmoid(scores(result)), atol=1e-5, rtol=1e-5)
 
@@ -159,7 +150,7 @@ def test_batch_of_queries_and_batch_sizes(setup):
         single = pipe(query, gallery=images, top_k=3, rerank_k=2, batch_size=1)
         assert indices(result) == indices(single)
         torch.testing.assert_close(scores(result), scores(single), atol=1e-5, rtol=1e-5)
-    by_image = pipe(images[:2], gallery=TEXTS, top_k=2)
+    by_image = pipe(images[:2], gallery=TINY_TEXTS, top_k=2)
     assert [len(r) for r in by_image] == [2, 2]
     assert pipe([], gallery=images) == []
 
@@ -167,7 +158,7 @@ def test_batch_of_queries_and_batch_sizes(setup):
 def test_errors(setup):
     pipe, images, processor = setup["pipe"], setup["images"], setup["processor"]
     with pytest.raises(ValueError, match="both texts"):
-        pipe(QUERY, gallery=TEXTS)
+        pipe(QUERY, gallery=TINY_TEXTS)
     with pytest.raises(ValueError, match="both images"):
         pipe(images[0], gallery=images)
     with pytest.raises(ValueError, match="mixes texts and images"):
@@ -242,7 +233,7 @@ def test_remote_code_pipelines_in_clean_interpreter(setup):
         import json
         from pathlib import Path
         from transformers import pipeline
-        folders, paths, texts = {folders!r}, {paths!r}, {TEXTS!r}
+        folders, paths, texts = {folders!r}, {paths!r}, {TINY_TEXTS!r}
         results = []
         for folder in folders:
             pipe = pipeline("image-text-retrieval", model=folder, trust_remote_code=True)
@@ -271,10 +262,10 @@ def test_remote_code_pipelines_in_clean_interpreter(setup):
     expected = {
         "text_query": strip(pipe(QUERY, gallery=images, top_k=4)),
         "text_query_rerank": strip(pipe(QUERY, gallery=images, top_k=4, rerank_k=3)),
-        "image_query_rerank": strip(pipe(images[1], gallery=TEXTS, top_k=5, rerank_k=5)),
+        "image_query_rerank": strip(pipe(images[1], gallery=TINY_TEXTS, top_k=5, rerank_k=5)),
         "batch": [strip(r) for r in pipe([QUERY, "blue"], gallery=images, top_k=2)],
     }
-    itc = direct_itc(model, processor, images, TEXTS)
+    itc = direct_itc(model, processor, images, TINY_TEXTS)
     assert [e["index"] for e in expected["text_query"]] == itc[:, 0].argsort(descending=True).tolist()
     with torch.no_grad():  # the zero-shot pipeline: softmax over logits_per_image with its default template
         text = processor.tokenizer([f"This is a photo of {label}." for label in LABELS], padding=True,

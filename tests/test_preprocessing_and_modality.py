@@ -14,7 +14,7 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.pipeline_efficientvlm import ImageTextRetrievalPipeline
 from modeling_efficientvlm.processing_efficientvlm import open_image, to_rgb
 from tests.conftest import tiny_config
-from tests.test_pipeline import TEXTS, tiny_processor
+from tests.conftest import TINY_TEXTS, tiny_processor
 
 QUERY = "a red circle"
 TRANSPARENT_XY, OPAQUE_XY = (0, 0), (5, 5)
@@ -163,11 +163,11 @@ def test_other_modes_convert_and_bad_modes_name_themselves():
 # ----------------------------------------------------------------------------------------------------- modality
 def test_str_is_always_text_whatever_the_working_directory(pipe, tmp_path, monkeypatch):
     image = rgba_image()
-    elsewhere = pipe(image, gallery=TEXTS, top_k=None)
+    elsewhere = pipe(image, gallery=TINY_TEXTS, top_k=None)
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "blue", format="PNG")  # a gallery text naming an image file
-    assert "blue" in TEXTS and Path("blue").is_file()
-    here = pipe(image, gallery=TEXTS, top_k=None)
+    assert "blue" in TINY_TEXTS and Path("blue").is_file()
+    here = pipe(image, gallery=TINY_TEXTS, top_k=None)
     assert here == elsewhere and all("text" in entry for entry in here)
 
 
@@ -180,7 +180,7 @@ def test_declared_string_paths_and_their_errors(pipe, tmp_path):
     with pytest.raises(FileNotFoundError, match="pictrue.png"):
         pipe(QUERY, gallery=[Path(typo)])
     with pytest.raises(FileNotFoundError, match="pictrue.png"):
-        pipe(typo, gallery=TEXTS, query_type="image")
+        pipe(typo, gallery=TINY_TEXTS, query_type="image")
     with pytest.raises(ValueError, match="both texts.*gallery_type='image'"):  # undeclared: a text, and the hint
         pipe(QUERY, gallery=[str(path)])
     with pytest.raises(ValueError, match="mixes texts and images.*a `str` is always a text"):
@@ -203,7 +203,7 @@ def test_numpy_arrays_are_images(pipe):
     assert [e["index"] for e in from_arrays] == [e["index"] for e in from_pil]
     torch.testing.assert_close(torch.tensor([e["score"] for e in from_arrays]),
                                torch.tensor([e["score"] for e in from_pil]), atol=1e-5, rtol=1e-5)
-    assert pipe(np.asarray(images[0]), gallery=TEXTS)[0]["text"] in TEXTS
+    assert pipe(np.asarray(images[0]), gallery=TINY_TEXTS)[0]["text"] in TINY_TEXTS
 
 
 def test_save_pipeline_files_ships_the_processing_file_it_imports(pipe, tmp_path):

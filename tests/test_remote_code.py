@@ -4,18 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import BertTokenizer
 
 from modeling_efficientvlm import EfficientVLMForPreTraining, EfficientVLMForImageTextRetrieval
-from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
-from tests.conftest import ragged_config, run_clean_python, tiny_inputs
-
-WORDS = ["a", "red", "blue", "circle", "square", "left", "of"]
-
-
-def tiny_processor() -> EfficientVLMProcessor:
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    return EfficientVLMProcessor(build_image_processor(32), BertTokenizer(vocab=vocab))
+from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
+from tests.conftest import ragged_config, run_clean_python, tiny_inputs, tiny_processor
 
 
 @pytest.mark.slow

@@ -125,12 +125,12 @@ def test_interrupted_final_save_leaves_no_half_state_and_export_names_the_checkp
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", RUN_FILE]  # no half-written top level
     assert json.loads((out / RUN_FILE).read_text())["status"] == "failed"
     capsys.readouterr()
-    assert main(["export", "--checkpoint", str(out), "--output_dir", str(tmp_path / "export")]) == 2
+    assert main(["export", "--model", str(out), "--output_dir", str(tmp_path / "export")]) == 2
     err = capsys.readouterr().err
     assert "unfinished `efficientvlm prune` run (status 'failed': OSError" in err
     for name in ("config.json", "model.safetensors", "processor_config.json", "l0_gates.safetensors"):
         assert name in err
-    assert f"--checkpoint {out / 'checkpoint-2'}" in err
+    assert f"--model {out / 'checkpoint-2'}" in err
     assert not (tmp_path / "export").exists()
     assert check_export_source(str(out / "checkpoint-2")) is True  # the hint points at something exportable
 
@@ -140,10 +140,10 @@ def test_export_of_a_folder_holding_only_checkpoints_names_the_last_complete_one
     model.save_pretrained(tmp_path / "run" / "checkpoint-3")
     (tmp_path / "run" / "checkpoint-5").mkdir()  # incomplete (only a config): not offered
     (tmp_path / "run" / "checkpoint-5" / "config.json").write_text("{}")
-    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output_dir", str(tmp_path / "export")]) == 2
+    assert main(["export", "--model", str(tmp_path / "run"), "--output_dir", str(tmp_path / "export")]) == 2
     err = capsys.readouterr().err
     assert "is not a complete model folder: missing config.json, model.safetensors" in err
-    assert f"--checkpoint {tmp_path / 'run' / 'checkpoint-3'}" in err
+    assert f"--model {tmp_path / 'run' / 'checkpoint-3'}" in err
 
 
 def test_export_overwrite_keeps_the_old_folder_whole_until_the_new_one_is_in(tmp_path, monkeypatch, capsys):
@@ -164,7 +164,7 @@ def test_export_overwrite_keeps_the_old_folder_whole_until_the_new_one_is_in(tmp
         replace(source, target)
 
     monkeypatch.setattr(atomic.os, "replace", watching_replace)
-    assert main(["export", "--checkpoint", str(tmp_path / "model"), "--output_dir", str(out), "--overwrite",
+    assert main(["export", "--model", str(tmp_path / "model"), "--output_dir", str(out), "--overwrite",
                  "true"]) == 0
     monkeypatch.undo()
     assert seen == [old]  # at the moment the new folder was renamed in, the old one was complete (aside)

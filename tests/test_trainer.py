@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
-from tests.conftest import tiny_config
+from tests.conftest import stack_batch, tiny_batches, tiny_teacher, training_args
 from efficientvlm.training import (
     DistillationArguments,
     EfficientVLMDistillationTrainer,
@@ -24,42 +24,12 @@ from efficientvlm.training.tasks.retrieval import retrieval_losses
 from efficientvlm.training.tasks import get_task
 
 
-def _batches(n=8, batch=4, seed=0, vocab=99):
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for _ in range(n * batch):
-        ids = torch.randint(5, vocab, (7,), generator=g)
-        labels = torch.full((7,), -100)
-        mlm_ids = ids.clone()
-        labels[2], mlm_ids[2] = ids[2], 4
-        items.append({"pixel_values": torch.randn(3, 32, 32, generator=g), "input_ids": ids,
-                      "attention_mask": torch.ones(7, dtype=torch.long), "mlm_input_ids": mlm_ids, "mlm_labels": labels})
-    return items
-
-
-def _collate(items):
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-def _args(cls, tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-                    save_strategy="no", logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True,
-                    dataloader_num_workers=0)
-    defaults.update(kw)
-    return cls(**defaults)
-
-
-def _teacher():
-    torch.manual_seed(0)
-    return EfficientVLMForPreTraining._from_config(tiny_config(), attn_implementation="sdpa")
-
-
 def test_kd_is_exactly_zero_when_student_equals_teacher_and_pairs_are_shared(tmp_path):
     """Identical student and teacher: every KD term is 0 — which also proves both scored the same ITM pairs."""
-    teacher = _teacher().eval()
+    teacher = tiny_teacher().eval()
     student = copy.deepcopy(teacher)
-    args = _args(DistillationArguments, tmp_path)
-    batch = _collate(_batches(1)[:4])
+    args = training_args(DistillationArguments, tmp_path)
+    batch = stack_batch(tiny_batches(1)[:4])
     total, parts = retrieval_losses(student, teacher, batch, args, layer_maps(student.config, teacher.config),
                                        generator=torch.Generator().manual_seed(0))
     for name in ("attn", "hidden", "logits"):
@@ -69,7 +39,7 @@ def test_kd_is_exactly_zero_when_student_equals_teacher_and_pairs_are_shared(tmp
 
 def test_negative_pairs_are_shared(tmp_path, monkeypatch):
     """The teacher's ITM inputs are exactly the same (image, text) pairs the student was scored on."""
-    teacher = _teacher().eval()
+    teacher = tiny_teacher().eval()
     student = init_student_from_teacher(teacher)
     seen = {}
 
@@ -84,8 +54,8 @@ def test_negative_pairs_are_shared(tmp_path, monkeypatch):
 
     spy("student", student)
     spy("teacher", teacher)
-    batch = _collate(_batches(1)[:4])
-    retrieval_losses(student, teacher, batch, _args(DistillationArguments, tmp_path),
+    batch = stack_batch(tiny_batches(1)[:4])
+    retrieval_losses(student, teacher, batch, training_args(DistillationArguments, tmp_path),
                         layer_maps(student.config, teacher.config), generator=torch.Generator().manual_seed(3))
     # map fused rows back to batch rows through the text tokens of each model's own text encoder
     s_text = student.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
@@ -96,19 +66,19 @@ def test_negative_pairs_are_shared(tmp_path, monkeypatch):
 
 
 def test_distillation_decreases_losses_and_leaves_teacher_unchanged(tmp_path):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = init_student_from_teacher(teacher)
     with torch.no_grad():  # perturb so that KD has something to do
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    data = _batches(1)[:4] * 30  # one fixed batch, repeated
+    data = tiny_batches(1)[:4] * 30  # one fixed batch, repeated
     # KD only (λ = 0): with an untrained tiny teacher the VLP terms would pull the other way; attention MSE is small
     # in absolute terms, so it gets a larger weight to move within 30 steps
-    args = _args(DistillationArguments, tmp_path, max_steps=30, lambda_vlp=0.0, alpha_attn=100.0)
-    trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=data, data_collator=_collate,
+    args = training_args(DistillationArguments, tmp_path, max_steps=30, lambda_vlp=0.0, alpha_attn=100.0)
+    trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=data, data_collator=stack_batch,
                                               teacher_model=teacher, task=get_task("retrieval"))
-    batch = _collate(data[:4])
+    batch = stack_batch(data[:4])
     maps = layer_maps(student.config, teacher.config)
     _, first = retrieval_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
     trainer.train()
@@ -128,13 +98,13 @@ def test_distillation_decreases_losses_and_leaves_teacher_unchanged(tmp_path):
 
 @pytest.mark.slow
 def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
     student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
-    args = _args(PruningArguments, tmp_path, max_steps=120, target_sparsity=0.5, reg_learning_rate=0.1,
+    args = training_args(PruningArguments, tmp_path, max_steps=120, target_sparsity=0.5, reg_learning_rate=0.1,
                  sparsity_warmup_steps=20, save_strategy="steps", save_steps=60, learning_rate=5e-4)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(30), data_collator=_collate,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(30), data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     # the structure is snapped to the target when training ends: what materialize keeps removes 0.5
@@ -158,20 +128,20 @@ def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path)
 
 def test_out_of_range_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="target_sparsity must lie in \\[0, 1\\)"):
-        _args(PruningArguments, tmp_path, target_sparsity=1.0)
+        training_args(PruningArguments, tmp_path, target_sparsity=1.0)
     with pytest.raises(ValueError, match="kd_temperature must be > 0"):
-        _args(DistillationArguments, tmp_path, kd_temperature=-1.0)
+        training_args(DistillationArguments, tmp_path, kd_temperature=-1.0)
     with pytest.raises(ValueError, match="lambda_vlp must lie in \\[0, 1\\]"):
-        _args(DistillationArguments, tmp_path, lambda_vlp=1.5)
+        training_args(DistillationArguments, tmp_path, lambda_vlp=1.5)
 
 
 @pytest.mark.parametrize("pruning", [False, True])
 def test_resume_from_checkpoint_is_exact(tmp_path, pruning):
     """k steps + checkpoint + resume == an uninterrupted run: weights, gate log α and λ (noise RNG checkpointed)."""
-    data = _batches(6)
+    data = tiny_batches(6)
 
     def run(out, resume=None):
-        teacher = _teacher()
+        teacher = tiny_teacher()
         student = init_student_from_teacher(teacher)
         if pruning:
             cls, kw = PruningArguments, dict(target_sparsity=0.5, reg_learning_rate=0.1)
@@ -179,10 +149,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path, pruning):
             student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
         else:
             cls, kw = DistillationArguments, {}
-        args = _args(cls, out, max_steps=6, save_strategy="steps", save_steps=3, **kw)
+        args = training_args(cls, out, max_steps=6, save_strategy="steps", save_steps=3, **kw)
         model = make_gated_model(student, args, get_task("retrieval")) if pruning else student
         trainer_cls = EfficientVLMPruningTrainer if pruning else EfficientVLMDistillationTrainer
-        trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=_collate,
+        trainer = trainer_cls(model=model, args=args, train_dataset=data, data_collator=stack_batch,
                               teacher_model=teacher, task=get_task("retrieval"))
         trainer.train(resume_from_checkpoint=resume)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

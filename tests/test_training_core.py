@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
 from tests.conftest import tiny_config
-from tests.test_trainer import _args, _batches, _collate, _teacher
+from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 from efficientvlm.training.method import losses as L
 from efficientvlm.training.method.arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
 from efficientvlm.training.method.distillation import layer_maps
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------ 1. tempered negatives
 def test_itm_negatives_are_drawn_from_similarity_over_temperature(tmp_path, monkeypatch):
     """The sampler sees exactly sim / τ (τ = the student's clamped temperature), not the raw cosines."""
-    student = _teacher().eval()
+    student = tiny_teacher().eval()
     with torch.no_grad():
         student.temp.fill_(0.05)
     seen = []
@@ -41,8 +41,8 @@ def test_itm_negatives_are_drawn_from_similarity_over_temperature(tmp_path, monk
         return original(sim_i2t, *args, **kwargs)
 
     monkeypatch.setattr(L, "sample_itm_negatives", spy)
-    batch = _collate(_batches(1)[:4])
-    retrieval_losses(student, None, batch, _args(DistillationArguments, tmp_path), None,
+    batch = stack_batch(tiny_batches(1)[:4])
+    retrieval_losses(student, None, batch, training_args(DistillationArguments, tmp_path), None,
                      generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         image = student.image_itc_embeds(student.encode_image(batch["pixel_values"]).last_hidden_state)
@@ -74,13 +74,13 @@ def test_hardest_negative_is_drawn_at_its_softmax_probability():
 
 # ------------------------------------------------------------------------------------------ 2. a freeze that freezes
 def _pruning_run(out, freeze: int | None, resume: str | None = None, steps: int = 6):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
     student.load_state_dict(init_student_from_teacher(teacher).state_dict(), strict=False)
-    args = _args(PruningArguments, out, max_steps=steps, target_sparsity=0.5, reg_learning_rate=0.5,
+    args = training_args(PruningArguments, out, max_steps=steps, target_sparsity=0.5, reg_learning_rate=0.5,
                  sparsity_warmup_steps=0, freeze_masks_step=freeze, save_strategy="steps", save_steps=1)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(steps), data_collator=_collate,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(steps), data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train(resume_from_checkpoint=resume)
     return gated, trainer
@@ -141,9 +141,9 @@ def test_the_initialisation_map_is_the_kd_map_and_is_saved(tmp_path, monkeypatch
         return original(s, t, layer_map, *args, **kwargs)
 
     monkeypatch.setattr(L, "attention_kd_loss", spy)
-    args = _args(DistillationArguments, tmp_path, max_steps=2)
-    trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=_batches(2),
-                                              data_collator=_collate, teacher_model=teacher, layer_map=chosen,
+    args = training_args(DistillationArguments, tmp_path, max_steps=2)
+    trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=tiny_batches(2),
+                                              data_collator=stack_batch, teacher_model=teacher, layer_map=chosen,
                                               task=get_task("retrieval"))
     assert trainer.maps["vision"]["attn"] == [(0, 0), (1, 3)]
     assert trainer.maps["text"]["hidden"] == [(0, 0), (1, 1), (2, 3)]
@@ -181,9 +181,9 @@ def test_prune_stage_reads_the_students_map(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "_train_and_evaluate", fake_train)
     monkeypatch.setattr(stages, "load_task_model", lambda path, task: EfficientVLMForImageTextRetrieval(tiny_config()))
     monkeypatch.setattr(stages, "load_processor", lambda data, path=None: None)
-    args = _args(PruningArguments, tmp_path / "out")
+    args = training_args(PruningArguments, tmp_path / "out")
     run_prune = stages.run_prune.__wrapped__  # the stage body, without output-dir ownership (nothing is saved)
-    run_prune(stages.PruneArguments(student=str(tmp_path / "student"), teacher=str(tmp_path / "student")),
+    run_prune(stages.PruneModelsArguments(student=str(tmp_path / "student"), teacher=str(tmp_path / "student")),
               stages.DataArguments(), args)
     assert captured["layer_map"] == chosen
 
@@ -191,18 +191,18 @@ def test_prune_stage_reads_the_students_map(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- 4. official task defaults
 @pytest.mark.parametrize("task, lam, reg", [("retrieval", 0.5, 0.01), ("nlvr2", 0.8, 0.1)])
 def test_unset_task_kd_settings_take_the_official_values(tmp_path, task, lam, reg):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     model_cls = get_task(task).model_class
     student = model_cls(init_student_from_teacher(teacher).config)
-    args = _args(PruningArguments, tmp_path)
+    args = training_args(PruningArguments, tmp_path)
     assert args.lambda_vlp is None and args.reg_learning_rate is None and args.cross_attention_kd is None
     EfficientVLMPruningTrainer(model=make_gated_model(student, args, get_task(task)), args=args,
-                               train_dataset=_batches(1), data_collator=_collate,
+                               train_dataset=tiny_batches(1), data_collator=stack_batch,
                                teacher_model=model_cls(teacher.config), task=get_task(task))
     assert (args.lambda_vlp, args.reg_learning_rate, args.cross_attention_kd) == (lam, reg, True)
-    explicit = _args(PruningArguments, tmp_path, lambda_vlp=0.3, reg_learning_rate=0.02, cross_attention_kd=False)
+    explicit = training_args(PruningArguments, tmp_path, lambda_vlp=0.3, reg_learning_rate=0.02, cross_attention_kd=False)
     EfficientVLMPruningTrainer(model=make_gated_model(student, explicit, get_task(task)), args=explicit,
-                               train_dataset=_batches(1), data_collator=_collate,
+                               train_dataset=tiny_batches(1), data_collator=stack_batch,
                                teacher_model=model_cls(teacher.config), task=get_task(task))
     assert (explicit.lambda_vlp, explicit.reg_learning_rate, explicit.cross_attention_kd) == (0.3, 0.02, False)
 
@@ -210,11 +210,11 @@ def test_unset_task_kd_settings_take_the_official_values(tmp_path, task, lam, re
 def test_sparsity_warmup_defaults_to_one_epoch(tmp_path):
     assert default_sparsity_warmup(10, 100) == 10  # one epoch of ten
     assert default_sparsity_warmup(None, 400) == 40 and default_sparsity_warmup(300, 400) == 40  # stream / short
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
-    args = _args(PruningArguments, tmp_path, max_steps=8)  # 2 batches per epoch, 4 epochs
+    args = training_args(PruningArguments, tmp_path, max_steps=8)  # 2 batches per epoch, 4 epochs
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=_batches(2), data_collator=_collate,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(2), data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert args.sparsity_warmup_steps == 2 and gated.l0.warmup_steps == 2
@@ -223,16 +223,16 @@ def test_sparsity_warmup_defaults_to_one_epoch(tmp_path):
 
 
 def test_task_kd_distils_cross_attention_when_on(tmp_path):
-    teacher = _teacher().eval()
+    teacher = tiny_teacher().eval()
     student = init_student_from_teacher(teacher)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    batch = _collate(_batches(1)[:4])
+    batch = stack_batch(tiny_batches(1)[:4])
     maps = layer_maps(student.config, teacher.config)
     parts = {}
     for cross in (False, True):
-        args = _args(DistillationArguments, tmp_path, cross_attention_kd=cross)
+        args = training_args(DistillationArguments, tmp_path, cross_attention_kd=cross)
         _, parts[cross] = retrieval_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
     # attention KD averages encoder terms: with cross on there is one more (fusion cross-attention) term
     assert float(parts[True]["attn"].detach()) != pytest.approx(float(parts[False]["attn"].detach()), rel=1e-6)

@@ -4,8 +4,8 @@ Protocol (printed with every run): one process, one device, the same inputs for 
 models run round robin, once each per round: `warmup` untimed rounds, then `repeats` timed ones (synchronised on GPU),
 so drift hits every model alike; we report the median and the min / max, and the speed-up's range over the rounds'
 paired ratios; throughput = images per second on the retrieval path. The retrieval path is the ALBEF/X-VLM inference:
-encode `num_images` images and `num_texts` texts, ITC scores for all pairs, ITM re-scoring of the top-k candidates of
-every image query and every text query ((num_images + num_texts)·k fusion passes, cached tokens). Latency depends on
+encode `eval_images` images and as many texts, ITC scores for all pairs, ITM re-scoring of the top-k candidates of
+every image query and every text query (2·eval_images·itm_k fusion passes, cached tokens). Latency depends on
 shapes only, so random weights are used unless `--model` checkpoints are given.
 
 The preset's pruned student removes `--target_sparsity` of the student's prunable parameters: uniformly, by an explicit
@@ -80,14 +80,14 @@ class BenchArguments:
     )
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16."})
-    num_images: int = field(
+    eval_images: int = field(
         default=8, metadata={"help": "Held-out items in the timed batch (retrieval: images; NLVR2: image pairs; VQA: "
-                                     "questions; captioning: images)."})
+                                     "questions; captioning: images).", "aliases": ["--num_images"]})
     num_texts: int = field(
         default=8, metadata={"help": "Texts in the retrieval workload: each held-out image with its caption, so it "
-                                     "must equal --num_images (kept for existing command lines)."})
+                                     "must equal --eval_images (kept for existing command lines)."})
     text_length: int = field(default=40, metadata={"help": "Tokens per text (X-VLM: 40); texts are padded to it."})
-    k: int = field(default=4, metadata={"help": "ITM re-ranking candidates per query (retrieval)."})
+    itm_k: int = field(default=4, metadata={"help": "ITM re-ranking candidates per query (retrieval).", "aliases": ["--k"]})
     path_sizes: str = field(
         default="",
         metadata={"help": "Sizes of the task's path for the FLOPs, as prune --budget_path (e.g. 'k=128' for VQA's "
@@ -97,7 +97,8 @@ class BenchArguments:
     repeats: int = field(default=5, metadata={"help": "Timed runs per measurement."})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = leave as is)."})
     pad_multiple: int = field(default=1, metadata={"help": "Round pruned head counts / FFN widths up to a multiple."})
-    json: str | None = field(default=None, metadata={"help": "Write the results as JSON to this file."})
+    output_json: str | None = field(default=None, metadata={"help": "Write the results as JSON to this file.",
+                                                             "aliases": ["--json"]})
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -108,11 +109,11 @@ class BenchArguments:
             raise ValueError(f"--target_sparsity must lie in [0, 1), got {self.target_sparsity}")
         if self.split_as_learned and not self.split.endswith(".json"):
             raise ValueError(f"--split_as_learned applies to a structure.json --split, got --split {self.split!r}")
-        for name in ("num_images", "num_texts", "text_length", "repeats"):
+        for name in ("eval_images", "num_texts", "text_length", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_texts != self.num_images:
-            raise ValueError(f"--num_texts ({self.num_texts}) must equal --num_images ({self.num_images}): the task's "
+        if self.num_texts != self.eval_images:
+            raise ValueError(f"--num_texts ({self.num_texts}) must equal --eval_images ({self.eval_images}): the task's "
                              "workload pairs each held-out image with its text")
         task = get_task(self.task)
         if task.flops is None:
@@ -340,8 +341,8 @@ ENCODERS = ("vision", "text", "fusion")
 """Encoders timed alone (after the task's whole path), each on its first run of the task's path."""
 WORKLOADS = ("path", *ENCODERS)
 COUNT_SIZES = ("images", "items", "questions")
-"""Path sizes (`Task.path_sizes`) that count the items of the timed batch (--num_images)."""
-BENCH_SIZES = {"texts": "num_texts", "text_length": "text_length", "question_length": "text_length", "k": "k"}
+"""Path sizes (`Task.path_sizes`) that count the items of the timed batch (--eval_images)."""
+BENCH_SIZES = {"texts": "num_texts", "text_length": "text_length", "question_length": "text_length", "k": "itm_k"}
 """Other path sizes set from bench arguments; sizes named neither here nor in COUNT_SIZES keep the task's protocol
 values (e.g. VQA's answer_length, captioning's beams), and --path_sizes overrides any."""
 
@@ -349,7 +350,7 @@ values (e.g. VQA's answer_length, captioning's beams), and --path_sizes override
 def path_sizes(task: Task, args: BenchArguments) -> dict[str, int]:
     """The sizes of `task`'s inference path at the bench workload: its protocol sizes (`Task.path_sizes`) with the
     batch and lengths of the bench arguments, then --path_sizes."""
-    sizes = {name: args.num_images if name in COUNT_SIZES else getattr(args, BENCH_SIZES[name], value)
+    sizes = {name: args.eval_images if name in COUNT_SIZES else getattr(args, BENCH_SIZES[name], value)
              if name in BENCH_SIZES else value for name, value in task.path_sizes.items()}
     text = ",".join(f"{name}={value}" for name, value in sizes.items())
     return parse_sizes(task.name, task.path_sizes, ",".join(filter(None, [text, args.path_sizes])))
@@ -396,21 +397,21 @@ def _encoder_workloads(model, path: Path, device: torch.device, dtype: torch.dty
 
 
 def bench_data(task: Task, args: BenchArguments, image_size: int):
-    """(data arguments, processor, held-out set) of the task's workload: `--num_images` built-in synthetic held-out
-    items at the models' image size, texts padded to --text_length, ITM re-ranking --k."""
+    """(data arguments, processor, held-out set) of the task's workload: `--eval_images` built-in synthetic held-out
+    items at the models' image size, texts padded to --text_length, ITM re-ranking --itm_k."""
     from .stages import DataArguments, load_processor
 
-    data = DataArguments(task=task.name, image_size=image_size, max_length=args.text_length, itm_k=args.k,
-                         eval_images=args.num_images)
+    data = DataArguments(task=task.name, image_size=image_size, max_length=args.text_length, itm_k=args.itm_k,
+                         eval_images=args.eval_images)
     return data, load_processor(data), task.eval_data(data)
 
 
 def workloads(task: Task, model, inputs: tuple, args: BenchArguments, device: torch.device,
               dtype: torch.dtype) -> dict[str, Callable]:
-    """One model's timed workloads: the task's inference path (`Task.workload` on `--num_images` held-out items) and
+    """One model's timed workloads: the task's inference path (`Task.workload` on `--eval_images` held-out items) and
     each encoder alone."""
     data, processor, held_out = inputs
-    run = task.workload(model, processor, data, held_out, args.num_images)
+    run = task.workload(model, processor, data, held_out, args.eval_images)
 
     _move_inputs(run, device, dtype)
     return {"path": run, **_encoder_workloads(model, bench_path(task, model.config, args), device, dtype)}
@@ -541,7 +542,7 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
             "latency_min_ms": path["min_ms"],
             "latency_max_ms": path["max_ms"],
             "latency_runs_ms": timings[name]["path"],
-            "throughput_images_per_s": args.num_images / (path["median_ms"] / 1000),
+            "throughput_images_per_s": args.eval_images / (path["median_ms"] / 1000),
             "encoders": {m: {**summarize(timings[name][m]), "gflops": flops[m] / 1e9}
                          for m in ENCODERS if m in timings[name]},
         }
@@ -588,10 +589,10 @@ def protocol(args: BenchArguments, source: dict, task: Task, data) -> dict:
         "torch": torch.__version__,
         "attention": "sdpa",
         "weights": source["weights"],
-        "path": f"{task.name}: {task.workload_text(data, args.num_images)} (built-in synthetic held-out items)",
+        "path": f"{task.name}: {task.workload_text(data, args.eval_images)} (built-in synthetic held-out items)",
     }
     info.update({k: v for k, v in asdict(args).items() if k in (
-        "image_size", "num_images", "num_texts", "text_length", "k", "warmup", "repeats")})
+        "image_size", "eval_images", "num_texts", "text_length", "itm_k", "warmup", "repeats")})
     if args.model:  # what was benchmarked: the checkpoints, not the (unused) preset
         info["models"] = parse_models(args.model)
     else:
@@ -607,7 +608,7 @@ def protocol(args: BenchArguments, source: dict, task: Task, data) -> dict:
 def format_table(result: dict) -> str:
     """A readable table of the benchmark result (protocol first)."""
     p = result["protocol"]
-    keys = ("device", "dtype", "threads", "preset", "image_size", "num_images", "num_texts", "text_length", "k",
+    keys = ("device", "dtype", "threads", "preset", "image_size", "eval_images", "num_texts", "text_length", "itm_k",
             "warmup", "repeats")
     source = ("Models: " + ", ".join(f"{name}={path}" for name, path in p["models"].items()) + ". ") if "models" in p \
         else ""

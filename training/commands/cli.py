@@ -24,15 +24,16 @@ from typing import get_type_hints
 from transformers import HfArgumentParser, TrainingArguments
 
 DESCRIPTIONS = {
-    "teacher": "Pre-train a teacher with ITC + ITM (hard negatives) + MLM, or fine-tune one on NLVR2 (--task nlvr2).",
+    "teacher": "Pre-train a teacher with ITC + ITM (hard negatives) + MLM, or fine-tune one on a task (--task{tasks}).",
     "distill": "General distillation into a half-depth student (VLP losses + attention/hidden/logit KD).",
-    "prune": "Task fine-tuning (retrieval or NLVR2) with task KD and modal-adaptive L0 pruning to a target sparsity.",
+    "prune": "Task fine-tuning (--task{tasks}) with task KD and modal-adaptive L0 pruning to a target sparsity.",
     "export": "Materialize a pruned checkpoint into a smaller dense model; write a Hub-ready folder + model card.",
-    "evaluate": "Retrieval R@1/5/10 (TR/IR) and r_mean, or NLVR2 accuracy, on built-in synthetic or JSON data.",
-    "bench": "Parameters, FLOPs and latency of teacher vs student vs pruned student (stated protocol).",
+    "evaluate": "A checkpoint's task metrics (--task{tasks}) on built-in synthetic or JSON data.",
+    "bench": "Parameters, FLOPs and latency of teacher vs student vs pruned student on a task's inference path "
+             "(--task{tasks}; stated protocol).",
     "push": "Upload a Hub-ready folder to a Hugging Face Hub repo.",
-    "demo": "Run the whole chain (retrieval, or --task nlvr2 | captioning) on built-in synthetic data; writes "
-            "report.json + Hub-ready folders.",
+    "demo": "Run the whole chain (--task{tasks}) on built-in synthetic data; writes report.json + Hub-ready "
+            "folders.",
     "demo-teacher": "Train the demo's teacher until its held-out learning curve flattens (objects from scratch, or "
                     "--init_from + twins: binding); `make demo-teacher` runs both stages of the shipped one.",
     "demo-summary": "One table over several demo seeds: mean, spread and CIs per model, paired differences.",
@@ -46,6 +47,18 @@ DESCRIPTIONS = {
     "index": "Embed an image gallery once into an index folder (resumable; RANK / WORLD_SIZE build shards).",
     "search": "Query an index with a text (ITC top-k, ITM re-ranking of --rerank_k) or an image; prints JSON.",
 }
+
+
+def describe(command: str, registry: bool = False) -> str:
+    """The command's one-line description; with `registry`, its `{tasks}` lists the registered tasks (importing the
+    registry imports torch: the top-level `--help` stays fast and says "--task T")."""
+    if registry:
+        from ..tasks import TASKS
+
+        tasks = ": " + " | ".join(TASKS)
+    else:
+        tasks = " T"
+    return DESCRIPTIONS[command].format(tasks=tasks)
 
 
 def _write(text: str) -> None:
@@ -127,14 +140,31 @@ class GroupedArgumentParser(HfArgumentParser):
 
 def _parse(command: str, types: tuple, argv: list[str]):
     parser = GroupedArgumentParser(
-        types, prog=f"efficientvlm {command}", description=DESCRIPTIONS[command], epilog=HELP_EPILOGUE,
+        types, prog=f"efficientvlm {command}", description=describe(command, registry=True), epilog=HELP_EPILOGUE,
         usage=f"efficientvlm [--debug] {command} [options | config.json | config.yaml]",
     )
+    _task_defaults_in_help(parser)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(argv[0])
     return parser.parse_args_into_dataclasses(argv)
+
+
+def _task_defaults_in_help(parser: argparse.ArgumentParser) -> None:
+    """Options whose default is the task's official value (`Task.prune_defaults`) list it per registered task."""
+    from ..method.arguments import TASK_DEFAULT
+    from ..tasks import TASKS
+
+    for action in parser._actions:
+        if action.help and TASK_DEFAULT in action.help:
+            values = [f"{name} {_value(task.prune_defaults[action.dest])}" for name, task in TASKS.items()
+                      if action.dest in task.prune_defaults]
+            action.help = action.help.replace(TASK_DEFAULT, "default per task: " + ", ".join(values))
+
+
+def _value(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
 def _teacher(argv: list[str]) -> None:
@@ -156,10 +186,10 @@ def _distill(argv: list[str]) -> None:
 
 
 def _prune(argv: list[str]) -> None:
-    from .stages import DataArguments, PruneArguments, run_prune
+    from .stages import DataArguments, PruneModelsArguments, run_prune
     from ..method.arguments import PruningArguments
 
-    prune, args, data = _parse("prune", (PruneArguments, PruningArguments, DataArguments), argv)
+    prune, args, data = _parse("prune", (PruneModelsArguments, PruningArguments, DataArguments), argv)
     gated, metrics = run_prune(prune, data, args)
     sparsity = {k: round(float(v.detach()), 4) for k, v in gated.l0.expected_sparsity().items()}
     _write(json.dumps({"expected_sparsity": sparsity, "eval": metrics}, indent=2))
@@ -186,8 +216,8 @@ def _bench(argv: list[str]) -> None:
     (args,) = _parse("bench", (BenchArguments,), argv)
     result = run_benchmark(args, progress=lambda name: logging.getLogger(__name__).info("benchmarking %s", name))
     _write(format_table(result))
-    if args.json:
-        write_json(result, args.json)
+    if args.output_json:
+        write_json(result, args.output_json)
 
 
 def _push(argv: list[str]) -> None:
@@ -267,11 +297,11 @@ def _analyze(argv: list[str]) -> None:
 
 def _compare(argv: list[str]) -> None:
     from .compare import CompareArguments, run_compare
-    from .stages import DataArguments, PruneArguments
+    from .stages import DataArguments, PruneModelsArguments
     from ..method.arguments import PruningArguments
 
     compare, prune, args, data = _parse(
-        "compare-splits", (CompareArguments, PruneArguments, PruningArguments, DataArguments), argv
+        "compare-splits", (CompareArguments, PruneModelsArguments, PruningArguments, DataArguments), argv
     )
     run_compare(compare, prune, data, args, write=_write)
 
@@ -416,7 +446,7 @@ def _fail(command: str, message: str, status: int, debug: bool) -> int:
 
 def usage() -> str:
     lines = ["usage: efficientvlm [--debug] <command> [options | config.json | config.yaml]", "", "commands:"]
-    lines += [f"  {name:<17}{DESCRIPTIONS[name]}" for name in COMMANDS]
+    lines += [f"  {name:<17}{describe(name)}" for name in COMMANDS]
     lines += [
         "",
         "`efficientvlm <command> --help` explains each option.",

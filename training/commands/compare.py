@@ -158,7 +158,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
 
     Args:
         compare: `CompareArguments`.
-        prune: `PruneArguments` (student = distilled student, teacher = the task teacher).
+        prune: `PruneModelsArguments` (student = distilled student, teacher = the task teacher).
         data: `DataArguments` (its `task` picks retrieval or NLVR2).
         args: `PruningArguments`: the schedule shared by all runs; `output_dir` gets one sub-dir per strategy.
     """

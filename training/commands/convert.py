@@ -12,7 +12,8 @@ from ..method.initializers import convert_xvlm_checkpoint
 class ConvertXVLMArguments:
     """Arguments of `efficientvlm convert-xvlm`."""
 
-    input: str = field(metadata={"help": "X-VLM / EfficientVLM .pth checkpoint (dict with 'model', or a state dict)."})
+    model: str = field(metadata={"help": "X-VLM / EfficientVLM .pth checkpoint (dict with 'model', or a state dict).",
+                                 "aliases": ["--input"]})
     output_dir: str = field(metadata={"help": "Where to write the Hub-ready folder."})
     image_size: int | None = field(
         default=None, metadata={"help": "Target image size; position embeddings are interpolated if it differs."}
@@ -25,9 +26,9 @@ class ConvertXVLMArguments:
 
 
 def run_convert_xvlm(args: ConvertXVLMArguments) -> dict[str, Any]:
-    """`efficientvlm convert-xvlm`: converts `args.input` into `args.output_dir`; returns the report as a dict."""
+    """`efficientvlm convert-xvlm`: converts `args.model` into `args.output_dir`; returns the report as a dict."""
     _, report = convert_xvlm_checkpoint(
-        args.input, args.output_dir, args.image_size, args.tokenizer_dir,
+        args.model, args.output_dir, args.image_size, args.tokenizer_dir,
         head_dim=args.head_dim, overwrite=args.overwrite, return_report=True,
     )
     return report.to_dict()

@@ -30,11 +30,11 @@ from modeling_efficientvlm import EfficientVLMForPreTraining
 
 from .export import load_pruned, save_hub_ready, sparsity_report
 from ..tasks import TASKS, Task, get_task
-from .presets import demo_config
+from ..infra.presets import demo_config
 from .stages import (
     DataArguments,
     describe_eval_data,
-    PruneArguments,
+    PruneModelsArguments,
     StudentArguments,
     TeacherArguments,
     eval_set,
@@ -114,7 +114,8 @@ def demo_profile(task: str, quick: bool) -> dict:
 class DemoArguments:
     """Arguments of `efficientvlm demo`."""
 
-    output: str = field(default="demo_output", metadata={"help": "Output dir: report.json + Hub-ready folders."})
+    output_dir: str = field(default="demo_output", metadata={"help": "Output dir: report.json + Hub-ready folders.",
+                                                              "aliases": ["--output"]})
     task: str = field(
         default="retrieval",
         metadata={"help": f"The task of the chain, one of {sorted(TASKS)}. Other than retrieval: the teacher is "
@@ -126,7 +127,7 @@ class DemoArguments:
     target_sparsity: float = field(
         default=0.5,
         metadata={"help": "Global target sparsity of the pruning stage (share of the student's prunable parameters). "
-                          "0.5: the pruned student measured 2.85-3.07x faster than the teacher at 100.7 % of its r_mean on "
+                          "0.5: the pruned student measured 2.85-3.07x faster than the teacher at 100.7 %% of its r_mean on "
                           "the twins protocol; 0.4 gave 2.42-2.53x (docs/retrieval-demo.md)."},
     )
     teacher: str = field(default=DEMO_TEACHER_DIR, metadata={"help": "Teacher checkpoint (default: the shipped one)."})
@@ -288,10 +289,10 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
     start = time.time()
     task = get_task(args.task)
     profile = demo_profile(task.name, args.quick)
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"demo: {args.output} exists; pass --overwrite true to replace its models and "
-                              "report, or pick another --output")
-    work = os.path.join(args.output, "checkpoints")
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise FileExistsError(f"demo: {args.output_dir} exists; pass --overwrite true to replace its models and "
+                              "report, or pick another --output_dir")
+    work = os.path.join(args.output_dir, "checkpoints")
     shutil.rmtree(work, ignore_errors=True)  # stage folders a stopped demo left: this run owns them (--overwrite)
     timings: dict[str, float] = {}
     # a task whose teacher is the pre-training model (retrieval) uses the shipped teacher as its task teacher
@@ -315,11 +316,11 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
                  "speed_protocol": report["protocol"]["latency"], "dataset_name": "efficientvlm-synthetic-scenes",
                  **chain.cards[name]}
         _timed(timings, f"save_{name}", lambda: save_hub_ready(
-            model, processor, os.path.join(args.output, name), f"efficientvlm-demo-{name.replace('_', '-')}",
+            model, processor, os.path.join(args.output_dir, name), f"efficientvlm-demo-{name.replace('_', '-')}",
             teacher.config, chain.metrics[name], extra))
     report["stage_seconds"] = timings
     report["wall_time_s"] = time.time() - start
-    with open(os.path.join(args.output, "report.json"), "w") as f:
+    with open(os.path.join(args.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     shutil.rmtree(work, ignore_errors=True)
     write(format_report(report))
@@ -359,7 +360,7 @@ def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, 
                                  reg_learning_rate=DEMO_REG_LR, lambda_vlp=0.5, learning_rate=profile["lr"] / 2,
                                  **extra)
         _timed(timings, pruned_name, lambda: run_prune(
-            PruneArguments(student=student_dir, teacher=teacher_dir, kd=kd), data, prune_args, eval_data=False))
+            PruneModelsArguments(student=student_dir, teacher=teacher_dir, kd=kd), data, prune_args, eval_data=False))
         models[pruned_name], expected[pruned_name] = load_pruned(prune_args.output_dir)  # materialize
         metrics[pruned_name] = _timed(timings, f"{pruned_name}_eval", lambda: evaluate(
             pruned_name, models[pruned_name], processor))
@@ -422,7 +423,7 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
     reg_lr = max(task.prune_defaults.get("reg_learning_rate", DEMO_REG_LR), DEMO_REG_LR)
     prune_args = _prune_args(os.path.join(work, "pruned"), steps["prune"], profile, args, reg_learning_rate=reg_lr)
     _timed(timings, "pruned", lambda: run_prune(
-        PruneArguments(student=distill_args.output_dir, teacher=teacher_dir), data, prune_args, eval_data=False))
+        PruneModelsArguments(student=distill_args.output_dir, teacher=teacher_dir), data, prune_args, eval_data=False))
     models["pruned"], expected = load_pruned(prune_args.output_dir)  # materialize
     task.prepare_model(models["pruned"], processor)
     metrics["pruned"] = _timed(timings, "pruned_eval", lambda: evaluate_model(models["pruned"], processor, data,

@@ -44,7 +44,8 @@ STRUCTURE_FILE = "structure.json"
 class ExportArguments:
     """Arguments of `efficientvlm export`."""
 
-    checkpoint: str = field(default="", metadata={"help": "A pruning (student + l0_gates.safetensors) or model dir."})
+    model: str = field(default="", metadata={"help": "A pruning run (student + l0_gates.safetensors) or model dir.",
+                                             "aliases": ["--checkpoint"]})
     output_dir: str = field(default="", metadata={"help": "Where the Hub-ready folder is written (atomically)."})
     reference: str | None = field(
         default=None, metadata={"help": "Teacher dir: parameters and sparsity are reported relative to it."}
@@ -56,13 +57,13 @@ class ExportArguments:
     )
 
     def __post_init__(self):
-        if not os.path.isdir(self.checkpoint):
-            raise ValueError(f"--checkpoint must be an existing dir, got {self.checkpoint!r}")
+        if not os.path.isdir(self.model):
+            raise ValueError(f"--model must be an existing dir, got {self.model!r}")
         if not self.output_dir:
             raise ValueError("--output_dir is required")
-        source, target = os.path.realpath(self.checkpoint), os.path.realpath(self.output_dir)
+        source, target = os.path.realpath(self.model), os.path.realpath(self.output_dir)
         if source == target or source.startswith(target + os.sep):
-            raise ValueError(f"--output_dir {self.output_dir!r} would replace the --checkpoint it is exported from")
+            raise ValueError(f"--output_dir {self.output_dir!r} would replace the --model it is exported from")
         if os.path.exists(self.output_dir) and not self.overwrite:
             raise FileExistsError(f"{self.output_dir} exists; pass --overwrite true to replace it")
 
@@ -85,7 +86,7 @@ def _checkpoint_hint(folder: str, required) -> str:
             steps.append((int(match.group(1)), name))
     if not steps:
         return "it holds no complete checkpoint-* folder to export instead: rerun the stage"
-    return f"export its last checkpoint instead: --checkpoint {os.path.join(folder, max(steps)[1])}"
+    return f"export its last checkpoint instead: --model {os.path.join(folder, max(steps)[1])}"
 
 
 def check_export_source(checkpoint: str) -> bool:
@@ -283,11 +284,17 @@ def _card_text(model_name: str, report: dict, metrics: dict | None, extra: dict)
     """The computed parts of the card: compression row (sizes relative to the named reference, speed-up with its
     spread), structure list, evaluation table."""
     s, reference = report["sparsity"], _reference_name(report, extra)
-    row = (
-        f"| {model_name} | {report['params'] / 1e6:.2f}M ({report['params'] / report['reference_params']:.1%} of "
-        f"{reference}: {report['reference_params'] / 1e6:.2f}M) | {s['vision']:.1%} | {s['text']:.1%} | "
-        f"{s['fusion']:.1%} | {s['total']:.1%} | {_speed_cell(extra)} |"
-    )
+    if s is None:  # no reference: sizes only, never the model measured against itself
+        row = f"| {model_name} | {report['params'] / 1e6:.2f}M (no reference) | — | — | — | — | {_speed_cell(extra)} |"
+        note = ("No reference model was given (`export --reference DIR`) or recorded in the run, so no share or "
+                "sparsity is reported: the parameters are this model's own.")
+    else:
+        row = (
+            f"| {model_name} | {report['params'] / 1e6:.2f}M ({report['params'] / report['reference_params']:.1%} of "
+            f"{reference}: {report['reference_params'] / 1e6:.2f}M) | {s['vision']:.1%} | {s['text']:.1%} | "
+            f"{s['fusion']:.1%} | {s['total']:.1%} | {_speed_cell(extra)} |"
+        )
+        note = f"Sparsity is the share of {reference}'s prunable parameters (attention heads, FFN neurons) removed."
     structure_lines = []
     budget = report.get("budget")
     if budget:  # what the pruning run counted, and what the materialized model kept of each cost
@@ -310,8 +317,26 @@ def _card_text(model_name: str, report: dict, metrics: dict | None, extra: dict)
     if keys:
         header = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
         values = "| " + " | ".join(f"{metrics[k]:.2f}" for k in keys) + " |"
-        eval_text = f"{card.title} on {extra.get('dataset_name', 'the held-out set')} (in %):\n\n{header}\n{values}"
-    return {"compression_rows": row, "structure_text": "\n".join(structure_lines), "eval_text": eval_text}
+        scored = extra.get("dataset_description") or extra.get("dataset_name", "the held-out set")
+        eval_text = f"{card.title} on {scored} (in %):\n\n{header}\n{values}"
+    return {"compression_rows": row, "compression_note": note, "structure_text": "\n".join(structure_lines),
+            "eval_text": eval_text}
+
+
+def scored_data(metrics: dict | None) -> dict:
+    """What the card says was scored, from the "data" entry a stage or `evaluate` saves with its metrics
+    (`describe_eval_data`): {"dataset_name": the test file's name (+ "held-out share") or the synthetic set and its
+    protocol, "dataset_description": the full one-line description}; empty when the metrics do not say."""
+    data = (metrics or {}).get("data") or {}
+    source = data.get("source")
+    if not source:
+        return {}
+    if source == "synthetic":
+        protocol = data.get("protocol")
+        name = "efficientvlm-synthetic-scenes" + (f" ({protocol} protocol)" if protocol else "")
+    else:
+        name = os.path.basename(source) + (" (held-out share)" if "held out" in data.get("description", "") else "")
+    return {"dataset_name": name, "dataset_description": data.get("description") or name}
 
 
 def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | None, extra: dict) -> str:
@@ -320,7 +345,7 @@ def render_card(output_dir: str, model_name: str, report: dict, metrics: dict | 
 
     from ..tasks import get_task
 
-    dataset_name = extra.get("dataset_name", "synthetic-scenes")
+    dataset_name = extra.get("dataset_name", "the held-out set (not recorded)")
     card = get_task(extra.get("task", "retrieval")).card
     results = [
         EvalResult(task_type=card.task_type, dataset_type=dataset_name, dataset_name=dataset_name,
@@ -374,6 +399,8 @@ def save_hub_ready(
     `files` maps extra file names to source paths copied into the folder (e.g. a learning curve)."""
     extra = dict(extra or {})
     extra.setdefault("task", task_of_model(model).name)
+    for key, value in scored_data(metrics).items():  # the data the metrics were computed on, not a fixed name
+        extra.setdefault(key, value)
     if reference_config is not None:
         extra.setdefault("reference_name", reference_label(reference_config))
     # one writer at a time (a second gets OutputDirInUseError naming the first); checked again under the lock
@@ -390,6 +417,8 @@ def save_hub_ready(
         head = sum(p.numel() for p in model.parameters()) - report["params"]
         report["params"] += head
         report["reference_params"] += head
+        if reference_config is None:  # nothing to compare with: no self-comparison (0 % sparsity, 100 % of itself)
+            report.update(sparsity=None, reference_params=None)
         report["eval"] = metrics or {}
         report.update({k: v for k, v in extra.items() if k in (
             "speedup", "speedup_min", "speedup_max", "speedup_runs", "speedup_baseline", "reference_name",
@@ -404,27 +433,53 @@ def save_hub_ready(
     return report
 
 
+def recorded_reference(checkpoint: str) -> tuple[str, str] | None:
+    """(flag, path) of the model the run that wrote `checkpoint` started from, from its run record's inputs (a
+    `checkpoint-N` folder: its run's record): the --teacher (distill, prune), else --init_from (teacher), else the
+    --student (prune without KD); None when none is recorded or it no longer holds a config (a warning says so)."""
+    record = read_run_record(checkpoint)
+    if record is None and re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(checkpoint))):
+        record = read_run_record(os.path.dirname(os.path.abspath(checkpoint)))
+    inputs = (record or {}).get("inputs") or {}
+    for flag in ("--teacher", "--init_from", "--student"):
+        path = inputs.get(flag)
+        if not path:
+            continue
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return flag, path
+        logger.warning("%s: the run's %s %s is gone; the card reports no reference (pass --reference)", checkpoint,
+                       flag, path)
+        return None
+    return None
+
+
 def run_export(args: ExportArguments, extra: dict | None = None) -> dict:
     """`efficientvlm export`: materialize (if gated) + Hub-ready folder + card."""
-    model, expected = load_pruned(args.checkpoint)
+    model, expected = load_pruned(args.model)
     reference = None
     if args.reference:
         from modeling_efficientvlm import EfficientVLMConfig
 
         reference = EfficientVLMConfig.from_pretrained(args.reference)
     processor = None
-    if os.path.isfile(os.path.join(args.checkpoint, "processor_config.json")):
-        processor = EfficientVLMProcessor.from_pretrained(args.checkpoint)
+    if os.path.isfile(os.path.join(args.model, "processor_config.json")):
+        processor = EfficientVLMProcessor.from_pretrained(args.model)
     metrics = None
-    metrics_path = os.path.join(args.checkpoint, "eval_results.json")
+    metrics_path = os.path.join(args.model, "eval_results.json")
     if os.path.isfile(metrics_path):
         with open(metrics_path) as f:
             metrics = json.load(f)
     extra = dict(extra or {})
     if expected:
         extra["expected_sparsity"] = expected
-        extra["budget"] = budget_report(args.checkpoint, model)
+        extra["budget"] = budget_report(args.model, model)
     if args.reference:  # a config read on its own has no name_or_path: name the reference by its folder
         extra.setdefault("reference_name", os.path.basename(os.path.normpath(args.reference)))
+    else:  # the model the run started from (its teacher / init model, from the run record)
+        recorded = recorded_reference(args.model)
+        if recorded is not None:
+            flag, path = recorded
+            reference = EfficientVLMConfig.from_pretrained(path)
+            extra.setdefault("reference_name", f"{os.path.basename(os.path.normpath(path))} (the run's {flag})")
     name = args.model_name or os.path.basename(os.path.abspath(args.output_dir))
     return save_hub_ready(model, processor, args.output_dir, name, reference, metrics, extra, args.overwrite)

@@ -14,7 +14,7 @@ from ..method.latency_table import (
     check_latency_table, format_latency_table, measure_latency_table, save_latency_table, transfer_table,
 )
 from ..method.student import student_config
-from .presets import preset_config
+from ..infra.presets import preset_config
 from ..tasks import TASKS, task_path
 
 
@@ -23,7 +23,8 @@ class LatencyTableArguments:
     """Arguments of `efficientvlm latency-table`."""
 
     student: str = field(metadata={"help": "The student to be pruned (a checkpoint folder; only its config is read)."})
-    output: str = field(metadata={"help": "Where to write the table (JSON), for prune --latency_table."})
+    output_json: str = field(metadata={"help": "Where to write the table (JSON), for prune --latency_table.",
+                                       "aliases": ["--output"]})
     task: str = field(default="retrieval", metadata={"help": f"Whose inference path: one of {sorted(TASKS)}."})
     budget_path: str = field(
         default="",
@@ -61,7 +62,7 @@ class LatencyTableArguments:
 
 
 def run_latency_table(args: LatencyTableArguments) -> str:
-    """Measures the table, writes it to `args.output` (atomically), returns the printed summary."""
+    """Measures the table, writes it to `args.output_json` (atomically), returns the printed summary."""
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EfficientVLMConfig.from_pretrained(args.student)
@@ -75,6 +76,6 @@ def run_latency_table(args: LatencyTableArguments) -> str:
         sizes = ",".join(filter(None, [args.budget_path, f"image_tokens={vision_tokens(measured)}"]))
         table = transfer_table(table, measured, config, task_path(args.task, config, sizes),
                                f"{args.price_at} student, {args.image_size} px")
-    check_latency_table(table, config, args.output)
-    save_latency_table(table, args.output)
-    return format_latency_table(table, config) + f"\nwritten: {args.output}"
+    check_latency_table(table, config, args.output_json)
+    save_latency_table(table, args.output_json)
+    return format_latency_table(table, config) + f"\nwritten: {args.output_json}"

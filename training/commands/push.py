@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 class PushArguments:
     """Arguments of `efficientvlm push`."""
 
-    folder: str = field(default="", metadata={"help": "A Hub-ready folder (from export or demo)."})
+    model: str = field(default="", metadata={"help": "A Hub-ready model folder (from export or demo).",
+                                             "aliases": ["--folder"]})
     repo_id: str = field(default="", metadata={"help": "Target repo, e.g. user/efficientvlm-retrieval."})
     private: bool = field(default=False, metadata={"help": "Create the repo as private."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / the login cache)."})
@@ -18,8 +19,8 @@ class PushArguments:
     commit_message: str = field(default="Upload EfficientVLM model", metadata={"help": "Commit message."})
 
     def __post_init__(self):
-        if not os.path.isfile(os.path.join(self.folder, "config.json")):
-            raise ValueError(f"--folder must be a Hub-ready folder with a config.json, got {self.folder!r}")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"--model must be a Hub-ready folder with a config.json, got {self.model!r}")
         if "/" not in self.repo_id:
             raise ValueError(f"--repo_id must look like 'user/name', got {self.repo_id!r}")
 
@@ -60,6 +61,6 @@ def push_folder(args: PushArguments) -> str:
 
     api = HfApi(endpoint=args.endpoint or os.environ.get("HF_ENDPOINT"), token=args.token)
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    info = api.create_commit(args.repo_id, _upload_operations(args.folder, args.repo_id),
+    info = api.create_commit(args.repo_id, _upload_operations(args.model, args.repo_id),
                              commit_message=args.commit_message)
     return str(getattr(info, "commit_url", info))

@@ -248,7 +248,7 @@ class StudentArguments:
 
 
 @dataclass
-class PruneArguments:
+class PruneModelsArguments:
     """The student to prune and its task teacher."""
 
     student: str = field(default="", metadata={"help": "Distilled student checkpoint dir (required)."})
@@ -370,6 +370,8 @@ def describe_eval_data(data: DataSourceArguments, held_out) -> dict:
         source = "synthetic"
         protocol = f" ({data.eval_protocol} protocol)" if data.task == "retrieval" else ""
         text = f"built-in synthetic scenes{protocol}, {count_text}, seed {data.eval_seed}, {data.image_size} px"
+        if data.task == "retrieval":
+            counts["protocol"] = data.eval_protocol
     return {"description": text, "source": source, **counts}
 
 
@@ -490,7 +492,7 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
 @owns_output_dir("prune", inputs=lambda prune, data, args, **_: {
     "--student": prune.student, "--teacher": prune.teacher if prune.kd else None,
     "--latency_table": getattr(args, "latency_table", None), **_data_inputs(data)})
-def run_prune(prune: PruneArguments, data: DataArguments, args: PruningArguments, eval_data=None):
+def run_prune(prune: PruneModelsArguments, data: DataArguments, args: PruningArguments, eval_data=None):
     """Task fine-tuning with task KD + modal-adaptive L0 pruning; saves the student and its gates.
 
     The student may be a general-distillation (pre-training) checkpoint: the task head is added (NLVR2: initialised).
@@ -538,7 +540,14 @@ def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed
     interrupted save leaves no half-written file at the top (the stage's run record, written last by
     `owns_output_dir`, says whether the folder is complete)."""
     mlm = args.use_mlm and not isinstance(model, GatedModel)
+    # every data file the run reads is loaded and checked (records, fields, image headers, answer list) before the
+    # first step: a bad evaluation file fails now, naming the file and record, not after the whole training run
     train, collator = build_datasets(data, processor, args.seed + seed_offset, mlm=mlm)
+    _check_not_empty(data, train)
+    if eval_data is None:
+        eval_data = eval_set(data)
+        if get_task(data.task).eval_size(eval_data) == 0:
+            raise ValueError(f"{data.eval_dataset or data.dataset}: the evaluation set is empty")
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
         teacher_model=teacher, task=get_task(data.task), layer_map=layer_map, callbacks=callbacks or None,

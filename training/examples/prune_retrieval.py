@@ -116,7 +116,7 @@ def main():
                 pruned.num_parameters(), student.num_parameters(),
                 ", ".join(f"{k} {v:.1%}" for k, v in report["sparsity"].items()))
     if push:
-        url = push_folder(PushArguments(folder=export_dir, repo_id=training_args.hub_model_id,
+        url = push_folder(PushArguments(model=export_dir, repo_id=training_args.hub_model_id,
                                         private=bool(training_args.hub_private_repo), token=training_args.hub_token))
         logger.info("pushed to %s", url)
 

@@ -8,10 +8,62 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-LossStep = Callable[..., tuple[Any, dict]]
-"""fn(student, teacher | None, inputs, args, maps | None, masks, generator, step=global step) -> (total, {term: value})."""
+
+# ------------------------------------------------------------------------------- what each Task callable must accept
+class LossStep(Protocol):
+    """Task loss + task KD for one batch -> (total, {term: value}); `teacher` and `maps` are None without KD."""
+
+    def __call__(self, student: Any, teacher: Any | None, inputs: dict, args: Any, maps: dict | None, masks: Any = None,
+                 generator: Any = None, step: int = 0) -> tuple[Any, dict]: ...
+
+
+class TrainData(Protocol):
+    """(train dataset, collator) for the data arguments; `mlm`: whether the collator adds MLM inputs."""
+
+    def __call__(self, data: Any, processor: Any, seed: int, mlm: bool) -> tuple[Any, Callable]: ...
+
+
+class EvalData(Protocol):
+    """The held-out set for the data arguments."""
+
+    def __call__(self, data: Any) -> Any: ...
+
+
+class Evaluate(Protocol):
+    """The task's metrics (percent) of `model` on `held_out`."""
+
+    def __call__(self, model: Any, processor: Any, data: Any, held_out: Any, show_progress: bool = True,
+                 pruning_masks: Any = None) -> dict: ...
+
+
+class Workload(Protocol):
+    """A zero-argument callable running the task's inference path on `batch` held-out items (what latency times)."""
+
+    def __call__(self, model: Any, processor: Any, data: Any, held_out: Any, batch: int) -> Callable[[], Any]: ...
+
+
+class WorkloadText(Protocol):
+    """One line describing the workload, for benchmark protocols."""
+
+    def __call__(self, data: Any, batch: int) -> str: ...
+
+
+class PrepareModel(Protocol):
+    """Sets what a freshly built or loaded task model needs from the tokenizer (in place)."""
+
+    def __call__(self, model: Any, processor: Any, data: Any = None) -> None: ...
+
+
+class PathModel(Protocol):
+    """A function of the config and the inference path's sizes (`Task.path_sizes`): the cost path or its FLOPs."""
+
+    def __call__(self, config: Any, **path_sizes: int) -> Any: ...
+
+
+def _no_preparation(model: Any, processor: Any, data: Any = None) -> None:
+    """The default `prepare_model`: nothing to set."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +118,16 @@ class Task:
     metric: str
     loss_step: LossStep
     prune_defaults: dict[str, Any]
-    train_data: Callable
-    eval_data: Callable
+    train_data: TrainData
+    eval_data: EvalData
     eval_size: Callable[[Any], int]
-    evaluate: Callable[..., dict]
-    workload: Callable[..., Callable[[], Any]]
-    workload_text: Callable[[Any, int], str]
+    evaluate: Evaluate
+    workload: Workload
+    workload_text: WorkloadText
     manual_split: str
     card: ModelCardSpec
     description: str = field(default="")
-    prepare_model: Callable[..., None] = field(default=lambda model, processor, data=None: None)
+    prepare_model: PrepareModel = _no_preparation
     path_sizes: dict[str, int] | None = None
-    cost_path: Callable[..., Any] | None = None
-    flops: Callable[..., dict[str, int]] | None = None
+    cost_path: PathModel | None = None
+    flops: PathModel | None = None
