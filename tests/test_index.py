@@ -13,7 +13,7 @@ from efficientvlm.training.commands.index import IndexArguments, SearchArguments
 from modeling_efficientvlm.index_efficientvlm import GalleryIndex, faiss_available, model_fingerprint
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.pipeline_efficientvlm import ImageTextRetrievalPipeline
-from tests.conftest import tiny_config, tiny_processor
+from tests.conftest import run_clean_python, tiny_config, tiny_processor
 
 QUERIES = ["a red circle", "a blue square left of a red circle", "red square"]
 N_IMAGES = 23
@@ -203,3 +203,27 @@ print("ok", len(index))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd())
     assert out.returncode == 0 and out.stdout.startswith("ok 23"), out.stderr
+
+
+@pytest.mark.slow
+def test_remote_code_pipeline_queries_an_index_without_the_package(gallery, index_dir, tmp_path):
+    """A user with only transformers: pipeline(trust_remote_code) from a saved folder, gallery = the index folder."""
+    from modeling_efficientvlm.pipeline_efficientvlm import save_pipeline_files
+
+    folder = tmp_path / "hub"
+    model = EfficientVLMForImageTextRetrieval.from_pretrained(gallery / "model").eval()
+    model.save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    save_pipeline_files(folder)
+    assert (folder / "index_efficientvlm.py").is_file()
+    expected = _pipe(gallery)(QUERIES[0], gallery=str(index_dir), top_k=5, rerank_k=6)
+    out = run_clean_python(f"""
+        import json
+        from transformers import pipeline
+        pipe = pipeline("image-text-retrieval", model={str(folder)!r}, trust_remote_code=True)
+        hits = pipe({QUERIES[0]!r}, gallery={str(index_dir)!r}, top_k=5, rerank_k=6)
+        print(json.dumps([[h["image"], h["score"]] for h in hits]))
+    """)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert [g[0] for g in got] == [h["image"] for h in expected]
+    np.testing.assert_allclose([g[1] for g in got], [h["score"] for h in expected], atol=1e-5)
