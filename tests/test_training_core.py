@@ -341,3 +341,23 @@ def test_a_task_is_one_module_and_one_registry_line():
         for dispatch in ('== "nlvr2"', '!= "nlvr2"', "== 'nlvr2'", '"nlvr2" if', "dim() == 5", '== "captioning"',
                          '!= "captioning"', "== 'captioning'"):
             assert dispatch not in text, (path, dispatch)
+
+
+# each role imports only the roles below it; data, infra and metrics are the floor and import none of the others
+ROLE_LEVEL = {"commands": 3, "tasks": 2, "method": 1, "data": 0, "infra": 0, "metrics": 0}
+
+
+def test_every_role_only_looks_down():
+    root = ROOT / "training"
+    upward = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if len(parts) < 2 or parts[0] not in ROLE_LEVEL:
+            continue  # the package root (lazy exports), assets/ (shipped Hub folders), examples/ (user scripts)
+        role = parts[0]
+        for target in _imports(path, root):
+            other = target.split(".")[1] if "." in target else "training"
+            if other == "training" or (other in ROLE_LEVEL and other != role
+                                       and ROLE_LEVEL[other] >= ROLE_LEVEL[role]):
+                upward.append(f"{path.relative_to(ROOT)} -> {target}")
+    assert not upward, upward

@@ -1,11 +1,14 @@
-"""EfficientVLM training layer, grouped by role:
+"""EfficientVLM training layer, grouped by role (each layer imports only the ones below it):
 
-  method/    losses, hard-concrete gates, the modal L0 module, the size model, materialize, student init + layer map,
-             the shared distillation terms, argument dataclasses, the Trainer subclasses
-  tasks/     one module per task (retrieval, nlvr2): head class, data, loss step, evaluation, inference path; registry
-  data/      synthetic scenes, file formats, collators, the synthetic-caption tokenizer
   commands/  the `efficientvlm` CLI: argument dataclasses and thin `run_*` functions over the library
-  metrics/   the retrieval metric as a local `evaluate` module
+  tasks/     one module per task (retrieval, nlvr2, nlvr2_domain, captioning, vqa): head class, data, loss step,
+             evaluation, inference and cost path, pruning defaults; the registry and the `Task` protocols
+  method/    losses, hard-concrete gates, the modal L0 module, the size / FLOPs model, materialize, student init + layer
+             map, initializers, the shared distillation terms, argument dataclasses, the Trainer subclasses
+  data/      the synthetic world (scenes, their language, rendering), per-task datasets, file formats, collators,
+             the synthetic-caption tokenizer
+  infra/     run folders (locks, atomic writes, run records), the timing harness, callbacks, config presets
+  metrics/   every metric's maths, and the local `evaluate` modules
 
 Imports torch/transformers-heavy pieces lazily so `efficientvlm --help` stays fast.
 """

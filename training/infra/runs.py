@@ -30,13 +30,12 @@ RUN_FILE = "efficientvlm_run.json"  # the run record: stage, owner, status; "com
 FINAL_STAGING = ".final-staging"  # the final save is written here, then its files are renamed into output_dir
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # either one: single file or sharded
 MODEL_FILES: tuple[str | tuple[str, ...], ...] = ("config.json", WEIGHTS)
+GATES_FILE = "l0_gates.safetensors"  # a pruning run's gates (log α), written by `method.l0`
 
 
 def stage_files(stage: str) -> tuple[str | tuple[str, ...], ...]:
     """What a finished `stage` leaves at the top of its output_dir (a tuple entry: any one of its names); a plain
     model folder (config + weights) for an unknown stage."""
-    from ..method.l0 import GATES_FILE  # lazily: taking a lock should not import torch
-
     if stage == "prune":
         return (*MODEL_FILES, "processor_config.json", GATES_FILE)
     if stage in ("teacher", "distill"):
@@ -356,9 +355,11 @@ def _snapshot(folder: str) -> dict[str, tuple[int, int, int]]:
 
 
 @contextlib.contextmanager
-def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple[str, ...]]) -> Iterator[None]:
+def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple[str, ...]],
+                     inputs: dict[str, str | None] | None = None) -> Iterator[None]:
     """Owns `output_dir` for one run of `stage` (callers check beforehand whether it may write there:
-    `check_output_dir`).
+    `check_output_dir`). `inputs` ({flag: path}, e.g. the teacher) go into the run record as absolute paths, so
+    `export` knows which model the run started from.
 
     Takes the lock before anything is written (another run gets `OutputDirInUseError`), records the run as
     "running" in `efficientvlm_run.json`, and on success checks `required` and records "complete" with the files
@@ -383,6 +384,8 @@ def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple
             with open(record_path, "rb") as f:
                 previous = f.read()
         owner = _owner()
+        if inputs:
+            owner["inputs"] = {flag: os.path.abspath(path) for flag, path in inputs.items() if path}
         _write_json(record_path, {"stage": stage, "status": "running", **owner})
         try:
             yield
@@ -442,7 +445,7 @@ def stage_output(args, stage: str, inputs: dict[str, str | None] | None = None) 
     if args.process_index != 0:
         yield
         return
-    with owned_output_dir(args.output_dir, stage, stage_files(stage)):
+    with owned_output_dir(args.output_dir, stage, stage_files(stage), inputs):
         yield
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from modeling_efficientvlm import EncoderPruningMasks, PruningMasks
 
+from ..infra.runs import GATES_FILE  # noqa: F401  (re-exported: the gates file of a pruning run)
 from .cost import path_from_json, path_to_json, unit_flops, width_terms
 from .gates import HardConcreteGate
 from .latency_table import check_latency_table
@@ -30,7 +31,6 @@ from .structure import (
     unit_parameter_count,
 )
 
-GATES_FILE = "l0_gates.safetensors"
 """Gates + multipliers of a pruning run, saved beside the student (checkpoints and the final folder)."""
 SETTINGS_KEY = "efficientvlm_l0"
 """Metadata key of a gate file that holds the module's settings (JSON)."""
