@@ -773,8 +773,8 @@ def _mismatch_message(path, class_name: str, missing: list[str], unexpected: lis
     def keys(names: list[str]) -> str:
         return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    parts = [f"{len(unexpected)} checkpoint tensors have no place in the model ({keys(unexpected)})"] if unexpected else []
-    parts += [f"{len(missing)} model tensors are not in the checkpoint ({keys(missing)})"] if missing else []
+    parts = [f"{len(unexpected)} checkpoint tensors have no place in the model ({keys(unexpected)})"] * bool(unexpected)
+    parts += [f"{len(missing)} model tensors are not in the checkpoint ({keys(missing)})"] * bool(missing)
     return (f"{path}: the weights do not fit the {class_name} that config.json describes: {'; '.join(parts)}. "
             "Use the config.json saved with these weights (layer counts and per-layer lists must match)")
 
@@ -1883,6 +1883,17 @@ def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing:
     return F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)
 
 
+def _check_generation_counts(model, kwargs: dict) -> None:
+    """Raises ValueError when a count `generate` needs >= 1 (num_beams, num_return_sequences, num_beam_groups) is not,
+    naming where it comes from: transformers would fail inside the search (num_beams 0: a ZeroDivisionError)."""
+    config = kwargs.get("generation_config") or model.generation_config
+    for key in ("num_beams", "num_return_sequences", "num_beam_groups"):
+        value = kwargs[key] if key in kwargs else getattr(config, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            source = "the generate call" if key in kwargs else "the generation config (generation_config.json)"
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r} from {source}")
+
+
 def _generation_defaults(model, kwargs: dict, table: dict) -> dict:
     """Entries of `table` (+ the text pad id) for what neither `kwargs` nor the model's generation config sets (a
     value still at transformers' library default counts as unset); an explicit max_length drops max_new_tokens."""
@@ -2088,6 +2099,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
         else:
             input_ids, kwargs["attention_mask"] = self._drop_trailing_eos(input_ids, kwargs.get("attention_mask"),
                                                                           kwargs.get("generation_config"))
+        _check_generation_counts(self, kwargs)
         kwargs = {**self._caption_generation_defaults(kwargs), **kwargs}
         output = super().generate(input_ids=input_ids, **kwargs)
         if not strip_prompt:
@@ -2565,6 +2577,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
             answer_input_ids = torch.full((states.shape[0], 1), int(bos), dtype=torch.long, device=states.device)
         answer_mask = kwargs.pop("answer_attention_mask", None)
         kwargs["attention_mask"] = torch.ones_like(answer_input_ids) if answer_mask is None else answer_mask
+        _check_generation_counts(self, kwargs)
         kwargs = {**self._vqa_generation_defaults(kwargs), **kwargs}
         output = super().generate(
             input_ids=answer_input_ids, question_states=states, question_attention_mask=question_mask, **kwargs

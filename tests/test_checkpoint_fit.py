@@ -133,7 +133,8 @@ def test_cli_refuses_with_one_line_and_exit_2(tmp_path, capsys):
     code = main(["evaluate", "--model", folder, "--eval_images", "4"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("efficientvlm evaluate: error: " + folder) and f"vision_model.layers.{layers - 1}." in err[0]
+    assert err[0].startswith(f"efficientvlm evaluate: error: {folder}: ")
+    assert f"vision_model.layers.{layers - 1}." in err[0]
 
 
 def test_weight_files_get_the_umask_permissions(tmp_path):

@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
 from .index_efficientvlm import GalleryIndex, is_index_folder, load_gallery_index, model_fingerprint
-from .processing_efficientvlm import open_image, prepare_images
+from .processing_efficientvlm import input_side, open_image, prepare_images
 
 TASK = "image-text-retrieval"
 TEXT, IMAGE = "text", "image"
@@ -122,10 +123,26 @@ def _declared_type(new: str | None, old: str | None, what: str) -> str | None:
     return new if new is not None else old
 
 
-def _load_image(item: Any) -> Any:
-    """What the processor gets for one image: a file path (str or PathLike) read by `open_image`; PIL images and
-    arrays as they are (the processor converts PIL images with `to_rgb`)."""
-    return open_image(item) if isinstance(item, (str, os.PathLike)) else item
+def _load_image(item: Any, min_side: int | None = None) -> Any:
+    """What the processor gets for one image: a file path (str or PathLike) read by `open_image`, a PIL image or an
+    array converted by `prepare_images`; with `min_side` (the model's input side) reduced right after loading, so a
+    batch holds small images, never every decoded full-size one."""
+    if isinstance(item, (str, os.PathLike)):
+        return open_image(item, min_side)
+    return prepare_images(item, min_side)
+
+
+def _load_images(items: list[Any], min_side: int | None, first: int = 0) -> list[Any]:
+    """`_load_image` of every item; an unreadable one (truncated or not an image file, a bad array) raises the same
+    error type naming its index (`first` + position) and path."""
+    images = []
+    for i, item in enumerate(items):
+        try:
+            images.append(_load_image(item, min_side))
+        except (OSError, ValueError) as error:
+            path = f" ({os.fspath(item)!r})" if isinstance(item, (str, os.PathLike)) else ""
+            raise type(error)(f"image item {first + i}{path}: {error}") from error
+    return images
 
 
 def _pad_tokens(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,9 +460,11 @@ class ImageTextRetrievalPipeline(Pipeline):
             "attention_mask": batch["attention_mask"].to(self.device),
         }
 
-    def _process_images(self, items: list[Any]) -> torch.Tensor:
-        """(B, C, H, W) pixels through the processor's path (`to_rgb`, then the image processor)."""
-        images = [_load_image(item) for item in items]
+    def _process_images(self, items: list[Any], first: int = 0) -> torch.Tensor:
+        """(B, C, H, W) pixels through the processor's path (`to_rgb`, then the image processor); `first`: the index
+        of `items[0]` in its list, for error messages."""
+        image_processor = self.image_processor if self.processor is None else self.processor.image_processor
+        images = _load_images(items, input_side(image_processor), first)
         if self.processor is not None:
             batch = self.processor(images=images, return_tensors="pt")
         else:  # tokenizer + image processor given separately: the same conversion the processor applies
@@ -460,7 +479,7 @@ class ImageTextRetrievalPipeline(Pipeline):
             if modality == TEXT:
                 features = self.model.get_text_features(**self._process_texts(chunk))
             else:
-                features = self.model.get_image_features(self._process_images(chunk))
+                features = self.model.get_image_features(self._process_images(chunk, start))
             if not isinstance(features, torch.Tensor):  # models returning an output object (pooled embeddings)
                 features = features.pooler_output
             chunks.append(F.normalize(features.float(), dim=-1))
@@ -486,7 +505,7 @@ class ImageTextRetrievalPipeline(Pipeline):
                 lengths = text["attention_mask"].sum(dim=1).tolist()
                 tokens.extend(hidden[i, : int(n)] for i, n in enumerate(lengths))
             else:
-                hidden = self.model.encode_image(self._process_images(chunk)).last_hidden_state
+                hidden = self.model.encode_image(self._process_images(chunk, start)).last_hidden_state
                 tokens.extend(hidden.unbind(0))
         return tokens
 
@@ -542,6 +561,7 @@ class ImageTextRetrievalPipeline(Pipeline):
         super().save_pretrained(save_directory, **kwargs)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
+        save_pipeline_files(save_directory)  # the zero-shot pipeline's entry (and the same files again)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -633,7 +653,8 @@ class VisualQuestionAnsweringPipeline(Pipeline):
                             f"{type(image).__name__}")
         if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
             raise FileNotFoundError(f"image file not found: {os.fspath(image)!r} (URLs are not downloaded)")
-        encoded = self.processor(images=[_load_image(image)], text=[question], return_tensors="pt")
+        image = _load_images([image], input_side(self.processor.image_processor))[0]
+        encoded = self.processor(images=[image], text=[question], return_tensors="pt")
         return {key: encoded[key] for key in ("pixel_values", "input_ids", "attention_mask")}
 
     def _forward(self, model_inputs: dict[str, Any], rank_k: int = DEFAULT_RANK_K) -> dict[str, Any]:
@@ -654,6 +675,24 @@ class VisualQuestionAnsweringPipeline(Pipeline):
         indices = model_outputs["indices"].tolist()
         return [{"answer": self.answer_list[index], "score": float(probability)}
                 for index, probability in zip(indices[:top_k], probabilities[:top_k].tolist())]
+
+
+ZERO_SHOT_TASK = "zero-shot-image-classification"
+
+
+class EfficientVLMZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
+    """transformers' zero-shot-image-classification pipeline (CLIP-style: softmax over the ITC logits of the image
+    and each label's prompt), checking `candidate_labels` first: transformers' own fails on an empty list with an
+    IndexError from inside the tokenizer. `save_pipeline_files` declares it for the task in config.json."""
+
+    def preprocess(self, image: Any, candidate_labels: Any = None, *args: Any, **kwargs: Any) -> Any:
+        labels = [candidate_labels] if isinstance(candidate_labels, str) else candidate_labels
+        if not isinstance(labels, (list, tuple)) or not labels:
+            raise ValueError(f"candidate_labels must be a non-empty list of labels (str), got {candidate_labels!r}")
+        bad = [label for label in labels if not isinstance(label, str)]
+        if bad:
+            raise TypeError(f"candidate_labels must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
+        return super().preprocess(image, candidate_labels, *args, **kwargs)
 
 
 def _add_zero_shot_auto_map(model: Any) -> None:
@@ -697,6 +736,10 @@ def save_pipeline_files(model_dir: str | os.PathLike) -> None:
         **(config.get("custom_pipelines") or {}),
         TASK: {"impl": f"{module}.{ImageTextRetrievalPipeline.__name__}", "pt": ["AutoModel"], "type": "multimodal"},
     }
+    config["custom_pipelines"][ZERO_SHOT_TASK] = {  # transformers' own, with its candidate_labels checked
+        "impl": f"{module}.{EfficientVLMZeroShotImageClassificationPipeline.__name__}", "pt": [ZERO_SHOT_AUTO_CLASS],
+        "type": "multimodal",
+    }
     if config.get("decoder_config"):  # a VQA model (answer decoder): the visual-question-answering pipeline too
         config["custom_pipelines"][VQA_TASK] = {
             "impl": f"{module}.{VisualQuestionAnsweringPipeline.__name__}", "pt": [VQA_AUTO_CLASS], "type": "multimodal"
@@ -723,4 +766,7 @@ PIPELINE_REGISTRY.register_pipeline(
     type="multimodal",
 )
 
-__all__ = ["ImageTextRetrievalPipeline", "VisualQuestionAnsweringPipeline", "save_pipeline_files"]
+__all__ = [
+    "EfficientVLMZeroShotImageClassificationPipeline", "ImageTextRetrievalPipeline", "VisualQuestionAnsweringPipeline",
+    "save_pipeline_files",
+]
