@@ -60,7 +60,7 @@ def _rerank(model, sim: torch.Tensor, k: int, query_block: int | None = None):
     image_tokens = torch.arange(n_img, dtype=torch.float32)[:, None, None]
     text_tokens = torch.arange(n_txt, dtype=torch.float32)[:, None, None]
     return model.rerank(sim, k, image_tokens, text_tokens, torch.ones(n_txt, 1, dtype=torch.long), batch_size=5,
-                        query_block=query_block)
+                        query_block=query_block, reuse_image_kv=False)  # the oracle head reads tokens, not K/V
 
 
 def _expected_order(itc: torch.Tensor, itm: torch.Tensor, k: int) -> list[int]:

@@ -119,7 +119,8 @@ def _oracle_reranker(calls: list[int]):
         image_tokens = torch.arange(n_img, dtype=torch.float32)[:, None, None]
         text_tokens = torch.arange(n_txt, dtype=torch.float32)[:, None, None]
         return oracle.rerank(
-            sim, k, image_tokens, text_tokens, torch.ones(n_txt, 1, dtype=torch.long), batch_size=batch_size
+            sim, k, image_tokens, text_tokens, torch.ones(n_txt, 1, dtype=torch.long), batch_size=batch_size,
+            reuse_image_kv=False,  # the oracle head reads the tokens, not the cross-attention K/V
         )
 
     return rerank
