@@ -478,6 +478,8 @@ def run_export(args: ExportArguments, extra: dict | None = None) -> dict:
     else:  # the model the run started from (its teacher / init model, from the run record)
         recorded = recorded_reference(args.model)
         if recorded is not None:
+            from modeling_efficientvlm import EfficientVLMConfig
+
             flag, path = recorded
             reference = EfficientVLMConfig.from_pretrained(path)
             extra.setdefault("reference_name", f"{os.path.basename(os.path.normpath(path))} (the run's {flag})")

@@ -54,13 +54,47 @@ def _upload_operations(folder: str, repo_id: str) -> list:
     return operations
 
 
+class HubError(ValueError):
+    """The Hub could not be reached or refused the upload (the CLI prints it on one line and exits with 2)."""
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a failed Hub call: huggingface_hub's HTTP / offline / token errors and the HTTP
+    client's connection and protocol errors (httpx, or requests with older huggingface_hub versions)."""
+    import importlib
+
+    from huggingface_hub import errors
+
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("HfHubHTTPError", "OfflineModeIsEnabled", "LocalTokenNotFoundError", "HFValidationError"):
+        if hasattr(errors, name):
+            types.append(getattr(errors, name))
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(types)
+
+
 def push_folder(args: PushArguments) -> str:
     """Creates the repo if needed and uploads the folder in one commit (the card's usage names the repo); returns the
-    commit URL."""
-    from huggingface_hub import HfApi
+    commit URL.
 
-    api = HfApi(endpoint=args.endpoint or os.environ.get("HF_ENDPOINT"), token=args.token)
-    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    info = api.create_commit(args.repo_id, _upload_operations(args.model, args.repo_id),
-                             commit_message=args.commit_message)
+    Raises:
+        HubError: the Hub is unreachable (no network, offline mode, a wrong --endpoint) or refused the request
+            (authentication, permissions), naming the endpoint and the cause in one line.
+    """
+    from huggingface_hub import HfApi, constants
+
+    endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        api = HfApi(endpoint=endpoint, token=args.token)
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        info = api.create_commit(args.repo_id, _upload_operations(args.model, args.repo_id),
+                                 commit_message=args.commit_message)
+    except hub_errors() as error:
+        cause = " ".join(str(error).split())[:300] or type(error).__name__
+        raise HubError(f"cannot push {args.model} to {args.repo_id} on {endpoint}: {type(error).__name__}: "
+                       f"{cause}") from error
     return str(getattr(info, "commit_url", info))
