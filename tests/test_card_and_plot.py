@@ -73,7 +73,7 @@ def test_push_writes_the_repo_id_into_the_published_card(local_hub, tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / "export"
     save_hub_ready(EfficientVLMForImageTextRetrieval(ragged_config()).eval(), tiny_processor(), str(folder),
-                   "tiny-pruned", tiny_config())
+                   model_name="tiny-pruned", reference_config=tiny_config())
     local = (folder / "README.md").read_text()
     assert f'"{LOCAL_REPO}"' in local
     assert main(["push", "--model", str(folder), "--repo_id", "tester/card-repo", "--endpoint", local_hub.url,

@@ -216,8 +216,8 @@ def test_vqa_and_captioning_paths_match_the_encoder_flops():
     config = ragged_config()
     config.decoder_config = decoder_config_from_fusion(config)
     q, k, a, n = 7, 5, 4, 3
-    path = vqa_path(config, n, q, k, a)
-    reference = vqa_flops(config, n, q, k=k, answer_length=a)
+    path = vqa_path(config, questions=n, question_length=q, k=k, answer_length=a)
+    reference = vqa_flops(config, questions=n, question_length=q, k=k, answer_length=a)
     dec = config.decoder_config
     lm_head = (n + n * k * a) * 2 * (dec.hidden_size * dec.hidden_size + dec.hidden_size * dec.vocab_size)
     flops = prunable_flops(config, path)

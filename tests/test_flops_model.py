@@ -79,19 +79,19 @@ def test_unified_flops_equal_the_former_models(name):
     vqa = _with_decoder(config)
     tokens = 1 + (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     at_64 = 1 + (64 // config.vision_config.patch_size) ** 2
-    assert retrieval_flops(config, 3, 5, 7, 2) == pins["retrieval"]
-    assert retrieval_flops(config, 3, 5, 7, 2, image_tokens=at_64) == pins["retrieval_64px"]
-    assert vqa_flops(vqa, 3, 7, k=5, answer_length=4) == pins["vqa"]
-    assert vqa_flops(vqa, 3, 7, k=2, answer_length=4, image_tokens=at_64) == pins["vqa_64px"]
+    assert retrieval_flops(config, images=3, texts=5, text_length=7, k=2) == pins["retrieval"]
+    assert retrieval_flops(config, images=3, texts=5, text_length=7, k=2, image_tokens=at_64) == pins["retrieval_64px"]
+    assert vqa_flops(vqa, questions=3, question_length=7, k=5, answer_length=4) == pins["vqa"]
+    assert vqa_flops(vqa, questions=3, question_length=7, k=2, answer_length=4, image_tokens=at_64) == pins["vqa_64px"]
     one = {"vision": [Run(1, tokens, tokens)], "text": [Run(1, 7, 7)], "fusion": [Run(1, 7, 7, tokens)]}
     encoders = {m: encoder_flops(config, m, runs) for m, runs in one.items()}
     encoders["decoder"] = encoder_flops(vqa, "decoder", [Run(1, 4, 4, 7)])
     assert encoders == pins["encoders"]
     paths = {
-        "retrieval": prunable_flops(config, retrieval_path(config, 3, 5, 7, 2)),
-        "nlvr2": prunable_flops(config, nlvr2_path(config, 4, 9)),
-        "captioning": prunable_flops(config, captioning_path(config, 2, 5, 6, 3)),
-        "vqa": prunable_flops(vqa, vqa_path(vqa, 3, 7, 5, 4)),
+        "retrieval": prunable_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2)),
+        "nlvr2": prunable_flops(config, nlvr2_path(config, items=4, text_length=9)),
+        "captioning": prunable_flops(config, captioning_path(config, images=2, prompt_length=5, new_tokens=6, beams=3)),
+        "vqa": prunable_flops(vqa, vqa_path(vqa, questions=3, question_length=7, k=5, answer_length=4)),
     }
     assert paths == pins["paths"]
 
@@ -102,10 +102,10 @@ def test_every_task_total_is_its_path_plus_its_heads(name):
     config = _configs()[name]
     vqa = _with_decoder(config)
     cases = [
-        (retrieval_flops(config, 3, 5, 7, 2), path_flops(config, retrieval_path(config, 3, 5, 7, 2))),
-        (nlvr2_flops(config, 4, 9), path_flops(config, nlvr2_path(config, 4, 9))),
-        (vqa_flops(vqa, 3, 7, 5, 4), path_flops(vqa, vqa_path(vqa, 3, 7, 5, 4))),
-        (captioning_flops(config, 2, 5, 6, 3), path_flops(config, captioning_path(config, 2, 5, 6, 3))),
+        (retrieval_flops(config, images=3, texts=5, text_length=7, k=2), path_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2))),
+        (nlvr2_flops(config, items=4, text_length=9), path_flops(config, nlvr2_path(config, items=4, text_length=9))),
+        (vqa_flops(vqa, questions=3, question_length=7, k=5, answer_length=4), path_flops(vqa, vqa_path(vqa, questions=3, question_length=7, k=5, answer_length=4))),
+        (captioning_flops(config, images=2, prompt_length=5, new_tokens=6, beams=3), path_flops(config, captioning_path(config, images=2, prompt_length=5, new_tokens=6, beams=3))),
     ]
     for total, path in cases:
         assert total["vision"] == path["vision"] and total["text"] == path["text"]
@@ -113,8 +113,8 @@ def test_every_task_total_is_its_path_plus_its_heads(name):
     # units + the patch embedding: the vision entry exceeds the units alone by the patch matmul of every image
     v = config.vision_config
     patches = 3 * (v.image_size // v.patch_size) ** 2
-    units = prunable_flops(config, retrieval_path(config, 3, 5, 7, 2))["vision"]
-    assert path_flops(config, retrieval_path(config, 3, 5, 7, 2))["vision"] == units + 2 * patches * (
+    units = prunable_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2))["vision"]
+    assert path_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2))["vision"] == units + 2 * patches * (
         v.num_channels * v.patch_size**2 * v.hidden_size)
 
 

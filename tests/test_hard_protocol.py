@@ -134,7 +134,7 @@ def test_global_itc_with_ids_equals_local_soft_itc_on_one_rank():
     text = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=-1)
     ids = torch.tensor([0, 0, 1, 2, 2])
     local = L.itc_loss(image, text, 0.1, positive_mask=L.same_image_mask(ids))
-    global_ = L.itc_loss_global(image, text, image, text, 0.1, 0, ids, ids)
+    global_ = L.itc_loss_global(image, text, image, text, temperature=0.1, offset=0, image_ids=ids, all_image_ids=ids)
     assert float(global_) == pytest.approx(float(local), rel=1e-6)
 
 

@@ -235,13 +235,13 @@ def test_itc_kd_both_directions_hand_computed():
 def test_combine_losses_arithmetic():
     vlp = {"itc": torch.tensor(1.0), "itm": torch.tensor(2.0)}
     kd = {"attn": torch.tensor(3.0), "hidden": torch.tensor(5.0), "logits": torch.tensor(7.0)}
-    total, parts = L.combine_losses(vlp, kd, 0.6, 1.0, 0.5, 2.0)
+    total, parts = L.combine_losses(vlp, kd, lambda_vlp=0.6, alpha_attn=1.0, beta_hidden=0.5, gamma_logits=2.0)
     assert float(total) == pytest.approx(0.6 * 3 + 0.4 * (3 + 2.5 + 14))
     assert set(parts) == {"itc", "itm", "attn", "hidden", "logits", "total"}
     # missing KD terms count as 0; λ = 1 is VLP only
-    total, _ = L.combine_losses(vlp, {"logits": torch.tensor(7.0)}, 0.5, 1.0, 1.0, 2.0)
+    total, _ = L.combine_losses(vlp, {"logits": torch.tensor(7.0)}, lambda_vlp=0.5, alpha_attn=1.0, beta_hidden=1.0, gamma_logits=2.0)
     assert float(total) == pytest.approx(0.5 * 3 + 0.5 * 14)
-    assert float(L.combine_losses(vlp, {}, 1.0, 0.0, 0.0, 0.0)[0]) == pytest.approx(3.0)
+    assert float(L.combine_losses(vlp, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0, gamma_logits=0.0)[0]) == pytest.approx(3.0)
 
 
 def test_combine_losses_validation_names_the_argument():
@@ -250,6 +250,6 @@ def test_combine_losses_validation_names_the_argument():
                        ((0.5, -1, 1, 1), "alpha_attn"), ((0.5, 1, -1, 1), "beta_hidden"),
                        ((0.5, 1, 1, -1), "gamma_logits")):
         with pytest.raises(ValueError, match=name):
-            L.combine_losses(vlp, kd, *args)
+            L.combine_losses(vlp, kd, **dict(zip(("lambda_vlp", "alpha_attn", "beta_hidden", "gamma_logits"), args)))
     with pytest.raises(ValueError, match="unknown KD terms"):
-        L.combine_losses(vlp, {"itc_kd": torch.tensor(1.0)}, 0.5, 1, 1, 1)
+        L.combine_losses(vlp, {"itc_kd": torch.tensor(1.0)}, lambda_vlp=0.5, alpha_attn=1, beta_hidden=1, gamma_logits=1)

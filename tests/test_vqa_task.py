@@ -115,9 +115,9 @@ def test_kd_covers_the_answer_decoder(setup, tmp_path):
     s_dec, t_dec = ({"decoder": stack_outputs(out)["decoder"]} for out in (s_out, t_out))
     answer_mask = batch["answer_attention_mask"]
     pairs = {"decoder": maps["fusion"]}
-    assert float(attention_kd(s_dec, t_dec, pairs, {"decoder": answer_mask}, True)) > 0
-    assert float(attention_kd(s_dec, s_dec, pairs, {"decoder": answer_mask}, True)) == 0
-    assert float(hidden_kd(s_dec, t_dec, pairs, 0.1, token_masks={"decoder": answer_mask})) > 0
+    assert float(attention_kd(s_dec, t_dec, pairs, query_masks={"decoder": answer_mask}, cross=True)) > 0
+    assert float(attention_kd(s_dec, s_dec, pairs, query_masks={"decoder": answer_mask}, cross=True)) == 0
+    assert float(hidden_kd(s_dec, t_dec, pairs, image_weight=0.1, token_masks={"decoder": answer_mask})) > 0
 
 
 def test_evaluation_ranks_the_answer_list_like_brute_force(setup):

@@ -137,7 +137,7 @@ class AnalyzeArguments:
 
 
 def analyze_modules(
-    model, evaluate, ratios: list[float], importance: dict[str, torch.Tensor], recover=None, show_progress=False
+    model, evaluate, *, ratios: list[float], importance: dict[str, torch.Tensor], recover=None, show_progress=False
 ) -> dict:
     """Sensitivity of the task metric to pruning each encoder alone.
 
@@ -226,7 +226,7 @@ def write_analysis(result: dict, output_dir: str, metric: str) -> str:
     return "\n".join(lines)
 
 
-def recovery_fine_tune(model, processor, data, steps: int, learning_rate: float, batch_size: int, seed: int):
+def recovery_fine_tune(model, processor, data, *, steps: int, learning_rate: float, batch_size: int, seed: int):
     """A copy of `model` fine-tuned for `steps` with the task loss only (retrieval: ITC + ITM; NLVR2: cross-entropy),
     no KD and nothing saved: the optional recovery step of the module analysis."""
     import copy
@@ -272,10 +272,10 @@ def run_analysis(args: AnalyzeArguments, data, write=lambda text: None) -> dict:
         return evaluate_model(net, processor, data, held_out, show_progress=False, pruning_masks=masks)[metric]
 
     def recover(net):
-        return recovery_fine_tune(net, processor, data, args.recovery_steps, args.recovery_learning_rate,
-                                  args.recovery_batch_size, args.seed)
+        return recovery_fine_tune(net, processor, data, steps=args.recovery_steps, learning_rate=args.recovery_learning_rate,
+                                  batch_size=args.recovery_batch_size, seed=args.seed)
 
-    result = analyze_modules(model, evaluate, ratios, importance, recover if args.recovery_steps else None, True)
+    result = analyze_modules(model, evaluate, ratios=ratios, importance=importance, recover=recover if args.recovery_steps else None, show_progress=True)
     result.update(importance=args.importance, task=data.task, metric=metric, recovery_steps=args.recovery_steps)
     write(write_analysis(result, args.output_dir, metric))
     return result

@@ -144,7 +144,7 @@ def strategy_targets(strategy: str, split: dict[str, float], target: float, conf
     return {f"{m}_target": ratios[m] for m in stacks}
 
 
-def measure_latency(models: dict, processor, data, eval_data, batch: int, repeats: int, warmup: int = 2) -> dict:
+def measure_latency(models: dict, processor, *, data, eval_data, batch: int, repeats: int, warmup: int = 2) -> dict:
     """Median / min / max latency (ms) of the task's inference path per model (`Task.workload` on `batch` held-out
     items); repeats interleave the models so drift hits all alike."""
     task = get_task(data.task)
@@ -224,7 +224,7 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         }
         models[strategy] = pruned
     student_metrics = evaluate_model(student, processor, data, held_out, show_progress=False)
-    latency = measure_latency(models, processor, data, held_out, compare.latency_batch, compare.latency_repeats)
+    latency = measure_latency(models, processor, data=data, eval_data=held_out, batch=compare.latency_batch, repeats=compare.latency_repeats)
     base = latency["student (unpruned)"]["median_ms"]
     for strategy in strategies:
         results[strategy]["latency"] = latency[strategy]

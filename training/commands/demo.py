@@ -316,8 +316,8 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
                  "speed_protocol": report["protocol"]["latency"], "dataset_name": "efficientvlm-synthetic-scenes",
                  **chain.cards[name]}
         _timed(timings, f"save_{name}", lambda: save_hub_ready(
-            model, processor, os.path.join(args.output_dir, name), f"efficientvlm-demo-{name.replace('_', '-')}",
-            teacher.config, chain.metrics[name], extra))
+            model, processor, os.path.join(args.output_dir, name), model_name=f"efficientvlm-demo-{name.replace('_', '-')}",
+            reference_config=teacher.config, metrics=chain.metrics[name], extra=extra))
     report["stage_seconds"] = timings
     report["wall_time_s"] = time.time() - start
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
@@ -778,7 +778,7 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
                   f"step: {points}. Rule: {curve['rule']} — {'met' if curve['converged'] else 'NOT met'}"
                   f"{' at step ' + str(curve['converged_at_step']) if curve['converged_at_step'] else ''}.\n\n"
                   "![learning curve](learning_curve.png)")
-        save_hub_ready(model, _processor(train_args.output_dir), args.output_dir, "efficientvlm-demo-teacher",
+        save_hub_ready(model, _processor(train_args.output_dir), args.output_dir, model_name="efficientvlm-demo-teacher",
                        metrics=metrics, files={PROVENANCE_FILE: provenance_path, "learning_curve.png": os.path.join(
                            train_args.output_dir, "learning_curve.png")},
                        extra={"recipe": recipe, "how_made": HOW_MADE["teacher"], "dataset_name":

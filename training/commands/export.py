@@ -390,7 +390,7 @@ LIMITATIONS = (
 
 
 def save_hub_ready(
-    model, processor: EfficientVLMProcessor | None, output_dir: str, model_name: str, reference_config=None,
+    model, processor: EfficientVLMProcessor | None, output_dir: str, *, model_name: str, reference_config=None,
     metrics: dict | None = None, extra: dict | None = None, overwrite: bool = True, files: dict | None = None,
 ) -> dict:
     """Writes a Hub-ready folder atomically (temp dir → rename; an existing folder stays whole until the new one is
@@ -484,4 +484,4 @@ def run_export(args: ExportArguments, extra: dict | None = None) -> dict:
             reference = EfficientVLMConfig.from_pretrained(path)
             extra.setdefault("reference_name", f"{os.path.basename(os.path.normpath(path))} (the run's {flag})")
     name = args.model_name or os.path.basename(os.path.abspath(args.output_dir))
-    return save_hub_ready(model, processor, args.output_dir, name, reference, metrics, extra, args.overwrite)
+    return save_hub_ready(model, processor, args.output_dir, model_name=name, reference_config=reference, metrics=metrics, extra=extra, overwrite=args.overwrite)

@@ -345,7 +345,7 @@ def eval_set(data: DataArguments):
 
 
 def evaluate_model(
-    model, processor, data: DataSourceArguments, eval_data=None, show_progress=True, pruning_masks=None
+    model, processor, data: DataSourceArguments, eval_data=None, *, show_progress=True, pruning_masks=None
 ) -> dict:
     """The task's metrics on the held-out set (with masks: the gated model at export masks), and under "data" which
     data they were computed on (`describe_eval_data`)."""

@@ -15,7 +15,7 @@ import torch
 from .files import load_image
 
 
-def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Any, probability: float,
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Any, *, probability: float,
                 max_masks: int, generator: torch.Generator | None = None,
                 min_masks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style masking for MLM: pick tokens, then 80% [MASK], 10% a random word, 10% unchanged.
@@ -149,8 +149,8 @@ class RetrievalCollator:
         batch = {key: encoded[key] for key in ("pixel_values", "input_ids", "attention_mask")}
         if self.mlm_probability > 0:
             batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
-                batch["input_ids"], batch["attention_mask"], self.processor.tokenizer, self.mlm_probability,
-                self.max_masks, self.generator)
+                batch["input_ids"], batch["attention_mask"], self.processor.tokenizer, probability=self.mlm_probability,
+                max_masks=self.max_masks, generator=self.generator)
         for key, build in (("negative_caption", self._negatives), ("image_id", self._image_ids)):
             present = sum(key in item for item in items)
             if 0 < present < len(items):

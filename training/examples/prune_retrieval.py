@@ -110,7 +110,7 @@ def main():
     pruned = materialize(gated.student.eval(), gated.l0.deterministic_masks())
     export_dir = script_args.export_dir or os.path.join(training_args.output_dir, "pruned")
     name = training_args.hub_model_id.split("/")[-1] if push else os.path.basename(os.path.abspath(export_dir))
-    report = save_hub_ready(pruned, processor, export_dir, name, reference_config=teacher.config,
+    report = save_hub_ready(pruned, processor, export_dir, model_name=name, reference_config=teacher.config,
                             extra={"how_made": "distilled and pruned with EfficientVLM's prune_retrieval.py"})
     logger.info("pruned model saved to %s: %d parameters (student: %d); sparsity vs the teacher: %s", export_dir,
                 pruned.num_parameters(), student.num_parameters(),

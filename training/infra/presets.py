@@ -18,7 +18,7 @@ def xvlm_clip_config(image_size: int = 224, vocab_size: int = 30522) -> Efficien
 
 
 def demo_config(
-    image_size: int = 32, vocab_size: int = 128, hidden: int = 64, ffn: int = 256, heads: int = 4, patch_size: int = 4
+    image_size: int = 32, vocab_size: int = 128, *, hidden: int = 64, ffn: int = 256, heads: int = 4, patch_size: int = 4
 ) -> EfficientVLMConfig:
     """The demo teacher: 12/6/6 layers like X-VLM, small widths (defaults: the default demo's sizes).
 

@@ -117,7 +117,7 @@ def vision_tokens(config, tokens: int = 0) -> int:
 
 
 def retrieval_path(
-    config, images: int, texts: int, text_length: int, k: int, image_tokens: int = 0
+    config, *, images: int, texts: int, text_length: int, k: int, image_tokens: int = 0
 ) -> Path:
     """Retrieval (ALBEF / X-VLM protocol): every image and text encoded once, the fusion encoder on k ITC candidates
     for every image query and every text query: (images + texts)·k pairs."""
@@ -130,7 +130,7 @@ def retrieval_path(
     }
 
 
-def nlvr2_path(config, items: int, text_length: int, image_tokens: int = 0) -> Path:
+def nlvr2_path(config, *, items: int, text_length: int, image_tokens: int = 0) -> Path:
     """NLVR2 (X-VLM structure): two images and one statement per item; every fusion layer runs once per item (copy
     2l over image 0, copy 2l + 1 over image 1 — with a single, non-duplicated fusion encoder it runs twice)."""
     tokens = vision_tokens(config, image_tokens)
@@ -142,7 +142,7 @@ def nlvr2_path(config, items: int, text_length: int, image_tokens: int = 0) -> P
     }
 
 
-def vqa_path(config, questions: int, question_length: int, k: int, answer_length: int,
+def vqa_path(config, *, questions: int, question_length: int, k: int, answer_length: int,
              image_tokens: int = 0) -> Path:
     """VQA answer ranking (`EfficientVLMForQuestionAnswering.rank_answers`): per question one vision, text and fusion
     pass; the answer decoder takes one step from the start token (scores every answer's first token) and then
@@ -157,7 +157,7 @@ def vqa_path(config, questions: int, question_length: int, k: int, answer_length
     }
 
 
-def captioning_path(config, images: int, prompt_length: int, new_tokens: int, beams: int,
+def captioning_path(config, *, images: int, prompt_length: int, new_tokens: int, beams: int,
                     image_tokens: int = 0) -> Path:
     """Captioning with the KV cache (`EfficientVLMForConditionalGeneration.generate`): the image encoded once; the
     text + fusion stack (one causal decoder) runs the prompt once per beam, then one new token per step reading every
@@ -197,10 +197,11 @@ def _lm_head_macs(sub) -> int:
     return sub.hidden_size * sub.hidden_size + sub.hidden_size * sub.vocab_size
 
 
-def retrieval_flops(config, images: int, texts: int, text_length: int, k: int, image_tokens: int = 0) -> dict[str, int]:
+def retrieval_flops(config, *, images: int, texts: int, text_length: int, k: int,
+                    image_tokens: int = 0) -> dict[str, int]:
     """FLOPs of the retrieval inference path (`retrieval_path`): encoders + ITC (projections, all-pairs scores) + the
     ITM head on every re-ranked pair. Returns {"vision", "text", "itc", "fusion" (incl. the ITM head), "total"}."""
-    path = retrieval_path(config, images, texts, text_length, k, image_tokens)
+    path = retrieval_path(config, images=images, texts=texts, text_length=text_length, k=k, image_tokens=image_tokens)
     out = path_flops(config, path)
     v, t = config.vision_config, config.text_config
     itc = 2 * images * texts * config.embed_dim
@@ -213,33 +214,33 @@ def retrieval_flops(config, images: int, texts: int, text_length: int, k: int, i
             "total": out["vision"] + out["text"] + itc + fusion}
 
 
-def nlvr2_flops(config, items: int, text_length: int, image_tokens: int = 0) -> dict[str, int]:
+def nlvr2_flops(config, *, items: int, text_length: int, image_tokens: int = 0) -> dict[str, int]:
     """FLOPs of NLVR2 classification (`nlvr2_path`) + the NLVR head on each item's [CLS]: Linear(d, w) + Linear(w,
     num_labels). Returns {"vision", "text", "fusion" (incl. the head), "total"}."""
-    out = path_flops(config, nlvr2_path(config, items, text_length, image_tokens))
+    out = path_flops(config, nlvr2_path(config, items=items, text_length=text_length, image_tokens=image_tokens))
     d, w, labels = config.text_config.hidden_size, head_width(config), getattr(config, "num_labels", 2)
     out["fusion"] += items * 2 * (d * w + w * labels)
     out["total"] = out["vision"] + out["text"] + out["fusion"]
     return out
 
 
-def vqa_flops(config, questions: int, question_length: int, k: int, answer_length: int,
+def vqa_flops(config, *, questions: int, question_length: int, k: int, answer_length: int,
               image_tokens: int = 0) -> dict[str, int]:
     """FLOPs of VQA answer ranking (`vqa_path`: k re-scored answers per question, so pass min(k, answers)) + the answer
     decoder's LM head over the whole vocabulary on every decoder token (as large as a decoder layer at V ~ 30k).
     Returns {"vision", "text", "fusion", "decoder" (incl. the LM head), "total"}."""
-    out = path_flops(config, vqa_path(config, questions, question_length, k, answer_length, image_tokens))
+    out = path_flops(config, vqa_path(config, questions=questions, question_length=question_length, k=k, answer_length=answer_length, image_tokens=image_tokens))
     tokens = questions + questions * k * answer_length  # the first-token step + k answers teacher-forced
     out["decoder"] += tokens * 2 * _lm_head_macs(config.decoder_config)
     out["total"] = sum(out[m] for m in ("vision", "text", "fusion", "decoder"))
     return out
 
 
-def captioning_flops(config, images: int, prompt_length: int, new_tokens: int, beams: int,
+def captioning_flops(config, *, images: int, prompt_length: int, new_tokens: int, beams: int,
                      image_tokens: int = 0) -> dict[str, int]:
     """FLOPs of cached beam-search captioning (`captioning_path`) + the LM head on each beam's new token per step.
     Returns {"vision", "text", "fusion" (incl. the LM head), "total"}."""
-    out = path_flops(config, captioning_path(config, images, prompt_length, new_tokens, beams, image_tokens))
+    out = path_flops(config, captioning_path(config, images=images, prompt_length=prompt_length, new_tokens=new_tokens, beams=beams, image_tokens=image_tokens))
     out["fusion"] += images * beams * new_tokens * 2 * _lm_head_macs(config.text_config)
     out["total"] = out["vision"] + out["text"] + out["fusion"]
     return out

@@ -46,7 +46,7 @@ def kd_pairs(layer_map: dict[str, list[int]]) -> dict[str, dict[str, list[tuple[
 
 
 def attention_kd(
-    student: dict, teacher: dict, pairs: dict, query_masks: dict, cross: bool, key_length_scale: bool = True
+    student: dict, teacher: dict, pairs: dict, *, query_masks: dict, cross: bool, key_length_scale: bool = True
 ) -> torch.Tensor:
     """Mean over stacks of the attention-map KD (self-attention of every stack; fusion and VQA-decoder
     cross-attention if `cross`).
@@ -109,7 +109,7 @@ def stack_outputs(output) -> dict:
 
 
 def hidden_kd(
-    student: dict, teacher: dict, pairs: dict, image_weight: float, token_masks: dict | None = None,
+    student: dict, teacher: dict, pairs: dict, *, image_weight: float, token_masks: dict | None = None,
     pruning_masks=None,
 ) -> torch.Tensor:
     """Σ over encoders of the hidden-state KD, the vision term weighted by `image_weight`; `token_masks` (per output
@@ -163,7 +163,7 @@ def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_b
         gathered = [torch.empty_like(image_ids) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, image_ids.contiguous())
         all_ids = torch.cat(gathered)
-    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature, offset, image_ids, all_ids)
+    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature=temperature, offset=offset, image_ids=image_ids, all_image_ids=all_ids)
 
 
 def check_compatible(student_config, teacher_config, hidden_kd_on: bool) -> None:

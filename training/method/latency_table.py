@@ -119,7 +119,7 @@ def _signature(group: UnitGroup, runs: list[Run]) -> tuple:
 
 
 def measure_latency_table(
-    config, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 16, points: int = 4,
+    config, path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 16, points: int = 4,
     warmup: int = 2, repeats: int = 7, min_seconds: float = 0.005, progress: bool = True,
 ) -> dict:
     """Times every prunable group's sub-layer of `config` on `path` and fits (fixed, per_unit) seconds per group.

@@ -117,7 +117,7 @@ def _draw_negatives(
 
 def itc_loss_global(
     image_feat: torch.Tensor, text_feat: torch.Tensor, all_image_feat: torch.Tensor, all_text_feat: torch.Tensor,
-    temperature: torch.Tensor | float, offset: int, image_ids: torch.Tensor | None = None,
+    *, temperature: torch.Tensor | float, offset: int, image_ids: torch.Tensor | None = None,
     all_image_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ITC of a local batch against gathered features of the global batch (multi-process X-VLM).
@@ -513,7 +513,7 @@ def itc_kd_loss(
 def combine_losses(
     vlp: Mapping[str, torch.Tensor],
     kd: Mapping[str, torch.Tensor],
-    lambda_vlp: float,
+    *, lambda_vlp: float,
     alpha_attn: float,
     beta_hidden: float,
     gamma_logits: float,

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from .arguments import DistillationArguments, PruningArguments, default_sparsity_warmup
+from .arguments import DistillationArguments, PruningArguments, default_freeze_step, default_sparsity_warmup
 from .cost import inference_path, path_to_json
 from .distillation import check_compatible, kd_pairs
 from .l0 import GATES_FILE, ModalL0Module, read_gates_file
@@ -94,8 +94,8 @@ class EfficientVLMDistillationTrainer(Trainer):
 
         def step(gated: GatedModel):
             total, parts = self.task.loss_step(
-                gated.student, self.teacher, inputs, self.args, self.maps, self._masks(gated), self.noise_generator,
-                step=self.state.global_step,
+                gated.student, self.teacher, inputs, self.args, self.maps, masks=self._masks(gated),
+                generator=self.noise_generator, step=self.state.global_step,
             )
             return self._add_regularisers(gated, total, parts), parts
 
@@ -222,11 +222,15 @@ class GatedModel(nn.Module):
 
 
 class L0Callback(TrainerCallback):
-    """Resolves the default sparsity warm-up at the start, clamps log α after every optimizer step and freezes the
-    structure at `freeze_masks_step`."""
+    """Resolves the default sparsity warm-up and freeze step at the start, clamps log α after every optimizer step
+    and freezes the structure at `freeze_masks_step`."""
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if not isinstance(model, GatedModel) or model.l0 is None or args.sparsity_warmup_steps is not None:
+        if not isinstance(model, GatedModel) or model.l0 is None:
+            return
+        if args.freeze_masks_step is None:  # leave the weights a tail under the structure that is exported
+            args.freeze_masks_step = default_freeze_step(getattr(args, "freeze_masks_at", 1.0), state.max_steps)
+        if args.sparsity_warmup_steps is not None:
             return
         try:
             per_epoch = len(train_dataloader) // max(1, args.gradient_accumulation_steps)
@@ -320,11 +324,19 @@ class EfficientVLMPruningTrainer(EfficientVLMDistillationTrainer):
             {"params": [p for n, p in weights if n not in decay], "weight_decay": 0.0},
             {"params": gated.l0.gate_parameters(), "weight_decay": 0.0, "lr": self.args.reg_learning_rate,
              "betas": (0.9, 0.98)},
+            # official `create_L0_optimizer`: AdamW (0.9, 0.98) for λ too (there by a negative lr)
             {"params": gated.l0.lambda_parameters(), "weight_decay": 0.0, "lr": self.args.reg_learning_rate,
-             "maximize": True},
+             "betas": (0.9, 0.98), "maximize": True},
         ]
         self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        """`--max_grad_norm` clips the weights only: log α and λ keep their own gradients (the official pruning loop
+        clips nothing; a joint norm would tie their steps to the size of the weights' gradients)."""
+        gates = {id(p) for p in self.model.l0.parameters()}
+        weights = [p for p in model.parameters() if id(p) not in gates]
+        return self.accelerator.clip_grad_norm_(weights, self.args.max_grad_norm)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The usual schedule for the weights; constant lr for the gates and the multipliers."""

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 class LossStep(Protocol):
     """Task loss + task KD for one batch -> (total, {term: value}); `teacher` and `maps` are None without KD."""
 
-    def __call__(self, student: Any, teacher: Any | None, inputs: dict, args: Any, maps: dict | None, masks: Any = None,
-                 generator: Any = None, step: int = 0) -> tuple[Any, dict]: ...
+    def __call__(self, student: Any, teacher: Any | None, inputs: dict, args: Any, maps: dict | None, *,
+                 masks: Any = None, generator: Any = None, step: int = 0) -> tuple[Any, dict]: ...
 
 
 class TrainData(Protocol):

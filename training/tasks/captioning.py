@@ -79,7 +79,7 @@ def _encoder_outputs(output) -> dict:
 
 
 def captioning_losses(
-    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None,
+    student, teacher, inputs: dict, args, maps: dict | None, *, masks=None, generator: torch.Generator | None = None,
     step: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Label-smoothed LM loss of the student + task KD from the teacher on the same teacher-forced batch.
@@ -113,7 +113,7 @@ def captioning_losses(
     s_out, t_out, use_attn, use_hidden = forward_with_teacher(student, teacher, inputs, args, masks)
     task = {"lm": s_out.loss}
     if teacher is None:
-        return L.combine_losses(task, {}, 1.0, 0.0, 0.0, 0.0)
+        return L.combine_losses(task, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0, gamma_logits=0.0)
     predicted = (inputs["labels"][:, 1:] != -100).to(s_out.logits.device)  # (B, T - 1): logits[:, t] → labels[:, t+1]
     kd = {"logits": L.logit_kd_loss(s_out.logits[:, :-1][predicted], t_out.logits[:, :-1][predicted],
                                     args.kd_temperature)}
@@ -122,12 +122,12 @@ def captioning_losses(
     if use_attn:
         text_mask = inputs["attention_mask"]  # the fusion queries are the same B text rows
         kd["attn"] = attention_kd(
-            student_stacks, teacher_stacks, maps, {"image": None, "text": text_mask, "fusion": text_mask},
-            bool(args.cross_attention_kd), args.attention_key_length_scale,
+            student_stacks, teacher_stacks, maps, query_masks={"image": None, "text": text_mask, "fusion": text_mask},
+            cross=bool(args.cross_attention_kd), key_length_scale=args.attention_key_length_scale,
         ).to(device)
     if use_hidden:
-        kd["hidden"] = hidden_kd(student_stacks, teacher_stacks, maps, args.image_hidden_weight).to(device)
-    return L.combine_losses(task, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
+        kd["hidden"] = hidden_kd(student_stacks, teacher_stacks, maps, image_weight=args.image_hidden_weight).to(device)
+    return L.combine_losses(task, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn, beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -166,7 +166,7 @@ def generate_captions(
     model: torch.nn.Module,
     images: Sequence,
     processor: Any,
-    batch_size: int = 32,
+    *, batch_size: int = 32,
     pruning_masks: Any = None,
     device: torch.device | str | None = None,
     show_progress: bool = True,
@@ -199,7 +199,7 @@ def evaluate_captioning(
     images: Sequence,
     references: Sequence[Sequence[str]],
     processor: Any,
-    batch_size: int = 32,
+    *, batch_size: int = 32,
     pruning_masks: Any = None,
     show_progress: bool = True,
 ) -> dict[str, float]:
@@ -213,7 +213,7 @@ def evaluate_captioning(
     if len(images) != len(references) or not len(images):
         raise ValueError(f"need one reference list per image and at least one image, got {len(images)} images and "
                          f"{len(references)} reference lists")
-    predictions = generate_captions(model, images, processor, batch_size, pruning_masks, show_progress=show_progress)
+    predictions = generate_captions(model, images, processor, batch_size=batch_size, pruning_masks=pruning_masks, show_progress=show_progress)
     references = [list(refs) for refs in references]
     return {"bleu4": 100.0 * bleu(predictions, references, n=4)[3], "cider": 100.0 * cider_d(predictions, references),
             "captions": len(predictions)}

@@ -33,7 +33,7 @@ NLVR2_LAMBDA = 0.8
 
 
 def nlvr2_losses(
-    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None,
+    student, teacher, inputs: dict, args, maps: dict | None, *, masks=None, generator: torch.Generator | None = None,
     step: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """NLVR2 cross-entropy of the student + task KD from the teacher on the same batch.
@@ -64,21 +64,21 @@ def nlvr2_losses(
     s_out, t_out, use_attn, use_hidden = forward_with_teacher(student, teacher, inputs, args, masks)
     task = {"task": s_out.loss}
     if teacher is None:
-        return L.combine_losses(task, {}, 1.0, 0.0, 0.0, 0.0)
+        return L.combine_losses(task, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0, gamma_logits=0.0)
     device = s_out.logits.device
     kd = {"logits": L.logit_kd_loss(s_out.logits, t_out.logits, args.kd_temperature)}
     student_encoders, teacher_encoders = stack_outputs(s_out), stack_outputs(t_out)
     if use_attn:
         query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"]}
         kd["attn"] = attention_kd(
-            student_encoders, teacher_encoders, maps, query_masks, bool(args.cross_attention_kd),
-            args.attention_key_length_scale,
+            student_encoders, teacher_encoders, maps, query_masks=query_masks, cross=bool(args.cross_attention_kd),
+            key_length_scale=args.attention_key_length_scale,
         ).to(device)
     if use_hidden:
         kd["hidden"] = hidden_kd(
-            student_encoders, teacher_encoders, maps, args.image_hidden_weight, pruning_masks=masks
+            student_encoders, teacher_encoders, maps, image_weight=args.image_hidden_weight, pruning_masks=masks
         ).to(device)
-    return L.combine_losses(task, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
+    return L.combine_losses(task, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn, beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -121,7 +121,7 @@ def evaluate_nlvr2(
     model: torch.nn.Module,
     items: Sequence[dict],
     processor: Any,
-    batch_size: int = 32,
+    *, batch_size: int = 32,
     device: torch.device | str | None = None,
     show_progress: bool = True,
     max_length: int = 40,

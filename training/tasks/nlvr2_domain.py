@@ -102,7 +102,7 @@ def sample_domain_pairs(
 
 # -------------------------------------------------------------------------------------------------------- the loss
 def domain_losses(
-    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None,
+    student, teacher, inputs: dict, args, maps: dict | None, *, masks=None, generator: torch.Generator | None = None,
     step: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy of the 3-way text-agnostic classification on pairs drawn by ITC similarity (no KD).
@@ -139,7 +139,7 @@ def domain_losses(
     logits, _ = student.pair_logits(text, inputs["attention_mask"], image_tokens[left.to(device)],
                                     image_tokens[right.to(device)], masks)  # (B, 3)
     task = F.cross_entropy(logits.float(), labels.to(device))
-    return L.combine_losses({"task": task}, {}, 1.0, 0.0, 0.0, 0.0)
+    return L.combine_losses({"task": task}, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0, gamma_logits=0.0)
 
 
 # ------------------------------------------------------------------------------------------------------------ data

@@ -90,7 +90,7 @@ def uniform_negative_share(args, step: int) -> float:
 
 
 def retrieval_losses(
-    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator=None, step: int = 0
+    student, teacher, inputs: dict, args, maps: dict | None, *, masks=None, generator=None, step: int = 0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VLP losses of the student + KD from the teacher on the same batch and the same ITM pairs.
 
@@ -145,7 +145,7 @@ def retrieval_losses(
     if uses_bbox(student, inputs, args):
         vlp["bbox"] = args.bbox_weight * bbox_term(student, inputs, s_image.last_hidden_state, masks)
     if teacher is None:
-        return L.combine_losses(vlp, {}, 1.0, 0.0, 0.0, 0.0)
+        return L.combine_losses(vlp, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0, gamma_logits=0.0)
     with torch.no_grad():
         t = _forward_all(teacher, inputs, None, pairs, use_attn, use_hidden, use_mlm)
     kd_logits = L.logit_kd_loss(s["itm_logits"], t["itm_logits"], args.kd_temperature)
@@ -157,10 +157,10 @@ def retrieval_losses(
     kd = {"logits": kd_logits}
     if use_attn:
         query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"][pairs[1]]}
-        kd["attn"] = attention_kd(s, t, maps, query_masks, cross, args.attention_key_length_scale).to(sim.device)
+        kd["attn"] = attention_kd(s, t, maps, query_masks=query_masks, cross=cross, key_length_scale=args.attention_key_length_scale).to(sim.device)
     if use_hidden:
-        kd["hidden"] = hidden_kd(s, t, maps, args.image_hidden_weight, pruning_masks=masks).to(sim.device)
-    return L.combine_losses(vlp, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
+        kd["hidden"] = hidden_kd(s, t, maps, image_weight=args.image_hidden_weight, pruning_masks=masks).to(sim.device)
+    return L.combine_losses(vlp, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn, beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -298,7 +298,7 @@ def evaluate_retrieval(
     img2txt: Sequence[Sequence[int]],
     txt2img: Sequence[int],
     processor: Any,
-    k: int = 16,
+    *, k: int = 16,
     batch_size: int = 32,
     pruning_masks: Any = None,
     device: torch.device | str | None = None,

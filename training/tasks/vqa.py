@@ -130,7 +130,7 @@ def _prepare_model(model, processor, data=None) -> None:
 
 # --------------------------------------------------------------------------------------------------------- loss step
 def vqa_losses(
-    student, teacher, inputs: dict, args, maps: dict | None, masks=None, generator: torch.Generator | None = None,
+    student, teacher, inputs: dict, args, maps: dict | None, *, masks=None, generator: torch.Generator | None = None,
     step: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted answer LM loss of the student + task KD from the teacher on the same teacher-forced answers.
@@ -166,7 +166,7 @@ def vqa_losses(
     s_out = student(**model_inputs, pruning_masks=masks, output_attentions=use_attn, output_hidden_states=use_hidden)
     task = {"vqa": s_out.loss}
     if teacher is None:
-        return L.combine_losses(task, {}, 1.0, 0.0, 0.0, 0.0)
+        return L.combine_losses(task, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0, gamma_logits=0.0)
     with torch.no_grad():
         t_out = teacher(**model_inputs, output_attentions=use_attn, output_hidden_states=use_hidden)
     device = s_out.logits.device
@@ -179,13 +179,13 @@ def vqa_losses(
     student_stacks, teacher_stacks = stack_outputs(s_out), stack_outputs(t_out)
     text_mask = inputs["attention_mask"]
     if use_attn:
-        kd["attn"] = attention_kd(student_stacks, teacher_stacks, pairs, {
+        kd["attn"] = attention_kd(student_stacks, teacher_stacks, pairs, query_masks={
             "image": None, "text": text_mask, "fusion": text_mask, "decoder": answer_mask,
-        }, cross, args.attention_key_length_scale)
+        }, cross=cross, key_length_scale=args.attention_key_length_scale)
     if use_hidden:
-        kd["hidden"] = hidden_kd(student_stacks, teacher_stacks, pairs, args.image_hidden_weight,
+        kd["hidden"] = hidden_kd(student_stacks, teacher_stacks, pairs, image_weight=args.image_hidden_weight,
                                  token_masks={"decoder": answer_mask})
-    return L.combine_losses(task, kd, args.lambda_vlp, args.alpha_attn, args.beta_hidden, args.gamma_logits)
+    return L.combine_losses(task, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn, beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -242,7 +242,7 @@ def predict_answers(
     items: Sequence[dict],
     processor: Any,
     answer_list: Sequence[str],
-    batch_size: int = 32,
+    *, batch_size: int = 32,
     k: int = RANK_K,
     max_length: int = 40,
     pruning_masks: Any = None,
@@ -279,7 +279,7 @@ def predict_answers(
     return predictions
 
 
-def evaluate_vqa(model, items: Sequence[dict], processor: Any, answer_list: Sequence[str], batch_size: int = 32,
+def evaluate_vqa(model, items: Sequence[dict], processor: Any, answer_list: Sequence[str], *, batch_size: int = 32,
                  k: int = RANK_K, max_length: int = 40, pruning_masks: Any = None,
                  show_progress: bool = True) -> dict[str, float]:
     """VQA accuracy (percent) of the ranked answers against each item's annotator answers; with synthetic items also
@@ -294,8 +294,8 @@ def evaluate_vqa(model, items: Sequence[dict], processor: Any, answer_list: Sequ
     if unanswered:
         raise ValueError(f"VQA item {unanswered[0]} has no annotator answers ({len(unanswered)} such items): "
                          "evaluation needs the 'answer' lists")
-    predictions = predict_answers(model, items, processor, answer_list, batch_size, k, max_length, pruning_masks,
-                                  show_progress)
+    predictions = predict_answers(model, items, processor, answer_list, batch_size=batch_size, k=k, max_length=max_length, pruning_masks=pruning_masks,
+                                  show_progress=show_progress)
     scores = vqa_scores(predictions, [item["answer"] for item in items])
     metrics = {"accuracy": 100.0 * sum(scores) / len(scores), "questions": len(scores)}
     templates: dict[str, list[float]] = {}
