@@ -17,7 +17,8 @@ from efficientvlm.training.data.vqa_dataset import (
     question_only_baseline, scene_for_answer,
 )
 from efficientvlm.training.data.scene_world import ObjectRef
-from efficientvlm.training.metrics.vqa_scores import VQA_ACCURACY_METRIC_DIR, normalize_answer, vqa_accuracy, vqa_scores
+from efficientvlm.training.metrics.vqa_scores import (ARTICLES, CONTRACTIONS, MANUAL_MAP, VQA_ACCURACY_METRIC_DIR,
+                                                      official_answer_processing, vqa_accuracy, vqa_scores)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,32 @@ def test_vqa_json_and_answer_list(tmp_path):
     assert load_answer_list(_write(tmp_path / "answer_list.json", ["cat", "dog", "2"])) == ["cat", "dog", "2"]
 
 
+def test_visual_genome_answers_weigh_half(tmp_path):
+    """X-VLM `vqa_dataset.py`: a record with "dataset": "vg" trains on its one answer with weight 0.5."""
+    from efficientvlm.training.data.tokenization import synthetic_tokenizer
+    from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
+    from transformers import CLIPImageProcessor
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    records = [{"question_id": 1, "question": "what color is the circle?", "answer": "red", "image": "a.png",
+                "dataset": "vg"},
+               {"question_id": 2, "question": "what shape is it?", "answer": ["square"] * 3 + ["circle"],
+                "image": "a.png", "dataset": "vqa"},
+               {"question_id": 3, "question": "how many?", "answer": ["2", "2"], "image": "a.png"}]
+    items = load_vqa_json(_write(tmp_path / "train.json", records), str(tmp_path))
+    assert [item.get("dataset") for item in items] == ["vg", "vqa", None]
+    processor = EfficientVLMProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                         crop_size={"height": 16, "width": 16}),
+                                      tokenizer=synthetic_tokenizer())
+    batch = VQACollator(processor)(items)
+    assert batch["answer_weights"].tolist() == pytest.approx([0.5, 0.75, 0.25, 1.0])
+    assert batch["answer_question_index"].tolist() == [0, 1, 1, 2]
+    assert answer_weights(["red"], "vg") == {"red": 0.5} and answer_weights(["red"], "vqa") == {"red": 1.0}
+    bad = _write(tmp_path / "bad.json", [{**records[0], "dataset": 1}])
+    with pytest.raises(ValueError, match="record 0 field 'dataset' must be a string"):
+        load_vqa_json(bad, str(tmp_path))
+
+
 @pytest.mark.parametrize("record, message", [
     ({"question": "q?", "answer": ["a"], "image": "a.png"}, "record 0 is missing field 'question_id'"),
     ({"question_id": 1, "question": "", "answer": ["a"], "image": "a.png"}, "record 0 field 'question'"),
@@ -163,23 +190,110 @@ def test_collator_weights_and_question_rows():
 
 
 # ----------------------------------------------------------------------------------------------------- VQA accuracy
-def test_vqa_accuracy_against_hand_computed_values():
+# Expected values are the official script's (GT-Vision-Lab/VQA vqaEval.py), worked by hand from its logic: per
+# question mean over annotators i of min(#{j != i: answer_j == prediction} / 3, 1), answers processed only when the
+# annotators disagree.
+def test_vqa_accuracy_is_the_official_leave_one_out_average():
+    other = ["w"] * 10
+    for k, expected in ((1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)):
+        refs = ["x"] * k + other[k:]
+        # k matching annotators see k − 1 others, the 10 − k others see k: (k·min((k−1)/3, 1) + (10−k)·min(k/3, 1)) / 10
+        assert vqa_scores(["x"], [refs]) == pytest.approx([expected]), k
     ten = ["2"] * 2 + ["3"] * 8
-    # min(#agree / 3, 1): "two" = "2" (number words → digits) agrees with 2 annotators → 2/3; "3" with 8 → 1
-    assert vqa_scores(["two", "3", "4"], [ten, ten, ten]) == pytest.approx([2 / 3, 1.0, 0.0])
-    assert vqa_accuracy(["two", "3", "4"], [ten, ten, ten]) == pytest.approx(5 / 9)
-    # official leave-one-out: k = 2 agreeing of 10 → (2·(1/3) + 8·(2/3)) / 10 = 0.6; k = 3 → (3·2/3 + 7) / 10 = 0.9
-    assert vqa_scores(["2"], [ten], leave_one_out=True) == pytest.approx([0.6])
-    assert vqa_scores(["x"], [["x"] * 3 + ["y"] * 7], leave_one_out=True) == pytest.approx([0.9])
-    assert vqa_scores(["yes"], [["yes"] * 10], leave_one_out=True) == [1.0]
+    assert vqa_scores(["two", "3", "4"], [ten, ten, ten]) == pytest.approx([0.6, 1.0, 0.0])
+    assert vqa_accuracy(["two", "3", "4"], [ten, ten, ten]) == pytest.approx(1.6 / 3)
 
 
-@pytest.mark.parametrize("raw, normalised", [
-    ("Yes.", "yes"), ("The dog", "dog"), ("a red, (big) circle!", "red big circle"), ("1,000", "1000"),
-    ("dont know", "don't know"), ("  two\tcats ", "2 cats"), ("3.5", "3.5"), ("none", "0"),
+def test_official_score_normalises_only_when_annotators_disagree():
+    assert vqa_scores(["Yes", "zero", "yes", " yes\n"], [["yes"] * 10, ["0"] * 10, ["yes"] * 10, ["yes"] * 10]) == [
+        0.0, 0.0, 1.0, 1.0]  # unanimous: raw strings after newline / tab / strip
+    # one dissenting annotator switches the processing on: "Yes" → "yes" matches 9
+    assert vqa_scores(["Yes", "zero"], [["yes"] * 9 + ["no"], ["0"] * 9 + ["1"]]) == [1.0, 1.0]
+    assert vqa_scores(["Yes", "zero"], [["yes"] * 10, ["0"] * 10], variant="corrected") == [1.0, 1.0]
+
+
+def test_official_contraction_table_and_period_quirks():
+    # "Im" / "Ive" keys never match a lower-cased word: "im" stays "im" against 5 × "i'm" (0); "youll" → "you'll" (k=3)
+    assert vqa_scores(["im", "youll", "oclock"], [["i'm"] * 5 + ["no"] * 5, ["you'll"] * 3 + ["no"] * 7,
+                                                  ["o'clock"] * 2 + ["no"] * 8]) == pytest.approx([0.0, 0.9, 0.6])
+    assert vqa_scores(["im"], [["i'm"] * 5 + ["no"] * 5], variant="corrected") == [1.0]
+    # a period not followed by a digit goes, also after a digit: "2." → "2" (k = 2 → 0.6); "3.5" keeps its period
+    assert vqa_scores(["2.", "3.5"], [["2"] * 2 + ["3"] * 8, ["3.5"] * 4 + ["3"] * 6]) == pytest.approx([0.6, 1.0])
+
+
+def test_official_punctuation_test_reads_the_original_answer():
+    # "x/-y-z": "/" has no space beside it → " " ("x -y-z"); "-" has none in the ORIGINAL → " " too → "x y z"
+    # (testing the edited text would see " -" and delete every "-": "x yz", scoring 0)
+    assert official_answer_processing("x/-y-z") == "x y z"
+    assert vqa_scores(["x/-y-z"], [["x y z"] * 3 + ["w"] * 7]) == pytest.approx([0.9])
+    # a mark beside a space, or any comma between digits, is deleted everywhere; otherwise it becomes a space
+    assert official_answer_processing("a red, (big) circle!") == "red big circle"
+    assert official_answer_processing("1,000 (approx)") == "1000 approx"
+    assert official_answer_processing("black-white") == "black white"
+
+
+@pytest.mark.parametrize("raw, processed", [
+    ("Yes.", "yes"), ("The dog", "dog"), ("dont know", "don't know"), ("  two\tcats ", "2 cats"), ("3.5", "3.5"),
+    ("none", "0"), ("Ive", "ive"), ("2.", "2"), ("ten.", "10"),
 ])
-def test_answer_normalisation(raw, normalised):
-    assert normalize_answer(raw) == normalised
+def test_official_answer_processing(raw, processed):
+    assert official_answer_processing(raw) == processed
+
+
+def _script(prediction: str, refs: list[str]) -> float:
+    """vqaEval.py's per-question loop transcribed line by line (answers as dicts with answer ids, as in the API)."""
+    import re
+
+    punct = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+             "!"]
+    period_strip, comma_strip = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII), re.compile(r"(\d)(\,)(\d)", re.ASCII)
+
+    def process_punctuation(in_text):
+        out_text = in_text
+        for p in punct:
+            if (p + " " in in_text or " " + p in in_text) or (re.search(comma_strip, in_text) is not None):
+                out_text = out_text.replace(p, "")
+            else:
+                out_text = out_text.replace(p, " ")
+        return period_strip.sub("", out_text, count=re.UNICODE)
+
+    manual_map = dict(MANUAL_MAP)
+
+    def process_digit_article(in_text):
+        out_text = []
+        for word in in_text.lower().split():
+            word = manual_map.setdefault(word, word)
+            if word not in ARTICLES:
+                out_text.append(word)
+        for word_id, word in enumerate(out_text):
+            if word in CONTRACTIONS:
+                out_text[word_id] = CONTRACTIONS[word]
+        return " ".join(out_text)
+
+    answers = [{"answer": a.replace("\n", " ").replace("\t", " ").strip(), "answer_id": i + 1}
+               for i, a in enumerate(refs)]
+    res = prediction.replace("\n", " ").replace("\t", " ").strip()
+    if len({a["answer"] for a in answers}) > 1:
+        for a in answers:
+            a["answer"] = process_digit_article(process_punctuation(a["answer"]))
+        res = process_digit_article(process_punctuation(res))
+    accs = []
+    for gt in answers:
+        others = [item for item in answers if item != gt]
+        accs.append(min(1, float(len([item for item in others if item["answer"] == res])) / 3))
+    return sum(accs) / len(accs)
+
+
+def test_official_score_equals_the_script_transcription_on_random_questions():
+    rng = random.Random(0)
+    pool = ["yes", "Yes", "no", "2", "two", "2.", "3.5", "the dog", "dog", "Dog.", "black-white", "black/white",
+            "x/-y-z", "x y z", "im", "i'm", "youll", "you'll", "1,000", "1000", "none", "0", "a (red) car", "red car"]
+    for _ in range(400):
+        refs = [rng.choice(pool[:rng.randint(2, len(pool))]) for _ in range(rng.choice((3, 10)))]
+        if rng.random() < 0.2:
+            refs = [refs[0]] * len(refs)
+        prediction = rng.choice(pool)
+        assert vqa_scores([prediction], [refs]) == pytest.approx([_script(prediction, refs)]), (prediction, refs)
 
 
 def test_vqa_accuracy_rejects_malformed_inputs():
@@ -187,13 +301,15 @@ def test_vqa_accuracy_rejects_malformed_inputs():
         vqa_accuracy(["a"], [["a"], ["b"]])
     with pytest.raises(ValueError, match=r"answers\[0\] must be a non-empty list"):
         vqa_accuracy(["a"], [[]])
-    with pytest.raises(ValueError, match="leave_one_out needs at least 2"):
-        vqa_accuracy(["a"], [["a"]], leave_one_out=True)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        vqa_accuracy(["a"], [["a"]])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        vqa_accuracy(["a"], [["a", "a"]], variant="paper")
 
 
 def test_vqa_accuracy_evaluate_module_loads_by_path():
     import evaluate
 
     metric = evaluate.load(VQA_ACCURACY_METRIC_DIR)
-    result = metric.compute(predictions=["two", "Yes."], references=[["2", "2", "3"], ["yes"] * 10])
-    assert result["accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    result = metric.compute(predictions=["two", "Yes."], references=[["2", "2", "3"], ["yes"] * 9 + ["no"]])
+    assert result["accuracy"] == pytest.approx((4 / 9 + 1) / 2)

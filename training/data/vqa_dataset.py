@@ -265,11 +265,18 @@ def make_vqa_eval_set(n: int, seed: int = 0, image_size: int = 64, return_scenes
 
 
 # --------------------------------------------------------------------------------------------- weights, baseline
-def answer_weights(answers: Sequence[str]) -> dict[str, float]:
-    """ALBEF / X-VLM training weights: each distinct answer weighs (its count) / (number of annotator answers)."""
+VG_ANSWER_WEIGHT = 0.5
+"""Weight of a Visual Genome answer in VQA training (X-VLM `dataset/vqa_dataset.py`: records with `"dataset": "vg"`
+carry one answer, weighted 0.5)."""
+
+
+def answer_weights(answers: Sequence[str], dataset: str | None = None) -> dict[str, float]:
+    """ALBEF / X-VLM training weights: each distinct answer weighs (its count) / (number of annotator answers); for a
+    Visual Genome record (`dataset == "vg"`) that share times `VG_ANSWER_WEIGHT` (its one answer: 0.5)."""
     if isinstance(answers, str) or not answers:
         raise ValueError(f"need a non-empty list of annotator answers, got {answers!r}")
-    return {answer: count / len(answers) for answer, count in Counter(answers).items()}
+    scale = VG_ANSWER_WEIGHT if dataset == "vg" else 1.0
+    return {answer: scale * count / len(answers) for answer, count in Counter(answers).items()}
 
 
 def question_only_baseline(train: Sequence[dict], test: Sequence[dict]) -> float:
@@ -327,7 +334,8 @@ def load_vqa_json(json_path: str, image_root: str | None, require_answers: bool 
         check_images: verify that each image exists and is readable (header check, no decode).
 
     Returns:
-        Items {"question_id", "image" (path), "question" (str), "answer" (list of annotator answers)}.
+        Items {"question_id", "image" (path), "question" (str), "answer" (list of annotator answers)}, plus the
+        record's "dataset" when it has one (X-VLM: "vg" marks a Visual Genome question, whose answer weighs 0.5).
 
     Raises:
         ValueError: naming the file, record index and field of the first bad record (on_error="raise").
@@ -347,7 +355,13 @@ def load_vqa_json(json_path: str, image_root: str | None, require_answers: bool 
             answers = _captions(_field(record, index, "answer", json_path), index, json_path, "answer")
         image = _image_path(_field(record, index, "image", json_path), index, json_path, image_root or "",
                             check_images)
-        return {"question_id": question_id, "image": image, "question": question[0], "answer": answers}
+        item = {"question_id": question_id, "image": image, "question": question[0], "answer": answers}
+        if "dataset" in record:  # X-VLM's source tag: "vqa", "vg" (answers weigh 0.5 in training), "gqa"
+            if not isinstance(record["dataset"], str):
+                raise ValueError(f"{json_path}: record {index} field 'dataset' must be a string (e.g. \"vqa\", "
+                                 f"\"vg\"), got {record['dataset']!r}")
+            item["dataset"] = record["dataset"]
+        return item
 
     items, _ = _collect(_read_json_list(json_path), parse, on_error, json_path)
     return items
@@ -376,7 +390,8 @@ class VQACollator:
     """Collates VQA items {"image", "question", "answer": [annotator answers]} for teacher-forced answer training.
 
     Each question's distinct answers become rows "[CLS] answer [SEP] [PAD]..." weighted by `answer_weights` (ALBEF /
-    X-VLM: count / number of annotator answers), all questions' answers stacked.
+    X-VLM: count / number of annotator answers; × 0.5 for an item with "dataset": "vg"), all questions' answers
+    stacked.
 
     Returns dict: pixel_values (B, C, H, W), input_ids / attention_mask (B, T) (questions), answer_input_ids /
     answer_attention_mask (A, L), answer_weights (A,) float, answer_question_index (A,) long (question row of each
@@ -403,7 +418,7 @@ class VQACollator:
             if "answer" not in item:
                 raise ValueError(f"VQA item {index} has no 'answer' (keys: {sorted(item)}); training needs answers")
             try:
-                item_weights = answer_weights(item["answer"])
+                item_weights = answer_weights(item["answer"], item.get("dataset"))
             except ValueError as error:
                 raise ValueError(f"VQA item {index} field 'answer': {error}") from error
             questions.append(item["question"])
@@ -430,8 +445,8 @@ def encode_answers(tokenizer: Any, answers: Sequence[str], max_length: int = 10)
 
 __all__ = [
     "ANNOTATORS", "BLIND_ACCURACY", "MAJORITY_ACCURACY", "QUESTION_WORDS", "Question", "SyntheticVQADataset",
-    "TEMPLATES", "TEMPLATE_ANSWERS", "VQACollator", "VQAItems", "VQA_ANSWERS", "answer_list_beside", "answer_question",
-    "answer_weights", "encode_answers", "iter_questions", "load_answer_list", "load_vqa_json", "make_vqa_eval_set",
+    "TEMPLATES", "TEMPLATE_ANSWERS", "VG_ANSWER_WEIGHT", "VQACollator", "VQAItems", "VQA_ANSWERS", "answer_list_beside",
+    "answer_question", "answer_weights", "encode_answers", "iter_questions", "load_answer_list", "load_vqa_json", "make_vqa_eval_set",
     "make_vqa_item",
     "question_only_baseline", "question_text", "random_question", "scene_for_answer",
 ]

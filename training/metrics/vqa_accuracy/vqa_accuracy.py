@@ -1,4 +1,4 @@
-"""VQA accuracy (min(#annotators agreeing / 3, 1), official answer normalisation) as a local `evaluate` metric.
+"""VQA accuracy exactly as the official VQA evaluation script (`vqaEval.py`) computes it, as a local `evaluate` metric.
 
 Load it by path, no Hub access: `evaluate.load("<efficientvlm.training.metrics>/vqa_accuracy")`. The computation is
 `efficientvlm.training.metrics.vqa_scores.vqa_accuracy`, so scripts using this module and the VQA task's evaluation agree.
@@ -23,23 +23,24 @@ def _import_vqa_accuracy():
 
 
 _DESCRIPTION = """\
-VQA accuracy of predicted answers against the annotators' answers (VQA v2 protocol): per question
-min(#annotators whose normalised answer equals the normalised prediction / 3, 1), averaged over questions. Answers are
-normalised as the official evaluation script does (punctuation, number words to digits, articles dropped).
-`leave_one_out=True` averages over the subsets of n - 1 annotators exactly as the official script.
+VQA accuracy of predicted answers against the annotators' answers, equal to the official VQA evaluation script
+(vqaEval.py) on every question: per question the mean over the annotators of min(#other annotators whose answer equals
+the prediction / 3, 1) (10 annotators: 1 / 2 / 3 matching score 0.3 / 0.6 / 0.9), answers normalised (punctuation,
+number words to digits, articles, contractions) only when the annotators disagree, as the script does.
+`variant="corrected"` always normalises (and uses a contraction table that can match); not the reported number.
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions: one predicted answer (string) per question.
     references: per question, the list of its annotator answers (VQA v2: 10).
-    leave_one_out (optional): the official script's averaging over n - 1 annotators, default False.
+    variant (optional): "official" (default) or "corrected".
 Returns:
     accuracy: float in [0, 1].
 Example:
     >>> metric = evaluate.load(path_to_this_folder)
     >>> metric.compute(predictions=["two"], references=[["2", "2", "3"]])["accuracy"]
-    0.6666666666666666
+    0.4444444444444444
 """
 
 _CITATION = """\
@@ -67,6 +68,6 @@ class VqaAccuracy(evaluate.Metric):
             }),
         )
 
-    def _compute(self, predictions, references, leave_one_out: bool = False) -> dict:
-        score = _import_vqa_accuracy()(list(predictions), [list(refs) for refs in references], leave_one_out)
+    def _compute(self, predictions, references, variant: str = "official") -> dict:
+        score = _import_vqa_accuracy()(list(predictions), [list(refs) for refs in references], variant)
         return {"accuracy": score}
