@@ -141,12 +141,19 @@ class ImageKeyValueCache:
 
     layers: list[CrossAttentionKeyValues | None]
 
+    def __len__(self) -> int:
+        """G, the number of images (0 when no layer has cross-attention)."""
+        return next((kv.key.shape[0] for kv in self.layers if kv is not None), 0)
+
     def select(self, index: torch.Tensor) -> ImageKeyValueCache:
         """The cache of a text batch whose row b reads image `index[b]` ((B,) long); a broadcast view (no copy) when
-        every row reads the same image."""
+        every row reads the same image, the cache itself when row b reads image b."""
         one = bool((index == index[0]).all())
+        identity = index.numel() == len(self) and torch.equal(index, torch.arange(len(self), device=index.device))
 
         def rows(x: torch.Tensor) -> torch.Tensor:
+            if identity:
+                return x
             return x[index[:1]].expand(index.numel(), *x.shape[1:]) if one else x.index_select(0, index)
 
         return ImageKeyValueCache(

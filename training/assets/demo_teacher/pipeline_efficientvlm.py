@@ -422,8 +422,10 @@ class ImageTextRetrievalPipeline(Pipeline):
             scores[:, :rerank] = torch.gather(itm, 1, head)
             itc[:, :rerank] = torch.gather(itc[:, :rerank], 1, head)
             reranked[:, :rerank] = True
+        # only the returned rows' references: the base class walks every output container (O(G) for the full list)
+        references = {row: index.references[row] for row in order[:, :k].unique().tolist()}
         return {"indices": order[:, :k], "scores": scores[:, :k], "itc_scores": itc[:, :k],
-                "reranked": reranked[:, :k], "gallery": index.references, "gallery_modality": IMAGE,
+                "reranked": reranked[:, :k], "gallery": references, "gallery_modality": IMAGE,
                 "with_rerank": rerank > 0}
 
     def _index_itm_scores(self, queries: list[str], index: GalleryIndex, candidates: torch.Tensor,
