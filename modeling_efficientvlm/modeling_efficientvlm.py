@@ -1870,9 +1870,10 @@ class EfficientVLMCaptioningOutput(ModelOutput):
     fusion: EfficientVLMEncoderOutput | None = None
 
 
-CAPTION_GENERATION_DEFAULTS = {"num_beams": 3, "min_new_tokens": 5, "max_new_tokens": 20}
-"""The paper's decoding (X-VLM captioning): beam search 3, min 5 / max 20 new tokens; used where neither the call nor
-the generation config sets them (a generation config value equal to transformers' default counts as unset)."""
+CAPTION_GENERATION_DEFAULTS = {"num_beams": 3, "min_length": 5, "max_length": 20}
+"""The paper's decoding (X-VLM Captioning.yaml): beam search 3, max_length 20 / min_length 5 — totals that include the
+prompt "[CLS] a picture of" (4 tokens), i.e. 1-16 new tokens; used where neither the call nor the generation config
+sets them (a generation config value equal to transformers' default counts as unset; new-token counts set there win)."""
 
 
 def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -1903,7 +1904,8 @@ def _check_generation_counts(model, kwargs: dict) -> None:
 
 def _generation_defaults(model, kwargs: dict, table: dict) -> dict:
     """Entries of `table` (+ the text pad id) for what neither `kwargs` nor the model's generation config sets (a
-    value still at transformers' library default counts as unset); an explicit max_length drops max_new_tokens."""
+    value still at transformers' library default counts as unset); an explicit max_length drops max_new_tokens, and
+    explicit max_new_tokens / min_new_tokens drop max_length / min_length."""
     config = kwargs.get("generation_config") or model.generation_config
     library = GenerationConfig()
     defaults = {
@@ -1913,6 +1915,9 @@ def _generation_defaults(model, kwargs: dict, table: dict) -> dict:
     }
     if "max_length" in kwargs or getattr(config, "max_length", None) != library.max_length:
         defaults.pop("max_new_tokens", None)  # an explicit max_length wins
+    for new, total in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+        if (kwargs[new] if new in kwargs else getattr(config, new, None)) is not None:
+            defaults.pop(total, None)  # explicit new-token counts win over total lengths
     pad = model.config.text_config.pad_token_id
     if "pad_token_id" not in kwargs and getattr(config, "pad_token_id", None) is None and pad is not None:
         defaults["pad_token_id"] = pad
@@ -2089,8 +2094,9 @@ class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
         Args:
             pixel_values: (B, C, H, W) images (or pass `image_tokens=` (B, 1 + N, D_vision)).
             input_ids: (B, P) prompt; default `config.caption_prompt_ids` for every image.
-            **kwargs: `generate` arguments; num_beams 3, min_new_tokens 5, max_new_tokens 20 unless set here or in
-                the generation config (eos / bos / pad ids come from the generation config).
+            **kwargs: `generate` arguments; num_beams 3, min_length 5, max_length 20 (with the prompt: 1-16 new
+                tokens) unless set here or in the generation config (eos / bos / pad ids come from the generation
+                config).
         """
         interpolate = kwargs.pop("interpolate_pos_encoding", False)
         if kwargs.get("image_tokens") is None:

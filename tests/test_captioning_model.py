@@ -152,18 +152,37 @@ def test_cached_generation_equals_uncached(num_beams):
 @torch.no_grad()
 def test_generate_defaults_and_prompt():
     """Without input_ids every caption starts from config.caption_prompt_ids; the prompt is not returned; the
-    defaults are beam 3, min 5 / max 20 new tokens; a tokenized prompt ending in [SEP] equals the stored prompt."""
+    defaults are beam 3 and X-VLM's lengths (max 20 / min 5 with the 4-token prompt: 1-16 new tokens); a tokenized
+    prompt ending in [SEP] equals the stored prompt."""
     model = captioner()
     assert {k: getattr(model.generation_config, k) for k in CAPTION_GENERATION_DEFAULTS} == CAPTION_GENERATION_DEFAULTS
     pixels = tiny_inputs(batch=2)["pixel_values"]
     new = model.generate(pixel_values=pixels)
-    assert new.shape[0] == 2 and 5 <= new.shape[1] <= 20
+    assert new.shape[0] == 2 and 1 <= new.shape[1] <= 20 - len(PROMPT)
     prompt = torch.tensor([PROMPT + [EOS]] * 2)  # "[CLS] a picture of [SEP]" as a tokenizer returns it
     full = model.generate(pixel_values=pixels, input_ids=prompt, attention_mask=torch.ones_like(prompt))
     assert torch.equal(full[:, : len(PROMPT)], prompt[:, :-1]) and torch.equal(full[:, len(PROMPT) :], new)
     model.config.caption_prompt_ids = None
     with pytest.raises(ValueError, match="caption_prompt_ids"):
         model.generate(pixel_values=pixels)
+
+
+@torch.no_grad()
+def test_default_lengths_are_xvlm_totals_with_the_prompt():
+    """X-VLM Captioning.yaml: max_length 20 / min_length 5 count the prompt "[CLS] a picture of" (4 tokens): a
+    captioner that never stops early writes exactly 16 new tokens by default; explicit new-token counts still win."""
+    model = captioner()
+    model.generation_config.eos_token_id = None  # decode to the length limit
+    pixels = tiny_inputs(batch=2)["pixel_values"]
+    assert model.generate(pixel_values=pixels).shape[1] == 20 - len(PROMPT) == 16
+    assert model.generate(pixel_values=pixels, max_new_tokens=20, min_new_tokens=5).shape[1] == 20
+    assert model.generate(pixel_values=pixels, max_length=10).shape[1] == 10 - len(PROMPT)
+    model.generation_config.max_new_tokens = 7  # a generation config with new-token counts (earlier checkpoints)
+    assert model.generate(pixel_values=pixels).shape[1] == 7
+    # the least: min_length 5 = one new token after the prompt, so [SEP] cannot come first
+    model.generation_config.max_new_tokens, model.generation_config.eos_token_id = None, EOS
+    scores = model.generate(pixel_values=pixels, output_scores=True, return_dict_in_generate=True).scores
+    assert torch.isinf(scores[0][:, EOS]).all() and not torch.isinf(scores[1][:, EOS]).all()
 
 
 def sequence_log_probs(model, prompt: list[int], image_tokens: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,14 @@ from efficientvlm.training.data.tokenization import synthetic_tokenizer
 from efficientvlm.training.method.arguments import DistillationArguments
 from efficientvlm.training.method.distillation import layer_maps
 from efficientvlm.training.tasks import TASKS
+from efficientvlm.training.commands.stages import DataArguments
 from efficientvlm.training.tasks.captioning import (
     CAPTIONING_LAMBDA,
+    GENERATION,
     captioning_losses,
     evaluate_captioning,
     generate_captions,
+    generation_settings,
     prepare_captioner,
     references_of,
 )
@@ -178,7 +181,15 @@ def test_prepare_captioner_sets_the_prompt_and_the_reference_decoding():
     generation = model.generation_config
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (
         tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
-    assert (generation.num_beams, generation.min_new_tokens, generation.max_new_tokens) == (3, 5, 20)
+    # X-VLM's lengths, totals with the prompt (1-16 new tokens); `--caption_lengths new_tokens`: 5-20 new tokens
+    assert (generation.num_beams, generation.min_length, generation.max_length) == (3, 5, 20)
+    assert generation.min_new_tokens is None and generation.max_new_tokens is None
+    data = DataArguments(task="captioning", caption_lengths="new_tokens")
+    generation = prepare_captioner(_model(), tokenizer, settings=generation_settings(data)).generation_config
+    assert (generation.min_new_tokens, generation.max_new_tokens) == (5, 20)
+    assert generation_settings(DataArguments(task="captioning")) == GENERATION
+    with pytest.raises(ValueError, match="--caption_lengths must be one of"):
+        DataArguments(task="captioning", caption_lengths="paper")
 
 
 def test_generation_prepares_a_model_without_prompt_or_end_token():
@@ -216,7 +227,8 @@ def test_generation_passes_the_pruning_masks_to_every_decoding_step(monkeypatch)
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", spy)
-    captions = generate_captions(model, [_image(), _image()], _processor(), pruning_masks=masks, show_progress=False)
+    captions = generate_captions(model, [_image(), _image()], _processor(), pruning_masks=masks, show_progress=False,
+                                 min_new_tokens=5)
     assert len(captions) == 2 and len(seen) >= 5  # at least min_new_tokens decoding steps
     assert all(value is masks for value in seen)
 

@@ -25,6 +25,7 @@ from ..method.trainers import (
     make_gated_model,
 )
 from ..tasks import TASKS, check_has_path, get_task
+from ..tasks.captioning import CAPTION_LENGTHS
 from ..infra.runs import FINAL_STAGING, owns_output_dir, publish_files
 from ..infra.presets import PRESETS, preset_config
 
@@ -95,9 +96,23 @@ class DataSourceArguments:
         metadata={"help": f"How ITM re-ranking scores a pair, one of {ITM_SCORES}: X-VLM's match logit (default), "
                           "the match log-odds, ALBEF's match logit + ITC cosine, or the match probability."},
     )
+    reuse_image_kv: bool = field(
+        default=True,
+        metadata={"help": "Retrieval ITM re-ranking engine: project each image's cross-attention keys / values once "
+                          "for all its candidate texts (default); False = one full fusion pass per (image, text) "
+                          "pair, as the official X-VLM code runs it (the same scores, slower)."},
+    )
+    caption_lengths: str = field(
+        default="official",
+        metadata={"help": "Captioning decode lengths: 'official' (X-VLM Captioning.yaml: max_length 20, min_length 5, "
+                          "totals that include the prompt '[CLS] a picture of', i.e. 1-16 new tokens) or 'new_tokens' "
+                          "(5-20 tokens after the prompt)."},
+    )
 
     def __post_init__(self):
         get_task(self.task)  # raises naming the registered tasks
+        if self.caption_lengths not in CAPTION_LENGTHS:
+            raise ValueError(f"--caption_lengths must be one of {tuple(CAPTION_LENGTHS)}, got {self.caption_lengths!r}")
         if self.itm_score not in ITM_SCORES:
             raise ValueError(f"--itm_score must be one of {ITM_SCORES}, got {self.itm_score!r}")
         if self.eval_protocol not in EVAL_PROTOCOLS:

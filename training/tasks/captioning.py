@@ -9,7 +9,9 @@ Task KD: decoder-logit KL on the predicted positions (teacher-forced on the same
 self-attention, the causal text and fusion self-attention and (with `cross_attention_kd`) the fusion cross-attention,
 and hidden-state KD of all three stacks, with the shared helpers of `training.method.distillation`.
 
-Evaluation: beam search 3, 5-20 new tokens after the prompt (`GENERATION`), BLEU-4 and CIDEr-D with the COCO caption
+Evaluation: beam search 3, X-VLM's lengths (`max_length` 20 / `min_length` 5 including the 4-token prompt "[CLS] a
+picture of", i.e. 1-16 new tokens; `GENERATION`; `--caption_lengths new_tokens`: 5-20 new tokens), BLEU-4 and CIDEr-D
+with the COCO caption
 toolkit's tokenisation (`training.metrics.caption_scores`), in percent. METEOR and SPICE need the toolkit's Java tools
 and are not computed.
 """
@@ -32,14 +34,28 @@ from .base import ModelCardSpec, Task
 
 CAPTIONING_LAMBDA = 0.7
 """Official captioning weighting: 0.7·task + 0.3·KD (the `prune --task captioning` default of `lambda_vlp`)."""
-GENERATION = {"num_beams": 3, "min_new_tokens": 5, "max_new_tokens": 20}
-"""The reference decoding (X-VLM captioning): beam search 3, at least 5 and at most 20 new tokens."""
+CAPTION_LENGTHS = {
+    # X-VLM Captioning.yaml (max_length 20, min_length 5) as HF `generate` lengths: totals that include the prompt
+    "official": {"min_length": 5, "max_length": 20, "min_new_tokens": None, "max_new_tokens": None},
+    # this package's earlier decoding: 5-20 tokens after the prompt
+    "new_tokens": {"min_new_tokens": 5, "max_new_tokens": 20},
+}
+"""Decode lengths by `--caption_lengths`; the None entries clear a generation config's new-token counts."""
+GENERATION = {"num_beams": 3, **CAPTION_LENGTHS["official"]}
+"""The reference decoding (X-VLM captioning): beam search 3, max_length 20 / min_length 5 counted with the prompt
+("[CLS] a picture of" = 4 tokens: at least 1, at most 16 new tokens)."""
 
 
-def prepare_captioner(model, tokenizer, prompt: str = CAPTION_PROMPT):
+def generation_settings(data=None) -> dict:
+    """`GENERATION` with the lengths `data.caption_lengths` picks (default: the official ones)."""
+    return {"num_beams": 3, **CAPTION_LENGTHS[getattr(data, "caption_lengths", None) or "official"]}
+
+
+def prepare_captioner(model, tokenizer, prompt: str = CAPTION_PROMPT, settings: dict | None = None):
     """Makes `model` a captioner for `tokenizer`: sets `config.caption_prompt_ids` ([CLS] + prompt tokens, no [SEP])
     and the generation config (bos = [CLS], eos = [SEP], pad = [PAD], `GENERATION`), so `model.generate(pixel_values)`
-    and a saved checkpoint (generation_config.json) caption with the reference decoding. Returns `model`.
+    and a saved checkpoint (generation_config.json) caption with the reference decoding (`GENERATION`, or
+    `settings`). Returns `model`.
 
     Raises:
         ValueError: the tokenizer lacks [CLS], [SEP] or [PAD].
@@ -53,15 +69,16 @@ def prepare_captioner(model, tokenizer, prompt: str = CAPTION_PROMPT):
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig()
-    settings = {"bos_token_id": ids["cls"], "eos_token_id": ids["sep"], "pad_token_id": ids["pad"], **GENERATION}
+    settings = {"bos_token_id": ids["cls"], "eos_token_id": ids["sep"], "pad_token_id": ids["pad"],
+                **(settings or GENERATION)}
     for name, value in settings.items():
         setattr(model.generation_config, name, value)
     return model
 
 
 def _prepare_model(model, processor, data=None) -> None:
-    """`Task.prepare_model`: `prepare_captioner` with the processor's tokenizer."""
-    prepare_captioner(model, processor.tokenizer)
+    """`Task.prepare_model`: `prepare_captioner` with the processor's tokenizer and `--caption_lengths`."""
+    prepare_captioner(model, processor.tokenizer, settings=generation_settings(data))
 
 
 def _ensure_captioner(model, processor) -> None:
@@ -202,8 +219,10 @@ def evaluate_captioning(
     *, batch_size: int = 32,
     pruning_masks: Any = None,
     show_progress: bool = True,
+    generation: dict | None = None,
 ) -> dict[str, float]:
-    """BLEU-4 and CIDEr-D (percent, COCO caption toolkit definitions) of the generated captions against `references`.
+    """BLEU-4 and CIDEr-D (percent, COCO caption toolkit definitions) of the generated captions against `references`;
+    `generation` overrides `GENERATION` (e.g. `generation_settings(data)`).
 
     Returns:
         {"bleu4": BLEU-4 × 100, "cider": CIDEr-D × 100, "captions": number of images captioned}.
@@ -213,7 +232,8 @@ def evaluate_captioning(
     if len(images) != len(references) or not len(images):
         raise ValueError(f"need one reference list per image and at least one image, got {len(images)} images and "
                          f"{len(references)} reference lists")
-    predictions = generate_captions(model, images, processor, batch_size=batch_size, pruning_masks=pruning_masks, show_progress=show_progress)
+    predictions = generate_captions(model, images, processor, batch_size=batch_size, pruning_masks=pruning_masks,
+                                    show_progress=show_progress, **(generation or {}))
     references = [list(refs) for refs in references]
     return {"bleu4": 100.0 * bleu(predictions, references, n=4)[3], "cider": 100.0 * cider_d(predictions, references),
             "captions": len(predictions)}
@@ -222,21 +242,25 @@ def evaluate_captioning(
 def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None) -> dict:
     """The task's metrics on `held_out` (see `eval_data`)."""
     return evaluate_captioning(model, held_out["images"], references_of(held_out), processor,
-                               pruning_masks=pruning_masks, show_progress=show_progress)
+                               pruning_masks=pruning_masks, show_progress=show_progress,
+                               generation=generation_settings(data))
 
 
 # ---------------------------------------------------------------------------------------------------- inference path
 def workload(model, processor, data, held_out, batch: int) -> Callable[[], Any]:
-    """Caption `batch` held-out images with the reference decoding (`GENERATION`)."""
+    """Caption `batch` held-out images with the reference decoding (`generation_settings(data)`)."""
     _ensure_captioner(model, processor)
     n = min(batch, len(held_out["images"]))
     pixel_values = processor(images=list(held_out["images"][:n]))["pixel_values"]
-    return lambda: model.generate(pixel_values=pixel_values, **GENERATION)
+    settings = generation_settings(data)
+    return lambda: model.generate(pixel_values=pixel_values, **settings)
 
 
 def workload_text(data, batch: int) -> str:
-    return (f"captioning of {batch} held-out images: beam search {GENERATION['num_beams']}, "
-            f"{GENERATION['min_new_tokens']}-{GENERATION['max_new_tokens']} new tokens, KV cache")
+    settings = generation_settings(data)
+    lengths = (f"{settings['min_new_tokens']}-{settings['max_new_tokens']} new tokens" if settings.get("max_new_tokens")
+               else f"min_length {settings['min_length']} / max_length {settings['max_length']} with the prompt")
+    return f"captioning of {batch} held-out images: beam search {settings['num_beams']}, {lengths}, KV cache"
 
 
 USAGE = """import torch
@@ -247,7 +271,7 @@ model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=
 processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
 inputs = processor(images=[Image.new("RGB", (64, 64), "red")])
 with torch.no_grad():
-    new_tokens = model.generate(pixel_values=inputs["pixel_values"])  # beam 3, 5-20 tokens after "a picture of"
+    new_tokens = model.generate(pixel_values=inputs["pixel_values"])  # beam 3, X-VLM lengths: 1-16 new tokens
 print(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))"""
 
 USAGE_PIPELINE = """Captioning pipeline:
@@ -290,8 +314,8 @@ TASK = Task(
     ),
     description="image → caption (prompt 'a picture of', beam 3); BLEU-4, CIDEr-D (no METEOR / SPICE: Java tools)",
     prepare_model=_prepare_model,
-    # COCO Karpathy test: "[CLS] a picture of" + up to 20 new tokens, beam 3 (CAPTION_GENERATION_DEFAULTS)
-    path_sizes={"images": 5000, "prompt_length": 5, "new_tokens": 20, "beams": 3},
+    # COCO Karpathy test: beam 3, up to 16 new tokens (X-VLM max_length 20 counts the 4-token prompt)
+    path_sizes={"images": 5000, "prompt_length": 5, "new_tokens": 16, "beams": 3},
     cost_path=captioning_path,
     flops=captioning_flops,
 )
