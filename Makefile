@@ -8,7 +8,7 @@ DEMO_DIR ?= demo_output
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH_PIN)"
-	$(PYTHON) -m pip install --quiet -e ".[train,dev]"
+	$(PYTHON) -m pip install --quiet -e ".[train,dev,app]"
 
 demo: install
 	efficientvlm demo --output_dir $(DEMO_DIR) --overwrite true

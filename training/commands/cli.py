@@ -46,6 +46,9 @@ DESCRIPTIONS = {
     "analyze-modules": "Module sensitivity: prune one encoder at increasing ratios (+ optional recovery), table + plot.",
     "index": "Embed an image gallery once into an index folder (resumable; RANK / WORLD_SIZE build shards).",
     "search": "Query an index with a text (ITC top-k, ITM re-ranking of --rerank_k) or an image; prints JSON.",
+    "app": "Write a Gradio demo page for a model as a Space-ready folder (search a --gallery / --index, classify, "
+           "caption, VQA: what the model can do); --serve runs it here (the `app` extra).",
+    "push-space": "Upload an app folder (from `efficientvlm app`) as a Hugging Face Space that loads the model repo.",
 }
 
 
@@ -287,6 +290,20 @@ def _search(argv: list[str]) -> None:
     _write(json.dumps(run_search(args), indent=2))
 
 
+def _app(argv: list[str]) -> None:
+    from .app import AppArguments, run_app
+
+    (args,) = _parse("app", (AppArguments,), argv)
+    run_app(args, write=_write)
+
+
+def _push_space(argv: list[str]) -> None:
+    from .app import SpaceArguments, push_space
+
+    (args,) = _parse("push-space", (SpaceArguments,), argv)
+    _write(push_space(args))
+
+
 def _analyze(argv: list[str]) -> None:
     from .analysis import AnalyzeArguments, run_analysis
     from .stages import DataArguments
@@ -331,6 +348,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "latency-table": _latency_table,
     "index": _index,
     "search": _search,
+    "app": _app,
+    "push-space": _push_space,
 }
 
 
