@@ -187,11 +187,25 @@ def test_handlers_explain_bad_input(tmp_path, monkeypatch):
         assert result is None and status.startswith("⚠️") and "Traceback" not in status, what
     assert "9000×6000" in bad["huge image"][1] and "Type a query" in bad["empty query"][1]
     hits, status = app.search_by_text(captions["scene_2.png"], 4)
+    assert hits[0][1].startswith("scene_2.png")  # rendered scenes: the teacher finds this one (checked by hand)
     assert status == "" and len(hits) == 4 and all(Path(path).is_file() for path, _ in hits)
     similar, _ = app.search_by_image(str(tmp_path / "gallery" / "scene_1.png"), 2)
     assert similar[0][1].startswith("scene_1.png")  # an image is nearest to itself
     text, status = app.caption(str(tmp_path / "gallery" / "scene_0.png"))
     assert status == "" and text
+
+    # the same gallery as an index (`efficientvlm index`): copied with its images, searched through the pipeline
+    from efficientvlm.training.commands.index import IndexArguments, build_index
+
+    build_index(IndexArguments(model=DEMO_TEACHER_DIR, images=str(tmp_path / "gallery"), output_dir=str(tmp_path / "i")))
+    write_app(AppArguments(model=DEMO_TEACHER_DIR, index=str(tmp_path / "i"), output_dir=str(tmp_path / "b")),
+              str(tmp_path / "b"))
+    assert (tmp_path / "b" / "index" / "index.json").is_file() and (tmp_path / "b" / "gallery" / "scene_3.png").is_file()
+    spec = importlib.util.spec_from_file_location("efficientvlm_test_space_app_index", tmp_path / "b" / "app.py")
+    indexed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(indexed)
+    assert indexed.search_by_text(captions["scene_2.png"], 4) == (
+        [(path.replace(str(tmp_path / "a"), str(tmp_path / "b")), label) for path, label in hits], "")
 
 
 def _browser_missing() -> str | None:
