@@ -139,7 +139,7 @@ def test_exported_structure_round_trips_into_bench(tmp_path):
 def test_tiny_bench_with_a_structure_file_reports_split_and_flops_ratio(tmp_path):
     path = write(tmp_path, LEARNED)
     result = run_benchmark(BenchArguments(preset="tiny", split=path, repeats=1, warmup=0, eval_images=2, num_texts=2,
-                                          k=1))
+                                          itm_k=1))
     split = result["protocol"]["split"]
     assert split["file"] == path and split["achieved_sparsity"]["total"] == pytest.approx(0.25, abs=0.05)
     for entry in result["models"].values():

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from efficientvlm.training.commands.bench import (
     BenchArguments,
@@ -136,3 +137,55 @@ def test_bench_rejects_a_task_without_a_cost_model_and_unpaired_texts():
         BenchArguments(task="nlvr2_domain")
     with pytest.raises(ValueError, match="must equal --eval_images"):
         BenchArguments(eval_images=4, num_texts=8)
+
+
+def test_bench_decomposes_the_speedup_into_model_and_engine(tmp_path, capsys):
+    """The retrieval path is timed on both re-rank engines (cached image K/V, and per pair as the official X-VLM
+    code), in the same rounds: speedup (same engine), engine_gain (same model), speedup_vs_reference_engine (over the
+    teacher run per pair) = speedup × the teacher's engine gain; FLOPs for both engines."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--repeats", "2", "--warmup", "0", "--eval_images", "2",
+                 "--num_texts", "2", "--itm_k", "1", "--output_json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"]["engine"] == {"reuse_image_kv": True}
+    assert data["protocol"]["reference_engine"] == {"reuse_image_kv": False}
+    assert "one fusion pass per pair" in data["protocol"]["reference_path"]
+    teacher = data["models"]["teacher"]
+    for entry in data["models"].values():
+        assert len(entry["latency_reference_engine_runs_ms"]) == 2
+        assert entry["engine_gain"] > 0 and entry["speedup_vs_reference_engine"] > 0
+        assert entry["engine_gain_min"] <= entry["engine_gain_max"]
+        assert entry["engine_gain"] == pytest.approx(entry["latency_reference_engine_ms"] / entry["latency_ms"])
+        assert entry["speedup_vs_reference_engine"] == pytest.approx(entry["speedup"] * teacher["engine_gain"])
+        # 2 images in (2 + 2) * 1 pairs: the cached engine projects the image K/V twice, the reference four times
+        assert entry["gflops_reference_engine"] > entry["gflops"]
+        assert entry["flops_speedup_vs_reference_engine"] == pytest.approx(
+            teacher["gflops_reference_engine"] / entry["gflops"])
+    printed = capsys.readouterr().out
+    assert "Engines: reuse_image_kv=True" in printed and "engine gain" in printed
+
+
+def test_retrieval_workload_runs_the_engine_its_data_names(monkeypatch):
+    """`Task.workload` reads the engine from the data arguments: the cached engine builds image K/V caches, the
+    reference engine (reuse_image_kv=False, what bench times as the official code's) never does."""
+    import dataclasses
+
+    from efficientvlm.training.commands.bench import bench_data, build_models
+    from efficientvlm.training.tasks import get_task
+    from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
+
+    task = get_task("retrieval")
+    args = BenchArguments(preset="tiny", eval_images=2, num_texts=2, itm_k=1)
+    model = build_models(args, task)[0]["pruned"].eval()
+    data, processor, held_out = bench_data(task, args, model.config.vision_config.image_size)
+    calls = []
+    build = EfficientVLMForImageTextRetrieval.image_key_value_cache
+    monkeypatch.setattr(EfficientVLMForImageTextRetrieval, "image_key_value_cache",
+                        lambda self, *a, **kw: calls.append(1) or build(self, *a, **kw))
+    cached = task.workload(model, processor, data, held_out, 2)()
+    assert calls
+    calls.clear()
+    reference = task.workload(model, processor, dataclasses.replace(data, **task.engines[1]), held_out, 2)()
+    assert not calls
+    for a, b in zip(cached, reference):
+        assert torch.allclose(a, b, atol=1e-5)

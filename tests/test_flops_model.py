@@ -128,3 +128,24 @@ def test_bench_flops_equal_the_former_bench(preset):
         flops = bench_flops(get_task("retrieval"), config, args)
         flops["retrieval"] = flops.pop("path")  # the former bench named the path workload after its only task
         assert flops == BENCH_PINNED[preset][name], name
+
+
+def test_cached_image_kv_engine_prices_the_cross_attention_kv_once_per_image():
+    """Retrieval re-ranking with `reuse_image_kv` projects each image's tokens to cross-attention keys / values once
+    per fusion layer, not once per (image, text) pair: by hand on the ragged config (cross heads [0, 3] of width 6,
+    reading 32-wide vision tokens, 1 + 4² = 17 of them), 3 images, 5 texts, k 2 → 16 pairs, 3 projections."""
+    from efficientvlm.training.method.cost import path_from_json, path_to_json
+
+    config = ragged_config()
+    sizes = dict(images=3, texts=5, text_length=7, k=2)
+    reference, cached = retrieval_flops(config, **sizes), retrieval_flops(config, **sizes, reuse_image_kv=True)
+    assert reference == PINNED["ragged"]["retrieval"]  # the default stays the per-pair (official) engine
+    heads, hd, kv_size, tokens, pairs, images = 0 + 3, 6, 32, 17, 16, 3
+    saved = heads * 2 * 2 * (pairs - images) * tokens * kv_size * hd  # 2 FLOPs per MAC, K and V
+    assert reference["fusion"] - cached["fusion"] == saved == 509184
+    assert reference["total"] - cached["total"] == saved
+    assert {m: cached[m] for m in ("vision", "text", "itc")} == {m: reference[m] for m in ("vision", "text", "itc")}
+    path = retrieval_path(config, **sizes, reuse_image_kv=True)
+    assert path["fusion"] == [Run(16, 7, 7, 17, 3)]
+    assert path_from_json(path_to_json(path)) == path  # the fifth entry survives gate metadata
+    assert path_to_json(retrieval_path(config, **sizes))["fusion"] == [[16, 7, 7, 17]]

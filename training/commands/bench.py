@@ -12,11 +12,19 @@ The preset's pruned student removes `--target_sparsity` of the student's prunabl
 per-encoder split, or with the per-layer structure a pruning run learned (`--split structure.json`: keep fractions
 structure / reference_structure, mapped onto the preset's layers by relative depth, f -> f**c rescaled to the target
 unless `--split_as_learned`). Every workload reports `flops_ratio` = speed-up / FLOPs speed-up over the teacher.
+
+Where the task's path has two engines with the same outputs (`Task.engines`; retrieval: ITM re-ranking with each
+image's cross-attention keys / values projected once for all its candidate texts, or per pair as the official X-VLM
+code runs it), every model's path is also timed on the reference engine, in the same rounds, and the speed-up is
+decomposed: `speedup` (over the teacher on the same engine: the model), `engine_gain` (the model per pair / the model
+cached: the engine) and `speedup_vs_reference_engine` (over the teacher run per pair = speedup × the teacher's
+engine_gain); `gflops` prices the engine used, `gflops_reference_engine` the reference one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -361,11 +369,12 @@ def bench_path(task: Task, config, args: BenchArguments) -> Path:
     return task.cost_path(config, **path_sizes(task, args))
 
 
-def bench_flops(task: Task, config, args: BenchArguments) -> dict[str, int]:
+def bench_flops(task: Task, config, args: BenchArguments, engine: dict | None = None) -> dict[str, int]:
     """FLOPs of the timed workloads (`training.method.cost`, the one FLOPs model): "path" = the task's whole path
-    with its heads (`Task.flops`), and each encoder on its first run of the path (what the encoder workloads time)."""
+    with its heads (`Task.flops`) on `engine` (keywords of one of `Task.engines`; None: the cost model's default),
+    and each encoder on its first run of the path (what the encoder workloads time)."""
     path = bench_path(task, config, args)
-    out = {"path": task.flops(config, **path_sizes(task, args))["total"]}
+    out = {"path": task.flops(config, **path_sizes(task, args), **(engine or {}))["total"]}
     for modality in ENCODERS:
         out[modality] = encoder_flops(config, modality, path[modality][:1]) if path.get(modality) else 0
     return out
@@ -398,23 +407,34 @@ def _encoder_workloads(model, path: Path, device: torch.device, dtype: torch.dty
 
 def bench_data(task: Task, args: BenchArguments, image_size: int):
     """(data arguments, processor, held-out set) of the task's workload: `--eval_images` built-in synthetic held-out
-    items at the models' image size, texts padded to --text_length, ITM re-ranking --itm_k."""
+    items at the models' image size, texts padded to --text_length, ITM re-ranking --itm_k; the task's own engine
+    (`Task.engines`' first) where it has two."""
     from .stages import DataArguments, load_processor
 
     data = DataArguments(task=task.name, image_size=image_size, max_length=args.text_length, itm_k=args.itm_k,
                          eval_images=args.eval_images)
+    if task.engines:
+        data = dataclasses.replace(data, **task.engines[0])
     return data, load_processor(data), task.eval_data(data)
+
+
+REFERENCE_PATH = "path_reference_engine"
+"""The workload of the task's path on its reference engine (`Task.engines`' second), timed in the path's rounds."""
 
 
 def workloads(task: Task, model, inputs: tuple, args: BenchArguments, device: torch.device,
               dtype: torch.dtype) -> dict[str, Callable]:
-    """One model's timed workloads: the task's inference path (`Task.workload` on `--eval_images` held-out items) and
-    each encoder alone."""
+    """One model's timed workloads: the task's inference path (`Task.workload` on `--eval_images` held-out items),
+    on the reference engine too where the task has one (`REFERENCE_PATH`), and each encoder alone."""
     data, processor, held_out = inputs
-    run = task.workload(model, processor, data, held_out, args.eval_images)
-
-    _move_inputs(run, device, dtype)
-    return {"path": run, **_encoder_workloads(model, bench_path(task, model.config, args), device, dtype)}
+    paths = {"path": data}
+    if task.engines:
+        paths[REFERENCE_PATH] = dataclasses.replace(data, **task.engines[1])
+    out = {}
+    for name, engine_data in paths.items():
+        out[name] = task.workload(model, processor, engine_data, held_out, args.eval_images)
+        _move_inputs(out[name], device, dtype)
+    return {**out, **_encoder_workloads(model, bench_path(task, model.config, args), device, dtype)}
 
 
 def _moved(value, device: torch.device, dtype: torch.dtype):
@@ -451,10 +471,13 @@ def measure(task: Task, models: dict, inputs: tuple, args: BenchArguments, devic
             continue
         if progress:
             progress(workload)
-        timed = measure_interleaved({name: runs[name][workload] for name in models}, args.repeats,
+        # the path on both engines in the same rounds: teacher, teacher per pair, student, student per pair, ...
+        members = [w for w in (workload, REFERENCE_PATH if workload == "path" else None) if w in runs[next(iter(runs))]]
+        timed = measure_interleaved({f"{name}/{w}": runs[name][w] for name in models for w in members}, args.repeats,
                                     warmup=args.warmup, after_run=after_run)
         for name in models:
-            times[name][workload] = timed[name]
+            for w in members:
+                times[name][w] = timed[f"{name}/{w}"]
     return times
 
 
@@ -522,7 +545,8 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
         task.prepare_model(model, inputs[1])
     models = {name: model.to(device, dtype).eval() for name, model in models.items()}
     # one tick per run (warm-up call or timed sample) of every workload of every model, on stderr
-    bar = tqdm(total=len(models) * len(WORKLOADS) * (args.warmup + args.repeats), desc="bench", unit="run")
+    paths = len(WORKLOADS) + (1 if task.engines else 0)  # the path on the reference engine too
+    bar = tqdm(total=len(models) * paths * (args.warmup + args.repeats), desc="bench", unit="run")
 
     def announce(workload: str) -> None:
         bar.set_postfix_str(workload)
@@ -531,8 +555,9 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
 
     timings = measure(task, models, inputs, args, device, dtype, progress=announce, after_run=bar.update)
     results = {}
+    engine = task.engines[0] if task.engines else None
     for name, model in models.items():
-        flops = bench_flops(task, model.config, args)
+        flops = bench_flops(task, model.config, args, engine)
         path = summarize(timings[name]["path"])
         results[name] = {
             "params": _parameters(model),
@@ -546,12 +571,26 @@ def run_benchmark(args: BenchArguments, progress=None) -> dict:
             "encoders": {m: {**summarize(timings[name][m]), "gflops": flops[m] / 1e9}
                          for m in ENCODERS if m in timings[name]},
         }
+        if REFERENCE_PATH in timings[name]:
+            reference = summarize(timings[name][REFERENCE_PATH])
+            results[name].update({
+                "gflops_reference_engine": bench_flops(task, model.config, args, task.engines[1])["path"] / 1e9,
+                "latency_reference_engine_ms": reference["median_ms"],
+                "latency_reference_engine_min_ms": reference["min_ms"],
+                "latency_reference_engine_max_ms": reference["max_ms"],
+                "latency_reference_engine_runs_ms": timings[name][REFERENCE_PATH],
+            })
     bar.close()
     base = _add_ratios(results)
     info = protocol(args, source, task, inputs[0])
     info["speedup_baseline"] = base
     info["image_size"] = image_size
     info["path_sizes"] = path_sizes(task, args)
+    if task.engines:
+        info["engine"] = task.engines[0]
+        info["reference_engine"] = task.engines[1]
+        info["reference_path"] = (f"{task.name}: "
+                                  f"{task.workload_text(dataclasses.replace(inputs[0], **task.engines[1]), args.eval_images)}")
     return {"task": task.name, "protocol": info, "models": results}
 
 
@@ -574,7 +613,21 @@ def _add_ratios(results: dict) -> str:
             enc["speedup"] = ref["median_ms"] / enc["median_ms"]
             enc["flops_speedup"] = ref["gflops"] / enc["gflops"] if enc["gflops"] else float("inf")
             enc["flops_ratio"] = enc["speedup"] / enc["flops_speedup"]
+        if "latency_reference_engine_ms" in entry:
+            _add_engine_ratios(entry, base)
     return base_name
+
+
+def _add_engine_ratios(entry: dict, base: dict) -> None:
+    """The speed-up's decomposition: `engine_gain` (this model per pair / cached, paired per round),
+    `speedup_vs_reference_engine` (the baseline per pair / this model cached = speedup × the baseline's engine_gain)
+    and their FLOPs counterparts."""
+    for key, reference in (("engine_gain", entry), ("speedup_vs_reference_engine", base)):
+        entry[key] = reference["latency_reference_engine_ms"] / entry["latency_ms"]  # ratio of medians
+        paired = speedup_summary(reference["latency_reference_engine_runs_ms"], entry["latency_runs_ms"])
+        entry[f"{key}_min"], entry[f"{key}_max"] = paired["min"], paired["max"]
+    entry["flops_engine_gain"] = entry["gflops_reference_engine"] / entry["gflops"]
+    entry["flops_speedup_vs_reference_engine"] = base["gflops_reference_engine"] / entry["gflops"]
 
 
 def protocol(args: BenchArguments, source: dict, task: Task, data) -> dict:
@@ -631,6 +684,8 @@ def format_table(result: dict) -> str:
         )
     lines.append(f"Speed-ups are over {p['speedup_baseline']}: ratio of medians; [min-max] = range of the per-round "
                  "ratios (models timed round robin, one run each per round); ratio = speed-up / FLOPs speed-up (flops_ratio).")
+    if "reference_engine" in p:
+        lines += ["", *_engine_lines(result)]
     lines.append("")
     lines.append(f"Per encoder (median ms, speed-up vs {p['speedup_baseline']} / FLOPs speed-up = flops_ratio):")
     for name, r in result["models"].items():
@@ -638,6 +693,30 @@ def format_table(result: dict) -> str:
                  for m, e in r["encoders"].items()]
         lines.append(f"  {name:<8} " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def _engine_lines(result: dict) -> list[str]:
+    """The speed-up's decomposition into model and engine (`_add_engine_ratios`), one row per model."""
+    p, base = result["protocol"], result["protocol"]["speedup_baseline"]
+    rng = lambda r, key: f"[{r[key + '_min']:.2f}-{r[key + '_max']:.2f}]"  # noqa: E731
+    setting = lambda engine: ", ".join(f"{k}={v}" for k, v in engine.items())  # noqa: E731
+    lines = [
+        f"Engines: {setting(p['engine'])} (timed above) vs the reference engine {setting(p['reference_engine'])}: "
+        f"{p['reference_path']}.",
+        f"{'model':<9}{'ref ms':>10}{'ref GFLOPs':>11}{'engine gain':>12}{'[min-max]':>13}{'FLOPs x':>8}"
+        f"{'model x':>9}{'vs ' + base + ' ref':>16}{'[min-max]':>13}{'FLOPs x':>8}",
+    ]
+    for name, r in result["models"].items():
+        lines.append(
+            f"{name:<9}{r['latency_reference_engine_ms']:>10.1f}{r['gflops_reference_engine']:>11.2f}"
+            f"{r['engine_gain']:>12.2f}{rng(r, 'engine_gain'):>13}{r['flops_engine_gain']:>8.2f}"
+            f"{r['speedup']:>9.2f}{r['speedup_vs_reference_engine']:>16.2f}{rng(r, 'speedup_vs_reference_engine'):>13}"
+            f"{r['flops_speedup_vs_reference_engine']:>8.2f}"
+        )
+    lines.append(f"engine gain = the model on the reference engine / on the engine above (same model); model x = "
+                 f"speedup over {base} (same engine); vs {base} ref = {base} on the reference engine / the model = "
+                 f"model x × {base}'s engine gain (speedup_vs_reference_engine); FLOPs x: the same ratios of GFLOPs.")
+    return lines
 
 
 def _split_line(split: dict) -> str:

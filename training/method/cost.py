@@ -34,38 +34,45 @@ class Run:
         count: how many sequences (images, texts, pairs, decoding steps × beams) take this pass.
         tokens: new tokens per pass (queries; keys / values are projected for these tokens only).
         self_keys: keys each self-attention query reads (= tokens without a cache; cached + new with one).
-        cross_keys: tokens the cross-attention reads (projected to keys / values in every pass).
+        cross_keys: tokens the cross-attention reads (projected to keys / values).
+        cross_kv_count: how many times those tokens are projected to cross-attention keys / values: None = in every
+            pass (`count`, the per-pair reference engine); fewer when passes share them (retrieval re-ranking with
+            `reuse_image_kv`: once per image for all its candidate texts).
     """
 
     count: int
     tokens: int
     self_keys: int
     cross_keys: int = 0
+    cross_kv_count: int | None = None
 
 
 Path = dict[str, list[Run]]
 """modality → the runs of that encoder on one task's inference path."""
 
 
-def _head_macs(group: UnitGroup, run: Run) -> int:
+def _head_macs(group: UnitGroup, run: Run) -> tuple[int, int]:
+    """(MACs of one head per pass but its cross-attention key / value projections, MACs of those projections once):
+    self-attention projects its own tokens' keys / values in every pass (the second term is 0)."""
     hd, d = group.head_dim, group.hidden_size
+    per_pass = run.tokens * d * hd + run.tokens * hd * d  # q and out projections
     if group.kind == "cross_head":
-        kv_tokens, keys = run.cross_keys, run.cross_keys
-    else:
-        kv_tokens, keys = run.tokens, run.self_keys
-    projections = run.tokens * d * hd + 2 * kv_tokens * group.kv_size * hd + run.tokens * hd * d
-    return projections + 2 * run.tokens * keys * hd  # + QKᵀ and PV
+        return per_pass + 2 * run.tokens * run.cross_keys * hd, 2 * run.cross_keys * group.kv_size * hd
+    kv = 2 * run.tokens * group.kv_size * hd
+    return per_pass + kv + 2 * run.tokens * run.self_keys * hd, 0  # + QKᵀ and PV
 
 
 def unit_flops(group: UnitGroup, runs: list[Run]) -> int:
-    """FLOPs one unit of `group` adds over `runs` (2 FLOPs per multiply-accumulate)."""
+    """FLOPs one unit of `group` adds over `runs` (2 FLOPs per multiply-accumulate); a cross-attention head's key /
+    value projections count `cross_kv_count` times (default: every pass)."""
     total = 0
     for run in runs:
         if group.kind == "ffn":
-            macs = 2 * run.tokens * group.hidden_size  # fc1 row + fc2 column
-        else:
-            macs = _head_macs(group, run)
-        total += 2 * run.count * macs
+            total += 2 * run.count * 2 * run.tokens * group.hidden_size  # fc1 row + fc2 column
+            continue
+        per_pass, cross_kv = _head_macs(group, run)
+        kv_count = run.count if run.cross_kv_count is None else run.cross_kv_count
+        total += 2 * (run.count * per_pass + kv_count * cross_kv)
     return total
 
 
@@ -84,8 +91,10 @@ def prunable_flops(config, path: Path) -> dict[str, int]:
 
 
 def path_to_json(path: Path) -> dict[str, list[list[int]]]:
-    """`path` as plain lists ({modality: [[count, tokens, self_keys, cross_keys], ...]}), e.g. for gate metadata."""
-    return {m: [[r.count, r.tokens, r.self_keys, r.cross_keys] for r in runs] for m, runs in path.items()}
+    """`path` as plain lists ({modality: [[count, tokens, self_keys, cross_keys], ...]}, a fifth entry
+    cross_kv_count where a run shares its cross-attention keys / values), e.g. for gate metadata."""
+    return {m: [[r.count, r.tokens, r.self_keys, r.cross_keys]
+                + ([] if r.cross_kv_count is None else [r.cross_kv_count]) for r in runs] for m, runs in path.items()}
 
 
 def path_from_json(data: dict) -> Path:
@@ -97,13 +106,13 @@ def path_from_json(data: dict) -> Path:
         path[modality] = []
         for run in runs:
             if isinstance(run, Run):
-                run = [run.count, run.tokens, run.self_keys, run.cross_keys]
-            ok = isinstance(run, (list, tuple)) and len(run) == 4
+                path[modality].append(run)
+                continue
+            ok = isinstance(run, (list, tuple)) and len(run) in (4, 5)
             ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in run)
             if not ok:
-                raise ValueError(
-                    f"cost path run {run!r} of {modality!r} must be [count, tokens, self_keys, cross_keys], ints >= 0"
-                )
+                raise ValueError(f"cost path run {run!r} of {modality!r} must be [count, tokens, self_keys, "
+                                 "cross_keys] (+ cross_kv_count), ints >= 0")
             path[modality].append(Run(*run))
     return path
 
@@ -117,16 +126,22 @@ def vision_tokens(config, tokens: int = 0) -> int:
 
 
 def retrieval_path(
-    config, *, images: int, texts: int, text_length: int, k: int, image_tokens: int = 0
+    config, *, images: int, texts: int, text_length: int, k: int, image_tokens: int = 0, reuse_image_kv: bool = False
 ) -> Path:
     """Retrieval (ALBEF / X-VLM protocol): every image and text encoded once, the fusion encoder on k ITC candidates
-    for every image query and every text query: (images + texts)·k pairs."""
+    for every image query and every text query: (images + texts)·k pairs.
+
+    `reuse_image_kv` prices the re-rank engine of `EfficientVLMForImageTextRetrieval.itm_pair_scores`: False (the
+    default here, what FLOPs budgets price) = the official X-VLM engine, every pair's fusion pass projects its image's
+    tokens to cross-attention keys / values; True (the model's default engine) = each image's keys / values are
+    projected once per fusion layer for all its candidate texts (every image is a query, so it is among the pairs)."""
     tokens = vision_tokens(config, image_tokens)
     pairs = (images + texts) * k
+    kv_count = min(images, pairs) if reuse_image_kv else None
     return {
         "vision": [Run(images, tokens, tokens)],
         "text": [Run(texts, text_length, text_length)],
-        "fusion": [Run(pairs, text_length, text_length, tokens)] if pairs else [],
+        "fusion": [Run(pairs, text_length, text_length, tokens, kv_count)] if pairs else [],
     }
 
 
@@ -198,10 +213,12 @@ def _lm_head_macs(sub) -> int:
 
 
 def retrieval_flops(config, *, images: int, texts: int, text_length: int, k: int,
-                    image_tokens: int = 0) -> dict[str, int]:
-    """FLOPs of the retrieval inference path (`retrieval_path`): encoders + ITC (projections, all-pairs scores) + the
-    ITM head on every re-ranked pair. Returns {"vision", "text", "itc", "fusion" (incl. the ITM head), "total"}."""
-    path = retrieval_path(config, images=images, texts=texts, text_length=text_length, k=k, image_tokens=image_tokens)
+                    image_tokens: int = 0, reuse_image_kv: bool = False) -> dict[str, int]:
+    """FLOPs of the retrieval inference path (`retrieval_path`, its re-rank engine chosen by `reuse_image_kv`):
+    encoders + ITC (projections, all-pairs scores) + the ITM head on every re-ranked pair. Returns {"vision", "text",
+    "itc", "fusion" (incl. the ITM head), "total"}."""
+    path = retrieval_path(config, images=images, texts=texts, text_length=text_length, k=k, image_tokens=image_tokens,
+                          reuse_image_kv=reuse_image_kv)
     out = path_flops(config, path)
     v, t = config.vision_config, config.text_config
     itc = 2 * images * texts * config.embed_dim

@@ -110,6 +110,10 @@ class Task:
         cost_path: fn(config, **path_sizes) -> `training.method.cost.Path`, the runs of each encoder on that path.
         flops: fn(config, **path_sizes) -> FLOPs by part and "total" of the whole inference path: `cost_path`'s
             encoders (`training.method.cost.path_flops`) + the task's heads (what bench reports); None with no path.
+        engines: (the package's engine, the reference engine) where the inference path has two ways to run that
+            give the same outputs — the second as the official code runs it: keyword settings, each a data-arguments
+            field the `workload` / `evaluate` read and a keyword of `cost_path` / `flops` (retrieval:
+            `reuse_image_kv`). bench times both and splits the speed-up into model and engine; None: one engine.
     """
 
     name: str
@@ -131,3 +135,4 @@ class Task:
     path_sizes: dict[str, int] | None = None
     cost_path: PathModel | None = None
     flops: PathModel | None = None
+    engines: tuple[dict[str, Any], dict[str, Any]] | None = None

@@ -308,6 +308,7 @@ def evaluate_retrieval(
     query_block: int | None = None,
     twins: Sequence[Sequence[int]] | None = None,
     return_ranks: bool = False,
+    reuse_image_kv: bool = True,
 ) -> dict[str, float] | tuple[dict[str, float], PerQueryRanks]:
     """Image-text retrieval with ITC ranking and ITM re-ranking of each query's top-k (X-VLM protocol).
 
@@ -336,6 +337,9 @@ def evaluate_retrieval(
             re-rank score (ITM; ITC when k = 0), and "twin_accuracy_itc" under ITC alone (50 = chance); the first
             caption of every image against each of its twins.
         return_ranks: also return the per-query ranks of the re-ranked scores (for paired comparisons).
+        reuse_image_kv: the re-rank engine (`itm_pair_scores`): each image's cross-attention keys / values projected
+            once for all its candidate texts (default), or False: one full fusion pass per pair, as the official
+            X-VLM code runs it (same scores to float rounding).
 
     Returns:
         `retrieval_metrics` of the re-ranked scores, plus the same keys suffixed `_itc` for ITC-only ranking and
@@ -367,7 +371,7 @@ def evaluate_retrieval(
             for direction, start, sim, scores in _score_blocks(
                 model, image_embeds, text_embeds, k, query_block, image_tokens=image_tokens,
                 text_tokens=text_tokens, attention_mask=text_mask, pruning_masks=pruning_masks, itm_score=itm_score,
-                batch_size=batch_size, progress=progress,
+                batch_size=batch_size, progress=progress, reuse_image_kv=reuse_image_kv,
             ):
                 stop = start + sim.shape[0]
                 itc = best_positive_ranks(sim.cpu().numpy(), positives[direction][start:stop], f"ITC {direction} similarities")
@@ -378,7 +382,8 @@ def evaluate_retrieval(
                 twin_metrics = _twin_accuracy(model, twins, txt2img, image_embeds, text_embeds, k > 0,
                                               image_tokens=image_tokens, text_tokens=text_tokens,
                                               attention_mask=text_mask, pruning_masks=pruning_masks,
-                                              itm_score=itm_score, batch_size=batch_size)
+                                              itm_score=itm_score, batch_size=batch_size,
+                                              reuse_image_kv=reuse_image_kv)
     finally:
         model.train(was_training)
     metrics = recall_metrics(ranks["i2t", "rerank"], ranks["t2i", "rerank"])
@@ -433,31 +438,38 @@ def evaluate(model, processor, data, held_out, show_progress: bool = True, pruni
         model, held_out["images"], held_out["captions"], held_out["img2txt"], held_out["txt2img"], processor,
         k=data.itm_k, show_progress=show_progress, pruning_masks=pruning_masks, max_length=data.max_length,
         itm_score=data.itm_score, twins=held_out.get("twins"), return_ranks=return_ranks,
+        reuse_image_kv=data.reuse_image_kv,
     )
 
 
 # ---------------------------------------------------------------------------------------------------- inference path
-def retrieval_step(model, pixel_values, input_ids, attention_mask, k: int, itm_score: str = "match_logit"):
-    """The timed retrieval path: encode all, ITC for all pairs, ITM re-ranking of every query's top-k."""
+def retrieval_step(model, pixel_values, input_ids, attention_mask, k: int, itm_score: str = "match_logit", *,
+                   reuse_image_kv: bool = True):
+    """The timed retrieval path: encode all, ITC for all pairs, ITM re-ranking of every query's top-k (re-rank engine
+    `reuse_image_kv`, see `EfficientVLMForImageTextRetrieval.itm_pair_scores`)."""
     image = model.encode_image(pixel_values).last_hidden_state
     text = model.encode_text(input_ids, attention_mask).last_hidden_state
     sim = model.image_itc_embeds(image) @ model.text_itc_embeds(text).t()
     if k == 0:
         return sim
-    return model.rerank(sim, k, image, text, attention_mask, itm_score=itm_score)
+    return model.rerank(sim, k, image, text, attention_mask, itm_score=itm_score, reuse_image_kv=reuse_image_kv)
 
 
 def workload(model, processor, data, held_out, batch: int) -> Callable[[], Any]:
-    """Encode `batch` held-out images and captions, ITC for all pairs, ITM on the top-k per query (k = data.itm_k)."""
+    """Encode `batch` held-out images and captions, ITC for all pairs, ITM on the top-k per query (k = data.itm_k),
+    re-ranked by the engine of `data.reuse_image_kv`."""
     n = min(batch, len(held_out["images"]))
     pixels = processor(images=held_out["images"][:n])["pixel_values"]
     text = processor(text=held_out["captions"][:n], padding="max_length", max_length=data.max_length)
-    return lambda: retrieval_step(model, pixels, text["input_ids"], text["attention_mask"], data.itm_k, data.itm_score)
+    return lambda: retrieval_step(model, pixels, text["input_ids"], text["attention_mask"], data.itm_k, data.itm_score,
+                                  reuse_image_kv=data.reuse_image_kv)
 
 
 def workload_text(data, batch: int) -> str:
+    engine = ("each image's cross-attention K/V projected once for its candidates" if data.reuse_image_kv
+              else "one fusion pass per pair, as the official X-VLM code")
     return (f"retrieval path on {batch} held-out images × {batch} captions: encode all, ITC all pairs, ITM on the "
-            f"top-{data.itm_k} per query")
+            f"top-{data.itm_k} per query ({engine})")
 
 
 USAGE = """import torch
@@ -515,4 +527,6 @@ TASK = Task(
     path_sizes={"images": 5000, "texts": 25000, "k": 256, "text_length": 40},
     cost_path=retrieval_path,
     flops=retrieval_flops,
+    # the re-rank engines: the model's (image K/V once per image) and the official code's (K/V per pair)
+    engines=({"reuse_image_kv": True}, {"reuse_image_kv": False}),
 )
