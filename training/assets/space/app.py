@@ -62,7 +62,7 @@ def load(task):
 
 
 def open_upload(path):
-    """An uploaded file as an RGB image, or BadInput saying why not."""
+    """An uploaded file as an image (the model's processor converts it to RGB), or BadInput saying why not."""
     if not path:
         raise BadInput("Upload an image first.")
     try:
@@ -71,8 +71,8 @@ def open_upload(path):
             raise BadInput(f"The image is {image.width}×{image.height} pixels; the limit is {MAX_PIXELS // 10**6} "
                            "megapixels.")
         image = ImageOps.exif_transpose(image)
-        image.thumbnail((MAX_SIDE, MAX_SIDE))
-        return image.convert("RGB")
+        image.thumbnail((MAX_SIDE, MAX_SIDE))  # decodes it: a truncated file fails here
+        return image
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
         raise BadInput("That file is not an image this page can read (PNG, JPEG, WebP, ...).") from error
 
