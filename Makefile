@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 
-.PHONY: install demo demo-teacher remote-code test test-fast
+.PHONY: install demo demo-teacher remote-code test test-fast browser
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH_PIN)"
@@ -30,8 +30,16 @@ demo-teacher: install
 remote-code:
 	$(PYTHON) -c "from efficientvlm.training.commands.demo import DEMO_TEACHER_DIR, copy_remote_code as c; c(DEMO_TEACHER_DIR)"
 
-test: install
+test: install browser
 	$(PYTHON) -m pytest tests
+
+# Headless Chromium + chromedriver for the demo page's browser test (tests/test_app.py skips without them); Debian
+# packages, ~90 s when missing, nothing when present.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
 
 # The fast lane while editing: everything but the tests marked slow (subprocesses, fresh interpreters, venvs and
 # wheels, DDP, demos, long training runs). `make test` (what CI runs) still runs them all.
