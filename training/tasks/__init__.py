@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from .base import ModelCardSpec, Task
 from .captioning import TASK as CAPTIONING
+from .captioning_domain import TASK as CAPTIONING_DOMAIN
 from .nlvr2 import TASK as NLVR2
 from .nlvr2_domain import TASK as NLVR2_DOMAIN
 from .retrieval import TASK as RETRIEVAL
 from .vqa import TASK as VQA
 
-TASKS: dict[str, Task] = {task.name: task for task in (RETRIEVAL, NLVR2, NLVR2_DOMAIN, CAPTIONING, VQA)}
+TASKS: dict[str, Task] = {task.name: task for task in (RETRIEVAL, NLVR2, NLVR2_DOMAIN, CAPTIONING, CAPTIONING_DOMAIN,
+                                                               VQA)}
 
 
 def get_task(name: str | Task) -> Task:
