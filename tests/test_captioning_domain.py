@@ -31,7 +31,8 @@ def test_domain_batches_have_no_prompt_and_the_loss_is_the_lm_loss_alone(tmp_pat
     args = DistillationArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     total, parts = task.loss_step(model, model, batch, args, None)  # a teacher is ignored: no KD
     assert set(parts) == {"lm", "total"}
-    assert torch.allclose(total, model(**batch).loss)
+    assert torch.allclose(total, model(**batch, label_smoothing=0.0).loss)  # the official pre-training LM loss
+    assert not torch.allclose(total, model(**batch).loss)  # captioning fine-tuning smooths by 0.1
 
 
 def test_pretrain_then_captioning_domain_then_captioning(tmp_path):

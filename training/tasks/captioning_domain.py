@@ -7,7 +7,8 @@ head its LM head) and trains it with the decoder's LM loss only, no KD, on "[CLS
 caption token and [SEP] predicted (the official `ImageTextJsonDataset(..., add_eos=True)` texts, `pad` out of the
 loss); `teacher --task captioning --init_from <it>` (or `prune --task captioning --student <it>`) then fine-tunes with
 the prompt "a picture of". The official config runs it on the small model (`x-vlm-small-ft/Captioning_pretrain_O1.yaml`:
-2 epochs of the 4M pre-training pairs, lr 3e-5); the model's label smoothing (0.1) stays as in captioning.
+2 epochs of the 4M pre-training pairs, lr 3e-5) with an unsmoothed LM loss (its `BertLMHeadModel`, label smoothing 0;
+captioning fine-tuning smooths by 0.1).
 
 Evaluation and inference path: the captioning ones (BLEU-4 / CIDEr-D of prompted beam search on the held-out set).
 """
@@ -16,18 +17,25 @@ from __future__ import annotations
 
 from modeling_efficientvlm import EfficientVLMForConditionalGeneration
 
+from ..method import losses as L
 from . import captioning
 from .base import ModelCardSpec, Task
 
 
 def domain_losses(student, teacher, inputs: dict, args, maps: dict | None, *, masks=None, generator=None,
                   step: int = 0):
-    """The decoder's LM loss on an un-prompted caption batch, no KD (`teacher` and `maps` are ignored).
+    """The decoder's LM loss (no label smoothing) on an un-prompted caption batch, no KD (`teacher` and `maps` are
+    ignored).
 
     Returns:
-        (total, {"lm", "total"}), as `captioning.captioning_losses` without a teacher.
+        (total, {"lm", "total"}).
     """
-    return captioning.captioning_losses(student, None, inputs, args, None, masks=masks)
+    missing = [key for key in ("pixel_values", "input_ids", "attention_mask", "labels") if key not in inputs]
+    if missing:
+        raise KeyError(f"captioning batches need {missing} (got keys {sorted(inputs)}); use CaptioningCollator")
+    output = student(**inputs, pruning_masks=masks, label_smoothing=0.0)
+    return L.combine_losses({"lm": output.loss}, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0,
+                            gamma_logits=0.0)
 
 
 def train_data(data, processor, seed: int, mlm: bool):
