@@ -8,20 +8,20 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
 from tests.conftest import tiny_config
-from tests.test_trainer import _args, _batches, _collate, _teacher
+from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 from efficientvlm.training import DistillationArguments, EfficientVLMDistillationTrainer, init_student_from_teacher
-from efficientvlm.training.commands.atomic import atomic_directory
+from efficientvlm.training.infra.runs import atomic_directory
 from efficientvlm.training.tasks import get_task
 
 
 def test_nan_loss_stops_with_step_and_term_and_saves_nothing(tmp_path):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = init_student_from_teacher(teacher)
-    data = _batches(2)
+    data = tiny_batches(2)
     for item in data:
         item["pixel_values"] = torch.full_like(item["pixel_values"], float("nan"))
-    args = _args(DistillationArguments, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=1)
-    trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=data, data_collator=_collate,
+    args = training_args(DistillationArguments, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=1)
+    trainer = EfficientVLMDistillationTrainer(model=student, args=args, train_dataset=data, data_collator=stack_batch,
                                               teacher_model=teacher, task=get_task("retrieval"))
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: terms \[.*'itc'"):
         trainer.train()
@@ -29,20 +29,20 @@ def test_nan_loss_stops_with_step_and_term_and_saves_nothing(tmp_path):
 
 
 def test_incompatible_teacher_vocabulary_is_refused(tmp_path):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = EfficientVLMForPreTraining(tiny_config(text=dict(vocab_size=50)))
     with pytest.raises(ValueError, match=r"student vocab_size \(50\) != teacher vocab_size \(99\)"):
-        EfficientVLMDistillationTrainer(model=student, args=_args(DistillationArguments, tmp_path),
-                                        train_dataset=_batches(1), data_collator=_collate, teacher_model=teacher,
+        EfficientVLMDistillationTrainer(model=student, args=training_args(DistillationArguments, tmp_path),
+                                        train_dataset=tiny_batches(1), data_collator=stack_batch, teacher_model=teacher,
                                         task=get_task("retrieval"))
 
 
 def test_width_mismatch_without_projection_is_refused(tmp_path):
-    teacher = _teacher()
+    teacher = tiny_teacher()
     student = EfficientVLMForPreTraining(tiny_config(vision=dict(hidden_size=16, head_dim=4)))
     with pytest.raises(ValueError, match="vision_config.hidden_size differs .* set beta_hidden=0"):
-        EfficientVLMDistillationTrainer(model=student, args=_args(DistillationArguments, tmp_path),
-                                        train_dataset=_batches(1), data_collator=_collate, teacher_model=teacher,
+        EfficientVLMDistillationTrainer(model=student, args=training_args(DistillationArguments, tmp_path),
+                                        train_dataset=tiny_batches(1), data_collator=stack_batch, teacher_model=teacher,
                                         task=get_task("retrieval"))
 
 
@@ -74,7 +74,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
 
 
 def test_foreign_pth_is_loaded_without_pickle_execution(tmp_path):
-    from efficientvlm.training.commands.convert import convert_xvlm_checkpoint
+    from efficientvlm.training.method.initializers import convert_xvlm_checkpoint
 
     class Evil:
         def __reduce__(self):
@@ -88,10 +88,10 @@ def test_foreign_pth_is_loaded_without_pickle_execution(tmp_path):
 
 def test_interrupted_checkpoint_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
     """A save that dies half-way (here: in the RNG-state step) leaves neither checkpoint-N nor its staging dir."""
-    teacher = _teacher()
-    args = _args(DistillationArguments, tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1)
+    teacher = tiny_teacher()
+    args = training_args(DistillationArguments, tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1)
     trainer = EfficientVLMDistillationTrainer(model=init_student_from_teacher(teacher), args=args,
-                                              train_dataset=_batches(2), data_collator=_collate, teacher_model=teacher,
+                                              train_dataset=tiny_batches(2), data_collator=stack_batch, teacher_model=teacher,
                                               task=get_task("retrieval"))
 
     def die(output_dir):
@@ -104,10 +104,10 @@ def test_interrupted_checkpoint_leaves_no_checkpoint_folder(tmp_path, monkeypatc
 
 
 def test_checkpoints_are_renamed_into_place_and_rotated(tmp_path):
-    teacher = _teacher()
-    args = _args(DistillationArguments, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=1,
+    teacher = tiny_teacher()
+    args = training_args(DistillationArguments, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=1,
                  save_total_limit=2)
-    EfficientVLMDistillationTrainer(model=init_student_from_teacher(teacher), args=args, train_dataset=_batches(3),
-                                    data_collator=_collate, teacher_model=teacher, task=get_task("retrieval")).train()
+    EfficientVLMDistillationTrainer(model=init_student_from_teacher(teacher), args=args, train_dataset=tiny_batches(3),
+                                    data_collator=stack_batch, teacher_model=teacher, task=get_task("retrieval")).train()
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "checkpoint-3"]
     assert (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").exists()
