@@ -33,7 +33,8 @@ def main(out: str, per_device: int) -> None:
         ddp_backend="gloo" if distributed else None, target_sparsity=0.5, reg_learning_rate=0.1,
     )
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(8), data_collator=stack_batch,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(8),
+                                         data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     state = {k: v.tolist() for k, v in gated.l0.state_dict().items() if v.dtype.is_floating_point}

@@ -35,7 +35,8 @@ def test_magnitude_importance_of_a_head_by_hand():
     group = next(g for g in unit_groups(model.config) if g.modality == "fusion" and g.kind == "cross_head")
     attn = model.fusion_model.layers[0].cross_attn
     rows = slice(6, 12)  # head 1, head_dim 6
-    squares = sum(float(w[rows].detach().pow(2).sum()) for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+    squares = sum(float(w[rows].detach().pow(2).sum()) for w in (attn.q_proj.weight, attn.k_proj.weight,
+                                                                 attn.v_proj.weight))
     squares += float(attn.out_proj.weight[:, rows].detach().pow(2).sum())
     assert float(magnitude_importance(model, group)[1]) == pytest.approx((squares / group.unit_params) ** 0.5)
 

@@ -197,7 +197,8 @@ def test_handlers_explain_bad_input(tmp_path, monkeypatch):
     # the same gallery as an index (`efficientvlm index`): copied with its images, searched through the pipeline
     from efficientvlm.training.commands.index import IndexArguments, build_index
 
-    build_index(IndexArguments(model=DEMO_TEACHER_DIR, images=str(tmp_path / "gallery"), output_dir=str(tmp_path / "i")))
+    build_index(IndexArguments(model=DEMO_TEACHER_DIR, images=str(tmp_path / "gallery"),
+                               output_dir=str(tmp_path / "i")))
     write_app(AppArguments(model=DEMO_TEACHER_DIR, index=str(tmp_path / "i"), output_dir=str(tmp_path / "b")),
               str(tmp_path / "b"))
     assert (tmp_path / "b" / "index" / "index.json").is_file() and (tmp_path / "b" / "gallery" / "scene_3.png").is_file()

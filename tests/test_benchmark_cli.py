@@ -43,7 +43,8 @@ def test_uniform_pruning_hits_the_requested_split():
 def test_tiny_benchmark_reports_protocol_and_ratios(tmp_path):
     result = run_benchmark(BenchArguments(preset="tiny", repeats=2, warmup=1, eval_images=2, num_texts=2, itm_k=1))
     protocol = result["protocol"]
-    for key in ("device", "dtype", "threads", "eval_images", "text_length", "itm_k", "repeats", "weights", "image_size"):
+    for key in ("device", "dtype", "threads", "eval_images", "text_length", "itm_k", "repeats", "weights",
+                "image_size"):
         assert key in protocol
     teacher, pruned = result["models"]["teacher"], result["models"]["pruned"]
     assert teacher["speedup"] == 1.0 and teacher["speedup_over_flops_ratio"] == 1.0
@@ -102,7 +103,8 @@ def test_cli_help_and_errors(capsys):
     assert main(["nope"]) == 2
     assert main(["bench", "--preset", "huge"]) == 2
     assert "--preset must be one of" in capsys.readouterr().err
-    result = subprocess.run([sys.executable, "-m", "efficientvlm.training.commands.cli", "prune", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "efficientvlm.training.commands.cli", "prune", "--help"],
+                            capture_output=True, text=True)
     assert "--target_sparsity" in result.stdout and "Global target sparsity" in result.stdout
 
 

@@ -143,7 +143,8 @@ def test_short_flops_run_with_layer_and_hidden_gates_meets_its_budget_and_materi
                  sparsity_warmup_steps=10, freeze_masks_step=30, learning_rate=5e-4, budget="flops",
                  budget_path="images=16,texts=16,k=4,text_length=7", layer_gates=True, hidden_gates=True)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(10), data_collator=stack_batch,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(10),
+                                         data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert bool(gated.l0.frozen)

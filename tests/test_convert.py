@@ -110,7 +110,8 @@ def test_convert_runs_a_forward(checkpoints):
         pixel_values=torch.randn(2, 3, 224, 224, generator=g), input_ids=torch.randint(5, 99, (2, 6), generator=g),
         compute_itm=True, mlm_input_ids=torch.randint(5, 99, (2, 6), generator=g),
     )
-    assert out.logits_per_image.shape == (2, 2) and out.itm_logits.shape == (2, 2) and out.mlm_logits.shape == (2, 6, 99)
+    assert out.logits_per_image.shape == (2, 2) and out.itm_logits.shape == (2, 2) and out.mlm_logits.shape == (2, 6,
+                                                                                                                99)
 
 
 def test_position_interpolation_224_to_384(checkpoints):
@@ -306,7 +307,8 @@ def test_from_local_dirs_and_overrides(tmp_path):
         from_vision_text_pretrained(str(tmp_path / "clip"), str(tmp_path / "bert"), num_text_layers=5)
 
 
-@pytest.mark.xfail(not _vit_supported(), reason="needs vision_config.use_pre_layernorm (integrator adds it)", strict=True)
+@pytest.mark.xfail(not _vit_supported(), reason="needs vision_config.use_pre_layernorm (integrator adds it)",
+                   strict=True)
 def test_vit_vision_parity_with_patch_bias_folded():
     torch.manual_seed(4)
     config = ViTConfig(

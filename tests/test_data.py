@@ -411,7 +411,8 @@ def test_mask_tokens_invariants(processor):
     special = torch.tensor(tokenizer.all_special_ids)
     for seed, probability, max_masks in ((0, 0.15, 8), (1, 0.5, 3), (2, 0.0, 4), (3, 1.0, 100)):
         generator = torch.Generator().manual_seed(seed)
-        masked, labels = mask_tokens(ids, attention, tokenizer, probability=probability, max_masks=max_masks, generator=generator)
+        masked, labels = mask_tokens(ids, attention, tokenizer, probability=probability, max_masks=max_masks,
+                                     generator=generator)
         chosen = labels != -100
         assert torch.equal(labels[chosen], ids[chosen])  # labels are the originals at masked positions only
         assert torch.equal(masked[~chosen], ids[~chosen])  # nothing else changes
@@ -419,7 +420,8 @@ def test_mask_tokens_invariants(processor):
         assert (chosen.sum(1) <= max_masks).all() and (chosen.sum(1) >= 1).all()  # documented min_masks=1
         assert not torch.isin(masked[chosen], torch.tensor([0, 1, 2, 3])).any()  # no [PAD]/[UNK]/[CLS]/[SEP]
     candidates = attention.bool() & ~torch.isin(ids, special)
-    masked, labels = mask_tokens(ids, attention, tokenizer, probability=1.0, max_masks=100, generator=torch.Generator().manual_seed(9))
+    masked, labels = mask_tokens(ids, attention, tokenizer, probability=1.0, max_masks=100,
+                                 generator=torch.Generator().manual_seed(9))
     assert torch.equal(labels != -100, candidates)
     share = (masked[candidates] == tokenizer.mask_token_id).float().mean()
     assert 0.7 < share < 0.9  # 80% [MASK]

@@ -114,7 +114,8 @@ def test_every_task_total_is_its_path_plus_its_heads(name):
     v = config.vision_config
     patches = 3 * (v.image_size // v.patch_size) ** 2
     units = prunable_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2))["vision"]
-    assert path_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2))["vision"] == units + 2 * patches * (
+    assert path_flops(config, retrieval_path(config, images=3, texts=5, text_length=7,
+                                             k=2))["vision"] == units + 2 * patches * (
         v.num_channels * v.patch_size**2 * v.hidden_size)
 
 

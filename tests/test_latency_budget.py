@@ -219,7 +219,8 @@ def test_short_latency_run_meets_its_budget(tmp_path):
                  sparsity_warmup_steps=10, freeze_masks_step=30, learning_rate=5e-4, budget="latency",
                  latency_table=str(tmp_path / "table.json"), layer_gates=True)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(10), data_collator=stack_batch,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(10),
+                                         data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert bool(gated.l0.frozen)

@@ -239,9 +239,11 @@ def test_combine_losses_arithmetic():
     assert float(total) == pytest.approx(0.6 * 3 + 0.4 * (3 + 2.5 + 14))
     assert set(parts) == {"itc", "itm", "attn", "hidden", "logits", "total"}
     # missing KD terms count as 0; λ = 1 is VLP only
-    total, _ = L.combine_losses(vlp, {"logits": torch.tensor(7.0)}, lambda_vlp=0.5, alpha_attn=1.0, beta_hidden=1.0, gamma_logits=2.0)
+    total, _ = L.combine_losses(vlp, {"logits": torch.tensor(7.0)}, lambda_vlp=0.5, alpha_attn=1.0, beta_hidden=1.0,
+                                gamma_logits=2.0)
     assert float(total) == pytest.approx(0.5 * 3 + 0.5 * 14)
-    assert float(L.combine_losses(vlp, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0, gamma_logits=0.0)[0]) == pytest.approx(3.0)
+    assert float(L.combine_losses(vlp, {}, lambda_vlp=1.0, alpha_attn=0.0, beta_hidden=0.0,
+                                  gamma_logits=0.0)[0]) == pytest.approx(3.0)
 
 
 def test_combine_losses_validation_names_the_argument():
@@ -252,4 +254,5 @@ def test_combine_losses_validation_names_the_argument():
         with pytest.raises(ValueError, match=name):
             L.combine_losses(vlp, kd, **dict(zip(("lambda_vlp", "alpha_attn", "beta_hidden", "gamma_logits"), args)))
     with pytest.raises(ValueError, match="unknown KD terms"):
-        L.combine_losses(vlp, {"itc_kd": torch.tensor(1.0)}, lambda_vlp=0.5, alpha_attn=1, beta_hidden=1, gamma_logits=1)
+        L.combine_losses(vlp, {"itc_kd": torch.tensor(1.0)}, lambda_vlp=0.5, alpha_attn=1, beta_hidden=1,
+                         gamma_logits=1)

@@ -88,11 +88,14 @@ def test_student_copies_exactly_the_mapped_layers():
         for name in ("self_attn.q_proj.weight", "mlp.fc2.bias", "layer_norm1.weight"):
             assert torch.equal(s[f"vision_model.layers.{i}.{name}"], t[f"vision_model.layers.{j}.{name}"])
             assert torch.equal(s[f"text_model.layers.{i}.{name}"], t[f"text_model.layers.{j}.{name}"])
-    assert torch.equal(s["fusion_model.layers.0.cross_attn.k_proj.weight"], t["fusion_model.layers.1.cross_attn.k_proj.weight"])
-    for name in ("vision_model.embeddings.position_embedding.weight", "itm_head.0.weight", "mlm_head.dense.weight", "temp"):
+    assert torch.equal(s["fusion_model.layers.0.cross_attn.k_proj.weight"],
+                       t["fusion_model.layers.1.cross_attn.k_proj.weight"])
+    for name in ("vision_model.embeddings.position_embedding.weight", "itm_head.0.weight", "mlm_head.dense.weight",
+                 "temp"):
         assert torch.equal(s[name], t[name])
     custom = init_student_from_teacher(teacher, layer_map={"vision": [0, 2], "text": [0], "fusion": [0]})
-    assert torch.equal(custom.state_dict()["vision_model.layers.1.mlp.fc1.weight"], t["vision_model.layers.2.mlp.fc1.weight"])
+    assert torch.equal(custom.state_dict()["vision_model.layers.1.mlp.fc1.weight"],
+                       t["vision_model.layers.2.mlp.fc1.weight"])
     assert custom.config.text_config.num_hidden_layers == 1
 
 

@@ -104,7 +104,8 @@ def test_pruning_run_reaches_target_and_materializes_to_predicted_size(tmp_path)
     args = training_args(PruningArguments, tmp_path, max_steps=120, target_sparsity=0.5, reg_learning_rate=0.1,
                  sparsity_warmup_steps=20, save_strategy="steps", save_steps=60, learning_rate=5e-4)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(30), data_collator=stack_batch,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(30),
+                                         data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     # the structure is snapped to the target when training ends: what materialize keeps removes 0.5

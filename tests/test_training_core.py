@@ -46,7 +46,8 @@ def test_itm_negatives_are_drawn_from_similarity_over_temperature(tmp_path, monk
                      generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         image = student.image_itc_embeds(student.encode_image(batch["pixel_values"]).last_hidden_state)
-        text = student.text_itc_embeds(student.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state)
+        text = student.text_itc_embeds(student.encode_text(batch["input_ids"],
+                                                           batch["attention_mask"]).last_hidden_state)
     expected = image @ text.t() / 0.05
     assert len(seen) == 1 and not seen[0].requires_grad
     torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-5)
@@ -80,7 +81,8 @@ def _pruning_run(out, freeze: int | None, resume: str | None = None, steps: int 
     args = training_args(PruningArguments, out, max_steps=steps, target_sparsity=0.5, reg_learning_rate=0.5,
                  sparsity_warmup_steps=0, freeze_masks_step=freeze, save_strategy="steps", save_steps=1)
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(steps), data_collator=stack_batch,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(steps),
+                                         data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train(resume_from_checkpoint=resume)
     return gated, trainer
@@ -200,7 +202,8 @@ def test_unset_task_kd_settings_take_the_official_values(tmp_path, task, lam, re
                                train_dataset=tiny_batches(1), data_collator=stack_batch,
                                teacher_model=model_cls(teacher.config), task=get_task(task))
     assert (args.lambda_vlp, args.reg_learning_rate, args.cross_attention_kd) == (lam, reg, True)
-    explicit = training_args(PruningArguments, tmp_path, lambda_vlp=0.3, reg_learning_rate=0.02, cross_attention_kd=False)
+    explicit = training_args(PruningArguments, tmp_path, lambda_vlp=0.3, reg_learning_rate=0.02,
+                             cross_attention_kd=False)
     EfficientVLMPruningTrainer(model=make_gated_model(student, explicit, get_task(task)), args=explicit,
                                train_dataset=tiny_batches(1), data_collator=stack_batch,
                                teacher_model=model_cls(teacher.config), task=get_task(task))
@@ -214,7 +217,8 @@ def test_sparsity_warmup_defaults_to_one_epoch(tmp_path):
     student = EfficientVLMForImageTextRetrieval(init_student_from_teacher(teacher).config)
     args = training_args(PruningArguments, tmp_path, max_steps=8)  # 2 batches per epoch, 4 epochs
     gated = make_gated_model(student, args, get_task("retrieval"))
-    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(2), data_collator=stack_batch,
+    trainer = EfficientVLMPruningTrainer(model=gated, args=args, train_dataset=tiny_batches(2),
+                                         data_collator=stack_batch,
                                          teacher_model=teacher, task=get_task("retrieval"))
     trainer.train()
     assert args.sparsity_warmup_steps == 2 and gated.l0.warmup_steps == 2
@@ -233,7 +237,8 @@ def test_task_kd_distils_cross_attention_when_on(tmp_path):
     parts = {}
     for cross in (False, True):
         args = training_args(DistillationArguments, tmp_path, cross_attention_kd=cross)
-        _, parts[cross] = retrieval_losses(student, teacher, batch, args, maps, generator=torch.Generator().manual_seed(0))
+        _, parts[cross] = retrieval_losses(student, teacher, batch, args, maps,
+                                           generator=torch.Generator().manual_seed(0))
     # attention KD averages encoder terms: with cross on there is one more (fusion cross-attention) term
     assert float(parts[True]["attn"].detach()) != pytest.approx(float(parts[False]["attn"].detach()), rel=1e-6)
     torch.testing.assert_close(parts[True]["hidden"], parts[False]["hidden"])

@@ -40,7 +40,8 @@ def answers(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     width = max(lengths) + 2
     ids = torch.full((len(lengths), width), PAD)
     for row, n in enumerate(lengths):
-        ids[row, : n + 2] = torch.cat([torch.tensor([BOS]), torch.randint(5, 99, (n,), generator=g), torch.tensor([EOS])])
+        ids[row, : n + 2] = torch.cat([torch.tensor([BOS]), torch.randint(5, 99, (n,), generator=g),
+                                       torch.tensor([EOS])])
     return ids, (ids != PAD).long()
 
 
@@ -186,7 +187,8 @@ def test_save_load_round_trip_with_pruned_decoder_and_other_classes(tmp_path):
     model.save_pretrained(tmp_path)
     loaded, info = EfficientVLMForQuestionAnswering.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert loaded.config.decoder_config.intermediate_size == [0, 5] and not hasattr(loaded.decoder_model.layers[0], "mlp")
+    assert loaded.config.decoder_config.intermediate_size == [0, 5] and not hasattr(loaded.decoder_model.layers[0],
+                                                                                    "mlp")
     with torch.no_grad():
         a = model(**inputs, answer_input_ids=ids, answer_attention_mask=mask).logits
         b = loaded.eval()(**inputs, answer_input_ids=ids, answer_attention_mask=mask).logits
@@ -293,7 +295,8 @@ def test_student_of_vqa_teacher_takes_every_other_decoder_layer():
     assert student.config.decoder_config.num_hidden_layers == 2
     assert student.config.decoder_config.intermediate_size == [6, 8]
     for i, t in enumerate((1, 3)):
-        assert torch.equal(student.decoder_model.layers[i].mlp.fc1.weight, teacher.decoder_model.layers[t].mlp.fc1.weight)
+        assert torch.equal(student.decoder_model.layers[i].mlp.fc1.weight,
+                           teacher.decoder_model.layers[t].mlp.fc1.weight)
     assert torch.equal(student.decoder_model.embeddings.word_embeddings.weight,
                        teacher.decoder_model.embeddings.word_embeddings.weight)
     layer_map = resolve_layer_map(student.config, teacher.config)

@@ -272,10 +272,12 @@ def run_analysis(args: AnalyzeArguments, data, write=lambda text: None) -> dict:
         return evaluate_model(net, processor, data, held_out, show_progress=False, pruning_masks=masks)[metric]
 
     def recover(net):
-        return recovery_fine_tune(net, processor, data, steps=args.recovery_steps, learning_rate=args.recovery_learning_rate,
+        return recovery_fine_tune(net, processor, data, steps=args.recovery_steps,
+                                  learning_rate=args.recovery_learning_rate,
                                   batch_size=args.recovery_batch_size, seed=args.seed)
 
-    result = analyze_modules(model, evaluate, ratios=ratios, importance=importance, recover=recover if args.recovery_steps else None, show_progress=True)
+    result = analyze_modules(model, evaluate, ratios=ratios, importance=importance,
+                             recover=recover if args.recovery_steps else None, show_progress=True)
     result.update(importance=args.importance, task=data.task, metric=metric, recovery_steps=args.recovery_steps)
     write(write_analysis(result, args.output_dir, metric))
     return result

@@ -95,7 +95,8 @@ class BenchArguments:
         default=8, metadata={"help": "Texts in the retrieval workload: each held-out image with its caption, so it "
                                      "must equal --eval_images (kept for existing command lines)."})
     text_length: int = field(default=40, metadata={"help": "Tokens per text (X-VLM: 40); texts are padded to it."})
-    itm_k: int = field(default=4, metadata={"help": "ITM re-ranking candidates per query (retrieval).", "aliases": ["--k"]})
+    itm_k: int = field(default=4, metadata={"help": "ITM re-ranking candidates per query (retrieval).",
+                                            "aliases": ["--k"]})
     path_sizes: str = field(
         default="",
         metadata={"help": "Sizes of the task's path for the FLOPs, as prune --budget_path (e.g. 'k=128' for VQA's "

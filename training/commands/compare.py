@@ -224,7 +224,8 @@ def run_compare(compare: CompareArguments, prune, data, args, write=lambda text:
         }
         models[strategy] = pruned
     student_metrics = evaluate_model(student, processor, data, held_out, show_progress=False)
-    latency = measure_latency(models, processor, data=data, eval_data=held_out, batch=compare.latency_batch, repeats=compare.latency_repeats)
+    latency = measure_latency(models, processor, data=data, eval_data=held_out, batch=compare.latency_batch,
+                              repeats=compare.latency_repeats)
     base = latency["student (unpruned)"]["median_ms"]
     for strategy in strategies:
         results[strategy]["latency"] = latency[strategy]

@@ -167,7 +167,8 @@ def budget_report(checkpoint: str, pruned) -> dict | None:
               "achieved": {"params": kept_params}}
     if path is not None:
         report["path"] = path_to_json(path)
-        report["achieved"]["flops"] = prunable_flops(pruned.config, path)["total"] / prunable_flops(student, path)["total"]
+        report["achieved"]["flops"] = prunable_flops(pruned.config, path)["total"] / prunable_flops(student,
+                                                                                                    path)["total"]
     table = settings.get("latency_table")
     if table is not None:  # what the measured table predicts for the materialized sub-layers, vs the student's
         report["latency_device"] = table.get("device")
@@ -484,4 +485,5 @@ def run_export(args: ExportArguments, extra: dict | None = None) -> dict:
             reference = EfficientVLMConfig.from_pretrained(path)
             extra.setdefault("reference_name", f"{os.path.basename(os.path.normpath(path))} (the run's {flag})")
     name = args.model_name or os.path.basename(os.path.abspath(args.output_dir))
-    return save_hub_ready(model, processor, args.output_dir, model_name=name, reference_config=reference, metrics=metrics, extra=extra, overwrite=args.overwrite)
+    return save_hub_ready(model, processor, args.output_dir, model_name=name, reference_config=reference,
+                          metrics=metrics, extra=extra, overwrite=args.overwrite)

@@ -577,7 +577,8 @@ def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed
     model.eval()
     metrics = {}
     if eval_data is not False:
-        student, masks = (model.student, model.l0.deterministic_masks()) if isinstance(model, GatedModel) else (model, None)
+        student, masks = (model.student, model.l0.deterministic_masks()) if isinstance(model, GatedModel) else (model,
+                                                                                                                None)
         metrics = evaluate_model(student, processor, data, eval_data, pruning_masks=masks)
         if args.should_save:
             save_metrics(args.output_dir, metrics)

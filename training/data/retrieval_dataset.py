@@ -146,7 +146,8 @@ image has twins in the gallery (`make_twin_retrieval_eval_set`), so ranking need
 the earlier set, one caption per image, some rearranged twins (`make_retrieval_eval_set`)."""
 
 
-def make_twin_retrieval_eval_set(n_images: int = 1000, *, seed: int = 0, image_size: int = 64, captions_per_image: int = 5,
+def make_twin_retrieval_eval_set(n_images: int = 1000, *, seed: int = 0, image_size: int = 64,
+                                 captions_per_image: int = 5,
                                  twins_per_image: int = 3, return_scenes: bool = False) -> dict:
     """A held-out retrieval set that does not saturate: groups of 1 + `twins_per_image` scenes, 5 captions each.
 

@@ -246,7 +246,8 @@ def vqa_flops(config, *, questions: int, question_length: int, k: int, answer_le
     """FLOPs of VQA answer ranking (`vqa_path`: k re-scored answers per question, so pass min(k, answers)) + the answer
     decoder's LM head over the whole vocabulary on every decoder token (as large as a decoder layer at V ~ 30k).
     Returns {"vision", "text", "fusion", "decoder" (incl. the LM head), "total"}."""
-    out = path_flops(config, vqa_path(config, questions=questions, question_length=question_length, k=k, answer_length=answer_length, image_tokens=image_tokens))
+    out = path_flops(config, vqa_path(config, questions=questions, question_length=question_length, k=k,
+                                      answer_length=answer_length, image_tokens=image_tokens))
     tokens = questions + questions * k * answer_length  # the first-token step + k answers teacher-forced
     out["decoder"] += tokens * 2 * _lm_head_macs(config.decoder_config)
     out["total"] = sum(out[m] for m in ("vision", "text", "fusion", "decoder"))
@@ -257,7 +258,8 @@ def captioning_flops(config, *, images: int, prompt_length: int, new_tokens: int
                      image_tokens: int = 0) -> dict[str, int]:
     """FLOPs of cached beam-search captioning (`captioning_path`) + the LM head on each beam's new token per step.
     Returns {"vision", "text", "fusion" (incl. the LM head), "total"}."""
-    out = path_flops(config, captioning_path(config, images=images, prompt_length=prompt_length, new_tokens=new_tokens, beams=beams, image_tokens=image_tokens))
+    out = path_flops(config, captioning_path(config, images=images, prompt_length=prompt_length,
+                                             new_tokens=new_tokens, beams=beams, image_tokens=image_tokens))
     out["fusion"] += images * beams * new_tokens * 2 * _lm_head_macs(config.text_config)
     out["total"] = out["vision"] + out["text"] + out["fusion"]
     return out

@@ -163,7 +163,8 @@ def itc(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature, global_b
         gathered = [torch.empty_like(image_ids) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, image_ids.contiguous())
         all_ids = torch.cat(gathered)
-    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature=temperature, offset=offset, image_ids=image_ids, all_image_ids=all_ids)
+    return L.itc_loss_global(image_feat, text_feat, all_image, all_text, temperature=temperature, offset=offset,
+                             image_ids=image_ids, all_image_ids=all_ids)
 
 
 def check_compatible(student_config, teacher_config, hidden_kd_on: bool) -> None:

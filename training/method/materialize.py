@@ -234,7 +234,8 @@ def materialize(model, masks: PruningMasks, verify: bool = True, atol: float = 1
 
 
 @torch.no_grad()
-def materialization_error(model, pruned, masks: PruningMasks, *, batch: int = 2, length: int = 9, seed: int = 0) -> float:
+def materialization_error(model, pruned, masks: PruningMasks, *, batch: int = 2, length: int = 9,
+                          seed: int = 0) -> float:
     """Max |masked − materialized| over image tokens, text tokens and fused tokens (masked: at the kept channels of a
     hidden-pruned stream), ITC embeddings, the ITM / NLVR2 head's logits, on random inputs (and, for a VQA model, the
     answer decoder's output and LM logits on random answers cross-attending to the fused tokens)."""

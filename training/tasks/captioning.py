@@ -144,7 +144,8 @@ def captioning_losses(
         ).to(device)
     if use_hidden:
         kd["hidden"] = hidden_kd(student_stacks, teacher_stacks, maps, image_weight=args.image_hidden_weight).to(device)
-    return L.combine_losses(task, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn, beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
+    return L.combine_losses(task, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn,
+                            beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
 
 
 # -------------------------------------------------------------------------------------------------------------- data

@@ -78,7 +78,8 @@ def nlvr2_losses(
         kd["hidden"] = hidden_kd(
             student_encoders, teacher_encoders, maps, image_weight=args.image_hidden_weight, pruning_masks=masks
         ).to(device)
-    return L.combine_losses(task, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn, beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
+    return L.combine_losses(task, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn,
+                            beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
 
 
 # -------------------------------------------------------------------------------------------------------------- data

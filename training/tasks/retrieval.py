@@ -157,10 +157,12 @@ def retrieval_losses(
     kd = {"logits": kd_logits}
     if use_attn:
         query_masks = {"image": None, "text": inputs["attention_mask"], "fusion": inputs["attention_mask"][pairs[1]]}
-        kd["attn"] = attention_kd(s, t, maps, query_masks=query_masks, cross=cross, key_length_scale=args.attention_key_length_scale).to(sim.device)
+        kd["attn"] = attention_kd(s, t, maps, query_masks=query_masks, cross=cross,
+                                  key_length_scale=args.attention_key_length_scale).to(sim.device)
     if use_hidden:
         kd["hidden"] = hidden_kd(s, t, maps, image_weight=args.image_hidden_weight, pruning_masks=masks).to(sim.device)
-    return L.combine_losses(vlp, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn, beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
+    return L.combine_losses(vlp, kd, lambda_vlp=args.lambda_vlp, alpha_attn=args.alpha_attn,
+                            beta_hidden=args.beta_hidden, gamma_logits=args.gamma_logits)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -374,7 +376,8 @@ def evaluate_retrieval(
                 batch_size=batch_size, progress=progress, reuse_image_kv=reuse_image_kv,
             ):
                 stop = start + sim.shape[0]
-                itc = best_positive_ranks(sim.cpu().numpy(), positives[direction][start:stop], f"ITC {direction} similarities")
+                itc = best_positive_ranks(sim.cpu().numpy(), positives[direction][start:stop],
+                                          f"ITC {direction} similarities")
                 ranks[direction, "itc"][start:stop] = itc
                 ranks[direction, "rerank"][start:stop] = itc if scores is sim else best_positive_ranks(
                     scores.cpu().numpy(), positives[direction][start:stop], f"re-ranked {direction} scores")
