@@ -9,7 +9,7 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from tests.conftest import tiny_config
 from tests.conftest import training_args, tiny_batches, stack_batch, tiny_teacher
 from efficientvlm.training import EfficientVLMPruningTrainer, PruningArguments, init_student_from_teacher, make_gated_model
-from efficientvlm.training.commands.analysis import encoder_masks, magnitude_importance, unit_importance
+from efficientvlm.training.method.sensitivity import encoder_masks, magnitude_importance, unit_importance
 from efficientvlm.training.method.materialize import pruned_config
 from efficientvlm.training.method.structure import prunable_parameters, unit_groups
 from efficientvlm.training.tasks import get_task
