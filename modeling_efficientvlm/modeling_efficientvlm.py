@@ -228,7 +228,7 @@ class EfficientVLMAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        key_value_states: torch.Tensor | None = None,
+        *, key_value_states: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         past_key_values: Cache | None = None,
@@ -330,7 +330,7 @@ class EfficientVLMLayer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
+        *, masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
         output_attentions: bool = False,
         past_key_values: Cache | None = None,
         cache_index: int = 0,
@@ -348,7 +348,7 @@ class EfficientVLMLayer(nn.Module):
             def attend(x):
                 nonlocal self_probs
                 out, self_probs = self.self_attn(
-                    x, attention_mask, None, head_mask, output_attentions, past_key_values, cache_index
+                    x, attention_mask, key_value_states=None, head_mask=head_mask, output_attentions=output_attentions, past_key_values=past_key_values, cache_index=cache_index
                 )
                 return out
 
@@ -363,7 +363,7 @@ class EfficientVLMLayer(nn.Module):
             def cross_attend(x):
                 nonlocal cross_probs
                 out, cross_probs = self.cross_attn(
-                    x, encoder_attention_mask, encoder_hidden_states, cross_head_mask, output_attentions
+                    x, encoder_attention_mask, key_value_states=encoder_hidden_states, head_mask=cross_head_mask, output_attentions=output_attentions
                 )
                 return out
 
@@ -379,7 +379,7 @@ def _run_layers(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
     masks: EncoderPruningMasks | None,
-    output_attentions: bool,
+    *, output_attentions: bool,
     output_hidden_states: bool,
     encoder_hidden_states: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     encoder_attention_mask: torch.Tensor | tuple[torch.Tensor | None, ...] | None = None,
@@ -401,7 +401,7 @@ def _run_layers(
         layer_masks = masks.layer(i) if masks is not None else (None, None, None)
         hidden_states, self_probs, cross_probs = layer(
             hidden_states, attention_mask, pick(encoder_hidden_states, i), pick(encoder_attention_mask, i),
-            layer_masks, output_attentions, past_key_values, cache_offset + i, hidden_mask,
+            masks=layer_masks, output_attentions=output_attentions, past_key_values=past_key_values, cache_index=cache_offset + i, hidden_mask=hidden_mask,
         )
         self_attns.append(self_probs)
         cross_attns.append(cross_probs)
@@ -531,7 +531,7 @@ class EfficientVLMVisionTransformer(nn.Module):
         else:
             hidden = hidden * hidden_mask.to(hidden.dtype)
         out = _run_layers(
-            self.layers, hidden, None, masks, output_attentions, output_hidden_states, hidden_mask=hidden_mask
+            self.layers, hidden, None, masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states, hidden_mask=hidden_mask
         )
         out.last_hidden_state = _masked_layer_norm(out.last_hidden_state, self.post_layernorm, hidden_mask)
         return out
@@ -611,7 +611,7 @@ class EfficientVLMTextTransformer(nn.Module):
         else:
             additive = _additive_mask(attention_mask, hidden.dtype)
         return _run_layers(
-            self.layers, hidden, additive, masks, output_attentions, output_hidden_states,
+            self.layers, hidden, additive, masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             past_key_values=past_key_values, hidden_mask=hidden_mask,
         )
 
@@ -710,8 +710,8 @@ class EfficientVLMFusionTransformer(nn.Module):
             text_hidden_states,
             self_mask,
             masks,
-            output_attentions,
-            output_hidden_states,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             encoder_hidden_states=image_hidden_states,
             encoder_attention_mask=image_attention_mask,
             past_key_values=past_key_values,
@@ -922,7 +922,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         pruning_masks: PruningMasks | None = None,
-        output_attentions: bool = False,
+        *, output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
     ) -> EfficientVLMEncoderOutput:
@@ -942,7 +942,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pruning_masks: PruningMasks | None = None,
-        output_attentions: bool = False,
+        *, output_attentions: bool = False,
         output_hidden_states: bool = False,
         causal: bool = False,
         past_key_values: Cache | None = None,
@@ -992,7 +992,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         attention_mask: torch.Tensor | None,
         image_tokens: torch.Tensor,
         pruning_masks: PruningMasks | None = None,
-        output_attentions: bool = False,
+        *, output_attentions: bool = False,
         output_hidden_states: bool = False,
         causal: bool = False,
         past_key_values: Cache | None = None,
@@ -1210,7 +1210,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         attention_mask: torch.Tensor,
         image_idx: torch.Tensor,
         text_idx: torch.Tensor,
-        pruning_masks: PruningMasks | None = None,
+        *, pruning_masks: PruningMasks | None = None,
         itm_score: str = "match_logit",
         itc: torch.Tensor | None = None,
         batch_size: int | None = None,
@@ -1235,7 +1235,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         """
         if reuse_image_kv:
             return self._itm_scores_by_image(image_tokens, text_tokens, attention_mask, image_idx, text_idx,
-                                             pruning_masks, itm_score, itc, batch_size, progress)
+                                             pruning_masks=pruning_masks, itm_score=itm_score, itc=itc, batch_size=batch_size, progress=progress)
         total = image_idx.numel()
         step = batch_size or max(total, 1)
         starts = range(0, total, step)
@@ -1254,6 +1254,40 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
             scores[start : start + images.numel()] = itm_match_scores(logits, itm_score, pair_itc)
         return scores
 
+    def _itm_scores_by_image(self, image_tokens, text_tokens, attention_mask, image_idx, text_idx, *, pruning_masks,
+                             itm_score: str, itc, batch_size: int | None, progress) -> torch.Tensor:
+        """`itm_pair_scores` with the image side computed once per image: pairs sorted by image; consecutive images
+        whose pairs fit in `batch_size` form a group whose K/V (`image_key_value_cache`) are projected together;
+        an image with more texts than `batch_size` is a group of its own, its texts scored in several passes."""
+        total = image_idx.numel()
+        scores = torch.empty(total, dtype=torch.float32, device=image_tokens.device)
+        step = batch_size or max(total, 1)
+        order = torch.argsort(image_idx, stable=True)
+        images, counts = torch.unique_consecutive(image_idx[order], return_counts=True)
+        ends = counts.cumsum(0).tolist()  # end of each image's pairs in `order`
+        groups, first = [], 0  # (first image, stop image) of each group
+        for i in range(len(ends)):
+            starts_at = ends[first - 1] if first else 0
+            if i + 1 == len(ends) or ends[i + 1] - starts_at > step:
+                groups.append((first, i + 1))
+                first = i + 1
+        passes = [(g0, g1, start) for g0, g1 in groups
+                  for start in range(ends[g0 - 1] if g0 else 0, ends[g1 - 1], step)]
+        cache, cached = None, None
+        for g0, g1, start in progress(passes) if progress is not None else passes:
+            if cached != (g0, g1):  # one projection per group (= per image) and fusion layer
+                cache, cached = self.image_key_value_cache(image_tokens[images[g0:g1]]), (g0, g1)
+                local = torch.repeat_interleave(torch.arange(g1 - g0, device=order.device), counts[g0:g1])
+                offset = ends[g0 - 1] if g0 else 0
+            stop = min(start + step, ends[g1 - 1])
+            pairs, texts = order[start:stop], text_idx[order[start:stop]]
+            mask = attention_mask[texts]
+            length = int(mask.sum(1).max())
+            logits, _ = self.itm_logits(text_tokens[texts, :length], mask[:, :length],
+                                        cache.select(local[start - offset : stop - offset]), pruning_masks)
+            scores[pairs] = itm_match_scores(logits, itm_score, None if itc is None else itc[pairs])
+        return scores
+
     @torch.no_grad()
     def rerank(
         self,
@@ -1262,7 +1296,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
         attention_mask: torch.Tensor,
-        pruning_masks: PruningMasks | None = None,
+        *, pruning_masks: PruningMasks | None = None,
         itm_score: str = "match_logit",
         batch_size: int | None = None,
         directions: tuple[str, ...] = ("i2t", "t2i"),
@@ -1305,40 +1339,6 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
             out[direction][start : start + scores.shape[0]] = scores
         return out.get("i2t"), out.get("t2i")
 
-    def _itm_scores_by_image(self, image_tokens, text_tokens, attention_mask, image_idx, text_idx, pruning_masks,
-                             itm_score: str, itc, batch_size: int | None, progress) -> torch.Tensor:
-        """`itm_pair_scores` with the image side computed once per image: pairs sorted by image; consecutive images
-        whose pairs fit in `batch_size` form a group whose K/V (`image_key_value_cache`) are projected together;
-        an image with more texts than `batch_size` is a group of its own, its texts scored in several passes."""
-        total = image_idx.numel()
-        scores = torch.empty(total, dtype=torch.float32, device=image_tokens.device)
-        step = batch_size or max(total, 1)
-        order = torch.argsort(image_idx, stable=True)
-        images, counts = torch.unique_consecutive(image_idx[order], return_counts=True)
-        ends = counts.cumsum(0).tolist()  # end of each image's pairs in `order`
-        groups, first = [], 0  # (first image, stop image) of each group
-        for i in range(len(ends)):
-            starts_at = ends[first - 1] if first else 0
-            if i + 1 == len(ends) or ends[i + 1] - starts_at > step:
-                groups.append((first, i + 1))
-                first = i + 1
-        passes = [(g0, g1, start) for g0, g1 in groups
-                  for start in range(ends[g0 - 1] if g0 else 0, ends[g1 - 1], step)]
-        cache, cached = None, None
-        for g0, g1, start in progress(passes) if progress is not None else passes:
-            if cached != (g0, g1):  # one projection per group (= per image) and fusion layer
-                cache, cached = self.image_key_value_cache(image_tokens[images[g0:g1]]), (g0, g1)
-                local = torch.repeat_interleave(torch.arange(g1 - g0, device=order.device), counts[g0:g1])
-                offset = ends[g0 - 1] if g0 else 0
-            stop = min(start + step, ends[g1 - 1])
-            pairs, texts = order[start:stop], text_idx[order[start:stop]]
-            mask = attention_mask[texts]
-            length = int(mask.sum(1).max())
-            logits, _ = self.itm_logits(text_tokens[texts, :length], mask[:, :length],
-                                        cache.select(local[start - offset : stop - offset]), pruning_masks)
-            scores[pairs] = itm_match_scores(logits, itm_score, None if itc is None else itc[pairs])
-        return scores
-
     @torch.no_grad()
     def rerank_blocks(
         self,
@@ -1348,7 +1348,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
         attention_mask: torch.Tensor,
-        pruning_masks: PruningMasks | None = None,
+        *, pruning_masks: PruningMasks | None = None,
         itm_score: str = "match_logit",
         batch_size: int | None = None,
         directions: tuple[str, ...] = ("i2t", "t2i"),
@@ -1391,8 +1391,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
                         for start, stop in spans]
                 top[direction] = torch.cat([b.indices for b in best])  # (Q, k)
                 itc[direction] = torch.cat([b.values for b in best])
-            itm = self._top_pair_scores(top, itc, n_txt, image_tokens, text_tokens, attention_mask, pruning_masks,
-                                        itm_score, batch_size, progress, reuse_image_kv)
+            itm = self._top_pair_scores(top, itc, n_txt, image_tokens, text_tokens, attention_mask,
+                                        pruning_masks=pruning_masks,
+                                        itm_score=itm_score, batch_size=batch_size, progress=progress, reuse_image_kv=reuse_image_kv)
         for direction, spans in blocks.items():
             for start, stop in spans:
                 sim = sim_rows(direction, start, stop).float()
@@ -1400,7 +1401,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
                 yield direction, start, sim, scores
 
     def _top_pair_scores(self, top: dict, itc: dict, n_txt: int, image_tokens, text_tokens, attention_mask,
-                         pruning_masks, itm_score: str, batch_size: int | None, progress,
+                         *, pruning_masks, itm_score: str, batch_size: int | None, progress,
                          reuse_image_kv: bool = True) -> dict[str, torch.Tensor]:
         """ITM scores {direction: (Q, k)} of each query's top-k `top` {direction: (Q, k)}, with their ITC values
         `itc`; each unique (image, text) pair is scored once, however many queries have it in their top-k."""
@@ -2033,12 +2034,12 @@ class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
         if cache is not None:
             _extend_cache(cache, self.num_decoder_layers)
         text = self.encode_text(
-            input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states,
+            input_ids, attention_mask, pruning_masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             causal=True, past_key_values=cache,
         )
         fused = self.fuse(
-            text.last_hidden_state, attention_mask, image_tokens, pruning_masks, output_attentions,
-            output_hidden_states, causal=True, past_key_values=cache,
+            text.last_hidden_state, attention_mask, image_tokens, pruning_masks, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, causal=True, past_key_values=cache,
         )
         logits = self.mlm_head(fused.last_hidden_state)
         loss = None
@@ -2201,7 +2202,7 @@ class EfficientVLMAnswerDecoder(nn.Module):
         attention_mask: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
-        masks: EncoderPruningMasks | None = None,
+        *, masks: EncoderPruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         past_key_values: Cache | None = None,
@@ -2214,7 +2215,7 @@ class EfficientVLMAnswerDecoder(nn.Module):
         hidden = self.embeddings(input_ids, None, past)
         self_mask = _causal_mask(attention_mask, input_ids.shape[1], past, hidden.dtype, hidden.device)
         return _run_layers(
-            self.layers, hidden, self_mask, masks, output_attentions, output_hidden_states,
+            self.layers, hidden, self_mask, masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=_additive_mask(encoder_attention_mask, hidden.dtype),
             past_key_values=past_key_values,
@@ -2322,7 +2323,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pruning_masks: PruningMasks | None = None,
+        *, pruning_masks: PruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
@@ -2330,11 +2331,13 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         """(vision, text, fusion) outputs of (image, question) pairs, as the retrieval model's ITM path computes them."""
         if pixel_values is None or input_ids is None:
             raise ValueError("pass pixel_values and input_ids (the questions), or precomputed question_states")
-        vision = self.encode_image(pixel_values, pruning_masks, output_attentions, output_hidden_states,
-                                   interpolate_pos_encoding)
-        text = self.encode_text(input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states)
+        vision = self.encode_image(pixel_values, pruning_masks, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states,
+                                   interpolate_pos_encoding=interpolate_pos_encoding)
+        text = self.encode_text(input_ids, attention_mask, pruning_masks, output_attentions=output_attentions,
+                                output_hidden_states=output_hidden_states)
         fused = self.fuse(text.last_hidden_state, attention_mask, vision.last_hidden_state, pruning_masks,
-                          output_attentions, output_hidden_states)
+                          output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         return vision, text, fused
 
     def decode(
@@ -2343,7 +2346,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         answer_attention_mask: torch.Tensor | None,
         question_states: torch.Tensor,
         question_attention_mask: torch.Tensor | None,
-        answer_question_index: torch.Tensor | None = None,
+        *, answer_question_index: torch.Tensor | None = None,
         pruning_masks: PruningMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
@@ -2355,7 +2358,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
             index = answer_question_index.to(question_states.device).long()
             question_states = question_states.index_select(0, index)
             if question_attention_mask is not None:
-                question_attention_mask = question_attention_mask.index_select(0, index.to(question_attention_mask.device))
+                question_attention_mask = question_attention_mask.index_select(0,
+                                                                               index.to(question_attention_mask.device))
         elif question_states.shape[0] != answer_input_ids.shape[0]:
             raise ValueError(
                 f"{answer_input_ids.shape[0]} answers for {question_states.shape[0]} questions: pass "
@@ -2365,8 +2369,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         if masks is not None and masks.hidden is not None:
             stream_mask(pruning_masks, "text", self.config.text_config.hidden_size)  # raises, naming decoder.hidden
         decoded = self.decoder_model(
-            answer_input_ids, answer_attention_mask, question_states, question_attention_mask, masks,
-            output_attentions, output_hidden_states, past_key_values,
+            answer_input_ids, answer_attention_mask, question_states, question_attention_mask, masks=masks,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, past_key_values=past_key_values,
         )
         return self.decoder_model.lm_head(decoded.last_hidden_state), decoded
 
@@ -2415,8 +2419,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         vision = text = fused = None
         if question_states is None:
             vision, text, fused = self.encode_question(
-                pixel_values, input_ids, attention_mask, pruning_masks, output_attentions, output_hidden_states,
-                interpolate_pos_encoding,
+                pixel_values, input_ids, attention_mask, pruning_masks=pruning_masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                interpolate_pos_encoding=interpolate_pos_encoding,
             )
             question_states, question_attention_mask = fused.last_hidden_state, attention_mask
         output = EfficientVLMQuestionAnsweringOutput(
@@ -2431,8 +2435,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         if cache is not None:
             _extend_cache(cache, len(self.decoder_model.layers))
         output.logits, output.decoder_model_output = self.decode(
-            answer_input_ids, answer_attention_mask, question_states, question_attention_mask, answer_question_index,
-            pruning_masks, output_attentions, output_hidden_states, cache,
+            answer_input_ids, answer_attention_mask, question_states, question_attention_mask, answer_question_index=answer_question_index,
+            pruning_masks=pruning_masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states, past_key_values=cache,
         )
         output.cache = cache
         if labels is not None or answer_weights is not None:
@@ -2459,7 +2463,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         question_attention_mask: torch.Tensor | None,
         answer_input_ids: torch.Tensor,
         answer_attention_mask: torch.Tensor,
-        answer_question_index: torch.Tensor | None = None,
+        *, answer_question_index: torch.Tensor | None = None,
         pruning_masks: PruningMasks | None = None,
         batch_size: int | None = None,
     ) -> torch.Tensor:
@@ -2475,8 +2479,9 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
             ids, mask = answer_input_ids[start : start + step], answer_attention_mask[start : start + step]
             length = max(int(mask.sum(1).max()), 1)  # right padding: trim to the longest answer of the batch
             ids, mask = ids[:, :length], mask[:, :length]
-            logits, _ = self.decode(ids, mask, question_states, question_attention_mask, index[start : start + step],
-                                    pruning_masks)
+            logits, _ = self.decode(ids, mask, question_states, question_attention_mask,
+                                    answer_question_index=index[start : start + step],
+                                    pruning_masks=pruning_masks)
             out[start : start + ids.shape[0]] = -answer_token_loss(logits, ids.masked_fill(mask == 0, -100))
         return out
 
@@ -2525,7 +2530,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if question_states is None:
-            _, _, fused = self.encode_question(pixel_values, input_ids, attention_mask, pruning_masks,
+            _, _, fused = self.encode_question(pixel_values, input_ids, attention_mask, pruning_masks=pruning_masks,
                                                interpolate_pos_encoding=interpolate_pos_encoding)
             question_states, question_attention_mask = fused.last_hidden_state, attention_mask
         num_questions, num_answers = question_states.shape[0], answer_ids.shape[0]
@@ -2538,7 +2543,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         rows = torch.arange(num_questions, device=top.device).repeat_interleave(k)
         scores = self.answer_log_likelihood(
             question_states, question_attention_mask, answer_ids[top.flatten()],
-            answer_attention_mask[top.flatten()], rows, pruning_masks, batch_size,
+            answer_attention_mask[top.flatten()], answer_question_index=rows, pruning_masks=pruning_masks, batch_size=batch_size,
         ).view(num_questions, k)
         scores, order = scores.sort(dim=1, descending=True)
         return scores, top.gather(1, order)
@@ -2575,7 +2580,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         interpolate = kwargs.pop("interpolate_pos_encoding", False)
         states, question_mask = kwargs.pop("question_states", None), kwargs.pop("question_attention_mask", None)
         if states is None:
-            _, _, fused = self.encode_question(pixel_values, input_ids, attention_mask, kwargs.get("pruning_masks"),
+            _, _, fused = self.encode_question(pixel_values, input_ids, attention_mask,
+                                               pruning_masks=kwargs.get("pruning_masks"),
                                                interpolate_pos_encoding=interpolate)
             states, question_mask = fused.last_hidden_state, attention_mask
         if question_mask is None:

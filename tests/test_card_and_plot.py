@@ -130,7 +130,8 @@ def test_bench_with_checkpoints_prints_them_loads_their_class_and_shows_progress
                  "--output_json", str(tmp_path / "bench.json")]) == 0
     out, err = capsys.readouterr()
     assert f"teacher={teacher}" in out and f"pruned={pruned}" in out and "preset=" not in out
-    assert "16/16" in err  # the progress bar: 2 models × 4 workloads × (1 warm-up + 1 timed run)
+    # the progress bar: 2 models × 5 workloads (the path on both re-rank engines + 3 encoders) × (1 warm-up + 1 timed)
+    assert "20/20" in err
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["protocol"]["models"] == {"teacher": str(teacher), "pruned": str(pruned)}
     entry = result["models"]["pruned"]

@@ -133,7 +133,7 @@ def test_evaluation_ranks_the_answer_list_like_brute_force(setup):
         enc = processor(images=[item["image"]], text=[item["question"]], return_tensors="pt")
         out = model(pixel_values=enc["pixel_values"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         ll = model.answer_log_likelihood(out.question_states, enc["attention_mask"], ids, mask,
-                                         torch.zeros(len(VQA_ANSWERS), dtype=torch.long))
+                                         answer_question_index=torch.zeros(len(VQA_ANSWERS), dtype=torch.long))
         assert predicted == VQA_ANSWERS[int(ll.argmax())]
     correct = sum(p == item["answer"][0] for p, item in zip(predictions, held_out))
     assert metrics["accuracy"] == pytest.approx(100 * correct / 6)

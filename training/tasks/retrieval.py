@@ -36,9 +36,10 @@ from .base import ModelCardSpec, Task
 def _forward_all(model, inputs, masks, pairs, attn: bool, hidden: bool, mlm: bool, image=None, text=None) -> dict:
     """Runs one model on a batch: encoders (unless given), ITC, ITM on the given (image, text) pairs, MLM."""
     if image is None:
-        image = model.encode_image(inputs["pixel_values"], masks, attn, hidden)
+        image = model.encode_image(inputs["pixel_values"], masks, output_attentions=attn, output_hidden_states=hidden)
     if text is None:
-        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, attn, hidden)
+        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, output_attentions=attn,
+                                 output_hidden_states=hidden)
     image_feat, text_feat = model.image_itc_embeds(image.last_hidden_state), model.text_itc_embeds(text.last_hidden_state)
     out = {"image": image, "text": text, "image_feat": image_feat, "text_feat": text_feat}
     out["sim_i2t"] = image_feat @ text_feat.t() / model.temperature
@@ -120,8 +121,10 @@ def retrieval_losses(
     use_mlm = args.use_mlm and "mlm_input_ids" in inputs and hasattr(student, "mlm_head")
     batch = inputs["input_ids"].shape[0]
     # student ITC first: its similarities choose the negatives
-    s_image = student.encode_image(inputs["pixel_values"], masks, use_attn, use_hidden)
-    s_text = student.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, use_attn, use_hidden)
+    s_image = student.encode_image(inputs["pixel_values"], masks, output_attentions=use_attn,
+                                   output_hidden_states=use_hidden)
+    s_text = student.encode_text(inputs["input_ids"], inputs["attention_mask"], masks, output_attentions=use_attn,
+                                 output_hidden_states=use_hidden)
     sim = student.image_itc_embeds(s_image.last_hidden_state) @ student.text_itc_embeds(s_text.last_hidden_state).t()
     logits_i2t = sim.detach().float() / student.temperature.detach().float()
     # several captions of one image in the batch (COCO; the synthetic stream's groups): image-id positives for the
