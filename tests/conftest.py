@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import BertTokenizer
 
-from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EncoderPruningMasks, PruningMasks
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 from tests.conftest_hub import local_hub, local_hub_server  # noqa: F401  (fixtures)
 
@@ -258,3 +258,28 @@ def expected_xvlm_target(key: str, num_text_layers: int) -> str | None:
             return f"text_model.layers.{index}.{rest}"
         return f"fusion_model.layers.{index - num_text_layers}.{rest}"
     return key  # temp, vision_proj, text_proj, itm_head, bbox_head (X-VLM's box head: same names)
+
+
+def random_pruning_masks(config, seed: int = 0, scaled: bool = False, hidden: bool = False) -> PruningMasks:
+    """Random head / cross-head / FFN masks (a whole fusion cross-attention removed); `hidden`: also binary hidden
+    masks on both residual streams (CoFi); `scaled`: kept units scaled in [0.5, 1.5] (a gated model's masks)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(n):
+        keep = (torch.rand(n, generator=g) > 0.4).float()
+        keep[torch.randint(0, n, (1,), generator=g)] = 1.0
+        return keep * (0.5 + torch.rand(n, generator=g)) if scaled else keep
+
+    def enc(sub, cross=False):
+        return EncoderPruningMasks(
+            head=[rand(h) if h else None for h in sub.num_attention_heads],
+            cross_head=[rand(h) if h else None for h in sub.num_cross_attention_heads] if cross else None,
+            ffn=[rand(i) if i else None for i in sub.intermediate_size],
+        )
+
+    masks = PruningMasks(enc(config.vision_config), enc(config.text_config), enc(config.fusion_encoder_config, True))
+    masks.fusion.cross_head[1] = torch.zeros(config.fusion_encoder_config.num_cross_attention_heads[1])
+    if hidden:
+        masks.vision.hidden = (rand(config.vision_config.hidden_size) != 0).float()
+        masks.text.hidden = (rand(config.text_config.hidden_size) != 0).float()
+    return masks

@@ -8,37 +8,10 @@ from modeling_efficientvlm.modeling_efficientvlm import (
     ITM_SCORES,
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForPreTraining,
-    EncoderPruningMasks,
-    PruningMasks,
 )
-from tests.conftest import ragged_config, tiny_config
+from tests.conftest import ragged_config, random_pruning_masks, tiny_config
 
 ATOL = 1e-5
-
-
-def _head_masks(config, seed: int, scaled: bool = False, hidden: bool = False) -> PruningMasks:
-    """Random head / cross-head / FFN masks (a whole fusion cross-attention removed); `hidden`: also binary hidden
-    masks on both residual streams (CoFi); `scaled`: kept units scaled in [0.5, 1.5] (a gated model's masks)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(n):
-        keep = (torch.rand(n, generator=g) > 0.4).float()
-        keep[torch.randint(0, n, (1,), generator=g)] = 1.0
-        return keep * (0.5 + torch.rand(n, generator=g)) if scaled else keep
-
-    def enc(sub, cross=False):
-        return EncoderPruningMasks(
-            head=[rand(h) if h else None for h in sub.num_attention_heads],
-            cross_head=[rand(h) if h else None for h in sub.num_cross_attention_heads] if cross else None,
-            ffn=[rand(i) if i else None for i in sub.intermediate_size],
-        )
-
-    masks = PruningMasks(enc(config.vision_config), enc(config.text_config), enc(config.fusion_encoder_config, True))
-    masks.fusion.cross_head[1] = torch.zeros(config.fusion_encoder_config.num_cross_attention_heads[1])
-    if hidden:
-        masks.vision.hidden = (rand(config.vision_config.hidden_size) != 0).float()
-        masks.text.hidden = (rand(config.text_config.hidden_size) != 0).float()
-    return masks
 
 
 def _tokens(model, n_img: int, n_txt: int, seed: int):
@@ -60,8 +33,8 @@ def _models(seed: int):
     dense = EfficientVLMForImageTextRetrieval(tiny_config()).eval()
     pretraining = EfficientVLMForPreTraining(tiny_config()).eval()
     ragged = EfficientVLMForImageTextRetrieval(ragged_config()).eval()
-    pruned = materialize(dense, _head_masks(dense.config, seed))
-    hidden = materialize(dense, _head_masks(dense.config, seed + 5, hidden=True), atol=ATOL)
+    pruned = materialize(dense, random_pruning_masks(dense.config, seed))
+    hidden = materialize(dense, random_pruning_masks(dense.config, seed + 5, hidden=True), atol=ATOL)
     assert hidden.config.text_config.hidden_size < dense.config.text_config.hidden_size
     return {"dense": dense, "pretraining": pretraining, "ragged": ragged, "pruned": pruned, "hidden_pruned": hidden}
 
@@ -89,7 +62,7 @@ def test_cached_pair_scores_equal_per_pair(seed, attn):
 def test_cached_rerank_equals_per_pair_with_gate_masks_both_directions():
     torch.manual_seed(3)
     model = EfficientVLMForPreTraining(tiny_config()).eval()
-    masks = _head_masks(model.config, 3, scaled=True)
+    masks = random_pruning_masks(model.config, 3, scaled=True)
     images, texts, mask = _tokens(model, 6, 10, 3)
     sim = torch.rand(6, 10)
     cached = model.rerank(sim, 4, images, texts, mask, pruning_masks=masks, batch_size=3)

@@ -6,10 +6,8 @@ from modeling_efficientvlm import (
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForPreTraining,
     EfficientVLMModel,
-    EncoderPruningMasks,
-    PruningMasks,
 )
-from tests.conftest import ragged_config, run_clean_python, tiny_config, tiny_inputs
+from tests.conftest import ragged_config, random_pruning_masks, run_clean_python, tiny_config, tiny_inputs
 from efficientvlm.training.method.materialize import materialize
 from efficientvlm.training.method.structure import (
     PRETRAINING_HEADS, count_parameters, prunable_parameters, unit_groups,
@@ -107,30 +105,12 @@ def test_student_errors_name_the_cause():
         init_student_from_teacher(teacher, num_layers={"text": 3})
 
 
-def _random_masks(config, seed=0, scaled=False) -> PruningMasks:
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(n):
-        keep = (torch.rand(n, generator=g) > 0.4).float()
-        return keep * (0.5 + torch.rand(n, generator=g)) if scaled else keep
-
-    def enc(sub, cross=False):
-        return EncoderPruningMasks(
-            head=[rand(h) if h else None for h in sub.num_attention_heads],
-            cross_head=[rand(h) if h else None for h in sub.num_cross_attention_heads] if cross else None,
-            ffn=[rand(i) if i else None for i in sub.intermediate_size],
-        )
-
-    masks = PruningMasks(enc(config.vision_config), enc(config.text_config), enc(config.fusion_encoder_config, True))
-    return masks
-
-
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_materialize_equivalence_and_size(seed, scaled):
     torch.manual_seed(seed)
     model = EfficientVLMForPreTraining(tiny_config()).eval()
-    masks = _random_masks(model.config, seed, scaled)
+    masks = random_pruning_masks(model.config, seed, scaled)
     masks.vision.head[0] = torch.zeros(4)  # a layer with all heads removed
     masks.text.ffn[1] = torch.zeros(37)  # a layer with all FFN neurons removed
     masks.fusion.cross_head[1] = torch.zeros(4)
@@ -152,7 +132,7 @@ def test_materialize_equivalence_and_size(seed, scaled):
 def test_materialized_model_loads_as_remote_code(tmp_path):
     torch.manual_seed(0)
     model = EfficientVLMForImageTextRetrieval(tiny_config()).eval()
-    pruned = materialize(model, _random_masks(model.config, 3))
+    pruned = materialize(model, random_pruning_masks(model.config, 3))
     pruned.save_pretrained(tmp_path)
     inputs = tiny_inputs()
     torch.save(inputs, tmp_path / "inputs.pt")
