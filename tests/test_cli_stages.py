@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from efficientvlm.training.commands.cli import main
 from tests.conftest import CLI_COMMON, cli_teacher_and_student
@@ -103,3 +104,24 @@ def test_flops_budget_prune_records_budget_and_achieved_fractions(chain, capsys)
     assert main(["export", "--model", str(chain / "pruned"), "--output_dir", str(chain / "export_params")]) == 0
     params_budget = json.loads((chain / "export_params" / "structure.json").read_text())["budget"]
     assert params_budget["kind"] == "params" and 0 < params_budget["achieved"]["flops"] <= 1
+
+
+def test_distill_student_init_random_keeps_the_structure_but_not_the_teacher_weights(chain, tmp_path, capsys):
+    """`--student_init random` (the initialisation ablation): the same student structure and layer map as the default,
+    freshly initialised with --seed (reproducibly), not copied from the teacher's layers."""
+    from safetensors.torch import load_file
+
+    common = ["distill", "--teacher", str(chain / "teacher"), "--max_steps", "1", "--learning_rate", "0", "--seed", "3",
+              *CLI_COMMON]  # lr 0: the saved weights are the initial ones
+    for name, init in (("copied", "teacher_layers"), ("random_a", "random"), ("random_b", "random")):
+        assert main([*common, "--output_dir", str(tmp_path / name), "--student_init", init]) == 0
+    copied, a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("copied", "random_a", "random_b"))
+    teacher = load_file(chain / "teacher" / "model.safetensors")
+    key = "vision_model.layers.0.mlp.fc1.weight"  # student layer 0 <- teacher layer 1 by the default map
+    assert torch.equal(copied[key], teacher["vision_model.layers.1.mlp.fc1.weight"])
+    assert a.keys() == copied.keys() and all(a[k].shape == copied[k].shape for k in a)
+    assert not torch.equal(a[key], copied[key]) and torch.equal(a[key], b[key])  # fresh, and seeded
+    assert json.loads((tmp_path / "random_a" / "layer_map.json").read_text()) == \
+        json.loads((tmp_path / "copied" / "layer_map.json").read_text())
+    assert main([*common, "--output_dir", str(tmp_path / "bad"), "--student_init", "zeros"]) == 2
+    assert "--student_init must be one of" in capsys.readouterr().err

@@ -148,6 +148,11 @@ class DemoArguments:
         metadata={"help": "Run into an existing --output_dir: its models, report and any checkpoints a stopped demo "
                           "left are replaced (default: refuse, as the stages do)."},
     )
+    student_init: str = field(
+        default="teacher_layers",
+        metadata={"help": "How the students (with and without KD alike) start: 'teacher_layers' (the paper) or "
+                          "'random' (an ablation: the same structure, freshly initialised)."},
+    )
     student_layers: str | None = field(
         default=None,
         metadata={"help": "Student depths 'vision,text,fusion' (retrieval; default half of the teacher's, e.g. "
@@ -372,7 +377,8 @@ def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, 
                                       args.seed, lambda_vlp=0.6)
         depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
         models[student_name], _ = _timed(timings, student_name, lambda: run_distill(
-            StudentArguments(teacher=teacher_dir, kd=kd, **depths), data, distill_args, eval_data=False))
+            StudentArguments(teacher=teacher_dir, kd=kd, student_init=args.student_init, **depths), data, distill_args,
+            eval_data=False))
         metrics[student_name] = _timed(timings, f"{student_name}_eval", lambda: evaluate(
             student_name, models[student_name], processor))
         prune(pruned_name, distill_args.output_dir, kd)
@@ -535,6 +541,7 @@ def _report(chain: Chain, latency, args, profile, timings) -> dict:
         "evaluation": _evaluation_text(protocol, profile),
         "profile": "quick" if args.quick else "default", "seed": args.seed, "target_sparsity": args.target_sparsity,
         "student_layers": args.student_layers or "half",
+        "student_init": args.student_init,
         "steps": {"distill": args.distill_steps or profile["distill_steps"],
                   "prune": args.prune_steps or profile["prune_steps"]},
         "baselines": "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "

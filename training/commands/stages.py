@@ -17,7 +17,7 @@ from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor,
 from ..data.nlvr2_dataset import NLVR2_LEVELS
 from ..data.retrieval_dataset import EVAL_PROTOCOLS
 from ..method.arguments import DistillationArguments, PruningArguments
-from ..method.student import init_student_from_teacher, load_layer_map, resolve_layer_map
+from ..method.student import init_student_from_teacher, load_layer_map, reinitialized, resolve_layer_map
 from ..method.trainers import (
     EfficientVLMDistillationTrainer,
     EfficientVLMPruningTrainer,
@@ -223,6 +223,9 @@ class TeacherArguments:
             raise ValueError("--eval_every must be >= 0, and > 0 with --stop_when_converged")
 
 
+STUDENT_INITS = ("teacher_layers", "random")
+
+
 @dataclass
 class StudentArguments:
     """Which teacher to distil and how deep the student is."""
@@ -240,10 +243,18 @@ class StudentArguments:
         metadata={"help": "false: the same half-depth student (same init) trained on the VLP losses only, no teacher "
                           "forward — the no-KD baseline."},
     )
+    student_init: str = field(
+        default="teacher_layers",
+        metadata={"help": "'teacher_layers' (the paper: every other teacher layer, or --layer_map) or 'random' (the "
+                          "same student structure, freshly initialised with --seed: an ablation of the initialisation; "
+                          "the layer map still pairs layers for KD)."},
+    )
 
     def __post_init__(self):
         if not self.teacher or not os.path.isdir(self.teacher):
             raise ValueError(f"--teacher must be an existing checkpoint dir, got {self.teacher!r}")
+        if self.student_init not in STUDENT_INITS:
+            raise ValueError(f"--student_init must be one of {STUDENT_INITS}, got {self.student_init!r}")
 
     def depths(self) -> dict[str, int]:
         values = {"vision": self.vision_layers, "text": self.text_layers, "fusion": self.fusion_layers}
@@ -498,6 +509,8 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
     processor = load_processor(data, student_args.teacher)
     check_vocab(teacher.config, processor, f"distill --teacher {student_args.teacher}")
     student = init_student_from_teacher(teacher, student_args.depths(), student_args.parsed_layer_map())
+    if student_args.student_init == "random":
+        student = reinitialized(student, seed=args.seed)
     # the map the student was initialised with is the one every KD term uses, and it is saved beside the student
     layer_map = resolve_layer_map(student.config, teacher.config, student_args.parsed_layer_map())
     return _train_and_evaluate(EfficientVLMDistillationTrainer, student, teacher if student_args.kd else None,

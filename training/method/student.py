@@ -239,6 +239,14 @@ def init_student_from_teacher(
     return student
 
 
+def reinitialized(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
+    """A model of the same class and config with fresh weights (the class's own initialisation, seeded): the student
+    structure without the teacher's layers, for the initialisation ablation (`distill --student_init random`)."""
+    torch.manual_seed(seed)
+    fresh = type(model)._from_config(model.config)
+    return fresh.to(next(model.parameters()).device).train(model.training)
+
+
 def _check_map(modality: str, mapping: list[int], depth: int, teacher_depth: int) -> None:
     if len(mapping) != depth:
         raise ValueError(f"layer_map[{modality!r}] has {len(mapping)} entries for a {depth}-layer student encoder")
