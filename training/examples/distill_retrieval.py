@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from datasets import Image, load_dataset
+from datasets import load_dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
 from efficientvlm.training import (
@@ -29,6 +29,7 @@ from efficientvlm.training import (
     get_task,
     init_student_from_teacher,
 )
+from efficientvlm.training.data.files import from_hf_dataset
 from modeling_efficientvlm import EfficientVLMForPreTraining
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, build_image_processor
 
@@ -62,25 +63,6 @@ def load_processor(teacher: str, tokenizer: str | None, image_size: int, max_len
                                  max_length=max_length)
 
 
-def image_caption_pairs(data_dir: str, caption_column: str):
-    """One row per (image, caption) with the image's index as `image_id` (several captions of one image are each
-    other's ITC positives and never ITM negatives)."""
-    images = load_dataset("imagefolder", data_dir=data_dir, split="train")
-    images = images.cast_column("image", Image(decode=False))  # keep the files encoded while rows are copied
-
-    def one_row_per_caption(batch, indices):
-        rows = {"image": [], "caption": [], "image_id": []}
-        for image, captions, index in zip(batch["image"], batch[caption_column], indices):
-            for caption in [captions] if isinstance(captions, str) else captions:
-                rows["image"].append(image)
-                rows["caption"].append(caption)
-                rows["image_id"].append(index)
-        return rows
-
-    pairs = images.map(one_row_per_caption, batched=True, with_indices=True, remove_columns=images.column_names)
-    return pairs.cast_column("image", Image())
-
-
 def main():
     parser = HfArgumentParser((ScriptArguments, DistillationArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -102,7 +84,10 @@ def main():
     trainer = EfficientVLMDistillationTrainer(
         model=student,
         args=training_args,
-        train_dataset=image_caption_pairs(script_args.data_dir, script_args.caption_column),
+        # one row per caption, the image index as `image_id` (captions of one image: ITC positives, never ITM
+        # negatives of each other), bad rows named
+        train_dataset=from_hf_dataset(load_dataset("imagefolder", data_dir=script_args.data_dir, split="train"),
+                                      text_column=script_args.caption_column),
         data_collator=collator,
         processing_class=processor,
         teacher_model=teacher,

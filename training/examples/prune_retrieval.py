@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from datasets import Image, load_dataset
+from datasets import load_dataset
 from transformers import HfArgumentParser
 
 from efficientvlm.training import (
@@ -35,6 +35,7 @@ from efficientvlm.training import (
     push_folder,
     save_hub_ready,
 )
+from efficientvlm.training.data.files import from_hf_dataset
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 logger = logging.getLogger(__name__)
@@ -52,24 +53,6 @@ class ScriptArguments:
     export_dir: str | None = field(
         default=None, metadata={"help": "Where the dense pruned model is written (default: <output_dir>/pruned)."}
     )
-
-
-def image_caption_pairs(data_dir: str, caption_column: str):
-    """One row per (image, caption) with the image's index as `image_id` (as in distill_retrieval.py)."""
-    images = load_dataset("imagefolder", data_dir=data_dir, split="train")
-    images = images.cast_column("image", Image(decode=False))  # keep the files encoded while rows are copied
-
-    def one_row_per_caption(batch, indices):
-        rows = {"image": [], "caption": [], "image_id": []}
-        for image, captions, index in zip(batch["image"], batch[caption_column], indices):
-            for caption in [captions] if isinstance(captions, str) else captions:
-                rows["image"].append(image)
-                rows["caption"].append(caption)
-                rows["image_id"].append(index)
-        return rows
-
-    pairs = images.map(one_row_per_caption, batched=True, with_indices=True, remove_columns=images.column_names)
-    return pairs.cast_column("image", Image())
 
 
 def main():
@@ -94,7 +77,10 @@ def main():
     trainer = EfficientVLMPruningTrainer(
         model=gated,
         args=training_args,
-        train_dataset=image_caption_pairs(script_args.data_dir, script_args.caption_column),
+        # one row per caption, the image index as `image_id` (captions of one image: ITC positives, never ITM
+        # negatives of each other), bad rows named
+        train_dataset=from_hf_dataset(load_dataset("imagefolder", data_dir=script_args.data_dir, split="train"),
+                                      text_column=script_args.caption_column),
         data_collator=RetrievalCollator(processor, max_length=script_args.max_length),  # no MLM in task fine-tuning
         processing_class=processor,
         teacher_model=teacher,
