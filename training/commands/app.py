@@ -353,18 +353,8 @@ def push_space(args: SpaceArguments) -> str:
     Raises:
         HubError: the Hub is unreachable or refused the request (one line naming the endpoint and the cause).
     """
-    from huggingface_hub import HfApi, constants
+    from .push import upload
 
-    from .push import HubError, hub_errors
-
-    operations = _space_operations(args)
-    endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    try:
-        api = HfApi(endpoint=endpoint, token=args.token)
-        api.create_repo(args.repo_id, repo_type="space", space_sdk="gradio", private=args.private, exist_ok=True)
-        info = api.create_commit(args.repo_id, operations, repo_type="space", commit_message=args.commit_message)
-    except hub_errors() as error:
-        cause = " ".join(str(error).split())[:300] or type(error).__name__
-        raise HubError(f"cannot push {args.app} to the Space {args.repo_id} on {endpoint}: "
-                       f"{type(error).__name__}: {cause}") from error
-    return str(getattr(info, "commit_url", info))
+    return upload(_space_operations(args), what=f"{args.app} to the Space {args.repo_id}", repo_id=args.repo_id,
+                  endpoint=args.endpoint, token=args.token, private=args.private,
+                  commit_message=args.commit_message, repo_type="space", space_sdk="gradio")

@@ -85,16 +85,23 @@ def push_folder(args: PushArguments) -> str:
         HubError: the Hub is unreachable (no network, offline mode, a wrong --endpoint) or refused the request
             (authentication, permissions), naming the endpoint and the cause in one line.
     """
+    return upload(_upload_operations(args.model, args.repo_id), what=f"{args.model} to {args.repo_id}",
+                  repo_id=args.repo_id, endpoint=args.endpoint, token=args.token, private=args.private,
+                  commit_message=args.commit_message)
+
+
+def upload(operations: list, *, what: str, repo_id: str, endpoint: str | None, token: str | None, private: bool,
+           commit_message: str, repo_type: str = "model", space_sdk: str | None = None) -> str:
+    """Creates the repo if needed and commits `operations` in one commit; returns the commit URL. Hub and network
+    failures become one `HubError` naming `what` ("<folder> to <repo>"), the endpoint and the cause."""
     from huggingface_hub import HfApi, constants
 
-    endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     try:
-        api = HfApi(endpoint=endpoint, token=args.token)
-        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-        info = api.create_commit(args.repo_id, _upload_operations(args.model, args.repo_id),
-                                 commit_message=args.commit_message)
+        api = HfApi(endpoint=endpoint, token=token)
+        api.create_repo(repo_id, repo_type=repo_type, space_sdk=space_sdk, private=private, exist_ok=True)
+        info = api.create_commit(repo_id, operations, repo_type=repo_type, commit_message=commit_message)
     except hub_errors() as error:
         cause = " ".join(str(error).split())[:300] or type(error).__name__
-        raise HubError(f"cannot push {args.model} to {args.repo_id} on {endpoint}: {type(error).__name__}: "
-                       f"{cause}") from error
+        raise HubError(f"cannot push {what} on {endpoint}: {type(error).__name__}: {cause}") from error
     return str(getattr(info, "commit_url", info))
