@@ -21,6 +21,7 @@ from ..infra.runs import (
     MODEL_FILES,
     RUN_FILE,
     atomic_directory,
+    check_output_dir,
     folder_writer,
     missing_files,
     read_run_record,
@@ -61,9 +62,8 @@ class ExportArguments:
             raise ValueError(f"--model must be an existing dir, got {self.model!r}")
         if not self.output_dir:
             raise ValueError("--output_dir is required")
-        source, target = os.path.realpath(self.model), os.path.realpath(self.output_dir)
-        if source == target or source.startswith(target + os.sep):
-            raise ValueError(f"--output_dir {self.output_dir!r} would replace the --model it is exported from")
+        # never into (or above) the folder it exports from; replacing anything else is decided below
+        check_output_dir(self.output_dir, "export", {"--model": self.model}, overwrite=True)
         if os.path.exists(self.output_dir) and not self.overwrite:
             raise FileExistsError(f"{self.output_dir} exists; pass --overwrite true to replace it")
 
