@@ -348,7 +348,8 @@ class EfficientVLMLayer(nn.Module):
             def attend(x):
                 nonlocal self_probs
                 out, self_probs = self.self_attn(
-                    x, attention_mask, key_value_states=None, head_mask=head_mask, output_attentions=output_attentions, past_key_values=past_key_values, cache_index=cache_index
+                    x, attention_mask, key_value_states=None, head_mask=head_mask,
+                    output_attentions=output_attentions, past_key_values=past_key_values, cache_index=cache_index
                 )
                 return out
 
@@ -363,7 +364,8 @@ class EfficientVLMLayer(nn.Module):
             def cross_attend(x):
                 nonlocal cross_probs
                 out, cross_probs = self.cross_attn(
-                    x, encoder_attention_mask, key_value_states=encoder_hidden_states, head_mask=cross_head_mask, output_attentions=output_attentions
+                    x, encoder_attention_mask, key_value_states=encoder_hidden_states, head_mask=cross_head_mask,
+                    output_attentions=output_attentions
                 )
                 return out
 
@@ -401,7 +403,8 @@ def _run_layers(
         layer_masks = masks.layer(i) if masks is not None else (None, None, None)
         hidden_states, self_probs, cross_probs = layer(
             hidden_states, attention_mask, pick(encoder_hidden_states, i), pick(encoder_attention_mask, i),
-            masks=layer_masks, output_attentions=output_attentions, past_key_values=past_key_values, cache_index=cache_offset + i, hidden_mask=hidden_mask,
+            masks=layer_masks, output_attentions=output_attentions, past_key_values=past_key_values,
+            cache_index=cache_offset + i, hidden_mask=hidden_mask,
         )
         self_attns.append(self_probs)
         cross_attns.append(cross_probs)
@@ -531,7 +534,8 @@ class EfficientVLMVisionTransformer(nn.Module):
         else:
             hidden = hidden * hidden_mask.to(hidden.dtype)
         out = _run_layers(
-            self.layers, hidden, None, masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states, hidden_mask=hidden_mask
+            self.layers, hidden, None, masks, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, hidden_mask=hidden_mask
         )
         out.last_hidden_state = _masked_layer_norm(out.last_hidden_state, self.post_layernorm, hidden_mask)
         return out
@@ -611,7 +615,8 @@ class EfficientVLMTextTransformer(nn.Module):
         else:
             additive = _additive_mask(attention_mask, hidden.dtype)
         return _run_layers(
-            self.layers, hidden, additive, masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            self.layers, hidden, additive, masks, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             past_key_values=past_key_values, hidden_mask=hidden_mask,
         )
 
@@ -1235,7 +1240,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
         """
         if reuse_image_kv:
             return self._itm_scores_by_image(image_tokens, text_tokens, attention_mask, image_idx, text_idx,
-                                             pruning_masks=pruning_masks, itm_score=itm_score, itc=itc, batch_size=batch_size, progress=progress)
+                                             pruning_masks=pruning_masks, itm_score=itm_score, itc=itc,
+                                             batch_size=batch_size, progress=progress)
         total = image_idx.numel()
         step = batch_size or max(total, 1)
         starts = range(0, total, step)
@@ -1393,7 +1399,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMModel):
                 itc[direction] = torch.cat([b.values for b in best])
             itm = self._top_pair_scores(top, itc, n_txt, image_tokens, text_tokens, attention_mask,
                                         pruning_masks=pruning_masks,
-                                        itm_score=itm_score, batch_size=batch_size, progress=progress, reuse_image_kv=reuse_image_kv)
+                                        itm_score=itm_score, batch_size=batch_size, progress=progress,
+                                        reuse_image_kv=reuse_image_kv)
         for direction, spans in blocks.items():
             for start, stop in spans:
                 sim = sim_rows(direction, start, stop).float()
@@ -2034,7 +2041,8 @@ class EfficientVLMForConditionalGeneration(EfficientVLMModel, GenerationMixin):
         if cache is not None:
             _extend_cache(cache, self.num_decoder_layers)
         text = self.encode_text(
-            input_ids, attention_mask, pruning_masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            input_ids, attention_mask, pruning_masks, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             causal=True, past_key_values=cache,
         )
         fused = self.fuse(
@@ -2215,7 +2223,8 @@ class EfficientVLMAnswerDecoder(nn.Module):
         hidden = self.embeddings(input_ids, None, past)
         self_mask = _causal_mask(attention_mask, input_ids.shape[1], past, hidden.dtype, hidden.device)
         return _run_layers(
-            self.layers, hidden, self_mask, masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            self.layers, hidden, self_mask, masks, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=_additive_mask(encoder_attention_mask, hidden.dtype),
             past_key_values=past_key_values,
@@ -2358,8 +2367,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
             index = answer_question_index.to(question_states.device).long()
             question_states = question_states.index_select(0, index)
             if question_attention_mask is not None:
-                question_attention_mask = question_attention_mask.index_select(0,
-                                                                               index.to(question_attention_mask.device))
+                index = index.to(question_attention_mask.device)
+                question_attention_mask = question_attention_mask.index_select(0, index)
         elif question_states.shape[0] != answer_input_ids.shape[0]:
             raise ValueError(
                 f"{answer_input_ids.shape[0]} answers for {question_states.shape[0]} questions: pass "
@@ -2370,7 +2379,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
             stream_mask(pruning_masks, "text", self.config.text_config.hidden_size)  # raises, naming decoder.hidden
         decoded = self.decoder_model(
             answer_input_ids, answer_attention_mask, question_states, question_attention_mask, masks=masks,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, past_key_values=past_key_values,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            past_key_values=past_key_values,
         )
         return self.decoder_model.lm_head(decoded.last_hidden_state), decoded
 
@@ -2419,7 +2429,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         vision = text = fused = None
         if question_states is None:
             vision, text, fused = self.encode_question(
-                pixel_values, input_ids, attention_mask, pruning_masks=pruning_masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                pixel_values, input_ids, attention_mask, pruning_masks=pruning_masks,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                 interpolate_pos_encoding=interpolate_pos_encoding,
             )
             question_states, question_attention_mask = fused.last_hidden_state, attention_mask
@@ -2435,8 +2446,10 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         if cache is not None:
             _extend_cache(cache, len(self.decoder_model.layers))
         output.logits, output.decoder_model_output = self.decode(
-            answer_input_ids, answer_attention_mask, question_states, question_attention_mask, answer_question_index=answer_question_index,
-            pruning_masks=pruning_masks, output_attentions=output_attentions, output_hidden_states=output_hidden_states, past_key_values=cache,
+            answer_input_ids, answer_attention_mask, question_states, question_attention_mask,
+            answer_question_index=answer_question_index,
+            pruning_masks=pruning_masks, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, past_key_values=cache,
         )
         output.cache = cache
         if labels is not None or answer_weights is not None:
@@ -2543,7 +2556,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMModel, GenerationMixin):
         rows = torch.arange(num_questions, device=top.device).repeat_interleave(k)
         scores = self.answer_log_likelihood(
             question_states, question_attention_mask, answer_ids[top.flatten()],
-            answer_attention_mask[top.flatten()], answer_question_index=rows, pruning_masks=pruning_masks, batch_size=batch_size,
+            answer_attention_mask[top.flatten()], answer_question_index=rows, pruning_masks=pruning_masks,
+            batch_size=batch_size,
         ).view(num_questions, k)
         scores, order = scores.sort(dim=1, descending=True)
         return scores, top.gather(1, order)

@@ -118,8 +118,8 @@ def tiny_batches(n=8, batch=4, seed=0, vocab=99):
         mlm_ids = ids.clone()
         labels[2], mlm_ids[2] = ids[2], 4
         items.append({"pixel_values": torch.randn(3, 32, 32, generator=g), "input_ids": ids,
-                      "attention_mask": torch.ones(7,
-                                                   dtype=torch.long), "mlm_input_ids": mlm_ids, "mlm_labels": labels})
+                      "attention_mask": torch.ones(7, dtype=torch.long), "mlm_input_ids": mlm_ids,
+                      "mlm_labels": labels})
     return items
 
 

@@ -198,8 +198,8 @@ BEAM_SEED = 18  # a model where greedy decoding misses the best sequence
 @torch.no_grad()
 def test_beam_search_returns_the_highest_scoring_sequence():
     """Exhaustive search over a 6-token vocabulary and 3 new tokens (216 sequences, no eos): beam search with 3
-    beams returns the best one (greedy does not,
-                                on this seed); its score is transformers' Σ log p / L^length_penalty."""
+    beams returns the best one (greedy does not, on this seed); its score is transformers'
+    Σ log p / L^length_penalty."""
     model = captioner(tiny_config(text=dict(vocab_size=6, initializer_range=1.0)), seed=BEAM_SEED)
     prompt, length = [2, 4, 5], 3
     model.config.caption_prompt_ids = prompt
@@ -222,8 +222,8 @@ def test_masked_forward_equals_materialized():
 
     model = captioner()
     masks = PruningMasks(
-        vision=EncoderPruningMasks(head=[torch.tensor([1.0, 0, 1, 1]), None], ffn=[None,
-                                                                                   (torch.arange(37) % 3 > 0).float()]),
+        vision=EncoderPruningMasks(head=[torch.tensor([1.0, 0, 1, 1]), None],
+                                   ffn=[None, (torch.arange(37) % 3 > 0).float()]),
         text=EncoderPruningMasks(head=[torch.zeros(4), torch.tensor([0.0, 1, 0, 1])], ffn=[torch.ones(37), None]),
         fusion=EncoderPruningMasks(head=[torch.tensor([1.0, 1, 0, 0]), None],
                                    cross_head=[None, torch.tensor([0.0, 0, 1, 0])], ffn=[None, torch.zeros(37)]),

@@ -151,9 +151,8 @@ def test_latency_table_cli_then_compare_splits_latency_strategy_and_its_export(c
     printed = capsys.readouterr().out
     assert "ms per unit" in printed and f"written: {table}" in printed
     priced = tmp_path / "priced.json"  # the same student priced at the tiny bench preset's (wider, deeper) shapes
-    assert main(["latency-table", "--student", str(chain / "student"), "--output_json", str(priced), "--price_at",
-                 "tiny",
-                 "--image_size", "64", "--points", "2", "--repeats", "1"]) == 0
+    assert main(["latency-table", "--student", str(chain / "student"), "--output_json", str(priced),
+                 "--price_at", "tiny", "--image_size", "64", "--points", "2", "--repeats", "1"]) == 0
     assert "priced at tiny student, 64 px" in capsys.readouterr().out
     assert json.loads(priced.read_text())["cost_path"]["vision"][0][1] == 1 + (64 // 8) ** 2
     out = tmp_path / "compare_latency"

@@ -110,8 +110,8 @@ def test_convert_runs_a_forward(checkpoints):
         pixel_values=torch.randn(2, 3, 224, 224, generator=g), input_ids=torch.randint(5, 99, (2, 6), generator=g),
         compute_itm=True, mlm_input_ids=torch.randint(5, 99, (2, 6), generator=g),
     )
-    assert out.logits_per_image.shape == (2, 2) and out.itm_logits.shape == (2, 2) and out.mlm_logits.shape == (2, 6,
-                                                                                                                99)
+    assert out.logits_per_image.shape == (2, 2) and out.itm_logits.shape == (2, 2)
+    assert out.mlm_logits.shape == (2, 6, 99)
 
 
 def test_position_interpolation_224_to_384(checkpoints):

@@ -101,11 +101,15 @@ def test_every_task_total_is_its_path_plus_its_heads(name):
     """The path FLOPs (units + patch embedding) of every task's path, plus heads that only add: one per-unit model."""
     config = _configs()[name]
     vqa = _with_decoder(config)
+    retrieval = dict(images=3, texts=5, text_length=7, k=2)
+    nlvr2 = dict(items=4, text_length=9)
+    vqa_sizes = dict(questions=3, question_length=7, k=5, answer_length=4)
+    captioning = dict(images=2, prompt_length=5, new_tokens=6, beams=3)
     cases = [
-        (retrieval_flops(config, images=3, texts=5, text_length=7, k=2), path_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2))),
-        (nlvr2_flops(config, items=4, text_length=9), path_flops(config, nlvr2_path(config, items=4, text_length=9))),
-        (vqa_flops(vqa, questions=3, question_length=7, k=5, answer_length=4), path_flops(vqa, vqa_path(vqa, questions=3, question_length=7, k=5, answer_length=4))),
-        (captioning_flops(config, images=2, prompt_length=5, new_tokens=6, beams=3), path_flops(config, captioning_path(config, images=2, prompt_length=5, new_tokens=6, beams=3))),
+        (retrieval_flops(config, **retrieval), path_flops(config, retrieval_path(config, **retrieval))),
+        (nlvr2_flops(config, **nlvr2), path_flops(config, nlvr2_path(config, **nlvr2))),
+        (vqa_flops(vqa, **vqa_sizes), path_flops(vqa, vqa_path(vqa, **vqa_sizes))),
+        (captioning_flops(config, **captioning), path_flops(config, captioning_path(config, **captioning))),
     ]
     for total, path in cases:
         assert total["vision"] == path["vision"] and total["text"] == path["text"]
@@ -114,8 +118,8 @@ def test_every_task_total_is_its_path_plus_its_heads(name):
     v = config.vision_config
     patches = 3 * (v.image_size // v.patch_size) ** 2
     units = prunable_flops(config, retrieval_path(config, images=3, texts=5, text_length=7, k=2))["vision"]
-    assert path_flops(config, retrieval_path(config, images=3, texts=5, text_length=7,
-                                             k=2))["vision"] == units + 2 * patches * (
+    path = retrieval_path(config, images=3, texts=5, text_length=7, k=2)
+    assert path_flops(config, path)["vision"] == units + 2 * patches * (
         v.num_channels * v.patch_size**2 * v.hidden_size)
 
 

@@ -73,8 +73,8 @@ def test_swapped_twin_keeps_cells_and_words_but_changes_the_objects():
 
 
 def test_twin_set_is_a_pure_function_and_checks_its_size():
-    a, b = make_twin_retrieval_eval_set(8, seed=1, image_size=32), make_twin_retrieval_eval_set(8, seed=1,
-                                                                                                image_size=32)
+    a = make_twin_retrieval_eval_set(8, seed=1, image_size=32)
+    b = make_twin_retrieval_eval_set(8, seed=1, image_size=32)
     assert a["captions"] == b["captions"] and a["twins"] == b["twins"]
     short = make_twin_retrieval_eval_set(6, seed=1, image_size=32)  # one whole group and one of 2
     assert [len(t) for t in short["twins"]] == [3, 3, 3, 3, 1, 1] and len(short["captions"]) == 30
@@ -163,8 +163,8 @@ def test_a_batch_with_several_captions_of_one_image_never_draws_them_as_negative
     # the ITC term reads the ids. With pixel-identical copies of an image the soft targets give exactly the one-hot
     # loss (equal rows and columns average out); with two views of one image (augmentation, dropout) they differ
     itc = {}
-    for name, pixels in (("copies", batch["pixel_values"]), ("views",
-                                                             stack_batch(tiny_batches(2)[:6])["pixel_values"])):
+    views = stack_batch(tiny_batches(2)[:6])["pixel_values"]
+    for name, pixels in (("copies", batch["pixel_values"]), ("views", views)):
         for ids in ("with", "without"):
             inputs = {**batch, "pixel_values": pixels}
             if ids == "without":

@@ -120,8 +120,8 @@ def test_gate_file_round_trip_keeps_the_constraint_set(tmp_path):
     path = str(tmp_path / "gates.safetensors")
     l0.save(path)
     loaded = ModalL0Module.from_file(path, config)
-    assert loaded.constraints == ["global", "vision", "fusion"] and loaded.modality_targets == {"vision": 0.2,
-                                                                                                "fusion": 0.5}
+    assert loaded.constraints == ["global", "vision", "fusion"]
+    assert loaded.modality_targets == {"vision": 0.2, "fusion": 0.5}
     assert loaded.target_sparsity == 0.3 and loaded.warmup_steps == 7
     for a, b in zip(l0.deterministic_masks().vision.ffn, loaded.deterministic_masks().vision.ffn):
         assert torch.equal(a, b)

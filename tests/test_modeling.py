@@ -54,8 +54,8 @@ def _all_masks(config, value=1.0) -> PruningMasks:
             ffn=[torch.full((i,), value) for i in sub.intermediate_size],
         )
 
-    return PruningMasks(enc(config.vision_config), enc(config.text_config), enc(config.fusion_encoder_config,
-                                                                                cross=True))
+    return PruningMasks(enc(config.vision_config), enc(config.text_config),
+                        enc(config.fusion_encoder_config, cross=True))
 
 
 def test_all_ones_masks_equal_no_masks():

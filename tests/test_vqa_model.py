@@ -187,8 +187,8 @@ def test_save_load_round_trip_with_pruned_decoder_and_other_classes(tmp_path):
     model.save_pretrained(tmp_path)
     loaded, info = EfficientVLMForQuestionAnswering.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert loaded.config.decoder_config.intermediate_size == [0, 5] and not hasattr(loaded.decoder_model.layers[0],
-                                                                                    "mlp")
+    assert loaded.config.decoder_config.intermediate_size == [0, 5]
+    assert not hasattr(loaded.decoder_model.layers[0], "mlp")
     with torch.no_grad():
         a = model(**inputs, answer_input_ids=ids, answer_attention_mask=mask).logits
         b = loaded.eval()(**inputs, answer_input_ids=ids, answer_attention_mask=mask).logits

@@ -100,8 +100,8 @@ def model_tasks(config: dict) -> list[str]:
         tasks += [TEXT_SEARCH, IMAGE_SEARCH]
         if "AutoModelForZeroShotImageClassification" in auto_map:
             tasks.append(ZERO_SHOT)
-    if any(h in heads for h in ("ForConditionalGeneration",
-                                "ForPreTraining")) and "AutoModelForImageTextToText" in auto_map:
+    generates = any(h in heads for h in ("ForConditionalGeneration", "ForPreTraining"))
+    if generates and "AutoModelForImageTextToText" in auto_map:
         tasks.append(CAPTIONING)
     if "ForQuestionAnswering" in heads and "visual-question-answering" in pipelines and config.get("answer_list"):
         tasks.append(VQA)

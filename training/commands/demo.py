@@ -321,8 +321,8 @@ def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
                  "speed_protocol": report["protocol"]["latency"], "dataset_name": "efficientvlm-synthetic-scenes",
                  **chain.cards[name]}
         _timed(timings, f"save_{name}", lambda: save_hub_ready(
-            model, processor, os.path.join(args.output_dir,
-                                           name), model_name=f"efficientvlm-demo-{name.replace('_', '-')}",
+            model, processor, os.path.join(args.output_dir, name),
+            model_name=f"efficientvlm-demo-{name.replace('_', '-')}",
             reference_config=teacher.config, metrics=chain.metrics[name], extra=extra))
     report["stage_seconds"] = timings
     report["wall_time_s"] = time.time() - start
@@ -882,8 +882,8 @@ def format_seed_summary(summary: dict) -> str:
         lines += ["", "| paired difference (same queries) | per seed [95 % CI] | mean | seeds whose CI excludes 0 |",
                   "|---|---|---|---|"]
         for name, d in summary["paired"].items():
-            per = "; ".join(f"{v:+.2f} [{lo:+.2f}, {hi:+.2f}]" for v, (lo, hi) in zip(d["per_seed"],
-                                                                                      d["ci95_per_seed"]))
+            per = "; ".join(f"{v:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                            for v, (lo, hi) in zip(d["per_seed"], d["ci95_per_seed"]))
             lines.append(f"| {name} | {per} | {d['mean']:+.2f} | {d['seeds_excluding_zero']} of {len(d['per_seed'])} |")
     return "\n".join(lines)
 

@@ -167,8 +167,8 @@ def budget_report(checkpoint: str, pruned) -> dict | None:
               "achieved": {"params": kept_params}}
     if path is not None:
         report["path"] = path_to_json(path)
-        report["achieved"]["flops"] = prunable_flops(pruned.config, path)["total"] / prunable_flops(student,
-                                                                                                    path)["total"]
+        kept = prunable_flops(pruned.config, path)["total"]
+        report["achieved"]["flops"] = kept / prunable_flops(student, path)["total"]
     table = settings.get("latency_table")
     if table is not None:  # what the measured table predicts for the materialized sub-layers, vs the student's
         report["latency_device"] = table.get("device")

@@ -567,6 +567,7 @@ def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed
     The final model is saved into a staging dir inside output_dir and its files are then renamed into place, so an
     interrupted save leaves no half-written file at the top (the stage's run record, written last by
     `owns_output_dir`, says whether the folder is complete)."""
+    task = get_task(data.task)
     mlm = args.use_mlm and not isinstance(model, GatedModel)
     # every data file the run reads is loaded and checked (records, fields, image headers, answer list) before the
     # first step: a bad evaluation file fails now, naming the file and record, not after the whole training run
@@ -574,11 +575,11 @@ def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed
     _check_not_empty(data, train)
     if eval_data is None:
         eval_data = eval_set(data)
-        if get_task(data.task).eval_size(eval_data) == 0:
+        if task.eval_size(eval_data) == 0:
             raise ValueError(f"{data.eval_dataset or data.dataset}: the evaluation set is empty")
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train, data_collator=collator, processing_class=processor,
-        teacher_model=teacher, task=get_task(data.task), layer_map=layer_map, callbacks=callbacks or None,
+        teacher_model=teacher, task=task, layer_map=layer_map, callbacks=callbacks or None,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     staging = os.path.join(args.output_dir, FINAL_STAGING)
@@ -590,8 +591,8 @@ def _train_and_evaluate(trainer_cls, model, teacher, processor, data, args, seed
     model.eval()
     metrics = {}
     if eval_data is not False:
-        student, masks = (model.student, model.l0.deterministic_masks()) if isinstance(model, GatedModel) else (model,
-                                                                                                                None)
+        gated = isinstance(model, GatedModel)
+        student, masks = (model.student, model.l0.deterministic_masks()) if gated else (model, None)
         metrics = evaluate_model(student, processor, data, eval_data, pruning_masks=masks)
         if args.should_save:
             save_metrics(args.output_dir, metrics)

@@ -102,8 +102,8 @@ class Task:
         workload_text: fn(data_args, batch) -> one line describing that path (for protocols).
         manual_split: default hand split of `compare-splits` (a format string with {half} and {more}).
         card: the model card's task-specific parts.
-        prepare_model: fn(model, processor,
-                          data=None) -> None, called by the stages right after a task model is built or
+        prepare_model: fn(model, processor, data=None) -> None, called by the stages right after a task model is
+            built or
             loaded, to set what the model needs from the tokenizer before it is trained, saved or evaluated
             (captioning: the prompt ids and the generation config); a no-op by default.
         path_sizes: the sizes of the task's inference path at its evaluation protocol (`prune --budget_path` names

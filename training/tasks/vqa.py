@@ -6,16 +6,16 @@ as for retrieval; the answer decoder (causal self-attention, cross-attention to 
 to its word embeddings) is trained teacher-forced on every annotator answer of a question, each answer's token-summed
 cross-entropy weighted by its annotator share (`VQACollator`; the model computes Σ_a w_a·CE_a / B).
 
-Task KD (λ = 0.6 task + 0.4 KD,
-         the official EfficientVLM VQA config): decoder-logit KL on the predicted answer positions (teacher-forced on
+Task KD (λ = 0.6 task + 0.4 KD, the official EfficientVLM VQA config): decoder-logit KL on the predicted answer
+positions (teacher-forced on
 the same answers), attention KD of the vision / text / fusion self-attention, the fusion cross-attention and the
 decoder's causal self- and cross-attention, hidden-state KD of all three encoders and the decoder. The decoder pairs
 are the student's layer map for "decoder" when it has one, else the fusion map (each decoder layer is initialised
 from the fusion layer of the same index, in teacher and student alike).
 
 Evaluation: the paper's answer ranking over a fixed answer list (`rank_answers`: first-token probability of every
-answer, top-k (128), full-sequence log-likelihood, argmax), scored by VQA accuracy (`training.metrics.vqa_scores`,
-                                                                                    percent).
+answer, top-k (128), full-sequence log-likelihood, argmax), scored by VQA accuracy
+(`training.metrics.vqa_scores`, percent).
 
 Vocabulary: the demo's synthetic caption vocabulary has no question words ("what", "how", "yes", "no", ...).
 `prepare_model` adds the missing `QUESTION_WORDS` to the tokenizer (whole-word added tokens, the same ids in every

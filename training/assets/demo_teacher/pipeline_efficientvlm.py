@@ -543,8 +543,8 @@ class ImageTextRetrievalPipeline(Pipeline):
         full = torch.full_like(itc, float("-inf"))
         full[:, needed] = (scores_t2i if query_mod == TEXT else scores_i2t).to(itc)  # (Q, N) → (Q, G)
         candidate = torch.zeros_like(itc, dtype=torch.bool)
-        candidate[:, needed] = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(rerank, dim=1).indices,
-                                                                                True)
+        top = sim.topk(rerank, dim=1).indices
+        candidate[:, needed] = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, top, True)
         return full, candidate
 
     # ---------------------------------------------------------------------------------------------------------------
