@@ -39,6 +39,7 @@ import modeling_efficientvlm
 from modeling_efficientvlm import EfficientVLMConfig
 
 from ..infra.presets import PRESETS, xvlm_clip_config
+from ..infra.runs import write_json_atomic
 from ..infra.timing import measure_interleaved, speedup_summary, summarize
 from ..method.cost import Path, encoder_flops, parse_sizes
 from ..method.l0 import HIDDEN_MULTIPLE
@@ -733,7 +734,4 @@ def _split_line(split: dict) -> str:
 
 def write_json(result: dict, path: str) -> None:
     """Writes atomically (temp file + rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, result)

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ from modeling_efficientvlm.index_efficientvlm import (
 )
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor, open_image
+
+from ..infra.runs import write_json_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILD_FILE, DONE_FILE = "build.json", "done.json"
@@ -120,13 +122,6 @@ def _loader(source: dict) -> Callable[[list], list]:
 
 
 # ------------------------------------------------------------------------------------------------------- building
-def _write_json(path: Path, value: Any) -> None:
-    """Writes JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def embed_images(model, processor, images: list, batch_size: int, store_tokens: bool) -> dict[str, torch.Tensor]:
     """{"embeddings": (n, E) float32 L2-normalised ITC embeddings [, "image_tokens": (n, 1 + N, D)]}: the
@@ -162,7 +157,7 @@ def _check_plan(out: Path, plan: dict) -> None:
             raise ValueError(f"{out} holds a build with other settings ({', '.join(changed)} differ): resume it with "
                              "the same model, images and options, or use a new --output_dir")
     else:
-        _write_json(existing, plan)
+        write_json_atomic(existing, plan, indent=1)
 
 
 def build_index(args: IndexArguments, on_part: Callable[[Path], None] | None = None, progress: bool = True) -> dict:
@@ -210,7 +205,7 @@ def build_index(args: IndexArguments, on_part: Callable[[Path], None] | None = N
         if on_part is not None:
             on_part(part)
     bar.close()
-    _write_json(shard / DONE_FILE, {"images": hi - lo, "parts": [p.name for p in parts]})
+    write_json_atomic(shard / DONE_FILE, {"images": hi - lo, "parts": [p.name for p in parts]}, indent=1)
     finished = finalize_index(out, plan, references, world)
     return {"shard": shard.name, "images": hi - lo, "embedded": embedded, "finished": finished,
             "output_dir": str(out)}
@@ -224,11 +219,11 @@ def finalize_index(out: Path, plan: dict, references: list, world: int) -> bool:
         if not done.is_file():
             return False
         names += [f"{done.parent.name}/{part}" for part in json.loads(done.read_text(encoding="utf-8"))["parts"]]
-    _write_json(out / REFERENCES_FILE, references)
+    write_json_atomic(out / REFERENCES_FILE, references, indent=1)
     manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, **{k: v for k, v in plan.items()
                                                                      if k not in ("world_size", "chunk_size")},
                 "parts": names}
-    _write_json(out / INDEX_FILE, manifest)  # last: its presence means the index is complete
+    write_json_atomic(out / INDEX_FILE, manifest, indent=1)  # last: its presence means the index is complete
     return True
 
 

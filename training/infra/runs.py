@@ -185,8 +185,11 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: str, payload: dict) -> None:
-    _write_atomic(path, json.dumps(payload, indent=2).encode())
+def write_json_atomic(path: str | os.PathLike, value, indent: int = 2) -> None:
+    """Writes `value` as JSON through a temp file + rename (a reader never sees half a file); creates the folder."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_atomic(path, json.dumps(value, indent=indent).encode())
 
 
 # --------------------------------------------------------------------------------------------------------- lock
@@ -386,7 +389,7 @@ def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple
         owner = _owner()
         if inputs:
             owner["inputs"] = {flag: os.path.abspath(path) for flag, path in inputs.items() if path}
-        _write_json(record_path, {"stage": stage, "status": "running", **owner})
+        write_json_atomic(record_path, {"stage": stage, "status": "running", **owner})
         try:
             yield
             missing = missing_files(output_dir, required)
@@ -395,7 +398,7 @@ def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple
         except BaseException as error:
             shutil.rmtree(os.path.join(output_dir, FINAL_STAGING), ignore_errors=True)
             if _snapshot(output_dir) != before:  # checkpoints or files were written: say the run failed
-                _write_json(record_path, {"stage": stage, "status": "failed", **owner,
+                write_json_atomic(record_path, {"stage": stage, "status": "failed", **owner,
                                           "error": f"{type(error).__name__}: {error}"[:500]})
             elif previous is None:
                 os.remove(record_path)
@@ -409,7 +412,7 @@ def owned_output_dir(output_dir: str, stage: str, required: Sequence[str | tuple
         _remove_stale(output_dir, previous, before)
         files = sorted(e.name for e in os.scandir(output_dir)
                        if e.is_file() and e.name not in (LOCK_FILE, RUN_FILE))
-        _write_json(record_path, {"stage": stage, "status": "complete", **owner,
+        write_json_atomic(record_path, {"stage": stage, "status": "complete", **owner,
                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files})
     finally:
         lock.release()

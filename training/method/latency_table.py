@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
 
+from ..infra.runs import write_json_atomic
 from ..infra.timing import measure_interleaved
 from .cost import Path, Run, inference_path, path_from_json, path_to_json
 from .structure import ENCODER_CONFIG_KEYS, UnitGroup, unit_groups
@@ -263,11 +264,7 @@ def load_latency_table(path: str, config) -> dict:
 
 def save_latency_table(table: dict, path: str) -> None:
     """Writes atomically (temp file + rename): a reader never sees half a table."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, table)
 
 
 def latency_table_for(config, task, table_file: str = "", budget_path: str = "",
