@@ -283,3 +283,19 @@ def random_pruning_masks(config, seed: int = 0, scaled: bool = False, hidden: bo
         masks.vision.hidden = (rand(config.vision_config.hidden_size) != 0).float()
         masks.text.hidden = (rand(config.text_config.hidden_size) != 0).float()
     return masks
+
+
+def save_tiny_teacher_and_student(root: Path) -> Path:
+    """An untrained tiny teacher (the `tiny` bench preset) and its half-depth student, saved under root/teacher and
+    root/student with the synthetic-vocabulary processor; returns root."""
+    from efficientvlm.training.commands.stages import DataArguments, load_processor
+    from efficientvlm.training.infra.presets import tiny_bench_config
+    from efficientvlm.training.method.student import init_student_from_teacher
+
+    torch.manual_seed(0)
+    teacher = EfficientVLMForPreTraining(tiny_bench_config())
+    processor = load_processor(DataArguments(image_size=32))
+    for name, model in (("teacher", teacher), ("student", init_student_from_teacher(teacher))):
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    return root

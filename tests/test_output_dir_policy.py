@@ -6,14 +6,12 @@ import json
 import os
 
 import pytest
-import torch
 
-from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
+from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from efficientvlm.training.commands.cli import main
-from efficientvlm.training.commands.stages import DataArguments, load_processor
 from efficientvlm.training.infra.presets import tiny_bench_config
 from efficientvlm.training.infra.runs import RUN_FILE, OutputDirExistsError, check_output_dir
-from efficientvlm.training.method.student import init_student_from_teacher
+from tests.conftest import save_tiny_teacher_and_student
 
 FAST = ["--image_size", "32", "--eval_images", "4", "--itm_k", "2", "--per_device_train_batch_size", "2",
         "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--max_steps", "1",
@@ -22,13 +20,7 @@ FAST = ["--image_size", "32", "--eval_images", "4", "--itm_k", "2", "--per_devic
 
 @pytest.fixture
 def models(tmp_path):
-    torch.manual_seed(0)
-    teacher = EfficientVLMForPreTraining(tiny_bench_config())
-    processor = load_processor(DataArguments(image_size=32))
-    for name, model in (("teacher", teacher), ("student", init_student_from_teacher(teacher))):
-        model.save_pretrained(tmp_path / name)
-        processor.save_pretrained(tmp_path / name)
-    return tmp_path
+    return save_tiny_teacher_and_student(tmp_path)
 
 
 def _weights(folder) -> bytes:

@@ -9,18 +9,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
+from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 from efficientvlm.training.infra import runs as atomic
 from efficientvlm.training.infra.runs import LOCK_FILE, RUN_FILE, OutputDirInUseError, owned_output_dir
 from efficientvlm.training.commands.cli import main
 from efficientvlm.training.commands.export import check_export_source
 from efficientvlm.training.infra.presets import tiny_bench_config
-from efficientvlm.training.commands.stages import DataArguments, load_processor
 from efficientvlm.training.method.l0 import ModalL0Module
-from efficientvlm.training.method.student import init_student_from_teacher
 from efficientvlm.training.method.trainers import EfficientVLMPruningTrainer
+from tests.conftest import save_tiny_teacher_and_student
 
 COMMON = ["--image_size", "32", "--eval_images", "4", "--itm_k", "2", "--per_device_train_batch_size", "2",
           "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"]
@@ -30,14 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRANSFORME
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """An untrained tiny teacher and its half-depth student, saved with the synthetic-vocabulary processor."""
-    root = tmp_path_factory.mktemp("ownership")
-    torch.manual_seed(0)
-    teacher = EfficientVLMForPreTraining(tiny_bench_config())
-    processor = load_processor(DataArguments(image_size=32))
-    for name, model in (("teacher", teacher), ("student", init_student_from_teacher(teacher))):
-        model.save_pretrained(root / name)
-        processor.save_pretrained(root / name)
-    return root
+    return save_tiny_teacher_and_student(tmp_path_factory.mktemp("ownership"))
 
 
 def prune_argv(models, out, *extra) -> list[str]:
