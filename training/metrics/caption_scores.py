@@ -5,6 +5,7 @@ API (all inputs are raw caption strings; the functions tokenize them first, as `
     tokenize_caption(text) -> str                       # the toolkit's PTB tokenization + punctuation filter
     bleu(predictions, references, n=4) -> list[float]   # corpus [BLEU-1, ..., BLEU-n], each in [0, 1]
     cider_d(predictions, references) -> float           # corpus CIDEr-D ("CIDEr" in the toolkit), 0 .. ~10
+    cider_d_per_image(predictions, references) -> list[float]  # its per-image scores (cider_d = their mean)
     BLEU_METRIC_DIR, CIDER_METRIC_DIR                   # the same metrics as local `evaluate` modules:
                                                         # evaluate.load(BLEU_METRIC_DIR).compute(predictions=...,
                                                         #     references=...) -> {"bleu_1": ..., "bleu_4": ...}
@@ -182,9 +183,12 @@ def _tfidf(counts: Counter, document_frequency: Counter, log_n_images: float, n:
     return vectors, [math.sqrt(square) for square in squares], length
 
 
-def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0,
-            tokenize: bool = True) -> float:
-    """Corpus CIDEr-D exactly as pycocoevalcap's `Cider()` (cider_scorer.py), document frequencies from `references`.
+def cider_d_per_image(predictions: Sequence[str], references: Sequence[Sequence[str]], n: int = 4,
+                      sigma: float = 6.0, tokenize: bool = True) -> list[float]:
+    """Per-image CIDEr-D as pycocoevalcap's `Cider()` (cider_scorer.py), document frequencies from ALL `references`.
+
+    The scores depend on the whole set (the idf corpus), not on each image alone: image i's score is the toolkit's
+    score of image i within this evaluation; `cider_d` is their mean.
 
     Args:
         predictions: one generated caption per image.
@@ -194,7 +198,7 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], n: 
         tokenize: apply `tokenize_caption` first (False: captions are already space-separated tokens).
 
     Returns:
-        The mean over images of 10 · mean_refs mean_orders [clipped-cosine · exp(-Δlen² / 2σ²)] (toolkit scale).
+        Per image, 10 · mean_refs mean_orders [clipped-cosine · exp(-Δlen² / 2σ²)] (toolkit scale).
     """
     _check_inputs(predictions, references)
     hypotheses, reference_sets = _tokenized(predictions, references, tokenize)
@@ -217,4 +221,18 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], n: 
                     dot /= norm[k] * norm_ref[k]
                 total += dot * penalty
         image_scores.append(10.0 * total / n / len(counts))
+    return image_scores
+
+
+def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0,
+            tokenize: bool = True) -> float:
+    """Corpus CIDEr-D exactly as pycocoevalcap's `Cider()` (cider_scorer.py), document frequencies from `references`.
+
+    Args:
+        predictions, references, n, sigma, tokenize: as in `cider_d_per_image`.
+
+    Returns:
+        The mean over images of `cider_d_per_image` (toolkit scale).
+    """
+    image_scores = cider_d_per_image(predictions, references, n=n, sigma=sigma, tokenize=tokenize)
     return float(sum(image_scores) / len(image_scores))

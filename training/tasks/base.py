@@ -32,10 +32,18 @@ class EvalData(Protocol):
 
 
 class Evaluate(Protocol):
-    """The task's metrics (percent) of `model` on `held_out`."""
+    """The task's metrics (percent) of `model` on `held_out`.
+
+    `return_per_item=True` returns (metrics, per_item) instead: per_item is a (N,) float64 numpy array with one score
+    per held-out item in the primary metric's units (VQA: 100 × each question's score, NLVR2: 100 × correct,
+    captioning: 100 × each image's CIDEr-D), whose mean is `metrics[task.metric]` up to float rounding — the input of
+    `training.metrics.confidence.mean_ci95` / `paired_mean_difference`. Retrieval's r_mean is not a mean of per-item
+    scores (image retrieval averages over captions): its `evaluate` takes `return_ranks` instead and returns the
+    per-query ranks (`training.metrics.confidence.PerQueryRanks`, for `r_mean_ci`).
+    """
 
     def __call__(self, model: Any, processor: Any, data: Any, held_out: Any, show_progress: bool = True,
-                 pruning_masks: Any = None) -> dict: ...
+                 pruning_masks: Any = None, *, return_per_item: bool = False) -> dict | tuple[dict, Any]: ...
 
 
 class Workload(Protocol):
@@ -96,7 +104,8 @@ class Task:
         train_data: fn(data_args, processor, seed, mlm) -> (train dataset, collator).
         eval_data: fn(data_args) -> the held-out set.
         eval_size: fn(held-out set) -> number of items (for reports).
-        evaluate: fn(model, processor, data_args, held_out, show_progress, pruning_masks) -> metrics.
+        evaluate: fn(model, processor, data_args, held_out, show_progress, pruning_masks) -> metrics; with
+            `return_per_item=True` (metrics, per-item scores) (see `Evaluate`; retrieval: `return_ranks`).
         workload: fn(model, processor, data_args, held_out, batch) -> zero-argument callable running the task's
             inference path on `batch` held-out items (what latency measures).
         workload_text: fn(data_args, batch) -> one line describing that path (for protocols).

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -221,14 +222,17 @@ def evaluate_captioning(
     pruning_masks: Any = None,
     show_progress: bool = True,
     generation: dict | None = None,
-) -> dict[str, float]:
+    return_per_item: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """BLEU-4 and CIDEr-D (percent, COCO caption toolkit definitions) of the generated captions against `references`;
     `generation` overrides `GENERATION` (e.g. `generation_settings(data)`).
 
     Returns:
-        {"bleu4": BLEU-4 × 100, "cider": CIDEr-D × 100, "captions": number of images captioned}.
+        {"bleu4": BLEU-4 × 100, "cider": CIDEr-D × 100, "captions": number of images captioned}; with
+        `return_per_item` a tuple (metrics, (N,) float64 array of each image's CIDEr-D × 100, document frequencies
+        from all references, whose mean is "cider", for `training.metrics.confidence.mean_ci95`).
     """
-    from ..metrics.caption_scores import bleu, cider_d
+    from ..metrics.caption_scores import bleu, cider_d_per_image
 
     if len(images) != len(references) or not len(images):
         raise ValueError(f"need one reference list per image and at least one image, got {len(images)} images and "
@@ -236,15 +240,20 @@ def evaluate_captioning(
     predictions = generate_captions(model, images, processor, batch_size=batch_size, pruning_masks=pruning_masks,
                                     show_progress=show_progress, **(generation or {}))
     references = [list(refs) for refs in references]
-    return {"bleu4": 100.0 * bleu(predictions, references, n=4)[3], "cider": 100.0 * cider_d(predictions, references),
-            "captions": len(predictions)}
+    image_cider = cider_d_per_image(predictions, references)
+    metrics = {"bleu4": 100.0 * bleu(predictions, references, n=4)[3],
+               "cider": 100.0 * float(sum(image_cider) / len(image_cider)),  # = 100 × cider_d(predictions, references)
+               "captions": len(predictions)}
+    return (metrics, 100.0 * np.asarray(image_cider, dtype=np.float64)) if return_per_item else metrics
 
 
-def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None) -> dict:
-    """The task's metrics on `held_out` (see `eval_data`)."""
+def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None, *,
+             return_per_item: bool = False) -> dict | tuple[dict, np.ndarray]:
+    """The task's metrics on `held_out` (see `eval_data`); with `return_per_item` also each image's CIDEr-D × 100
+    (see `evaluate_captioning`)."""
     return evaluate_captioning(model, held_out["images"], references_of(held_out), processor,
                                pruning_masks=pruning_masks, show_progress=show_progress,
-                               generation=generation_settings(data))
+                               generation=generation_settings(data), return_per_item=return_per_item)
 
 
 # ---------------------------------------------------------------------------------------------------- inference path

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -127,7 +128,8 @@ def evaluate_nlvr2(
     show_progress: bool = True,
     max_length: int = 40,
     pruning_masks: Any = None,
-) -> dict[str, float]:
+    return_per_item: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """NLVR2 accuracy (percent) of a model with `forward(pixel_values (B, 2, C, H, W), input_ids, attention_mask)`
     returning `.logits` (B, 2) (index 1 = statement true).
 
@@ -140,9 +142,11 @@ def evaluate_nlvr2(
         show_progress: tqdm bar.
         max_length: statement truncation length in tokens.
         pruning_masks: passed to the model's forward when given.
+        return_per_item: also return each item's score in percent (100 if correct, else 0).
 
     Returns:
-        {"accuracy": percent correct}.
+        {"accuracy": percent correct}; with `return_per_item` a tuple (metrics, (N,) float64 array whose mean is
+        "accuracy", for `training.metrics.confidence.mean_ci95`).
     """
     from ..data.collators import NLVR2Collator
 
@@ -152,7 +156,7 @@ def evaluate_nlvr2(
     device, dtype = torch.device(device) if device is not None else parameter.device, parameter.dtype
     collate = NLVR2Collator(processor, max_length=max_length)
     extra = {} if pruning_masks is None else {"pruning_masks": pruning_masks}
-    was_training, correct = model.training, 0
+    was_training, hits = model.training, []
     model.eval()
     try:
         with torch.no_grad():
@@ -161,15 +165,20 @@ def evaluate_nlvr2(
                 logits = model(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype),
                                input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device), **extra).logits
-                correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+                hits.append((logits.argmax(-1).cpu() == batch["labels"]).numpy())
     finally:
         model.train(was_training)
-    return {"accuracy": 100.0 * correct / len(items)}
+    correct = np.concatenate(hits)  # (N,) bool
+    metrics = {"accuracy": 100.0 * int(correct.sum()) / len(items)}
+    return (metrics, 100.0 * correct.astype(np.float64)) if return_per_item else metrics
 
 
-def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None) -> dict:
+def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None, *,
+             return_per_item: bool = False) -> dict | tuple[dict, np.ndarray]:
+    """The task's metrics on `held_out` (see `eval_data`); with `return_per_item` also each item's score in percent
+    (see `evaluate_nlvr2`)."""
     return evaluate_nlvr2(model, held_out, processor, show_progress=show_progress, pruning_masks=pruning_masks,
-                          max_length=data.max_length)
+                          max_length=data.max_length, return_per_item=return_per_item)
 
 
 # ---------------------------------------------------------------------------------------------------- inference path

@@ -283,14 +283,19 @@ def predict_answers(
 
 
 def evaluate_vqa(model, items: Sequence[dict], processor: Any, answer_list: Sequence[str], *, batch_size: int = 32,
-                 k: int = RANK_K, max_length: int = 40, pruning_masks: Any = None,
-                 show_progress: bool = True) -> dict[str, float]:
+                 k: int = RANK_K, max_length: int = 40, pruning_masks: Any = None, show_progress: bool = True,
+                 return_per_item: bool = False) -> dict[str, float] | tuple[dict[str, float], Any]:
     """VQA accuracy (percent) of the ranked answers against each item's annotator answers; with synthetic items also
     per template ("accuracy_<template>").
+
+    With `return_per_item` also the (N,) float64 numpy array of each question's score in percent (100 × the official
+    per-question score in [0, 1]); its mean is "accuracy" (for `training.metrics.confidence.mean_ci95`).
 
     Raises:
         ValueError: an item without annotator answers (a test split scored elsewhere cannot be evaluated here).
     """
+    import numpy as np
+
     from ..metrics.vqa_scores import vqa_scores
 
     unanswered = [index for index, item in enumerate(items) if not item.get("answer")]
@@ -308,14 +313,16 @@ def evaluate_vqa(model, items: Sequence[dict], processor: Any, answer_list: Sequ
             templates.setdefault(item["template"], []).append(score)
     for template, values in sorted(templates.items()):
         metrics[f"accuracy_{template}"] = 100.0 * sum(values) / len(values)
-    return metrics
+    return (metrics, 100.0 * np.asarray(scores, dtype=np.float64)) if return_per_item else metrics
 
 
-def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None) -> dict:
-    """The task's metrics on `held_out` (see `eval_data`), ranking `held_out.answer_list`."""
+def evaluate(model, processor, data, held_out, show_progress: bool = True, pruning_masks=None, *,
+             return_per_item: bool = False) -> dict | tuple[dict, Any]:
+    """The task's metrics on `held_out` (see `eval_data`), ranking `held_out.answer_list`; with `return_per_item`
+    also each question's score in percent (see `evaluate_vqa`)."""
     answer_list = getattr(held_out, "answer_list", None) or getattr(model.config, "answer_list", None) or VQA_ANSWERS
     return evaluate_vqa(model, held_out, processor, answer_list, max_length=data.max_length,
-                        pruning_masks=pruning_masks, show_progress=show_progress)
+                        pruning_masks=pruning_masks, show_progress=show_progress, return_per_item=return_per_item)
 
 
 # ---------------------------------------------------------------------------------------------------- inference path
