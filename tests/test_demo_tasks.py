@@ -2,6 +2,7 @@
 whole chain with a few steps per stage, report.json with the task's metric per model, Hub-ready folders."""
 
 import json
+import os
 
 import pytest
 
@@ -11,7 +12,7 @@ from efficientvlm.training.tasks import TASKS, get_task
 
 pytestmark = pytest.mark.slow  # runs the demo for every task
 
-MODELS = {"teacher", "student", "pruned"}
+MODELS = {"teacher", "student", "pruned", "student_no_kd", "pruned_no_kd", "pruned_uniform"}
 STEPS = {"teacher_fine_tune": 2, "distill": 2, "student_fine_tune": 3, "prune": 3}
 ARCHITECTURE = {"nlvr2": "EfficientVLMForVisualReasoning", "captioning": "EfficientVLMForConditionalGeneration",
                 "vqa": "EfficientVLMForQuestionAnswering"}
@@ -42,8 +43,8 @@ def task_demo(request, tmp_path_factory):
 def test_report_has_the_task_metric_per_model(task_demo):
     task, _, report = task_demo
     metric, models = get_task(task).metric, report["models"]
-    assert set(models) == MODELS  # no-KD baselines are retrieval's only, and the report says so
-    assert "not run" in report["protocol"]["baselines"]
+    assert set(models) == MODELS  # the task teacher, the students and pruned models with and without KD, uniform
+    assert "student_no_kd" in report["protocol"]["baselines"] and "uniform" in report["protocol"]["baselines"]
     assert (report["protocol"]["task"], report["protocol"]["metric"]) == (task, metric)
     for name, entry in models.items():
         for key in ("params", metric, "latency_ms", "speedup", "speedup_min", "speedup_max", "sparsity_vs_teacher",
@@ -61,6 +62,15 @@ def test_report_has_the_task_metric_per_model(task_demo):
     assert set(sparsity) == parts and sparsity["total"] > 0
     assert set(models["pruned"]["expected_sparsity_at_export"]) == parts
     assert "sparsity_vs_student" not in models["student"]
+    assert models["pruned_uniform"]["params"] < models["student"]["params"]
+    for name, entry in models.items():  # the metric's 95 % interval over the held-out items brackets the metric
+        low, high = entry[f"{metric}_ci95"]
+        assert low <= entry[metric] + 1e-9 and entry[metric] - 1e-9 <= high, name
+    assert set(report["paired"]) == {"student_kd_minus_no_kd", "pruned_kd_minus_no_kd", "pruned_learned_minus_uniform"}
+    for name, (a, b) in demo.PAIRED.items():  # paired: mean(a) − mean(b) on the same items, inside its interval
+        difference = report["paired"][name]
+        assert difference["mean"] == pytest.approx(models[a][metric] - models[b][metric], abs=1e-6)
+        assert difference["ci95"][0] <= difference["mean"] + 1e-9 <= difference["ci95"][1] + 2e-9
 
 
 def test_report_says_how_each_model_was_made(task_demo):
@@ -82,7 +92,8 @@ def test_report_says_how_each_model_was_made(task_demo):
     assert f"fine-tuned for {task}" in provenance["source"] and provenance["fine_tune_steps"] == 2
     assert provenance["pretrained"]["source"].endswith("demo_teacher")  # the shipped pre-training teacher
     assert get_task(task).workload_text(demo._demo_data(demo.PROFILES["quick"], task), 8) in protocol["latency"]
-    assert {"teacher", "distill", "student", "pruned", "pruned_eval", "latency"} <= set(report["stage_seconds"])
+    assert {"teacher", "distill_student", "distill_student_no_kd", "student", "student_no_kd", "pruned", "pruned_no_kd",
+            "pruned_uniform", "pruned_eval", "latency"} <= set(report["stage_seconds"])
 
 
 def test_hub_ready_folders_hold_the_task_models(task_demo):
@@ -94,7 +105,7 @@ def test_hub_ready_folders_hold_the_task_models(task_demo):
                      "modeling_efficientvlm.py", "pipeline_efficientvlm.py"):
             assert (folder / file).exists(), f"{name}/{file}"
         card = (folder / "README.md").read_text()
-        assert get_task(task).card.tag in card and f"EfficientVLM demo {name}" in card
+        assert get_task(task).card.tag in card and f"EfficientVLM demo {name.replace('_', ' ')}" in card
         # each folder is the task's model, rebuilt by its config alone (the pruned one: materialized sizes)
         model = get_task(task).model_class.from_pretrained(str(folder))
         assert type(model).__name__ == ARCHITECTURE[task]
@@ -104,3 +115,38 @@ def test_hub_ready_folders_hold_the_task_models(task_demo):
                                                                     "fusion_encoder_config"))
               for config in (pruned, student)]
     assert widths[0] < widths[1]
+
+
+def test_a_given_task_teacher_is_loaded_not_fine_tuned(task_demo, tmp_path):
+    """`--task_teacher FOLDER` (the shipped task teacher by default): no teacher stage runs, the report names the
+    folder and scores the same teacher."""
+    task, out, report = task_demo
+    if task != "nlvr2":
+        pytest.skip("one task is enough for the loading path")
+    again = tmp_path / "again"
+    entry = {**demo.TASK_PROFILES[task]["quick"], "eval_images": 8, "latency_repeats": 1}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(demo.TASK_PROFILES, task, {"quick": entry})
+        assert main(["demo", "--task", task, "--quick", "--output_dir", str(again), "--task_teacher",
+                     str(out / "teacher"), "--baselines", "false", "--distill_steps", "2", "--prune_steps", "3"]) == 0
+    second = json.loads((again / "report.json").read_text())
+    assert set(second["models"]) == {"teacher", "student", "pruned"}
+    assert second["teacher_provenance"]["source"] == str(out / "teacher")
+    assert "teacher" not in second["stage_seconds"] and "domain" not in second["stage_seconds"]
+    metric = get_task(task).metric
+    assert second["models"]["teacher"][metric] == pytest.approx(report["models"]["teacher"][metric])
+    assert "make task-teachers" in (again / "teacher" / "README.md").read_text()
+
+
+def test_the_task_teacher_defaults_to_the_shipped_folder(tmp_path):
+    """Without --task_teacher the demo takes the shipped task teacher when there is one; --task_teacher_steps or
+    --train_teacher fine-tune one in the run instead; a folder that is no checkpoint is refused by name."""
+    from efficientvlm.training.commands.demo import DemoArguments, task_teacher_dir
+
+    for task in ("nlvr2", "vqa", "captioning"):
+        shipped = os.path.isfile(os.path.join(task_teacher_dir(task), "config.json"))
+        assert DemoArguments(task=task).task_teacher == (task_teacher_dir(task) if shipped else "")
+        assert DemoArguments(task=task, task_teacher_steps=5).task_teacher == ""
+    assert DemoArguments(task="retrieval").task_teacher == ""
+    with pytest.raises(ValueError, match="--task_teacher .*not a checkpoint folder"):
+        DemoArguments(task="vqa", task_teacher=str(tmp_path))

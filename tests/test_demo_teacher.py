@@ -20,6 +20,9 @@ from efficientvlm.training.tasks.retrieval import uniform_negative_share
 from efficientvlm.training.tasks import get_task
 
 
+SHIPPED_TASK_TEACHERS = ("captioning", "nlvr2", "vqa")  # `make task-teachers`
+
+
 def _curve(values, itc=None, every=100):
     return [{"step": every * (i + 1), "r_mean": v, **({"r_mean_itc": itc[i]} if itc else {})}
             for i, v in enumerate(values)]
@@ -55,7 +58,7 @@ def test_curve_callback_records_and_stops_training(tmp_path):
     # at step 6 the last quarter (steps >= 4.5) holds one point; at step 8 two flat ones: stop
     assert trainer.state.global_step == 8 and callback.converged_at == 8
     assert [p["step"] for p in callback.curve] == [2, 4, 6, 8] and callback.curve[0] == {
-        "step": 2, "r_mean": 50.0, "r_mean_itc": 40.0}
+        "step": 2, "r_mean": 50.0, "r_mean_itc": 40.0, "txt_r1": 1.0}  # every number of the evaluation
     summary = callback.summary()
     assert summary["converged"] and summary["converged_at_step"] == 8
     assert calls == [False] * 4  # evaluated in eval mode
@@ -104,16 +107,19 @@ def test_no_kd_baselines_train_without_a_teacher(tmp_path, monkeypatch):
 
 
 def test_shipped_demo_teacher_remote_code_is_real_files_equal_to_the_library():
-    """Real files, not links (a copied folder must load); byte for byte the library's (`make remote-code`)."""
+    """Real files, not links (a copied folder must load); byte for byte the library's (`make remote-code`), in the
+    demo teacher and every shipped task teacher."""
     import modeling_efficientvlm
-    from efficientvlm.training.commands.demo import DEMO_TEACHER_DIR
+    from efficientvlm.training.commands.demo import shipped_teacher_dirs
 
     library = os.path.dirname(os.path.abspath(modeling_efficientvlm.__file__))
     names = sorted(n for n in os.listdir(library) if n.endswith(".py") and n != "__init__.py")
     assert {"modeling_efficientvlm.py", "configuration_efficientvlm.py", "processing_efficientvlm.py",
             "pipeline_efficientvlm.py"} <= set(names)
-    for name in names:
-        shipped = os.path.join(DEMO_TEACHER_DIR, name)
+    folders = shipped_teacher_dirs()
+    assert len(folders) == 1 + len(SHIPPED_TASK_TEACHERS)
+    for name, folder in ((n, f) for n in names for f in folders):
+        shipped = os.path.join(folder, name)
         assert os.path.isfile(shipped) and not os.path.islink(shipped), f"{shipped} must be a real file"
         with open(shipped, "rb") as a, open(os.path.join(library, name), "rb") as b:
             assert a.read() == b.read(), f"{shipped} differs from the library's: run `make remote-code`"
@@ -162,3 +168,35 @@ def test_shipped_demo_teacher_is_hub_ready_converged_and_small(tmp_path):
     )
     name, params = out.split()[-2:]
     assert name == "EfficientVLMForPreTraining" and int(params) > 1_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", SHIPPED_TASK_TEACHERS)
+def test_shipped_task_teachers_are_hub_ready_converged_and_small(task, tmp_path):
+    """Each task teacher `demo --task T` starts from: Hub-ready, its curve met the rule (recorded), the command that
+    built it recorded, small, and a copy of its folder loads with AutoModel as a Hub user loads it."""
+    from efficientvlm.training.commands.demo import PROVENANCE_FILE, task_teacher_dir
+
+    folder = task_teacher_dir(task)
+    files = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md", PROVENANCE_FILE,
+            "learning_curve.png"} <= files
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in files if os.path.isfile(os.path.join(folder, f)))
+    assert size <= 10 * 2**20, f"{size / 2**20:.1f} MB"
+    provenance = json.loads(open(os.path.join(folder, PROVENANCE_FILE)).read())
+    assert provenance["task"] == task and provenance["command"].startswith(f"efficientvlm demo-teacher --task {task}")
+    curve = provenance["learning_curve"]
+    assert curve["converged"], f"the shipped {task} teacher must have met the convergence rule"
+    metric = get_task(task).metric
+    assert provenance["metrics"][metric] == pytest.approx(curve["curve"][-1][metric], abs=1e-3)
+    copy = shutil.copytree(folder, tmp_path / f"{task}_teacher")
+    auto = {"captioning": "AutoModelForImageTextToText", "nlvr2": "AutoModelForSequenceClassification",
+            "vqa": "AutoModelForVisualQuestionAnswering"}[task]
+    out = run_clean_python(
+        f"""
+        import transformers
+        model = transformers.{auto}.from_pretrained({str(copy)!r}, trust_remote_code=True)
+        print(type(model).__name__)
+        """
+    )
+    assert out.split()[-1] == get_task(task).model_class.__name__

@@ -47,6 +47,21 @@ from ..method.arguments import DistillationArguments, PruningArguments
 
 DEMO_TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_teacher")
 """The shipped demo teacher (Hub-ready folder + provenance.json + learning curve)."""
+
+
+def task_teacher_dir(task: str) -> str:
+    """Where the shipped task teacher of `task` lives (`make task-teachers`): beside the demo teacher."""
+    return os.path.join(os.path.dirname(DEMO_TEACHER_DIR), f"{task}_teacher")
+
+
+def shipped_teacher_dirs() -> list[str]:
+    """The shipped teachers' folders: the demo teacher and every task teacher built into the assets folder."""
+    assets = os.path.dirname(DEMO_TEACHER_DIR)
+    return [DEMO_TEACHER_DIR] + sorted(os.path.join(assets, name) for name in os.listdir(assets)
+                                       if name.endswith("_teacher") and name != os.path.basename(DEMO_TEACHER_DIR)
+                                       and os.path.isfile(os.path.join(assets, name, "config.json")))
+
+
 PROVENANCE_FILE = "provenance.json"
 LATENCY_BATCH = 32  # held-out images (and captions) in the timed retrieval batch
 DEMO_REG_LR = 0.05
@@ -77,6 +92,8 @@ TASK_PROFILES: dict[str, dict[str, dict]] = {
         "quick": dict(batch=16, eval_images=200, nlvr2_level="easy", domain_task="nlvr2_domain", domain_steps=40,
                       task_teacher_steps=100, distill_steps=20, lr=5e-4),
     },
+    # the NLVR domain pre-training of the NLVR2 teacher (`make task-teachers`): NLVR2's pairs of images and lr
+    "nlvr2_domain": {"default": dict(batch=16, eval_images=200, nlvr2_level="easy", lr=5e-4)},
 }
 """Per-task changes to PROFILES (task name → profile name → entries), for tasks whose steps, batch, held-out size or
 data must differ from the shared values (entries named like a `DataArguments` field set that field); `domain_task`
@@ -118,9 +135,9 @@ class DemoArguments:
                                                               "aliases": ["--output"]})
     task: str = field(
         default="retrieval",
-        metadata={"help": f"The task of the chain, one of {sorted(TASKS)}. Other than retrieval: the teacher is "
-                          "fine-tuned on the task first, the student is fine-tuned (unpruned) and pruned on it, the "
-                          "no-KD baselines are not run."},
+        metadata={"help": f"The task of the chain, one of {sorted(TASKS)}. Other than retrieval: the teacher is the "
+                          "shipped task teacher (--task_teacher), the students are fine-tuned (unpruned) and pruned "
+                          "on the task."},
     )
     quick: bool = field(default=False, metadata={"help": quick_help()})
     seed: int = field(default=0, metadata={"help": "Seed of data order, new heads' init and gate noise."})
@@ -131,9 +148,17 @@ class DemoArguments:
                           "the twins protocol; 0.4 gave 2.42-2.53x (docs/retrieval-demo.md)."},
     )
     teacher: str = field(default=DEMO_TEACHER_DIR, metadata={"help": "Teacher checkpoint (default: the shipped one)."})
-    train_teacher: bool = field(default=False, metadata={"help": "Train the teacher from scratch first."})
+    train_teacher: bool = field(
+        default=False, metadata={"help": "Train the teacher from scratch first (other tasks: and fine-tune the task "
+                                         "teacher from it in this run)."})
+    task_teacher: str | None = field(
+        default=None,
+        metadata={"help": "--task other than retrieval: the task teacher's folder (default: the shipped one, built by "
+                          "`make task-teachers`); '' fine-tunes one from --teacher in this run "
+                          "(--task_teacher_steps)."},
+    )
     baselines: bool = field(
-        default=True, metadata={"help": "Also run the no-KD baselines (student, pruned); retrieval only."}
+        default=True, metadata={"help": "Also run the baselines: no-KD student and pruned student, uniform split."}
     )
     teacher_steps: int | None = field(default=None, metadata={"help": "Steps of --train_teacher."})
     distill_steps: int | None = field(default=None, metadata={"help": "Override the distillation steps."})
@@ -141,7 +166,8 @@ class DemoArguments:
         default=None, metadata={"help": "Override the pruning steps (and the student's task fine-tuning steps)."}
     )
     task_teacher_steps: int | None = field(
-        default=None, metadata={"help": "Override the task teacher's fine-tuning steps (--task other than retrieval)."}
+        default=None, metadata={"help": "Fine-tune the task teacher in this run for this many steps instead of "
+                                          "loading the shipped one (--task other than retrieval)."}
     )
     overwrite: bool = field(
         default=False,
@@ -178,6 +204,15 @@ class DemoArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"--target_sparsity must lie in [0, 1), got {self.target_sparsity}")
+        if get_task(self.task).teacher_class is EfficientVLMForPreTraining or self.train_teacher:
+            self.task_teacher = ""  # retrieval's teacher is the pre-training one; --train_teacher fine-tunes in-run
+        elif self.task_teacher is None:
+            shipped = task_teacher_dir(self.task)
+            in_run = self.task_teacher_steps is not None or not os.path.isfile(os.path.join(shipped, "config.json"))
+            self.task_teacher = "" if in_run else shipped
+        elif self.task_teacher and not os.path.isfile(os.path.join(self.task_teacher, "config.json")):
+            raise ValueError(f"--task_teacher {self.task_teacher!r} is not a checkpoint folder (build the shipped "
+                             "ones with `make task-teachers`, or pass --task_teacher '' to fine-tune one in this run)")
         if not self.train_teacher and not os.path.isfile(os.path.join(self.teacher, "config.json")):
             raise ValueError(f"--teacher {self.teacher!r} is not a checkpoint folder (build the shipped one with "
                              "`make demo-teacher`, or pass --train_teacher true)")
@@ -395,55 +430,88 @@ def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, 
 
 
 def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timings: dict) -> Chain:
-    """The chain of a task whose teacher needs task fine-tuning (see the module docstring): task teacher, distilled
-    student fine-tuned on the task (unpruned), and the distilled student pruned on the task with task KD."""
+    """The chain of a task whose teacher needs task fine-tuning (see the module docstring): the task teacher (the
+    shipped one, or fine-tuned in this run), the distilled student fine-tuned on the task (unpruned) and the
+    distilled student pruned on the task with task KD; with `args.baselines` also the no-KD student fine-tuned and
+    pruned with the task loss only, and the KD student pruned by the same share in every layer."""
     data = _demo_data(profile, task.name)
     eval_data = eval_set(data)
-    pretrained, provenance = _pretraining_teacher(args, work, profile, timings)
+    pretrained, pretrained_provenance = _pretraining_teacher(args, work, profile, timings)
     processor = _processor(pretrained)
-    steps = {"teacher_fine_tune": args.task_teacher_steps or profile["task_teacher_steps"],
-             "distill": args.distill_steps or profile["distill_steps"],
+    steps = {"distill": args.distill_steps or profile["distill_steps"],
              "student_fine_tune": args.prune_steps or profile["prune_steps"],
              "prune": args.prune_steps or profile["prune_steps"]}
-    models, metrics = {}, {}
+    models, metrics, per_item, expected = {}, {}, {}, {}
 
-    def fine_tune(name: str, init_from: str) -> str:  # the task loss only, from `init_from`
-        train_args = _training_args(DistillationArguments, os.path.join(work, f"{task.name}_{name}"),
-                                    steps[f"{name}_fine_tune"], profile, args.seed)
-        models[name], metrics[name] = _timed(timings, name, lambda: run_teacher(
-            TeacherArguments(init_from=init_from), data, train_args, eval_data))
+    def evaluate(name: str, model, masks=None) -> dict:  # the task's metrics + per-item scores (CIs, paired)
+        values, per_item[name] = task.evaluate(model, processor, data, eval_data, True, masks, return_per_item=True)
+        metrics[name] = {**values, "data": describe_eval_data(data, eval_data)}
+        return metrics[name]
+
+    def fine_tune(name: str, init_from: str, train_steps: int) -> str:  # the task loss only, from `init_from`
+        train_args = _training_args(DistillationArguments, os.path.join(work, f"{task.name}_{name}"), train_steps,
+                                    profile, args.seed)
+        models[name], _ = _timed(timings, name, lambda: run_teacher(TeacherArguments(init_from=init_from), data,
+                                                                   train_args, eval_data=False))
+        _timed(timings, f"{name}_eval", lambda: evaluate(name, models[name]))
         return train_args.output_dir
 
-    domain_dir, domain = _domain_pretraining(args, work, profile, pretrained, timings)
-    teacher_dir = fine_tune("teacher", domain_dir)
-    provenance = {"source": f"{os.path.abspath(pretrained)} fine-tuned for {task.name} in this run",
-                  "fine_tune_steps": steps["teacher_fine_tune"], "seed": args.seed, "pretrained": provenance}
-    if domain is not None:
-        provenance["domain_pretraining"], steps["domain"] = domain, domain["steps"]
-    # general distillation from the pre-training teacher, on image-caption pairs (task-agnostic)
-    distill_args = _training_args(DistillationArguments, os.path.join(work, "distilled"), steps["distill"], profile,
-                                  args.seed, lambda_vlp=0.6)
-    _timed(timings, "distill", lambda: run_distill(StudentArguments(teacher=pretrained), _demo_data(profile),
-                                                   distill_args, eval_data=False))
-    fine_tune("student", distill_args.output_dir)
-    # λ and cross-attention KD: the task's official values; the gates' lr at least the demo's (short schedules)
-    reg_lr = max(task.prune_defaults.get("reg_learning_rate", DEMO_REG_LR), DEMO_REG_LR)
-    prune_args = _prune_args(os.path.join(work, "pruned"), steps["prune"], profile, args, reg_learning_rate=reg_lr)
-    _timed(timings, "pruned", lambda: run_prune(
-        PruneModelsArguments(student=distill_args.output_dir, teacher=teacher_dir), data, prune_args, eval_data=False))
-    models["pruned"], expected = load_pruned(prune_args.output_dir)  # materialize
-    task.prepare_model(models["pruned"], processor)
-    metrics["pruned"] = _timed(timings, "pruned_eval", lambda: evaluate_model(models["pruned"], processor, data,
-                                                                              eval_data))
+    if args.task_teacher:  # a converged task teacher (the shipped one by default)
+        teacher_dir = args.task_teacher
+        models["teacher"] = task.teacher_class.from_pretrained(teacher_dir).eval()
+        task.prepare_model(models["teacher"], processor)
+        _timed(timings, "teacher_eval", lambda: evaluate("teacher", models["teacher"]))
+        provenance = {**_shipped_provenance(teacher_dir), "pretrained": pretrained_provenance}
+    else:
+        steps["teacher_fine_tune"] = args.task_teacher_steps or profile["task_teacher_steps"]
+        domain_dir, domain = _domain_pretraining(args, work, profile, pretrained, timings)
+        teacher_dir = fine_tune("teacher", domain_dir, steps["teacher_fine_tune"])
+        provenance = {"source": f"{os.path.abspath(pretrained)} fine-tuned for {task.name} in this run",
+                      "fine_tune_steps": steps["teacher_fine_tune"], "seed": args.seed,
+                      "pretrained": pretrained_provenance}
+        if domain is not None:
+            provenance["domain_pretraining"], steps["domain"] = domain, domain["steps"]
+
+    def prune(name: str, student_dir: str, kd: bool, **extra) -> None:
+        # λ and cross-attention KD: the task's official values; the gates' lr at least the demo's (short schedules)
+        reg_lr = max(task.prune_defaults.get("reg_learning_rate", DEMO_REG_LR), DEMO_REG_LR)
+        prune_args = _prune_args(os.path.join(work, name), steps["prune"], profile, args, reg_learning_rate=reg_lr,
+                                 **extra)
+        _timed(timings, name, lambda: run_prune(PruneModelsArguments(student=student_dir, teacher=teacher_dir,
+                                                                      kd=kd), data, prune_args, eval_data=False))
+        models[name], expected[name] = load_pruned(prune_args.output_dir)  # materialize
+        task.prepare_model(models[name], processor)
+        _timed(timings, f"{name}_eval", lambda: evaluate(name, models[name]))
+        if name == "pruned":
+            settings.update({key: getattr(prune_args, key) for key in task.prune_defaults})  # as the trainer set them
+
+    settings: dict = {}
+    runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
+    for student_name, pruned_name, kd in runs:
+        # general distillation from the pre-training teacher on image-caption pairs (task-agnostic); the no-KD
+        # baseline: the same initialisation trained on the VLP losses only
+        distill_args = _training_args(DistillationArguments, os.path.join(work, f"distilled_{student_name}"),
+                                      steps["distill"], profile, args.seed, lambda_vlp=0.6)
+        depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
+        _timed(timings, f"distill_{student_name}", lambda: run_distill(
+            StudentArguments(teacher=pretrained, kd=kd, student_init=args.student_init, **depths),
+            _demo_data(profile), distill_args, eval_data=False))
+        fine_tune(student_name, distill_args.output_dir, steps["student_fine_tune"])
+        prune(pruned_name, distill_args.output_dir, kd)
+        if kd and args.baselines:  # the same KD student and task KD, the same share off every layer (as retrieval)
+            prune("pruned_uniform", distill_args.output_dir, True, uniform_split=True,
+                  freeze_masks_step=steps["prune"] // 3)
     title = task.card.title or task.name
-    cards = {name: {"recipe": TASK_RECIPES[name].format(task=title, **steps), "how_made": TASK_HOW_MADE[name],
-                    "summary": f"EfficientVLM demo {name} for {title} on synthetic scenes."} for name in models}
-    if domain is not None:
+    recipes = {**TASK_RECIPES, **({"teacher": TASK_RECIPES["teacher_shipped"]} if args.task_teacher else {})}
+    cards = {name: {"recipe": recipes[name].format(task=title, **steps), "how_made": TASK_HOW_MADE[name],
+                    "summary": f"EfficientVLM demo {name.replace('_', ' ')} for {title} on synthetic scenes."}
+             for name in models}
+    if "domain_pretraining" in provenance:
+        domain = provenance["domain_pretraining"]
         cards["teacher"]["recipe"] += (f" Before the fine-tuning: {domain['steps']} steps of {domain['task']} "
                                        f"({domain['what']}).")
-    settings = {name: getattr(prune_args, name) for name in task.prune_defaults}  # as the trainer filled them
-    return Chain(models, metrics, {"pruned": expected}, data, eval_data, teacher_dir, provenance, cards, steps,
-                 settings)
+    return Chain(models, metrics, expected, data, eval_data, teacher_dir, provenance, cards, steps, settings,
+                 ranks=per_item)
 
 
 def _domain_pretraining(args: DemoArguments, work: str, profile: dict, pretrained: str,
@@ -496,12 +564,13 @@ PAIRED = {"student_kd_minus_no_kd": ("student", "student_no_kd"), "pruned_kd_min
 """The paired comparisons of the retrieval report: r_mean(a) − r_mean(b) on the same held-out queries."""
 
 
-def _paired(ranks: dict) -> dict:
-    """Each `PAIRED` difference whose two models ran, with its paired bootstrap 95 % interval over query images."""
+def _paired(ranks: dict, difference=None) -> dict:
+    """Each `PAIRED` difference whose two models ran, with its paired bootstrap 95 % interval: over query images of
+    the per-query retrieval ranks (default), or `difference(a, b)` of two models' per-item scores (other tasks)."""
     from ..metrics.confidence import paired_r_mean_difference
 
-    return {name: paired_r_mean_difference(ranks[a], ranks[b]) for name, (a, b) in PAIRED.items()
-            if a in ranks and b in ranks}
+    difference = difference or paired_r_mean_difference
+    return {name: difference(ranks[a], ranks[b]) for name, (a, b) in PAIRED.items() if a in ranks and b in ranks}
 
 
 def _eval_protocol(data: DataArguments, eval_data: dict) -> dict:
@@ -558,24 +627,37 @@ def _report(chain: Chain, latency, args, profile, timings) -> dict:
 
 
 def _task_report(chain: Chain, task: Task, latency: dict, args: DemoArguments, profile: dict, timings: dict) -> dict:
-    """The report of a task chain: the retrieval report's shape, with the task's metrics and inference path."""
+    """The report of a task chain: the retrieval report's shape, with the task's metrics and inference path, the 95 %
+    interval of every model's metric (`<metric>_ci95`, bootstrap over held-out items) and the paired differences."""
+    from ..metrics.confidence import mean_ci95, paired_mean_difference
+
     runs, batch = latency["teacher"]["latency_runs"], latency["teacher"]["batch_images"]
     held_out = chain.metrics["teacher"].get("data", {}).get("description", "the held-out set")
     protocol = {
         "latency": f"{_device_text(chain.models)}; {task.workload_text(chain.data, batch)}; {_runs_text(runs)}",
-        "evaluation": f"{task.metric} ({task.card.title or task.name}) on {held_out}",
+        "evaluation": f"{task.metric} ({task.card.title or task.name}) on {held_out}; 95 % CI: percentile bootstrap "
+                      "over held-out items (2000 resamples), paired for the differences",
         "task": task.name, "metric": task.metric,
         "profile": "quick" if args.quick else "default", "seed": args.seed, "target_sparsity": args.target_sparsity,
+        "student_layers": args.student_layers or "half", "student_init": args.student_init,
         "steps": chain.steps,
         "prune_settings": chain.prune_settings,
-        "baselines": f"not run for {task.name}: the no-KD baselines (student_no_kd, pruned_no_kd) are part of the "
-                     "retrieval demo only",
+        "baselines": "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "
+                     "distillation steps, then fine-tuned on the task like the student; pruned_no_kd: the no-KD "
+                     "general student pruned on the task to the same target with the task loss only (no teacher); "
+                     "pruned_uniform: the KD student pruned with the same task KD and steps, every encoder held to "
+                     "the target by its own multipliers and every layer cut to the same share when the target ramp "
+                     "ends (--uniform_split, structure frozen at a third of the steps)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
     # every model of the chain is the task's model class: its real parameter count (tied weights once)
     models = _model_entries(chain.models, chain.metrics, latency, chain.expected, task.metric,
                             lambda model: sum(p.numel() for p in model.parameters()))
-    return {"models": models, "protocol": protocol, "teacher_provenance": chain.provenance, "stage_seconds": timings}
+    for name, scores in chain.ranks.items():
+        models[name][f"{task.metric}_ci95"] = mean_ci95(scores)
+    return {"models": models, "protocol": protocol, "eval_protocol": {"name": task.name, "items": task.eval_size(
+                chain.eval_data)}, "paired": _paired(chain.ranks, paired_mean_difference),
+            "teacher_provenance": chain.provenance, "stage_seconds": timings}
 
 
 def _device_text(models: dict) -> str:
@@ -618,7 +700,8 @@ TABLE_COLUMNS = {"retrieval": (("TR@1", "txt_r1", 6), ("TR@5", "txt_r5", 6), ("I
 
 
 def _table_columns(task: Task) -> tuple:
-    return TABLE_COLUMNS.get(task.name) or tuple((key, key, max(8, len(key) + 2)) for key in task.card.report_keys)
+    return TABLE_COLUMNS.get(task.name) or (tuple((key, key, max(8, len(key) + 2)) for key in task.card.report_keys)
+                                            + (("95% CI", f"{task.metric}_ci95", 12),))
 
 
 def format_report(report: dict) -> str:
@@ -653,7 +736,7 @@ def format_report(report: dict) -> str:
     for name, d in report.get("paired", {}).items():
         lo, hi = d["ci95"]
         verdict = "beyond" if lo > 0 or hi < 0 else "inside"
-        lines.append(f"Paired {name.replace('_', ' ')}: {d['mean']:+.2f} r_mean, 95% CI [{lo:+.2f}, {hi:+.2f}] "
+        lines.append(f"Paired {name.replace('_', ' ')}: {d['mean']:+.2f} {metric}, 95% CI [{lo:+.2f}, {hi:+.2f}] "
                      f"(zero {'outside' if verdict == 'beyond' else 'inside'} the interval).")
     return "\n".join(lines)
 
@@ -692,18 +775,32 @@ HOW_MADE = {
 TASK_RECIPES = {
     "teacher": "The demo's pre-training teacher (trained to convergence on synthetic scenes, see "
                "teacher_provenance) fine-tuned on {task} with the task loss for {teacher_fine_tune} steps.",
+    "teacher_shipped": "The shipped {task} teacher: the demo's pre-training teacher fine-tuned on {task} until its "
+                       "held-out learning curve flattened (`make task-teachers`; command, seed, data and curve in "
+                       "teacher_provenance).",
     "student": "Half-depth student (layer i ← teacher layer 2i+1 per encoder), general distillation from the "
                "pre-training teacher ({distill} steps, 0.6·VLP + 0.4·KD), then fine-tuned on {task} with the task loss "
-               "for {student_fine_tune} steps, unpruned: the reference for the pruned model.",
+               "for {student_fine_tune} steps, unpruned.",
     "pruned": "The same distilled student fine-tuned on {task} for {prune} steps with task KD from the {task} teacher "
               "(the task's official KD settings) and hard-concrete gates on heads and FFN neurons of all encoders, one "
               "global Lagrangian target (modal-adaptive), then materialized into a smaller dense model.",
+    "student_no_kd": "Baseline: the same half-depth student (same init) trained on the VLP losses only for {distill} "
+                     "steps (no teacher), then fine-tuned on {task} with the task loss for {student_fine_tune} steps.",
+    "pruned_no_kd": "Baseline: the no-KD general student pruned on {task} to the same target for {prune} steps with the "
+                    "task loss only (no teacher).",
+    "pruned_uniform": "Baseline: the distilled student pruned on {task} with the same task KD, target and steps, but "
+                      "every encoder held to the target by its own multipliers and every layer cut to the same share "
+                      "of its heads and FFN parameters (no learned split).",
 }
 TASK_HOW_MADE = {
     "teacher": "fine-tuned on the task from the EfficientVLM demo's pre-training teacher",
     "student": "distilled from the demo teacher into half the layers, then fine-tuned on the task",
     "pruned": "distilled, then fine-tuned on the task with task KD and modal-adaptively pruned (and physically "
               "materialized)",
+    "student_no_kd": "initialised from every other teacher layer, trained without distillation, then fine-tuned on "
+                     "the task (baseline)",
+    "pruned_no_kd": "pruned on the task without distillation from the no-KD student (baseline)",
+    "pruned_uniform": "distilled and then pruned on the task by the same share in every layer (uniform baseline)",
 }
 
 __all__ = ["DEMO_TEACHER_DIR", "DemoArguments", "format_report", "run_demo"]
@@ -711,46 +808,75 @@ __all__ = ["DEMO_TEACHER_DIR", "DemoArguments", "format_report", "run_demo"]
 
 @dataclass
 class DemoTeacherArguments:
-    """Arguments of `efficientvlm demo-teacher` (`make demo-teacher`): train the shipped demo teacher to convergence."""
+    """Arguments of `efficientvlm demo-teacher` (`make demo-teacher`, `make task-teachers`): train a shipped demo
+    teacher to convergence — the pre-training teacher (`--task retrieval`), or a task teacher fine-tuned from it."""
 
-    output_dir: str = field(default=DEMO_TEACHER_DIR, metadata={"help": "Where the Hub-ready teacher is written."})
+    task: str = field(
+        default="retrieval",
+        metadata={"help": "retrieval: the pre-training teacher (ITC + ITM + MLM); another task: its task teacher, "
+                          "fine-tuned with the task loss from --init_from (default: the shipped demo teacher)."},
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the Hub-ready teacher is written (default: the shipped folder of "
+                                        "--task, under training/assets/)."})
     seed: int = field(default=0, metadata={"help": "Seed of data, init and ITM negatives."})
     max_steps: int = field(default=PROFILES["default"]["teacher_steps"], metadata={"help": "Step budget."})
     eval_every: int = field(default=250, metadata={"help": "Held-out evaluation interval (steps)."})
-    convergence_band: float = field(default=1.5, metadata={"help": "Stop when the last quarter stays within ±band."})
+    convergence_band: float = field(
+        default=1.5, metadata={"help": "Stop when the last quarter stays within ±band (points of the task's metric)."})
     init_from: str | None = field(
         default=None,
         metadata={"help": "Continue from this teacher (the binding stage: `make demo-teacher` first trains an "
                           "object teacher from scratch without twins, then continues it with twins); default: from "
-                          "scratch."},
+                          "scratch (retrieval) or the shipped demo teacher (other tasks)."},
     )
     synthetic_twins: float = field(
         default=0.0, metadata={"help": "Share of training scenes that come with a twin in the batch (see `teacher "
                                        "--help`); 0 = independent scenes (the object stage)."}
     )
     synthetic_captions: int = field(default=1, metadata={"help": "1..N captions per training image."})
-    learning_rate: float = field(default=PROFILES["default"]["lr"], metadata={"help": "Constant AdamW lr."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Constant AdamW lr (default: the demo profile's of --task)."})
     itm_negatives_warmup_steps: int = field(
         default=PROFILES["default"]["itm_negatives_warmup_steps"],
         metadata={"help": "Random → hard ITM negatives over this many steps (0 = hard from the start)."},
     )
-    eval_images: int = field(
-        default=PROFILES["default"]["eval_images"],
-        metadata={"help": "Held-out images of the learning curve (twins protocol: a multiple of 4)."},
+    eval_images: int | None = field(
+        default=None,
+        metadata={"help": "Held-out images (items) of the learning curve (twins protocol: a multiple of 4; default: "
+                          "the demo profile's of --task)."},
     )
     eval_protocol: str = field(default="twins", metadata={"help": "Held-out set of the curve: 'twins' or 'scenes'."})
 
+    def __post_init__(self):
+        task = get_task(self.task)  # raises naming the registered tasks
+        pretraining = task.teacher_class is EfficientVLMForPreTraining
+        if not pretraining and self.init_from is None:
+            self.init_from = DEMO_TEACHER_DIR
+        if self.output_dir is None:
+            self.output_dir = DEMO_TEACHER_DIR if pretraining else task_teacher_dir(self.task)
+        for name in ("max_steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_from and not os.path.isfile(os.path.join(self.init_from, "config.json")):
+            raise ValueError(f"--init_from {self.init_from!r} is not a checkpoint folder")
+
 
 def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda text: None) -> dict:
-    """Trains the demo teacher from scratch until its held-out learning curve flattens (or the budget ends) and
-    writes it as a Hub-ready folder with `provenance.json` (command, data, seed, curve) and the curve's plot."""
+    """Trains a demo teacher until its held-out learning curve flattens (or the budget ends) and writes it as a
+    Hub-ready folder with `provenance.json` (command, data, seed, curve) and the curve's plot: the pre-training
+    teacher (from scratch, or continued from `--init_from`), or a task teacher fine-tuned from `--init_from`."""
     import tempfile
 
-    profile = {**PROFILES["default"], "lr": args.learning_rate, "eval_images": args.eval_images,
+    task = get_task(args.task)
+    pretraining = task.teacher_class is EfficientVLMForPreTraining
+    base = demo_profile(task.name, quick=False)
+    profile = {**base, "lr": args.learning_rate or base["lr"], "eval_images": args.eval_images or base["eval_images"],
                "itm_negatives_warmup_steps": args.itm_negatives_warmup_steps}
-    data = _demo_data(profile)
-    data.synthetic_twins, data.synthetic_captions = args.synthetic_twins, args.synthetic_captions
-    data.eval_protocol = args.eval_protocol
+    data = _demo_data(profile, task.name)
+    if pretraining:
+        data.synthetic_twins, data.synthetic_captions = args.synthetic_twins, args.synthetic_captions
+        data.eval_protocol = args.eval_protocol
     with tempfile.TemporaryDirectory(prefix="efficientvlm-demo-teacher-") as work:
         config_path = None if args.init_from else _write_teacher_config(work, profile, data)
         train_args = _teacher_args(os.path.join(work, "teacher"), args.max_steps, profile, args.seed)
@@ -762,16 +888,24 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
         model, metrics = run_teacher(teacher_args, data, train_args)
         with open(os.path.join(train_args.output_dir, "learning_curve.json")) as f:
             curve = json.load(f)
+        held_out = metrics.get("data", {}).get("description", f"{profile['eval_images']} held-out items")
+        if pretraining:
+            data_text = (f"fresh synthetic scenes every step ({profile['image_size']} px, batch {profile['batch']}; "
+                         f"twin share {data.synthetic_twins}, 1-{data.synthetic_captions} captions per image); "
+                         f"held-out: {profile['eval_images']} images, protocol {data.eval_protocol} (eval seed "
+                         f"{data.eval_seed}), ITM re-ranks the ITC top-{profile['itm_k']}")
+            recipe = (f"ITC + ITM + MLM {'from ' + args.init_from if args.init_from else 'from scratch'}, AdamW lr "
+                      f"{profile['lr']} (constant after {train_args.warmup_steps} warm-up steps), ITM negatives "
+                      f"random → hard over {profile['itm_negatives_warmup_steps']} steps")
+        else:
+            data_text = (f"fresh synthetic {task.name} items every step ({profile['image_size']} px, batch "
+                         f"{profile['batch']}); held-out: {held_out}")
+            recipe = (f"the {task.name} task loss from {args.init_from}, AdamW lr {profile['lr']} (constant after "
+                      f"{train_args.warmup_steps} warm-up steps)")
         provenance = {
-            "command": command, "seed": args.seed, "steps_trained": curve["curve"][-1]["step"],
-            "step_budget": args.max_steps, "train_seconds": round(time.time() - start, 1),
-            "data": f"fresh synthetic scenes every step ({profile['image_size']} px, batch {profile['batch']}; "
-                    f"twin share {data.synthetic_twins}, 1-{data.synthetic_captions} captions per image); held-out: "
-                    f"{profile['eval_images']} images, protocol {data.eval_protocol} (eval seed {data.eval_seed}), ITM "
-                    f"re-ranks the ITC top-{profile['itm_k']}",
-            "recipe": f"ITC + ITM + MLM {'from ' + args.init_from if args.init_from else 'from scratch'}, AdamW lr "
-                      f"{profile['lr']} (constant after {train_args.warmup_steps} warm-up steps), ITM negatives random "
-                      f"→ hard over {profile['itm_negatives_warmup_steps']} steps",
+            "command": command, "task": task.name, "seed": args.seed, "steps_trained": curve["curve"][-1]["step"],
+            "step_budget": args.max_steps, "train_seconds": round(time.time() - start, 1), "data": data_text,
+            "recipe": recipe,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch "
                        f"{torch.__version__}",
             "metrics": metrics, "learning_curve": curve,
@@ -781,20 +915,26 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
         provenance_path = os.path.join(work, PROVENANCE_FILE)
         with open(provenance_path, "w") as f:
             json.dump(provenance, f, indent=2)
-        points = ", ".join(f"{p['step']}: {p['r_mean']:.1f}" for p in curve["curve"])
-        recipe = (f"`{command}` (seed {args.seed}): {provenance['recipe']}; {provenance['data']}. Held-out r_mean by "
-                  f"step: {points}. Rule: {curve['rule']} — {'met' if curve['converged'] else 'NOT met'}"
-                  f"{' at step ' + str(curve['converged_at_step']) if curve['converged_at_step'] else ''}.\n\n"
-                  "![learning curve](learning_curve.png)")
+        points = ", ".join(f"{p['step']}: {p[task.metric]:.1f}" for p in curve["curve"])
+        card_recipe = (f"`{command}` (seed {args.seed}): {recipe}; {data_text}. Held-out {task.metric} by step: "
+                       f"{points}. Rule: {curve['rule']} — {'met' if curve['converged'] else 'NOT met'}"
+                       f"{' at step ' + str(curve['converged_at_step']) if curve['converged_at_step'] else ''}.\n\n"
+                       "![learning curve](learning_curve.png)")
+        name = "teacher" if pretraining else f"{task.name}-teacher"
+        title = task.card.title or task.name
+        summary = ("The teacher the EfficientVLM demo starts from: a 12/6/6-layer X-VLM-style model trained to "
+                   "convergence on synthetic scenes." if pretraining else
+                   f"The {title} teacher of `efficientvlm demo --task {task.name}`: the demo teacher fine-tuned on "
+                   "synthetic scenes until its held-out curve flattened.")
         save_hub_ready(model, _processor(train_args.output_dir), args.output_dir,
-                       model_name="efficientvlm-demo-teacher",
+                       model_name=f"efficientvlm-demo-{name}",
                        metrics=metrics, files={PROVENANCE_FILE: provenance_path, "learning_curve.png": os.path.join(
                            train_args.output_dir, "learning_curve.png")},
-                       extra={"recipe": recipe, "how_made": HOW_MADE["teacher"], "dataset_name":
-                              "efficientvlm-synthetic-scenes", "summary": "The teacher the EfficientVLM demo starts "
-                              "from: a 12/6/6-layer X-VLM-style model trained to convergence on synthetic scenes."})
-    if os.path.realpath(args.output_dir) == os.path.realpath(DEMO_TEACHER_DIR):
-        copy_remote_code(args.output_dir)
+                       extra={"recipe": card_recipe, "how_made": HOW_MADE["teacher"] if pretraining else
+                              TASK_HOW_MADE["teacher"], "dataset_name": "efficientvlm-synthetic-scenes",
+                              "summary": summary})
+    if os.path.dirname(os.path.realpath(args.output_dir)) == os.path.dirname(os.path.realpath(DEMO_TEACHER_DIR)):
+        copy_remote_code(args.output_dir)  # a shipped folder holds real copies of the remote code
     write(json.dumps({k: provenance[k] for k in ("steps_trained", "train_seconds", "metrics")}, indent=2))
     return provenance
 
@@ -867,15 +1007,19 @@ def summarize_seeds(reports: list[dict]) -> dict:
 
 
 def format_seed_summary(summary: dict) -> str:
-    """The summary as two markdown tables (models; paired differences)."""
+    """The summary as two markdown tables (models; paired differences); the twin-accuracy column where the reports
+    have one (retrieval)."""
     seeds = " / ".join(str(s) for s in summary["seeds"])
-    lines = [f"| model | {summary['metric']} seeds {seeds} | mean | spread | 95 % CI per seed | twin % | % of teacher | "
-             "speed-up vs teacher | params |", "|---|---|---|---|---|---|---|---|---|"]
+    twins = any(t is not None for m in summary["models"].values() for t in m["twin_accuracy_per_seed"])
+    lines = [f"| model | {summary['metric']} seeds {seeds} | mean | spread | 95 % CI per seed |"
+             + (" twin % |" if twins else "") + " % of teacher | speed-up vs teacher | params |",
+             "|---|---|---|---|---|" + ("---|" if twins else "") + "---|---|---|"]
     for name, m in summary["models"].items():
         cis = ", ".join("–" if ci is None else f"{ci[0]:.1f}–{ci[1]:.1f}" for ci in m["ci95_per_seed"])
-        twins = " / ".join("–" if t is None else f"{t:.1f}" for t in m["twin_accuracy_per_seed"])
+        twin = " / ".join("–" if t is None else f"{t:.1f}" for t in m["twin_accuracy_per_seed"])
         lines.append(f"| {name} | {' / '.join(f'{v:.1f}' for v in m['per_seed'])} | {m['mean']:.1f} | "
-                     f"{m['spread']:.1f} | {cis} | {twins} | {m['fraction_of_teacher_mean']:.1%} | "
+                     f"{m['spread']:.1f} | {cis} |" + (f" {twin} |" if twins else "")
+                     + f" {m['fraction_of_teacher_mean']:.1%} | "
                      f"{m['speedup_range'][0]:.2f}–{m['speedup_range'][1]:.2f}× | "
                      f"{m['params_range'][0] / 1e6:.2f}–{m['params_range'][1] / 1e6:.2f} M |")
     if summary["paired"]:

@@ -65,8 +65,9 @@ class HeldOutCurveCallback(TrainerCallback):
             metrics = self.evaluate(student)
         finally:
             student.train(was_training)
+        # every number the evaluation gives (e.g. VQA's per-template accuracies), the curve's metric among them
         point = {"step": state.global_step, **{k: round(float(v), 4) for k, v in metrics.items()
-                                               if k in (self.metric, f"{self.metric}_itc")}}
+                                               if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         self.curve.append(point)
         logger.info("held-out %s at step %d: %s", self.metric, state.global_step, point)
 
