@@ -104,6 +104,11 @@ def test_twin_accuracy_counts_own_image_above_each_twin():
     out = R._twin_accuracy(None, twins, [0, 1, 2, 3], image_embeds, text_embeds, use_itm=False)
     # 12 comparisons; caption 3 loses to twin 2 and beats twins 0, 1: 11 of 12 won
     assert out["twin_accuracy"] == out["twin_accuracy_itc"] == pytest.approx(100 * 11 / 12)
+    # by kind of pair: image 3 is the attribute-swapped twin, so every pair with image 3 is "swapped" (6 of them:
+    # caption 3 against 0, 1, 2 — one lost — and captions 0, 1, 2 against image 3, all won); the other 6 rearranged
+    kinds = ["original", "rearranged", "rearranged", "swapped"]
+    out = R._twin_accuracy(None, twins, [0, 1, 2, 3], image_embeds, text_embeds, use_itm=False, twin_kinds=kinds)
+    assert out["twin_accuracy_swapped"] == pytest.approx(100 * 5 / 6) and out["twin_accuracy_rearranged"] == 100.0
 
 
 # ---------------------------------------------------------------------------------------- multi-caption training

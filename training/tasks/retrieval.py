@@ -312,6 +312,7 @@ def evaluate_retrieval(
     itm_score: str = "match_logit",
     query_block: int | None = None,
     twins: Sequence[Sequence[int]] | None = None,
+    twin_kinds: Sequence[str] | None = None,
     return_ranks: bool = False,
     reuse_image_kv: bool = True,
 ) -> dict[str, float] | tuple[dict[str, float], PerQueryRanks]:
@@ -341,6 +342,9 @@ def evaluate_retrieval(
             (caption, twin of its image) pairs where the caption scores its own image above the twin under the
             re-rank score (ITM; ITC when k = 0), and "twin_accuracy_itc" under ITC alone (50 = chance); the first
             caption of every image against each of its twins.
+        twin_kinds: per image, how it was made ("original" or a `TWIN_KINDS` entry): adds "twin_accuracy_<kind>"
+            per kind of pair — "swapped" when either image of the pair is an attribute-swapped twin (the pair
+            differs in which object has which attribute), else "rearranged" (only the objects' places differ).
         return_ranks: also return the per-query ranks of the re-ranked scores (for paired comparisons).
         reuse_image_kv: the re-rank engine (`itm_pair_scores`): each image's cross-attention keys / values projected
             once for all its candidate texts (default), or False: one full fusion pass per pair, as the official
@@ -389,7 +393,7 @@ def evaluate_retrieval(
                                               image_tokens=image_tokens, text_tokens=text_tokens,
                                               attention_mask=text_mask, pruning_masks=pruning_masks,
                                               itm_score=itm_score, batch_size=batch_size,
-                                              reuse_image_kv=reuse_image_kv)
+                                              reuse_image_kv=reuse_image_kv, twin_kinds=twin_kinds)
     finally:
         model.train(was_training)
     metrics = recall_metrics(ranks["i2t", "rerank"], ranks["t2i", "rerank"])
@@ -404,10 +408,12 @@ def evaluate_retrieval(
 
 
 def _twin_accuracy(model, twins: Sequence[Sequence[int]], txt2img: Sequence[int], image_embeds: torch.Tensor,
-                   text_embeds: torch.Tensor, use_itm: bool, **pair_kwargs: Any) -> dict[str, float]:
+                   text_embeds: torch.Tensor, use_itm: bool, twin_kinds: Sequence[str] | None = None,
+                   **pair_kwargs: Any) -> dict[str, float]:
     """{"twin_accuracy", "twin_accuracy_itc"}: % of (caption, twin of its image) pairs where the caption scores its
     own image higher than the twin (ties count half), under the re-rank score (`itm_pair_scores`; ITC without ITM)
-    and under ITC alone; one caption per image (its first), every twin."""
+    and under ITC alone; one caption per image (its first), every twin; with `twin_kinds` also
+    "twin_accuracy_<kind>" per kind of pair under the re-rank score (see `evaluate_retrieval`)."""
     first = {}  # the first caption of every image: 1 + m fusion passes per image, not per caption
     for text, image in enumerate(txt2img):
         first.setdefault(int(image), text)
@@ -423,11 +429,15 @@ def _twin_accuracy(model, twins: Sequence[Sequence[int]], txt2img: Sequence[int]
     n = len(triples)
     itc = pair_itc[inverse]
     out = {"twin_accuracy_itc": _win_rate(itc[:n], itc[n:])}
-    if not use_itm:
-        out["twin_accuracy"] = out["twin_accuracy_itc"]
-        return out
-    scores = model.itm_pair_scores(image_idx=pairs[0], text_idx=pairs[1], itc=pair_itc, **pair_kwargs)[inverse]
+    scores = itc if not use_itm else model.itm_pair_scores(image_idx=pairs[0], text_idx=pairs[1], itc=pair_itc,
+                                                           **pair_kwargs)[inverse]
     out["twin_accuracy"] = _win_rate(scores[:n], scores[n:])
+    if twin_kinds is not None:
+        kinds = ["swapped" if "swapped" in (twin_kinds[image], twin_kinds[twin]) else "rearranged"
+                 for _, image, twin in triples]
+        for kind in sorted(set(kinds)):
+            chosen = torch.tensor([k == kind for k in kinds], device=device)
+            out[f"twin_accuracy_{kind}"] = _win_rate(scores[:n][chosen], scores[n:][chosen])
     return out
 
 
@@ -443,7 +453,8 @@ def evaluate(model, processor, data, held_out, show_progress: bool = True, pruni
     return evaluate_retrieval(
         model, held_out["images"], held_out["captions"], held_out["img2txt"], held_out["txt2img"], processor,
         k=data.itm_k, show_progress=show_progress, pruning_masks=pruning_masks, max_length=data.max_length,
-        itm_score=data.itm_score, twins=held_out.get("twins"), return_ranks=return_ranks,
+        itm_score=data.itm_score, twins=held_out.get("twins"), twin_kinds=held_out.get("twin_kinds"),
+        return_ranks=return_ranks,
         reuse_image_kv=data.reuse_image_kv,
     )
 
