@@ -66,6 +66,8 @@ def test_report_has_the_task_metric_per_model(task_demo):
     for name, entry in models.items():  # the metric's 95 % interval over the held-out items brackets the metric
         low, high = entry[f"{metric}_ci95"]
         assert low <= entry[metric] + 1e-9 and entry[metric] - 1e-9 <= high, name
+    blind = report["blind_baseline"]  # the predictor that never looks at the image, on the same held-out items
+    assert 0 <= blind[metric] and blind["what"]
     assert set(report["paired"]) == {"student_kd_minus_no_kd", "pruned_kd_minus_no_kd", "pruned_learned_minus_uniform"}
     for name, (a, b) in demo.PAIRED.items():  # paired: mean(a) − mean(b) on the same items, inside its interval
         difference = report["paired"][name]

@@ -85,7 +85,7 @@ TASK_PROFILES: dict[str, dict[str, dict]] = {
     # (the 'hard' ones stay at chance for 1,000+ steps of the demo-sized teacher); X-VLM's NLVR domain pre-training of
     # the teacher before its NLVR2 fine-tuning (`domain_task`, `domain_steps`)
     "nlvr2": {
-        "default": dict(batch=16, eval_images=200, nlvr2_level="easy", domain_task="nlvr2_domain", domain_steps=100,
+        "default": dict(batch=16, eval_images=1000, nlvr2_level="easy", domain_task="nlvr2_domain", domain_steps=100,
                         lr=5e-4),
         # the teacher needs ~100 NLVR2 steps to leave chance (80: 57.5 %, 100: 61 % after 40 domain steps; without
         # them it collapsed to 50 %), and at lr 1e-3 it can still collapse: half the lr; distillation gives way
@@ -655,8 +655,9 @@ def _task_report(chain: Chain, task: Task, latency: dict, args: DemoArguments, p
                             lambda model: sum(p.numel() for p in model.parameters()))
     for name, scores in chain.ranks.items():
         models[name][f"{task.metric}_ci95"] = mean_ci95(scores)
+    blind = task.blind_baseline(chain.data, chain.eval_data) if task.blind_baseline else None
     return {"models": models, "protocol": protocol, "eval_protocol": {"name": task.name, "items": task.eval_size(
-                chain.eval_data)}, "paired": _paired(chain.ranks, paired_mean_difference),
+                chain.eval_data)}, "paired": _paired(chain.ranks, paired_mean_difference), "blind_baseline": blind,
             "teacher_provenance": chain.provenance, "stage_seconds": timings}
 
 
@@ -733,6 +734,9 @@ def format_report(report: dict) -> str:
                  "share above 100 % is noise); run without --quick to measure." if p.get("profile") == "quick"
                  else ""),
               "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()) + "."]
+    if report.get("blind_baseline"):
+        blind = report["blind_baseline"]
+        lines.append(f"Blind baseline ({blind['what']}): {metric} {blind[metric]:.1f}.")
     for name, d in report.get("paired", {}).items():
         lo, hi = d["ci95"]
         verdict = "beyond" if lo > 0 or hi < 0 else "inside"
@@ -910,6 +914,8 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
                        f"{torch.__version__}",
             "metrics": metrics, "learning_curve": curve,
         }
+        if task.blind_baseline:  # what the teacher must clearly beat: the best predictor that ignores the image
+            provenance["blind_baseline"] = task.blind_baseline(data, eval_set(data))
         if args.init_from:
             provenance["initialised_from"] = _shipped_provenance(args.init_from)
         provenance_path = os.path.join(work, PROVENANCE_FILE)

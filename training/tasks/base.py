@@ -120,6 +120,10 @@ class Task:
         cost_path: fn(config, **path_sizes) -> `training.method.cost.Path`, the runs of each encoder on that path.
         flops: fn(config, **path_sizes) -> FLOPs by part and "total" of the whole inference path: `cost_path`'s
             encoders (`training.method.cost.path_flops`) + the task's heads (what bench reports); None with no path.
+        blind_baseline: fn(data_args, held_out) -> {metric: value, ..., "what": one line} of the best predictor that
+            never looks at the image, fitted on a fresh sample of the synthetic training stream (VQA: question only;
+            NLVR2: statement only; captioning: one constant caption) — what a task teacher must clearly beat; None for
+            data other than the built-in scenes, or a task without one.
         engines: (the package's engine, the reference engine) where the inference path has two ways to run that
             give the same outputs — the second as the official code runs it: keyword settings, each a data-arguments
             field the `workload` / `evaluate` read and a keyword of `cost_path` / `flops` (retrieval:
@@ -146,3 +150,4 @@ class Task:
     cost_path: PathModel | None = None
     flops: PathModel | None = None
     engines: tuple[dict[str, Any], dict[str, Any]] | None = None
+    blind_baseline: Callable[[Any, Any], dict | None] | None = None

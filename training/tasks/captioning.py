@@ -256,6 +256,30 @@ def evaluate(model, processor, data, held_out, show_progress: bool = True, pruni
                                generation=generation_settings(data), return_per_item=return_per_item)
 
 
+BLIND_SAMPLE = 5000
+"""Training items a blind baseline is fitted on (a fresh sample of the synthetic stream)."""
+
+
+def blind_baseline(data, held_out) -> dict | None:
+    """One constant caption for every image — the most common caption of a fresh training sample — scored like a
+    model (BLEU-4, CIDEr-D against each image's references; synthetic data only)."""
+    import random
+    from collections import Counter
+
+    from ..data.captioning_dataset import make_captioning_item
+    from ..metrics.caption_scores import bleu, cider_d
+
+    if data.dataset != "synthetic" or data.eval_dataset:
+        return None
+    rng = random.Random(f"efficientvlm-captioning-blind-{data.eval_seed}")
+    counts = Counter(make_captioning_item(rng, image_size=8)["caption"] for _ in range(BLIND_SAMPLE))
+    caption = counts.most_common(1)[0][0]
+    predictions, references = [caption] * len(held_out["images"]), references_of(held_out)
+    return {"bleu4": 100.0 * bleu(predictions, references, n=4)[3], "cider": 100.0 * cider_d(predictions, references),
+            "what": f"one constant caption for every image: {caption!r}, the most common of {BLIND_SAMPLE} training "
+                    "captions"}
+
+
 # ---------------------------------------------------------------------------------------------------- inference path
 def workload(model, processor, data, held_out, batch: int) -> Callable[[], Any]:
     """Caption `batch` held-out images with the reference decoding (`generation_settings(data)`)."""
@@ -328,4 +352,5 @@ TASK = Task(
     path_sizes={"images": 5000, "prompt_length": 5, "new_tokens": 16, "beams": 3},
     cost_path=captioning_path,
     flops=captioning_flops,
+    blind_baseline=blind_baseline,
 )

@@ -325,6 +325,25 @@ def evaluate(model, processor, data, held_out, show_progress: bool = True, pruni
                         pruning_masks=pruning_masks, show_progress=show_progress, return_per_item=return_per_item)
 
 
+BLIND_SAMPLE = 5000
+"""Training items a blind baseline is fitted on (a fresh sample of the synthetic stream)."""
+
+
+def blind_baseline(data, held_out) -> dict | None:
+    """The question-only predictor (`question_only_baseline`: per question text its most common answer in a fresh
+    training sample, else its template's, else the overall one) scored on `held_out` (synthetic data only)."""
+    import random
+
+    from ..data.vqa_dataset import make_vqa_item, question_only_baseline
+
+    if data.dataset != "synthetic" or data.eval_dataset:
+        return None
+    rng = random.Random(f"efficientvlm-vqa-blind-{data.eval_seed}")
+    train = [make_vqa_item(rng, image_size=8) for _ in range(BLIND_SAMPLE)]  # the images are not looked at
+    return {"accuracy": question_only_baseline(train, held_out),
+            "what": f"question only: the most common answer of each question in {BLIND_SAMPLE} training items"}
+
+
 # ---------------------------------------------------------------------------------------------------- inference path
 def workload(model, processor, data, held_out, batch: int) -> Callable[[], Any]:
     """Answer `batch` held-out questions by ranking the answer list (encoders, first-token scores, top-k full
@@ -404,4 +423,5 @@ TASK = Task(
     path_sizes={"questions": 1000, "question_length": 40, "k": RANK_K, "answer_length": ANSWER_MAX_LENGTH},
     cost_path=vqa_path,
     flops=vqa_flops,
+    blind_baseline=blind_baseline,
 )
