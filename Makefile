@@ -40,7 +40,7 @@ vqa-teacher: install
 nlvr2-teacher: install
 	efficientvlm demo-teacher --task nlvr2_domain --output_dir build/nlvr2_domain --max_steps 400 --eval_every 50
 	efficientvlm demo-teacher --task nlvr2 --init_from build/nlvr2_domain --max_steps 2000 --eval_every 100 \
-		--eval_images 1000
+		--eval_images 1000 --learning_rate 2e-4 --convergence_band 2.5
 
 # The shipped teachers hold real copies of the remote-code files (a copied or zipped folder must still load with
 # trust_remote_code): rewrite them after editing modeling_efficientvlm/ (tests/test_demo_teacher.py checks they match).
