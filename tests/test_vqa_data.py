@@ -9,14 +9,15 @@ from collections import Counter
 
 import pytest
 from PIL import Image
+from tokenizers import AddedToken
 
-from efficientvlm.training.data.scene_world import Scene, SceneObject
+from efficientvlm.training.data.scene_world import (NUMBER_WORDS, Count, Exists, ObjectRef, Relation, Scene,
+                                                    SceneObject, statement_is_true)
 from efficientvlm.training.data.vqa_dataset import (
-    BLIND_ACCURACY, MAJORITY_ACCURACY, TEMPLATE_ANSWERS, TEMPLATES, VQA_ANSWERS, Question, VQACollator,
+    BLIND_ACCURACY, MAJORITY_ACCURACY, QUESTION_WORDS, TEMPLATE_ANSWERS, TEMPLATES, VQA_ANSWERS, Question, VQACollator,
     answer_question, answer_weights, load_answer_list, load_vqa_json, make_vqa_eval_set, make_vqa_item,
     question_only_baseline, scene_for_answer,
 )
-from efficientvlm.training.data.scene_world import ObjectRef
 from efficientvlm.training.metrics.vqa_scores import (ARTICLES, CONTRACTIONS, MANUAL_MAP, VQA_ACCURACY_METRIC_DIR,
                                                       official_answer_processing, vqa_accuracy, vqa_scores)
 
@@ -88,6 +89,60 @@ def test_a_question_only_predictor_sits_at_the_majority_rate(items):
     repeated = [item for item in test if item["question"] in {t["question"] for t in train}]
     assert len(repeated) > 250
     assert question_only_baseline(train, repeated) < 100 * BLIND_ACCURACY + 8
+
+
+def test_answers_agree_with_the_scene_world_checker(items):
+    """A second implementation reads every answer off the scene: `statement_is_true` (the checker the captions, ITM
+    negatives and NLVR2 labels use) for exists / count / relation, the named object's attribute for the rest."""
+    for item in items:
+        scene, question, answer = item["scene"], item["structure"], item["answer"][0]
+        if question.template == "exists":
+            assert statement_is_true(scene, Exists(question.ref)) == (answer == "yes"), item["question"]
+        elif question.template == "relation":
+            relation = Relation(question.ref, question.relation, question.target)
+            assert statement_is_true(scene, relation) == (answer == "yes"), item["question"]
+        elif question.template == "count":
+            assert statement_is_true(scene, Count(question.ref, NUMBER_WORDS.index(answer))), item["question"]
+        else:
+            named = [o for o in scene.objects if question.ref.matches(o)]
+            assert len(named) == 1 and getattr(named[0], question.template) == answer, item["question"]
+
+
+def test_yes_no_answers_are_balanced_within_every_question_form(items):
+    """"yes" is half of each yes/no question form (exists by how many attributes its reference names, relation by
+    its relation word), so no form of the question text leans to one answer (each within 4.5 σ of n / 2)."""
+    forms: dict[tuple, Counter] = {}
+    for item in items:
+        question = item["structure"]
+        if question.template == "exists":
+            form = ("exists", sum(v is not None for v in (question.ref.size, question.ref.color, question.ref.shape)))
+        elif question.template == "relation":
+            form = ("relation", question.relation)
+        else:
+            continue
+        forms.setdefault(form, Counter())[item["answer"][0]] += 1
+    assert len(forms) == 3 + 4
+    for form, counts in forms.items():
+        n = counts["yes"] + counts["no"]
+        assert n >= 60 and abs(counts["yes"] - n / 2) < 4.5 * (n / 4) ** 0.5, (form, counts)
+
+
+def test_every_answer_is_one_token_of_its_own_for_the_first_token_ranking():
+    """With the question words added (as the VQA task adds them), every synthetic answer is one whole-word token and
+    no two answers share it, so the ranking's first-token scores tell every answer apart; every question word is
+    known (no [UNK])."""
+    from efficientvlm.training.data.tokenization import synthetic_tokenizer
+
+    tokenizer = synthetic_tokenizer()
+    tokenizer.add_tokens([AddedToken(w, single_word=w.isalnum(), normalized=True) for w in QUESTION_WORDS
+                          if w not in tokenizer.get_vocab()])
+    tokens = [tokenizer.tokenize(answer) for answer in VQA_ANSWERS]
+    assert all(len(t) == 1 for t in tokens) and len({t[0] for t in tokens}) == len(VQA_ANSWERS)
+    rng = random.Random(2)
+    for template in TEMPLATES:
+        for _ in range(30):
+            question = make_vqa_item(rng, 8, template=template)["question"]
+            assert tokenizer.unk_token not in tokenizer.tokenize(question), question
 
 
 def test_eval_set_is_deterministic_and_carries_its_answer_list():
