@@ -76,6 +76,35 @@ def test_prepare_grows_the_vocabulary_once_and_keeps_ids(setup):
         tokenizer.sep_token_id
 
 
+def test_added_answer_rows_differ_so_a_yes_no_label_moves_the_gradient(setup, tmp_path):
+    """The grown rows are distinct (seeded, the same in every run): with tied input / output rows, equal "yes" / "no"
+    rows would give both answers the same logit on every question and a gradient blind to which one is the label."""
+    folder, processor, model = setup
+    table = model.decoder_model.embeddings.word_embeddings.weight
+    added = torch.tensor(processor.tokenizer.convert_tokens_to_ids(["yes", "no", "left", "right"]))
+    rows = table[added]
+    assert torch.cdist(rows, rows)[~torch.eye(4, dtype=torch.bool)].min() > 1e-3
+    again = EfficientVLMForQuestionAnswering.from_pretrained(folder)
+    V.prepare_answerer(again, _processor().tokenizer)
+    assert torch.equal(again.decoder_model.embeddings.word_embeddings.weight, table)  # deterministic
+    import random
+
+    rng = random.Random(0)
+    items = [make_vqa_item(rng, 32, i, template="exists") for i in range(4)]
+
+    def gradient(answers):
+        for item, answer in zip(items, answers):
+            item["answer"] = [answer] * 10
+        batch = VQACollator(processor)(items)
+        net = copy.deepcopy(model).train()
+        total, _ = V.vqa_losses(net, None, batch, _args(tmp_path), None)
+        total.backward()
+        return torch.cat([p.grad.flatten() for p in net.text_model.parameters() if p.grad is not None])
+
+    flipped = gradient(["yes", "no", "yes", "no"]) - gradient(["no", "yes", "no", "yes"])
+    assert flipped.norm() > 1e-3  # was ~1e-7 with equal rows
+
+
 def test_kd_is_exactly_zero_at_identity_and_task_only_without_teacher(setup, tmp_path):
     _, processor, model = setup
     batch, args = _batch(processor), _args(tmp_path)
