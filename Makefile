@@ -29,7 +29,7 @@ demo-teacher: install
 # fine-tuned on each task until its held-out curve flattens: the band is about two standard errors of the held-out
 # metric (accuracy on 1,000 items ±2.5 points; CIDEr on 400 images ±14, i.e. ±2 %); captioning and NLVR2 in two stages
 # (captioning: lr 1e-3 for a 2,000-step budget, still rising at its end, then lr 2e-4 until flat; NLVR2: X-VLM's NLVR
-# domain pre-training, then NLVR2 at lr 2e-4). ~20-40 min per task on one CPU core; run with -j2 on two cores.
+# domain pre-training, then NLVR2 at lr 2e-4; VQA at lr 2e-4). ~10-40 min per task on one CPU core; run with -j2 on two cores.
 task-teachers: captioning-teacher vqa-teacher nlvr2-teacher
 
 captioning-teacher: install
@@ -39,7 +39,8 @@ captioning-teacher: install
 		--eval_every 100 --eval_images 400 --learning_rate 2e-4 --convergence_band 14
 
 vqa-teacher: install
-	efficientvlm demo-teacher --task vqa --max_steps 3000 --eval_every 100 --eval_images 1000
+	efficientvlm demo-teacher --task vqa --max_steps 3000 --eval_every 100 --eval_images 1000 --learning_rate 2e-4 \
+		--convergence_band 2.5
 
 nlvr2-teacher: install
 	efficientvlm demo-teacher --task nlvr2_domain --output_dir build/nlvr2_domain --max_steps 400 --eval_every 50
