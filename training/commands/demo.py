@@ -86,8 +86,8 @@ PROFILES = {
 TASK_PROFILES: dict[str, dict[str, dict]] = {
     # NLVR2: two images per item, so batch 16 costs what batch 32 costs elsewhere; the 'easy' synthetic statements
     # (the 'hard' ones stay at chance for 1,000+ steps of the demo-sized teacher); X-VLM's NLVR domain pre-training of
-    # the teacher before its NLVR2 fine-tuning (`domain_task`, `domain_steps`); lr 2e-4, the shipped teacher's: at 5e-4
-    # its curve peaked at 80 % and fell to 70 %, and the default demo's students reached 72-78 % (docs/tasks.md)
+    # the teacher before its NLVR2 fine-tuning (`domain_task`, `domain_steps`); lr 2e-4, the shipped teacher's (at 5e-4
+    # its curve peaked at 80 % and fell to 70 %; for the students one seed each way, docs/tasks.md)
     "nlvr2": {
         "default": dict(batch=16, eval_images=1000, nlvr2_level="easy", domain_task="nlvr2_domain", domain_steps=100,
                         lr=2e-4),
