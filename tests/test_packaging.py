@@ -67,6 +67,8 @@ def test_wheel_ships_templates_assets_and_metric_under_the_distribution_name(whe
         "efficientvlm/training/metrics/retrieval/retrieval.py",
         "efficientvlm/training/assets/demo_teacher/model.safetensors",
         "efficientvlm/training/assets/demo_teacher/modeling_efficientvlm.py",  # the link, shipped as a file
+        *(f"efficientvlm/training/assets/{task}_teacher/{name}" for task in ("captioning", "nlvr2", "vqa")
+          for name in ("model.safetensors", "provenance.json")),  # `demo --task T` starts from them
         "efficientvlm/training/commands/cli.py",
     ):
         assert required in names, required
