@@ -119,12 +119,11 @@ def test_hub_ready_folders_hold_the_task_models(task_demo):
     assert widths[0] < widths[1]
 
 
+@pytest.mark.parametrize("task_demo", ["nlvr2"], indirect=True)  # one task is enough for the loading path
 def test_a_given_task_teacher_is_loaded_not_fine_tuned(task_demo, tmp_path):
     """`--task_teacher FOLDER` (the shipped task teacher by default): no teacher stage runs, the report names the
     folder and scores the same teacher."""
     task, out, report = task_demo
-    if task != "nlvr2":
-        pytest.skip("one task is enough for the loading path")
     again = tmp_path / "again"
     entry = {**demo.TASK_PROFILES[task]["quick"], "eval_images": 8, "latency_repeats": 1}
     with pytest.MonkeyPatch.context() as patch:
