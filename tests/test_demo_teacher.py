@@ -62,6 +62,11 @@ def test_curve_callback_records_and_stops_training(tmp_path):
     summary = callback.summary()
     assert summary["converged"] and summary["converged_at_step"] == 8
     assert calls == [False] * 4  # evaluated in eval mode
+    assert summary["rule"].endswith("ITM re-ranking above ITC alone")
+    # a task without an ITC-only value (NLVR2, VQA, captioning): the ITM condition neither applies nor is named
+    other = HeldOutCurveCallback(lambda model: {"accuracy": 60.0}, "accuracy", every=2, require_itm_gain=True)
+    other.curve = [{"step": 2, "accuracy": 60.0}]
+    assert "ITM" not in other.summary()["rule"]
 
 
 def test_negatives_go_from_random_to_hard(tmp_path):

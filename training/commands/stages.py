@@ -484,7 +484,7 @@ def run_teacher(teacher: TeacherArguments, data: DataArguments, args: Distillati
         curve = HeldOutCurveCallback(
             lambda net: evaluate_model(net, processor, data, held_out, show_progress=False), task.metric,
             teacher.eval_every, teacher.stop_when_converged, teacher.convergence_band,
-            require_itm_gain=data.task == "retrieval" and data.itm_k > 0,  # ITM re-ranks ITC: retrieval only
+            require_itm_gain=data.itm_k > 0,  # where the task reports an ITC-only value (retrieval)
         )
         callbacks.append(curve)
     result = _train_and_evaluate(EfficientVLMDistillationTrainer, model, None, processor, data, args, 0, eval_data,

@@ -88,12 +88,17 @@ class HeldOutCurveCallback(TrainerCallback):
         if not self.curve or self.curve[-1]["step"] != state.global_step:
             self._point(state, model)
 
+    def _itm_gain_applies(self) -> bool:
+        """Whether the ITM condition is part of the rule: asked for, and the evaluation reports an ITC-only value
+        (`converged` checks it only then)."""
+        return self.require_itm_gain and bool(self.curve) and f"{self.metric}_itc" in self.curve[-1]
+
     def summary(self) -> dict:
         """The curve, the rule and whether (and where) it held."""
         return {
             "metric": self.metric, "every": self.every, "curve": self.curve, "train_log": self.train_log,
             "rule": f"last quarter of the steps within ±{self.band} of its mean, at least {self.min_points} points"
-                    + (", ITM re-ranking above ITC alone" if self.require_itm_gain else ""),
+                    + (", ITM re-ranking above ITC alone" if self._itm_gain_applies() else ""),
             "converged": converged(self.curve, self.metric, self.band, self.min_points, self.require_itm_gain),
             "converged_at_step": self.converged_at,
         }
