@@ -6,6 +6,7 @@ Adding a task = one module in `training/tasks/` that builds a `Task`, plus one l
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -88,6 +89,20 @@ class ModelCardSpec:
     metric_keys: tuple[str, ...] = ()  # metrics reported in model-index
     report_keys: tuple[str, ...] = ()  # metrics in the card's evaluation table (percent)
     title: str = ""  # the task's name in prose
+
+
+BLIND_SAMPLE = 5000
+"""Training items a task's blind baseline is fitted on (a fresh sample of the synthetic stream)."""
+
+
+def blind_training_sample(data: Any, task: str, make_item: Callable[[random.Random], dict]) -> list[dict] | None:
+    """`BLIND_SAMPLE` fresh synthetic training items of `task` for its blind baseline (`make_item(rng)` draws one; the
+    baselines never look at the images, so callers render them tiny), seeded by the held-out seed; None for data other
+    than the built-in scenes (no stream to fit on)."""
+    if data.dataset != "synthetic" or data.eval_dataset:
+        return None
+    rng = random.Random(f"efficientvlm-{task}-blind-{data.eval_seed}")
+    return [make_item(rng) for _ in range(BLIND_SAMPLE)]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from ..data.collators import CAPTION_PROMPT, caption_prompt_ids
 from ..method import losses as L
 from ..method.cost import captioning_flops, captioning_path
 from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd
-from .base import ModelCardSpec, Task
+from .base import ModelCardSpec, Task, blind_training_sample
 
 CAPTIONING_LAMBDA = 0.7
 """Official captioning weighting: 0.7·task + 0.3·KD (the `prune --task captioning` default of `lambda_vlp`)."""
@@ -256,27 +256,21 @@ def evaluate(model, processor, data, held_out, show_progress: bool = True, pruni
                                generation=generation_settings(data), return_per_item=return_per_item)
 
 
-BLIND_SAMPLE = 5000
-"""Training items a blind baseline is fitted on (a fresh sample of the synthetic stream)."""
-
-
 def blind_baseline(data, held_out) -> dict | None:
     """One constant caption for every image — the most common caption of a fresh training sample — scored like a
     model (BLEU-4, CIDEr-D against each image's references; synthetic data only)."""
-    import random
     from collections import Counter
 
     from ..data.captioning_dataset import make_captioning_item
     from ..metrics.caption_scores import bleu, cider_d
 
-    if data.dataset != "synthetic" or data.eval_dataset:
+    train = blind_training_sample(data, "captioning", lambda rng: make_captioning_item(rng, image_size=8))
+    if train is None:
         return None
-    rng = random.Random(f"efficientvlm-captioning-blind-{data.eval_seed}")
-    counts = Counter(make_captioning_item(rng, image_size=8)["caption"] for _ in range(BLIND_SAMPLE))
-    caption = counts.most_common(1)[0][0]
+    caption = Counter(item["caption"] for item in train).most_common(1)[0][0]
     predictions, references = [caption] * len(held_out["images"]), references_of(held_out)
     return {"bleu4": 100.0 * bleu(predictions, references, n=4)[3], "cider": 100.0 * cider_d(predictions, references),
-            "what": f"one constant caption for every image: {caption!r}, the most common of {BLIND_SAMPLE} training "
+            "what": f"one constant caption for every image: {caption!r}, the most common of {len(train)} training "
                     "captions"}
 
 

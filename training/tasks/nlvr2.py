@@ -25,7 +25,7 @@ from modeling_efficientvlm import EfficientVLMForVisualReasoning
 from ..method import losses as L
 from ..method.cost import nlvr2_flops, nlvr2_path
 from ..method.distillation import attention_kd, forward_with_teacher, hidden_kd, stack_outputs
-from .base import ModelCardSpec, Task
+from .base import ModelCardSpec, Task, blind_training_sample
 
 logger = logging.getLogger(__name__)
 
@@ -181,31 +181,26 @@ def evaluate(model, processor, data, held_out, show_progress: bool = True, pruni
                           max_length=data.max_length, return_per_item=return_per_item)
 
 
-BLIND_SAMPLE = 5000
-"""Training items a blind baseline is fitted on (a fresh sample of the synthetic stream)."""
-
-
 def blind_baseline(data, held_out) -> dict | None:
     """The statement-only predictor: per statement text its most common label in a fresh training sample (else the
     most common label overall), scored on `held_out` (synthetic data only; chance is 50 %)."""
-    import random
     from collections import Counter
 
     from ..data.nlvr2_dataset import make_nlvr2_item
 
-    if data.dataset != "synthetic" or data.eval_dataset:
+    train = blind_training_sample(data, "nlvr2", lambda rng: make_nlvr2_item(
+        rng, int(rng.random() < 0.5), image_size=8, level=data.nlvr2_level))
+    if train is None:
         return None
-    rng = random.Random(f"efficientvlm-nlvr2-blind-{data.eval_seed}")
     by_statement: dict[str, Counter] = {}
     overall: Counter = Counter()
-    for _ in range(BLIND_SAMPLE):  # the images are not looked at: rendered at 8 px
-        item = make_nlvr2_item(rng, int(rng.random() < 0.5), image_size=8, level=data.nlvr2_level)
+    for item in train:
         by_statement.setdefault(item["sentence"], Counter())[item["label"]] += 1
         overall[item["label"]] += 1
     correct = sum((by_statement.get(item["sentence"]) or overall).most_common(1)[0][0] == item["label"]
                   for item in held_out)
     return {"accuracy": 100.0 * correct / len(held_out),
-            "what": f"statement only: the most common label of each statement in {BLIND_SAMPLE} training items"}
+            "what": f"statement only: the most common label of each statement in {len(train)} training items"}
 
 
 # ---------------------------------------------------------------------------------------------------- inference path

@@ -38,7 +38,7 @@ from ..data.vqa_dataset import QUESTION_WORDS, VQA_ANSWERS, VQACollator, VQAItem
 from ..method import losses as L
 from ..method.cost import vqa_flops, vqa_path
 from ..method.distillation import attention_kd, hidden_kd, stack_outputs
-from .base import ModelCardSpec, Task
+from .base import ModelCardSpec, Task, blind_training_sample
 
 VQA_LAMBDA = 0.6
 """Official VQA weighting: 0.6·task + 0.4·KD (the `prune --task vqa` default of `lambda_vlp`)."""
@@ -335,23 +335,16 @@ def evaluate(model, processor, data, held_out, show_progress: bool = True, pruni
                         pruning_masks=pruning_masks, show_progress=show_progress, return_per_item=return_per_item)
 
 
-BLIND_SAMPLE = 5000
-"""Training items a blind baseline is fitted on (a fresh sample of the synthetic stream)."""
-
-
 def blind_baseline(data, held_out) -> dict | None:
     """The question-only predictor (`question_only_baseline`: per question text its most common answer in a fresh
     training sample, else its template's, else the overall one) scored on `held_out` (synthetic data only)."""
-    import random
-
     from ..data.vqa_dataset import make_vqa_item, question_only_baseline
 
-    if data.dataset != "synthetic" or data.eval_dataset:
+    train = blind_training_sample(data, "vqa", lambda rng: make_vqa_item(rng, image_size=8))
+    if train is None:
         return None
-    rng = random.Random(f"efficientvlm-vqa-blind-{data.eval_seed}")
-    train = [make_vqa_item(rng, image_size=8) for _ in range(BLIND_SAMPLE)]  # the images are not looked at
     return {"accuracy": question_only_baseline(train, held_out),
-            "what": f"question only: the most common answer of each question in {BLIND_SAMPLE} training items"}
+            "what": f"question only: the most common answer of each question in {len(train)} training items"}
 
 
 # ---------------------------------------------------------------------------------------------------- inference path
