@@ -325,7 +325,7 @@ class Chain:
     cards: dict
     steps: dict
     prune_settings: dict = field(default_factory=dict)
-    ranks: dict = field(default_factory=dict)  # per-query ranks of each model (retrieval: paired comparisons)
+    ranks: dict = field(default_factory=dict)  # per model: retrieval's per-query ranks, other tasks' per-item scores
 
 
 def run_demo(args: DemoArguments, write=lambda text: None) -> dict:
@@ -445,10 +445,10 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
     steps = {"distill": args.distill_steps or profile["distill_steps"],
              "student_fine_tune": args.prune_steps or profile["prune_steps"],
              "prune": args.prune_steps or profile["prune_steps"]}
-    models, metrics, per_item, expected = {}, {}, {}, {}
+    models, metrics, per_item, expected, settings = {}, {}, {}, {}, {}
 
-    def evaluate(name: str, model, masks=None) -> dict:  # the task's metrics + per-item scores (CIs, paired)
-        values, per_item[name] = task.evaluate(model, processor, data, eval_data, True, masks, return_per_item=True)
+    def evaluate(name: str, model) -> dict:  # the task's metrics + per-item scores (CIs, paired)
+        values, per_item[name] = task.evaluate(model, processor, data, eval_data, True, None, return_per_item=True)
         metrics[name] = {**values, "data": describe_eval_data(data, eval_data)}
         return metrics[name]
 
@@ -489,7 +489,6 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
         if name == "pruned":
             settings.update({key: getattr(prune_args, key) for key in task.prune_defaults})  # as the trainer set them
 
-    settings: dict = {}
     runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
     for student_name, pruned_name, kd in runs:
         # general distillation from the pre-training teacher on image-caption pairs (task-agnostic); the no-KD
@@ -893,10 +892,11 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
         teacher_args = TeacherArguments(config=config_path, init_from=args.init_from, eval_every=args.eval_every,
                                         stop_when_converged=True, convergence_band=args.convergence_band)
         start = time.time()
-        model, metrics = run_teacher(teacher_args, data, train_args)
+        held_out = eval_set(data)  # the curve's, the final evaluation's and the blind baseline's
+        model, metrics = run_teacher(teacher_args, data, train_args, held_out)
         with open(os.path.join(train_args.output_dir, "learning_curve.json")) as f:
             curve = json.load(f)
-        held_out = metrics.get("data", {}).get("description", f"{profile['eval_images']} held-out items")
+        held_out_text = metrics.get("data", {}).get("description", f"{profile['eval_images']} held-out items")
         if pretraining:
             data_text = (f"fresh synthetic scenes every step ({profile['image_size']} px, batch {profile['batch']}; "
                          f"twin share {data.synthetic_twins}, 1-{data.synthetic_captions} captions per image); "
@@ -907,7 +907,7 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
                       f"random → hard over {profile['itm_negatives_warmup_steps']} steps")
         else:
             data_text = (f"fresh synthetic {task.name} items every step ({profile['image_size']} px, batch "
-                         f"{profile['batch']}); held-out: {held_out}")
+                         f"{profile['batch']}); held-out: {held_out_text}")
             recipe = (f"the {task.name} task loss from {args.init_from}, AdamW lr {profile['lr']} (constant after "
                       f"{train_args.warmup_steps} warm-up steps)")
         provenance = {
@@ -919,7 +919,7 @@ def build_demo_teacher(args: DemoTeacherArguments, command: str, write=lambda te
             "metrics": metrics, "learning_curve": curve,
         }
         if task.blind_baseline:  # what the teacher must clearly beat: the best predictor that ignores the image
-            provenance["blind_baseline"] = task.blind_baseline(data, eval_set(data))
+            provenance["blind_baseline"] = task.blind_baseline(data, held_out)
         if args.init_from:
             provenance["initialised_from"] = _shipped_provenance(args.init_from)
         provenance_path = os.path.join(work, PROVENANCE_FILE)
