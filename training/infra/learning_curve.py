@@ -119,8 +119,9 @@ def write_curve(summary: dict, output_dir: str) -> None:
     fig, axes = plt.subplots(1, 2 if train_log else 1, figsize=(11 if train_log else 6, 3.5), squeeze=False)
     ax = axes[0][0]
     steps = [p["step"] for p in curve]
-    ax.plot(steps, [p[metric] for p in curve], marker="o", label=f"{metric} (ITM re-ranked)")
-    if curve and f"{metric}_itc" in curve[0]:
+    with_itc = bool(curve) and f"{metric}_itc" in curve[0]  # retrieval: the metric re-ranked by ITM, and ITC alone
+    ax.plot(steps, [p[metric] for p in curve], marker="o", label=f"{metric} (ITM re-ranked)" if with_itc else metric)
+    if with_itc:
         ax.plot(steps, [p[f"{metric}_itc"] for p in curve], marker=".", linestyle="--", label=f"{metric} (ITC only)")
     if summary.get("converged_at_step"):
         ax.axvline(summary["converged_at_step"], color="grey", linestyle=":", label="converged (rule)")
