@@ -567,6 +567,12 @@ PAIRED = {"student_kd_minus_no_kd": ("student", "student_no_kd"), "pruned_kd_min
 """The paired comparisons of the retrieval report: r_mean(a) − r_mean(b) on the same held-out queries."""
 
 
+UNIFORM_BASELINE = ("pruned_uniform: the KD student pruned with the same task KD and steps, every encoder held to the "
+                    "target by its own multipliers and every layer cut to the same share when the target ramp ends "
+                    "(--uniform_split, structure frozen at a third of the steps)")
+"""How every demo report describes its uniform-split baseline (retrieval and the other tasks alike)."""
+
+
 def _paired(ranks: dict, difference=None) -> dict:
     """Each `PAIRED` difference whose two models ran, with its paired bootstrap 95 % interval: over query images of
     the per-query retrieval ranks (default), or `difference(a, b)` of two models' per-item scores (other tasks)."""
@@ -618,9 +624,7 @@ def _report(chain: Chain, latency, args, profile, timings) -> dict:
                   "prune": args.prune_steps or profile["prune_steps"]},
         "baselines": "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "
                      "distillation steps; pruned_no_kd: that student pruned to the same target with the task loss "
-                     "only (no teacher); pruned_uniform: the KD student pruned with the same task KD and steps, every "
-                     "encoder held to the target by its own multipliers and every layer cut to the same share when "
-                     "the target ramp ends (--uniform_split, structure frozen at a third of the steps)",
+                     f"only (no teacher); {UNIFORM_BASELINE}",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }, "eval_protocol": protocol, "teacher_provenance": provenance, "stage_seconds": timings}
     out["models"] = _model_entries(models, metrics, latency, expected, "r_mean",
@@ -648,9 +652,7 @@ def _task_report(chain: Chain, task: Task, latency: dict, args: DemoArguments, p
         "baselines": "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "
                      "distillation steps, then fine-tuned on the task like the student; pruned_no_kd: the no-KD "
                      "general student pruned on the task to the same target with the task loss only (no teacher); "
-                     "pruned_uniform: the KD student pruned with the same task KD and steps, every encoder held to "
-                     "the target by its own multipliers and every layer cut to the same share when the target ramp "
-                     "ends (--uniform_split, structure frozen at a third of the steps)",
+                     f"{UNIFORM_BASELINE}",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
     # every model of the chain is the task's model class: its real parameter count (tied weights once)
