@@ -1,5 +1,6 @@
 """`efficientvlm demo --task <task> --quick` for the tasks whose teacher is fine-tuned first (nlvr2, captioning, vqa): the
-whole chain with a few steps per stage, report.json with the task's metric per model, Hub-ready folders."""
+whole chain with a few steps per stage (students from the task teacher's layers by default; general distillation with
+`--student_from distilled`), report.json with the task's metric per model, Hub-ready folders."""
 
 import json
 import os
@@ -12,8 +13,8 @@ from efficientvlm.training.tasks import TASKS, get_task
 
 pytestmark = pytest.mark.slow  # runs the demo for every task
 
-MODELS = {"teacher", "student", "pruned", "student_no_kd", "pruned_no_kd", "pruned_uniform"}
-STEPS = {"teacher_fine_tune": 2, "distill": 2, "student_fine_tune": 3, "prune": 3}
+MODELS = {"teacher", "student", "pruned", "pruned_no_kd", "pruned_uniform"}  # no student_no_kd: it would be the student
+STEPS = {"teacher_fine_tune": 2, "student_fine_tune": 3, "prune": 3}
 ARCHITECTURE = {"nlvr2": "EfficientVLMForVisualReasoning", "captioning": "EfficientVLMForConditionalGeneration",
                 "vqa": "EfficientVLMForQuestionAnswering"}
 
@@ -27,7 +28,7 @@ def _run_demo(task: str, out) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(demo.TASK_PROFILES, task, {"quick": entry})
         assert main(["demo", "--task", task, "--quick", "--output_dir", str(out), "--task_teacher_steps", "2",
-                     "--distill_steps", "2", "--prune_steps", "3"]) == 0
+                     "--prune_steps", "3"]) == 0
     return json.loads((out / "report.json").read_text())
 
 
@@ -44,7 +45,8 @@ def test_report_has_the_task_metric_per_model(task_demo):
     task, _, report = task_demo
     metric, models = get_task(task).metric, report["models"]
     assert set(models) == MODELS  # the task teacher, the students and pruned models with and without KD, uniform
-    assert "student_no_kd" in report["protocol"]["baselines"] and "uniform" in report["protocol"]["baselines"]
+    assert "pruned_no_kd" in report["protocol"]["baselines"] and "uniform" in report["protocol"]["baselines"]
+    assert report["protocol"]["student_from"] == "task_teacher"
     assert (report["protocol"]["task"], report["protocol"]["metric"]) == (task, metric)
     for name, entry in models.items():
         for key in ("params", metric, "latency_ms", "speedup", "speedup_min", "speedup_max", "sparsity_vs_teacher",
@@ -68,15 +70,15 @@ def test_report_has_the_task_metric_per_model(task_demo):
         assert low <= entry[metric] + 1e-9 and entry[metric] - 1e-9 <= high, name
     blind = report["blind_baseline"]  # the predictor that never looks at the image, on the same held-out items
     assert 0 <= blind[metric] and blind["what"]
-    assert set(report["paired"]) == {"student_kd_minus_no_kd", "pruned_kd_minus_no_kd", "pruned_learned_minus_uniform"}
-    for name, (a, b) in demo.PAIRED.items():  # paired: mean(a) − mean(b) on the same items, inside its interval
+    assert set(report["paired"]) == {"pruned_kd_minus_no_kd", "pruned_learned_minus_uniform"}
+    for name, (a, b) in [(name, pair) for name, pair in demo.PAIRED.items() if name in report["paired"]]:  # paired: mean(a) − mean(b) on the same items, inside its interval
         difference = report["paired"][name]
         assert difference["mean"] == pytest.approx(models[a][metric] - models[b][metric], abs=1e-6)
         assert difference["ci95"][0] <= difference["mean"] + 1e-9 <= difference["ci95"][1] + 2e-9
 
 
 def test_report_says_how_each_model_was_made(task_demo):
-    task, _, report = task_demo
+    task, out, report = task_demo
     protocol = report["protocol"]
     domain = demo.demo_profile(task, quick=True).get("domain_task")
     assert protocol["steps"] == ({**STEPS, "domain": 2} if domain else STEPS) and protocol["profile"] == "quick"
@@ -94,8 +96,10 @@ def test_report_says_how_each_model_was_made(task_demo):
     assert f"fine-tuned for {task}" in provenance["source"] and provenance["fine_tune_steps"] == 2
     assert provenance["pretrained"]["source"].endswith("demo_teacher")  # the shipped pre-training teacher
     assert get_task(task).workload_text(demo._demo_data(demo.PROFILES["quick"], task), 8) in protocol["latency"]
-    assert {"teacher", "distill_student", "distill_student_no_kd", "student", "student_no_kd", "pruned", "pruned_no_kd",
-            "pruned_uniform", "pruned_eval", "latency"} <= set(report["stage_seconds"])
+    assert {"teacher", "init_student", "student", "pruned", "pruned_no_kd", "pruned_uniform", "pruned_eval",
+            "latency"} <= set(report["stage_seconds"])
+    assert not any(stage.startswith("distill") for stage in report["stage_seconds"])  # no general distillation
+    assert "every other layer of the task teacher" in (out / "pruned" / "README.md").read_text()  # where it started
 
 
 def test_hub_ready_folders_hold_the_task_models(task_demo):
@@ -122,18 +126,24 @@ def test_hub_ready_folders_hold_the_task_models(task_demo):
 @pytest.mark.parametrize("task_demo", ["nlvr2"], indirect=True)  # one task is enough for the loading path
 def test_a_given_task_teacher_is_loaded_not_fine_tuned(task_demo, tmp_path):
     """`--task_teacher FOLDER` (the shipped task teacher by default): no teacher stage runs, the report names the
-    folder and scores the same teacher."""
+    folder and scores the same teacher; `--student_from distilled`: the paper's chain, general distillation from the
+    pre-training teacher before the task."""
     task, out, report = task_demo
     again = tmp_path / "again"
     entry = {**demo.TASK_PROFILES[task]["quick"], "eval_images": 8, "latency_repeats": 1}
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(demo.TASK_PROFILES, task, {"quick": entry})
         assert main(["demo", "--task", task, "--quick", "--output_dir", str(again), "--task_teacher",
-                     str(out / "teacher"), "--baselines", "false", "--distill_steps", "2", "--prune_steps", "3"]) == 0
+                     str(out / "teacher"), "--baselines", "false", "--student_from", "distilled", "--distill_steps",
+                     "2", "--prune_steps", "3"]) == 0
     second = json.loads((again / "report.json").read_text())
     assert set(second["models"]) == {"teacher", "student", "pruned"}
     assert second["teacher_provenance"]["source"] == str(out / "teacher")
     assert "teacher" not in second["stage_seconds"] and "domain" not in second["stage_seconds"]
+    assert "distill_student" in second["stage_seconds"] and "init_student" not in second["stage_seconds"]
+    assert second["protocol"]["student_from"] == "distilled"
+    assert second["protocol"]["steps"] == {"distill": 2, "student_fine_tune": 3, "prune": 3}
+    assert "general distillation" in (again / "student" / "README.md").read_text()
     metric = get_task(task).metric
     assert second["models"]["teacher"][metric] == pytest.approx(report["models"]["teacher"][metric])
     assert "make task-teachers" in (again / "teacher" / "README.md").read_text()

@@ -10,12 +10,14 @@ each step buys. `--train_teacher` trains the teacher from scratch first (the ful
 `--task <name>` runs the same chain for a task whose teacher is fine-tuned on it (any registered task whose
 `teacher_class` is not the pre-training model: nlvr2, vqa, captioning): the task teacher is the shipped one
 (`task_teacher_dir`, built to convergence by `make task-teachers`; `--task_teacher ''` or `--train_teacher` fine-tune
-one in the run instead); student = general distillation from the pre-training teacher, then fine-tuned on the task
-(no pruning, as many steps as pruning); pruned = the distilled student pruned on the task with task KD from the task
-teacher (the task's official KD settings), materialized; and the same baselines as retrieval (the no-KD student
-fine-tuned and pruned with the task loss only, the uniform split). Each is scored by the task's metric on its
-held-out set, with a 95 % bootstrap interval over items and paired differences, next to the task's blind baseline,
-and timed on the task's inference path (`Task.workload`).
+one in the run instead). The students start from every other layer of that task teacher (`--student_from
+task_teacher`, the default) or, as in the paper's chain, from general distillation of the pre-training teacher
+(`--student_from distilled`); student = fine-tuned on the task (no pruning, as many steps as pruning); pruned = pruned
+on the task with task KD from the task teacher (the task's official KD settings), materialized; the baselines: pruned
+with the task loss only, the uniform split, and (distilled students only: from the task teacher it would repeat the
+student) the no-KD student. Each is scored by the task's metric on its held-out set, with a 95 % bootstrap interval
+over items and paired differences, next to the task's blind baseline, and timed on the task's inference path
+(`Task.workload`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ from .stages import (
     run_teacher,
 )
 from ..method.arguments import DistillationArguments, PruningArguments
+from ..method.student import init_student_from_teacher, reinitialized, resolve_layer_map, save_layer_map
+
+STUDENT_SOURCES = ("distilled", "task_teacher")
+"""Where a task chain's students start (`--student_from`)."""
 
 DEMO_TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_teacher")
 """The shipped demo teacher (Hub-ready folder + provenance.json + learning curve)."""
@@ -183,6 +189,14 @@ class DemoArguments:
         metadata={"help": "How the students (with and without KD alike) start: 'teacher_layers' (the paper) or "
                           "'random' (an ablation: the same structure, freshly initialised)."},
     )
+    student_from: str | None = field(
+        default=None,
+        metadata={"help": "Where the students start. 'distilled' (the paper's chain; retrieval's only one): general "
+                          "distillation from the pre-training teacher, then the task; 'task_teacher' (the default of "
+                          "the other tasks): every other layer of the task teacher, its embeddings and task head too, "
+                          "no general distillation. The 300-step distilled students keep 58-88 %% of their converged "
+                          "task teachers, those from the task teacher 96-99 %% (docs/tasks.md)."},
+    )
     student_layers: str | None = field(
         default=None,
         metadata={"help": "Student depths 'vision,text,fusion' (retrieval; default half of the teacher's, e.g. "
@@ -202,13 +216,23 @@ class DemoArguments:
 
     def __post_init__(self):
         self.student_depths()  # raises on a malformed --student_layers
-        get_task(self.task)  # raises naming the registered tasks
+        pretraining = get_task(self.task).teacher_class is EfficientVLMForPreTraining  # raises naming the tasks
         for name in ("teacher_steps", "distill_steps", "prune_steps", "task_teacher_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.student_from is None:
+            self.student_from = "distilled" if pretraining else "task_teacher"
+        if self.student_from not in STUDENT_SOURCES:
+            raise ValueError(f"--student_from must be one of {STUDENT_SOURCES}, got {self.student_from!r}")
+        if self.student_from == "task_teacher" and pretraining:
+            raise ValueError(f"--student_from task_teacher needs a task teacher; --task {self.task}'s teacher is the "
+                             "pre-training teacher, whose students are distilled (--student_from distilled)")
+        if self.student_from == "task_teacher" and self.distill_steps is not None:
+            raise ValueError("--distill_steps sets the general distillation of --student_from distilled; the students "
+                             "of --student_from task_teacher start from the task teacher's layers without it")
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"--target_sparsity must lie in [0, 1), got {self.target_sparsity}")
-        if get_task(self.task).teacher_class is EfficientVLMForPreTraining or self.train_teacher:
+        if pretraining or self.train_teacher:
             self.task_teacher = ""  # retrieval's teacher is the pre-training one; --train_teacher fine-tunes in-run
         elif self.task_teacher is None:
             shipped = task_teacher_dir(self.task)
@@ -489,24 +513,33 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
         if name == "pruned":
             settings.update({key: getattr(prune_args, key) for key in task.prune_defaults})  # as the trainer set them
 
+    from_teacher = args.student_from == "task_teacher"
+    if from_teacher:  # every other layer of the task teacher (its embeddings and task head too), no distillation
+        steps.pop("distill")
+        student_dir = os.path.join(work, "init_student")
+        _timed(timings, "init_student", lambda: _student_from(teacher_dir, task, processor, student_dir, args))
     runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
     for student_name, pruned_name, kd in runs:
         # general distillation from the pre-training teacher on image-caption pairs (task-agnostic); the no-KD
         # baseline: the same initialisation trained on the VLP losses only
-        distill_args = _training_args(DistillationArguments, os.path.join(work, f"distilled_{student_name}"),
-                                      steps["distill"], profile, args.seed, lambda_vlp=0.6)
-        depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
-        _timed(timings, f"distill_{student_name}", lambda: run_distill(
-            StudentArguments(teacher=pretrained, kd=kd, student_init=args.student_init, **depths),
-            _demo_data(profile), distill_args, eval_data=False))
-        fine_tune(student_name, distill_args.output_dir, steps["student_fine_tune"])
-        prune(pruned_name, distill_args.output_dir, kd)
+        if not from_teacher:
+            distill_args = _training_args(DistillationArguments, os.path.join(work, f"distilled_{student_name}"),
+                                          steps["distill"], profile, args.seed, lambda_vlp=0.6)
+            depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
+            _timed(timings, f"distill_{student_name}", lambda: run_distill(
+                StudentArguments(teacher=pretrained, kd=kd, student_init=args.student_init, **depths),
+                _demo_data(profile), distill_args, eval_data=False))
+            student_dir = distill_args.output_dir
+        if kd or not from_teacher:  # from the task teacher, a no-KD student would repeat the student (same init,
+            fine_tune(student_name, student_dir, steps["student_fine_tune"])  # same task-loss fine-tuning)
+        prune(pruned_name, student_dir, kd)
         if kd and args.baselines:  # the same KD student and task KD, the same share off every layer (as retrieval)
-            prune("pruned_uniform", distill_args.output_dir, True, uniform_split=True,
-                  freeze_masks_step=steps["prune"] // 3)
+            prune("pruned_uniform", student_dir, True, uniform_split=True, freeze_masks_step=steps["prune"] // 3)
     title = task.card.title or task.name
-    recipes = {**TASK_RECIPES, **({"teacher": TASK_RECIPES["teacher_shipped"]} if args.task_teacher else {})}
-    cards = {name: {"recipe": recipes[name].format(task=title, **steps), "how_made": TASK_HOW_MADE[name],
+    recipes = {**TASK_RECIPES, **({"teacher": TASK_RECIPES["teacher_shipped"]} if args.task_teacher else {}),
+               **(TASK_RECIPES_FROM_TEACHER if from_teacher else {})}
+    how_made = {**TASK_HOW_MADE, **(TASK_HOW_MADE_FROM_TEACHER if from_teacher else {})}
+    cards = {name: {"recipe": recipes[name].format(task=title, **steps), "how_made": how_made[name],
                     "summary": f"EfficientVLM demo {name.replace('_', ' ')} for {title} on synthetic scenes."}
              for name in models}
     if "domain_pretraining" in provenance:
@@ -515,6 +548,19 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
                                        f"({domain['what']}).")
     return Chain(models, metrics, expected, data, eval_data, teacher_dir, provenance, cards, steps, settings,
                  ranks=per_item)
+
+
+def _student_from(teacher_dir: str, task: Task, processor, output_dir: str, args: DemoArguments) -> None:
+    """`--student_from task_teacher`: the half-depth (or --student_layers) student built from every other layer of the
+    task teacher, saved with its processor and layer map as a stage would save it."""
+    teacher = task.teacher_class.from_pretrained(teacher_dir)
+    student = init_student_from_teacher(teacher, args.student_depths())
+    if args.student_init == "random":
+        student = reinitialized(student, seed=args.seed)
+    os.makedirs(output_dir, exist_ok=True)
+    student.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    save_layer_map(output_dir, resolve_layer_map(student.config, teacher.config))
 
 
 def _domain_pretraining(args: DemoArguments, work: str, profile: dict, pretrained: str,
@@ -649,10 +695,14 @@ def _task_report(chain: Chain, task: Task, latency: dict, args: DemoArguments, p
         "student_layers": args.student_layers or "half", "student_init": args.student_init,
         "steps": chain.steps,
         "prune_settings": chain.prune_settings,
-        "baselines": "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "
+        "student_from": args.student_from,
+        "baselines": ("pruned_no_kd: the student from the task teacher's layers pruned to the same target with the "
+                      "task loss only (no teacher); no student_no_kd: with no general distillation it would repeat "
+                      f"the student; {UNIFORM_BASELINE}") if args.student_from == "task_teacher" else (
+                     "student_no_kd: the same half-depth student (same init) trained on the VLP losses only for the "
                      "distillation steps, then fine-tuned on the task like the student; pruned_no_kd: the no-KD "
                      "general student pruned on the task to the same target with the task loss only (no teacher); "
-                     f"{UNIFORM_BASELINE}",
+                     f"{UNIFORM_BASELINE}"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
     # every model of the chain is the task's model class: its real parameter count (tied weights once)
@@ -693,8 +743,8 @@ def _model_entries(models, metrics, latency, expected, metric: str, params) -> d
                                       ("pruned_uniform", "student")):
         if pruned_name in out:
             entry = out[pruned_name]
-            entry["sparsity_vs_student"] = sparsity_report(models[pruned_name].config,
-                                                           models[student_name].config)["sparsity"]
+            student = models.get(student_name, models["student"])  # no student_no_kd: the students share an init
+            entry["sparsity_vs_student"] = sparsity_report(models[pruned_name].config, student.config)["sparsity"]
             entry["expected_sparsity_at_export"] = expected[pruned_name]
     return out
 
@@ -810,6 +860,29 @@ TASK_HOW_MADE = {
                      "the task (baseline)",
     "pruned_no_kd": "pruned on the task without distillation from the no-KD student (baseline)",
     "pruned_uniform": "distilled and then pruned on the task by the same share in every layer (uniform baseline)",
+}
+TASK_RECIPES_FROM_TEACHER = {
+    "student": "Half-depth student built from the {task} teacher (layer i ← teacher layer 2i+1 per encoder; its "
+               "embeddings and task head), no general distillation, then fine-tuned on {task} with the task loss for "
+               "{student_fine_tune} steps, unpruned.",
+    "pruned": "The same half-depth student from the {task} teacher's layers, fine-tuned on {task} for {prune} steps with "
+              "task KD from that teacher (the task's official KD settings) and hard-concrete gates on heads and FFN "
+              "neurons of all encoders, one global Lagrangian target (modal-adaptive), then materialized into a "
+              "smaller dense model.",
+    "pruned_no_kd": "Baseline: the same student from the {task} teacher's layers pruned on {task} to the same target for "
+                    "{prune} steps with the task loss only (no teacher).",
+    "pruned_uniform": "Baseline: the same student from the {task} teacher's layers pruned on {task} with the same task "
+                      "KD, target and steps, but every encoder held to the target by its own multipliers and every "
+                      "layer cut to the same share of its heads and FFN parameters (no learned split).",
+}
+"""`--student_from task_teacher`: the student cards' recipes (no student_no_kd: it would repeat the student)."""
+TASK_HOW_MADE_FROM_TEACHER = {
+    "student": "built from every other layer of the task teacher, then fine-tuned on the task",
+    "pruned": "built from every other layer of the task teacher, then fine-tuned on the task with task KD and "
+              "modal-adaptively pruned (and physically materialized)",
+    "pruned_no_kd": "built from every other layer of the task teacher and pruned on the task without KD (baseline)",
+    "pruned_uniform": "built from every other layer of the task teacher and pruned on the task by the same share in "
+                      "every layer (uniform baseline)",
 }
 
 __all__ = ["DEMO_TEACHER_DIR", "DemoArguments", "format_report", "run_demo"]
