@@ -20,7 +20,7 @@ def test_the_student_is_every_other_layer_of_the_task_teacher(task, tmp_path):
         pytest.skip(f"no shipped {task} teacher")
     spec = get_task(task)
     out = str(tmp_path / "student")
-    demo._student_from(folder, spec, demo._processor(folder), out, DemoArguments(task=task))
+    demo._student_from_task_teacher(folder, spec, demo._processor(folder), out, DemoArguments(task=task))
 
     teacher = spec.teacher_class.from_pretrained(folder)
     student = spec.model_class.from_pretrained(out)  # as the fine-tuning and pruning stages load it

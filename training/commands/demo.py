@@ -194,8 +194,8 @@ class DemoArguments:
         metadata={"help": "Where the students start. 'distilled' (the paper's chain; retrieval's only one): general "
                           "distillation from the pre-training teacher, then the task; 'task_teacher' (the default of "
                           "the other tasks): every other layer of the task teacher, its embeddings and task head too, "
-                          "no general distillation. The 300-step distilled students keep 58-88 %% of their converged "
-                          "task teachers, those from the task teacher 96-99 %% (docs/tasks.md)."},
+                          "no general distillation. After 300 task steps the pruned students keep 58-88 %% of their "
+                          "converged task teachers when distilled, 96-97 %% from the task teacher (docs/tasks.md)."},
     )
     student_layers: str | None = field(
         default=None,
@@ -517,7 +517,8 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
     if from_teacher:  # every other layer of the task teacher (its embeddings and task head too), no distillation
         steps.pop("distill")
         student_dir = os.path.join(work, "init_student")
-        _timed(timings, "init_student", lambda: _student_from(teacher_dir, task, processor, student_dir, args))
+        _timed(timings, "init_student",
+               lambda: _student_from_task_teacher(teacher_dir, task, processor, student_dir, args))
     runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
     for student_name, pruned_name, kd in runs:
         # general distillation from the pre-training teacher on image-caption pairs (task-agnostic); the no-KD
@@ -550,7 +551,8 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
                  ranks=per_item)
 
 
-def _student_from(teacher_dir: str, task: Task, processor, output_dir: str, args: DemoArguments) -> None:
+def _student_from_task_teacher(teacher_dir: str, task: Task, processor, output_dir: str,
+                               args: DemoArguments) -> None:
     """`--student_from task_teacher`: the half-depth (or --student_layers) student built from every other layer of the
     task teacher, saved with its processor and layer map as a stage would save it."""
     teacher = task.teacher_class.from_pretrained(teacher_dir)
