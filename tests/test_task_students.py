@@ -1,12 +1,14 @@
-"""`demo --task T --student_from task_teacher`: the task chain's students built from every other layer of the shipped
-task teacher (its embeddings and task head too) and saved as a stage saves a student (weights, processor, layer map)."""
+"""`efficientvlm init-student` (and `demo --task T --student_from task_teacher`, which runs it): the student built from
+every other layer of a teacher — a shipped task teacher keeps its embeddings and task head — written as a stage writes
+a student (weights, processor, layer map), atomically."""
 
+import json
 import os
 
 import pytest
 import torch
-
 from efficientvlm.training.commands import demo
+from efficientvlm.training.commands.cli import main
 from efficientvlm.training.commands.demo import DemoArguments, task_teacher_dir
 from efficientvlm.training.method.structure import ENCODER_MODULES
 from efficientvlm.training.method.student import load_layer_map
@@ -20,7 +22,7 @@ def test_the_student_is_every_other_layer_of_the_task_teacher(task, tmp_path):
         pytest.skip(f"no shipped {task} teacher")
     spec = get_task(task)
     out = str(tmp_path / "student")
-    demo._student_from_task_teacher(folder, spec, demo._processor(folder), out, DemoArguments(task=task))
+    assert main(["init-student", "--teacher", folder, "--task", task, "--output_dir", out]) == 0
 
     teacher = spec.teacher_class.from_pretrained(folder)
     student = spec.model_class.from_pretrained(out)  # as the fine-tuning and pruning stages load it
@@ -54,3 +56,18 @@ def test_the_task_chains_start_from_the_task_teacher_by_default():
     assert DemoArguments(task="vqa", student_from="distilled", distill_steps=5).distill_steps == 5
     with pytest.raises(ValueError, match="--distill_steps .*--student_from distilled"):
         DemoArguments(task="captioning", distill_steps=5)  # no general distillation runs to take the steps
+
+
+def test_init_student_refuses_a_used_folder_and_leaves_nothing_on_bad_input(tmp_path, capsys):
+    teacher = demo.DEMO_TEACHER_DIR  # the pre-training teacher: the start of `distill`
+    out = tmp_path / "student"
+    assert main(["init-student", "--teacher", teacher, "--output_dir", str(out), "--text_layers", "2"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["layer_map"]["text"] == [2, 5] and record["params"] < record["teacher_params"]
+    # a model is there: refused unless --overwrite
+    assert main(["init-student", "--teacher", teacher, "--output_dir", str(out)]) != 0
+    assert "--overwrite true" in capsys.readouterr().err
+    assert main(["init-student", "--teacher", teacher, "--output_dir", str(out), "--overwrite", "true"]) == 0
+    bad = tmp_path / "bad"  # a layer map outside the teacher: refused, no folder written
+    assert main(["init-student", "--teacher", teacher, "--output_dir", str(bad), "--layer_map", "text=1,3,9"]) != 0
+    assert "layer_map['text'] points outside the teacher" in capsys.readouterr().err and not bad.exists()

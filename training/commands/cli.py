@@ -26,6 +26,8 @@ from transformers import HfArgumentParser, TrainingArguments
 DESCRIPTIONS = {
     "teacher": "Pre-train a teacher with ITC + ITM (hard negatives) + MLM, or fine-tune one on a task (--task{tasks}).",
     "distill": "General distillation into a half-depth student (VLP losses + attention/hidden/logit KD).",
+    "init-student": "Build a half-depth student from a teacher's layers (the pre-training teacher, or a task teacher "
+                    "with --task: its task head too), untrained: the start of distill or prune.",
     "prune": "Task fine-tuning (--task{tasks}) with task KD and modal-adaptive L0 pruning to a target sparsity.",
     "export": "Materialize a pruned checkpoint into a smaller dense model; write a Hub-ready folder + model card.",
     "evaluate": "A checkpoint's task metrics (--task{tasks}) on built-in synthetic or JSON data.",
@@ -188,6 +190,13 @@ def _distill(argv: list[str]) -> None:
     _write(json.dumps(metrics, indent=2))
 
 
+def _init_student(argv: list[str]) -> None:
+    from .stages import InitStudentArguments, run_init_student
+
+    (args,) = _parse("init-student", (InitStudentArguments,), argv)
+    _write(json.dumps(run_init_student(args), indent=2))
+
+
 def _prune(argv: list[str]) -> None:
     from .stages import DataArguments, PruneModelsArguments, run_prune
     from ..method.arguments import PruningArguments
@@ -333,6 +342,7 @@ def _latency_table(argv: list[str]) -> None:
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "teacher": _teacher,
     "distill": _distill,
+    "init-student": _init_student,
     "prune": _prune,
     "export": _export,
     "evaluate": _evaluate,

@@ -38,6 +38,7 @@ from ..tasks import TASKS, Task, get_task
 from ..infra.presets import demo_config
 from .stages import (
     DataArguments,
+    InitStudentArguments,
     describe_eval_data,
     PruneModelsArguments,
     StudentArguments,
@@ -45,11 +46,11 @@ from .stages import (
     eval_set,
     evaluate_model,
     run_distill,
+    run_init_student,
     run_prune,
     run_teacher,
 )
 from ..method.arguments import DistillationArguments, PruningArguments
-from ..method.student import init_student_from_teacher, reinitialized, resolve_layer_map, save_layer_map
 
 STUDENT_SOURCES = ("distilled", "task_teacher")
 """Where a task chain's students start (`--student_from`)."""
@@ -518,7 +519,7 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
         steps.pop("distill")
         student_dir = os.path.join(work, "init_student")
         _timed(timings, "init_student",
-               lambda: _student_from_task_teacher(teacher_dir, task, processor, student_dir, args))
+               lambda: _student_from_task_teacher(teacher_dir, task, student_dir, args))
     runs = [("student", "pruned", True)] + ([("student_no_kd", "pruned_no_kd", False)] if args.baselines else [])
     for student_name, pruned_name, kd in runs:
         # general distillation from the pre-training teacher on image-caption pairs (task-agnostic); the no-KD
@@ -551,18 +552,11 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
                  ranks=per_item)
 
 
-def _student_from_task_teacher(teacher_dir: str, task: Task, processor, output_dir: str,
-                               args: DemoArguments) -> None:
-    """`--student_from task_teacher`: the half-depth (or --student_layers) student built from every other layer of the
-    task teacher, saved with its processor and layer map as a stage would save it."""
-    teacher = task.teacher_class.from_pretrained(teacher_dir)
-    student = init_student_from_teacher(teacher, args.student_depths())
-    if args.student_init == "random":
-        student = reinitialized(student, seed=args.seed)
-    os.makedirs(output_dir, exist_ok=True)
-    student.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    save_layer_map(output_dir, resolve_layer_map(student.config, teacher.config))
+def _student_from_task_teacher(teacher_dir: str, task: Task, output_dir: str, args: DemoArguments) -> None:
+    """`--student_from task_teacher`: `init-student --task <task>` from the task teacher into `output_dir`."""
+    depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
+    run_init_student(InitStudentArguments(teacher=teacher_dir, task=task.name, output_dir=output_dir,
+                                          student_init=args.student_init, seed=args.seed, **depths))
 
 
 def _domain_pretraining(args: DemoArguments, work: str, profile: dict, pretrained: str,

@@ -17,7 +17,9 @@ from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor,
 from ..data.nlvr2_dataset import NLVR2_LEVELS
 from ..data.retrieval_dataset import EVAL_PROTOCOLS
 from ..method.arguments import DistillationArguments, PruningArguments
-from ..method.student import init_student_from_teacher, load_layer_map, reinitialized, resolve_layer_map
+from ..method.student import (
+    init_student_from_teacher, load_layer_map, reinitialized, resolve_layer_map, save_layer_map,
+)
 from ..method.trainers import (
     EfficientVLMDistillationTrainer,
     EfficientVLMPruningTrainer,
@@ -26,7 +28,7 @@ from ..method.trainers import (
 )
 from ..tasks import TASKS, check_has_path, get_task
 from ..tasks.captioning import CAPTION_LENGTHS
-from ..infra.runs import FINAL_STAGING, owns_output_dir, publish_files
+from ..infra.runs import FINAL_STAGING, atomic_directory, check_output_dir, owns_output_dir, publish_files
 from ..infra.presets import PRESETS, preset_config
 
 METRICS_FILE = "eval_results.json"
@@ -227,8 +229,8 @@ STUDENT_INITS = ("teacher_layers", "random")
 
 
 @dataclass
-class StudentArguments:
-    """Which teacher to distil and how deep the student is."""
+class StudentShapeArguments:
+    """Which teacher a student is built from, how deep it is and how it starts (`distill`, `init-student`)."""
 
     teacher: str = field(default="", metadata={"help": "Teacher checkpoint dir (required)."})
     vision_layers: int | None = field(default=None, metadata={"help": "Student vision depth (default: half)."})
@@ -237,11 +239,6 @@ class StudentArguments:
     layer_map: str | None = field(
         default=None,
         metadata={"help": "Teacher layer per student layer, e.g. 'vision=1,3,5,7,9,11;text=1,3,5;fusion=1,3,5'."},
-    )
-    kd: bool = field(
-        default=True,
-        metadata={"help": "false: the same half-depth student (same init) trained on the VLP losses only, no teacher "
-                          "forward — the no-KD baseline."},
     )
     student_init: str = field(
         default="teacher_layers",
@@ -271,6 +268,38 @@ class StudentArguments:
             except ValueError as error:
                 raise ValueError(f"--layer_map entry {part!r} must look like vision=1,3,5") from error
         return out
+
+
+@dataclass
+class StudentArguments(StudentShapeArguments):
+    """Which teacher to distil and how deep the student is."""
+
+    kd: bool = field(
+        default=True,
+        metadata={"help": "false: the same half-depth student (same init) trained on the VLP losses only, no teacher "
+                          "forward — the no-KD baseline."},
+    )
+
+
+@dataclass
+class InitStudentArguments(StudentShapeArguments):
+    """`efficientvlm init-student`: the student built from a teacher's layers, written as a checkpoint, untrained."""
+
+    task: str = field(
+        default="retrieval",
+        metadata={"help": "The teacher's task: retrieval for the pre-training teacher (the start of `distill`), or a "
+                          "task whose teacher is fine-tuned on it (nlvr2, vqa, captioning: the student keeps the task "
+                          "head; the start of `prune --student` without general distillation)."},
+    )
+    output_dir: str = field(default="", metadata={"help": "Where the student is written (required)."})
+    seed: int = field(default=0, metadata={"help": "Seed of --student_init random."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a model already in --output_dir."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        get_task(self.task)  # raises naming the registered tasks
+        if not self.output_dir:
+            raise ValueError("--output_dir is required: the folder the student is written to")
 
 
 @dataclass
@@ -515,6 +544,30 @@ def run_distill(student_args: StudentArguments, data: DataArguments, args: Disti
     layer_map = resolve_layer_map(student.config, teacher.config, student_args.parsed_layer_map())
     return _train_and_evaluate(EfficientVLMDistillationTrainer, student, teacher if student_args.kd else None,
                                processor, data, args, 1, eval_data, layer_map=layer_map)
+
+
+def run_init_student(args: InitStudentArguments) -> dict:
+    """Builds the half-depth (or --*_layers / --layer_map) student from the teacher's layers and writes it with the
+    teacher's processor and the layer map (every later KD stage pairs layers by it), atomically: a failed write
+    leaves no folder. Returns what was written (folder, parameters of both, layer map)."""
+    check_output_dir(args.output_dir, "init-student", {"--teacher": args.teacher}, overwrite=args.overwrite)
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        raise FileExistsError(f"init-student: {args.output_dir} exists and is not empty; pass --overwrite true to "
+                              "replace it, or pick another --output_dir")
+    task = get_task(args.task)
+    teacher = task.teacher_class.from_pretrained(args.teacher)
+    processor = load_processor(DataArguments(task=args.task), args.teacher)
+    check_vocab(teacher.config, processor, f"init-student --teacher {args.teacher}")
+    student = init_student_from_teacher(teacher, args.depths(), args.parsed_layer_map())
+    if args.student_init == "random":
+        student = reinitialized(student, seed=args.seed)
+    layer_map = resolve_layer_map(student.config, teacher.config, args.parsed_layer_map())
+    with atomic_directory(args.output_dir) as folder:
+        student.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        save_layer_map(folder, layer_map)
+    return {"output_dir": args.output_dir, "params": sum(p.numel() for p in student.parameters()),
+            "teacher_params": sum(p.numel() for p in teacher.parameters()), "layer_map": layer_map}
 
 
 @owns_output_dir("prune", inputs=lambda prune, data, args, **_: {
