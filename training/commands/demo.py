@@ -215,6 +215,12 @@ class DemoArguments:
                              f"{self.student_layers!r}")
         return dict(zip(("vision", "text", "fusion"), (int(p) for p in parts)))
 
+    def student_shape(self) -> dict:
+        """The `StudentShapeArguments` fields these arguments set (depths, initialisation), for `distill` and
+        `init-student` alike."""
+        depths = {f"{modality}_layers": n for modality, n in self.student_depths().items()}
+        return {**depths, "student_init": self.student_init}
+
     def __post_init__(self):
         self.student_depths()  # raises on a malformed --student_layers
         pretraining = get_task(self.task).teacher_class is EfficientVLMForPreTraining  # raises naming the tasks
@@ -439,9 +445,8 @@ def _retrieval_chain(args: DemoArguments, task: Task, work: str, profile: dict, 
     for student_name, pruned_name, kd in runs:
         distill_args = _training_args(DistillationArguments, os.path.join(work, student_name), distill_steps, profile,
                                       args.seed, lambda_vlp=0.6)
-        depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
         models[student_name], _ = _timed(timings, student_name, lambda: run_distill(
-            StudentArguments(teacher=teacher_dir, kd=kd, student_init=args.student_init, **depths), data, distill_args,
+            StudentArguments(teacher=teacher_dir, kd=kd, **args.student_shape()), data, distill_args,
             eval_data=False))
         metrics[student_name] = _timed(timings, f"{student_name}_eval", lambda: evaluate(
             student_name, models[student_name], processor))
@@ -527,10 +532,9 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
         if not from_teacher:
             distill_args = _training_args(DistillationArguments, os.path.join(work, f"distilled_{student_name}"),
                                           steps["distill"], profile, args.seed, lambda_vlp=0.6)
-            depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
             _timed(timings, f"distill_{student_name}", lambda: run_distill(
-                StudentArguments(teacher=pretrained, kd=kd, student_init=args.student_init, **depths),
-                _demo_data(profile), distill_args, eval_data=False))
+                StudentArguments(teacher=pretrained, kd=kd, **args.student_shape()), _demo_data(profile),
+                distill_args, eval_data=False))
             student_dir = distill_args.output_dir
         if kd or not from_teacher:  # from the task teacher, a no-KD student would repeat the student (same init,
             fine_tune(student_name, student_dir, steps["student_fine_tune"])  # same task-loss fine-tuning)
@@ -554,9 +558,8 @@ def _task_chain(args: DemoArguments, task: Task, work: str, profile: dict, timin
 
 def _student_from_task_teacher(teacher_dir: str, task: Task, output_dir: str, args: DemoArguments) -> None:
     """`--student_from task_teacher`: `init-student --task <task>` from the task teacher into `output_dir`."""
-    depths = {f"{m}_layers": n for m, n in args.student_depths().items()}
-    run_init_student(InitStudentArguments(teacher=teacher_dir, task=task.name, output_dir=output_dir,
-                                          student_init=args.student_init, seed=args.seed, **depths))
+    run_init_student(InitStudentArguments(teacher=teacher_dir, task=task.name, output_dir=output_dir, seed=args.seed,
+                                          **args.student_shape()))
 
 
 def _domain_pretraining(args: DemoArguments, work: str, profile: dict, pretrained: str,
